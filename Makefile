@@ -1,0 +1,34 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv, install the CPU build
+# of torch that pip finds on local disk, and build omnifast without build isolation (an isolated
+# build would download a multi-GB CUDA torch).
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+STAMP   := .venv/.omnifast-installed
+SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h)
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+.venv/bin/python:
+	python3 -m venv .venv
+
+$(STAMP): .venv/bin/python $(SOURCES)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet triton numpy pybind11 ninja pytest pytest-benchmark hypothesis matplotlib
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "import omnifast; omnifast.ops._dispatch.require_cpu_extension()"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m omnifast.cli demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m omnifast.cli bench all
+
+clean:
+	rm -rf build *.egg-info omnifast/_C*.so .venv

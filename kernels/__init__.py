@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``omnifast.kernels``. Import only through ``omnifast.ops._dispatch``."""

@@ -1,0 +1,110 @@
+"""Compile every Triton kernel ahead of time for real GPUs (no GPU needed) and report the
+registers, spills and shared memory of each, e.g. ``python -m omnifast.kernels.aot``.
+
+Run without ``TRITON_INTERPRET=1``: the interpreter replaces ``@triton.jit`` functions with
+Python ones that cannot be compiled.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import ctc
+
+
+@dataclass
+class Case:
+    name: str
+    kernel: object
+    signature: Dict[str, str]
+    constexprs: Dict[str, object]
+    num_warps: int = 4  # as launched by the wrapper
+
+
+def _ctc_cases() -> List[Case]:
+    cases = []
+    for dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
+        for from_logits in (False, True):
+            tag = f"{dtype},{'logits' if from_logits else 'log_probs'}"
+            cases.append(Case(f"ctc_alpha[{tag}]", ctc._ctc_alpha_kernel, {
+                "x_ptr": f"*{dtype}", "lse_ptr": f"*{acc}", "tgt_ptr": "*i32", "in_len_ptr": "*i32",
+                "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}", "alpha_ptr": f"*{acc}", "ll_ptr": f"*{acc}",
+                "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32", "blank": "i32",
+                "FROM_LOGITS": "constexpr", "BLOCK_S": "constexpr"},
+                {"FROM_LOGITS": from_logits, "BLOCK_S": 1024}, num_warps=8))
+            for zero_infinity in (False, True):
+                cases.append(Case(f"ctc_grad_init[{tag},zero_infinity={zero_infinity}]", ctc._ctc_grad_init_kernel, {
+                    "x_ptr": f"*{dtype}", "lse_ptr": f"*{acc}", "in_len_ptr": "*i32", "ll_ptr": f"*{acc}",
+                    "scale_ptr": f"*{acc}", "grad_ptr": f"*{acc}", "B": "i32", "C": "i32",
+                    "ZERO_INFINITY": "constexpr", "FROM_LOGITS": "constexpr", "BLOCK_C": "constexpr"},
+                    {"ZERO_INFINITY": zero_infinity, "FROM_LOGITS": from_logits, "BLOCK_C": 2048}))
+        cases.append(Case(f"row_logsumexp[{dtype}]", ctc._row_logsumexp_kernel, {
+            "x_ptr": f"*{dtype}", "lse_ptr": f"*{acc}", "in_len_ptr": "*i32", "B": "i32", "C": "i32",
+            "BLOCK_C": "constexpr"}, {"BLOCK_C": 2048}))
+        cases.append(Case(f"ctc_beta_grad[{acc}]", ctc._ctc_beta_grad_kernel, {
+            "tgt_ptr": "*i32", "in_len_ptr": "*i32", "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}",
+            "alpha_ptr": f"*{acc}", "beta_ptr": f"*{acc}", "ll_ptr": f"*{acc}", "scale_ptr": f"*{acc}",
+            "grad_ptr": f"*{acc}", "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32",
+            "blank": "i32", "BLOCK_S": "constexpr"}, {"BLOCK_S": 1024}, num_warps=8))
+    unique = {case.name: case for case in cases}
+    return list(unique.values())
+
+
+def all_cases() -> List[Case]:
+    return _ctc_cases()
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        out = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", handle.name],
+                             capture_output=True, text=True, check=True).stdout
+    usage = {}
+    for key, field in (("registers", "REG"), ("stack", "STACK"), ("spill_bytes", "LOCAL"), ("shared", "SHARED")):
+        found = re.search(rf"\b{field}:(\d+)", out)
+        usage[key] = int(found.group(1)) if found else -1
+    return usage
+
+
+def compile_case(case: Case, arch: int) -> Dict[str, object]:
+    fn = case.kernel
+    if not isinstance(fn, triton.runtime.jit.JITFunction):
+        raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1); compile them in a process without it")
+    source = ASTSource(fn=fn, signature=case.signature, constexprs=case.constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": case.num_warps})
+    return {"kernel": case.name, "arch": f"sm_{arch}", **_resource_usage(compiled.asm["cubin"])}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    args = parser.parse_args(argv)
+    failures = 0
+    print(f"{'kernel':52s} {'arch':6s} {'regs':>5s} {'spill':>6s} {'stack':>6s} {'smem':>6s}")
+    for case in all_cases():
+        for arch in args.arch:
+            try:
+                r = compile_case(case, arch)
+            except Exception as error:  # report every failure, then fail
+                failures += 1
+                print(f"{case.name:52s} sm_{arch:<3d} FAILED: {type(error).__name__}: {error}")
+                continue
+            print(f"{r['kernel']:52s} {r['arch']:6s} {r['registers']:5d} {r['spill_bytes']:6d} {r['stack']:6d} {r['shared']:6d}")
+    print(f"compiled {len(all_cases()) * len(args.arch) - failures} kernels, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""omnifast: fast, tested kernels and modules for training omni-modal LLMs."""
+from . import nn, ops
+from .ops import ctc_log_likelihood, ctc_loss, ctc_loss_with_logits
+
+__version__ = "0.1.0"
+__all__ = ["ops", "nn", "ctc_loss", "ctc_loss_with_logits", "ctc_log_likelihood"]

@@ -1,0 +1,99 @@
+"""Backend choice: the one place where the torch reference, the C++ CPU kernels and the Triton
+kernels meet.
+
+CUDA tensors go to ``triton`` and CPU tensors to ``cpu`` (C++) unless ``backend=`` or the
+``OMNIFAST_BACKEND`` environment variable (torch | cpu | triton) says otherwise. A backend that
+cannot run here (no compiled extension, no triton, no GPU) falls back to the torch reference
+with one warning. Triton runs on CPU tensors only under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from ._checks import check_choice
+
+BACKENDS = ("torch", "cpu", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def _import_cpu_extension():
+    try:
+        from omnifast import _C
+    except ImportError as error:  # not built, or built against another torch
+        return None, str(error)
+    return _C, ""
+
+
+def require_cpu_extension():
+    """Return the compiled C++ extension, or raise ImportError saying why it is missing."""
+    module, why = _import_cpu_extension()
+    if module is None:
+        raise ImportError(f"omnifast's C++ extension is not built: {why}. Run `make setup` "
+                          "or `pip install --no-build-isolation -e .`")
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _unavailable(backend: str, device: torch.device) -> Optional[str]:
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend takes CPU tensors, got a {device.type} tensor"
+        return None if _import_cpu_extension()[0] is not None else _import_cpu_extension()[1]
+    if backend == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
+            return None
+        return f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def choose_backend(device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend an op on tensors of ``device`` runs on."""
+    if backend is None:
+        backend = os.environ.get("OMNIFAST_BACKEND") or None
+        if backend is not None:
+            check_choice("OMNIFAST_BACKEND", backend, BACKENDS)
+    else:
+        check_choice("backend", backend, BACKENDS)
+    if backend is None:
+        backend = "triton" if device.type == "cuda" else "cpu"
+    why = _unavailable(backend, device)
+    if why is None:
+        return backend
+    _warn_once(f"omnifast: backend {backend!r} is not available ({why}); using the torch reference")
+    return "torch"
+
+
+def ctc_kernel(backend: str) -> Callable:
+    """``fn(inputs, targets, input_lengths, target_lengths, blank, zero_infinity, grad_scale,
+    from_logits) -> (nll, grad)``, the contract of ``_reference.ctc_nll_and_grad``."""
+    if backend == "cpu":
+        return require_cpu_extension().ctc_nll_and_grad
+    if backend == "triton":
+        from omnifast.kernels.ctc import ctc_nll_and_grad
+        return ctc_nll_and_grad
+    from ._reference import ctc_nll_and_grad
+    return ctc_nll_and_grad

@@ -1,0 +1,120 @@
+"""Readable pure-torch versions of every op: the specification all kernels are tested against.
+
+CTC works on the extended label sequence l' = (blank, y1, blank, y2, ..., yL, blank) of
+S = 2L + 1 states. alpha[t, s] is the log-probability of all paths through frames 0..t that
+end in state s, beta[t, s] of all paths from state s at frame t to the end (both include
+frame t's emission). The recursions are vectorised over batch and states; time is a loop.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every narrower float accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def extended_labels(targets: torch.Tensor, target_lengths: torch.Tensor, blank: int):
+    """Return ``ext`` (B, S) state labels, ``valid`` (B, S) states inside 2L+1 and ``skip``
+    (B, S): whether state s may be entered from s-2 (a label differing from the one before)."""
+    B, width = targets.shape
+    S = 2 * width + 1
+    ext = torch.full((B, S), blank, dtype=torch.long, device=targets.device)
+    ext[:, 1::2] = targets
+    valid = torch.arange(S, device=targets.device) < (2 * target_lengths + 1)[:, None]
+    ext = torch.where(valid, ext, blank)
+    skip = torch.zeros_like(valid)
+    skip[:, 2:] = (ext[:, 2:] != blank) & (ext[:, 2:] != ext[:, :-2])
+    return ext, valid, skip
+
+
+def _shift_right(x: torch.Tensor, by: int) -> torch.Tensor:
+    return F.pad(x, (by, 0), value=NEG_INF)[..., : x.shape[-1]]
+
+
+def _shift_left(x: torch.Tensor, by: int) -> torch.Tensor:
+    return F.pad(x, (0, by), value=NEG_INF)[..., by:]
+
+
+def ctc_alpha_beta(log_probs, targets, input_lengths, target_lengths, blank):
+    """Forward and backward variables in log space, each (T, B, S), -inf outside the valid
+    frames and states, plus the emissions ``lpe`` (T, B, S), ``ext`` and per-sequence log p(y|x)."""
+    T, B, _ = log_probs.shape
+    ext, valid, skip = extended_labels(targets, target_lengths, blank)
+    S = ext.shape[1]
+    lpe = log_probs.gather(2, ext.expand(T, B, S)).masked_fill(~valid, NEG_INF)
+    frames = torch.arange(T, device=log_probs.device)[:, None]
+    last = input_lengths - 1
+
+    alpha = torch.full_like(lpe, NEG_INF)
+    alpha[0, :, :2] = lpe[0, :, :2]
+    for t in range(1, T):
+        prev = alpha[t - 1]
+        stay, step = prev, _shift_right(prev, 1)
+        jump = _shift_right(prev, 2).masked_fill(~skip, NEG_INF)
+        alpha[t] = torch.logsumexp(torch.stack([stay, step, jump]), 0) + lpe[t]
+    alpha = alpha.masked_fill((frames >= input_lengths)[..., None], NEG_INF)
+
+    end = (2 * target_lengths)[:, None]
+    is_end = (torch.arange(S, device=ext.device) == end) | (torch.arange(S, device=ext.device) == end - 1)
+    beta = torch.full_like(lpe, NEG_INF)
+    skip_from = _shift_left(skip.to(lpe.dtype), 2) > 0  # may jump from s to s+2
+    nxt = torch.full_like(lpe[0], NEG_INF)
+    for t in range(T - 1, -1, -1):
+        jump = _shift_left(nxt, 2).masked_fill(~skip_from, NEG_INF)
+        inner = torch.logsumexp(torch.stack([nxt, _shift_left(nxt, 1), jump]), 0) + lpe[t]
+        start = lpe[t].masked_fill(~is_end, NEG_INF)
+        here = torch.where((t == last)[:, None], start, torch.where((t < last)[:, None], inner, NEG_INF))
+        beta[t] = here
+        nxt = here
+
+    batch = torch.arange(B, device=ext.device)
+    at_end = alpha[last.clamp(min=0), batch]  # (B, S)
+    ll = torch.logsumexp(at_end.masked_fill(~is_end, NEG_INF), 1)
+    empty = input_lengths == 0
+    ll = torch.where(empty, torch.where(target_lengths == 0, 0.0, NEG_INF).to(ll.dtype), ll)
+    return alpha, beta, lpe, ext, ll
+
+
+def ctc_nll_and_grad(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int,
+    zero_infinity: bool,
+    grad_scale: Optional[torch.Tensor],
+    from_logits: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-sequence negative log-likelihood (B,) and, when ``grad_scale`` (B,) is given, its
+    exact gradient w.r.t. the inputs times ``grad_scale``: -gamma for log-probs, or
+    softmax - gamma for logits (``from_logits``: a log_softmax is applied first).
+
+    Infeasible sequences have nll = inf and a NaN gradient, or 0 and 0 with ``zero_infinity``.
+    """
+    acc = accumulation_dtype(log_probs.dtype)
+    x = log_probs.to(acc)
+    lp = torch.log_softmax(x, -1) if from_logits else x
+    alpha, beta, lpe, ext, ll = ctc_alpha_beta(lp, targets, input_lengths, target_lengths, blank)
+    nll = -ll
+    infeasible = torch.isinf(nll)
+    if zero_infinity:
+        nll = nll.masked_fill(infeasible, 0.0)
+    if grad_scale is None:
+        return nll, None
+
+    path = alpha + beta
+    occupancy = torch.where(path == NEG_INF, 0.0, torch.exp(path - lpe - ll[None, :, None]))
+    grad = torch.zeros_like(lp).scatter_add_(2, ext.expand_as(occupancy), -occupancy)
+    if from_logits:  # chain rule through log_softmax
+        grad = grad - torch.exp(lp) * grad.sum(-1, keepdim=True)
+    grad = torch.where(infeasible[None, :, None], 0.0 if zero_infinity else float("nan"), grad)
+    frames = torch.arange(lp.shape[0], device=lp.device)[:, None] < input_lengths
+    grad = torch.where(frames[..., None], grad, 0.0) * grad_scale.to(acc)[None, :, None]
+    return nll, grad.to(log_probs.dtype)

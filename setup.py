@@ -1,0 +1,30 @@
+"""Build omnifast: the Python package, the Triton kernels (installed as ``omnifast.kernels``;
+the benchmark scripts likewise as ``omnifast.benchmarks``)
+and the C++ CPU extension ``omnifast._C``, compiled with ninja through torch's cpp_extension."""
+import os
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+# The extension is built on the machine that runs it, so it may use that machine's vector
+# units; OMNIFAST_PORTABLE=1 builds for the baseline ISA instead (e.g. to ship a wheel).
+cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+if not os.environ.get("OMNIFAST_PORTABLE"):
+    cxx_flags.append("-march=native")
+if os.environ.get("OMNIFAST_DEBUG_BUILD"):
+    cxx_flags = ["-O0", "-g", "-fopenmp", "-std=c++17"]
+
+setup(
+    packages=["omnifast", "omnifast.ops", "omnifast.nn", "omnifast.kernels", "omnifast.benchmarks"],
+    package_dir={"omnifast": "omnifast", "omnifast.kernels": "kernels", "omnifast.benchmarks": "benchmarks"},
+    ext_modules=[
+        CppExtension(
+            "omnifast._C",
+            sources=["csrc/bindings.cpp", "csrc/ctc.cpp"],
+            depends=["csrc/ctc.h", "csrc/fastmath.h"],
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,261 @@
+"""CTC: the reference against F.ctc_loss, and every backend against the reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+
+import omnifast
+from omnifast.ops import _reference
+
+from .ctc_cases import Problem, make_problem, problems
+
+REDUCTIONS = ("none", "mean", "sum")
+KERNEL_BACKENDS = ("cpu", "triton")
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
+
+
+def loss_and_grad(fn, x: torch.Tensor, p: Problem, reduction="sum", zero_infinity=False, targets=None, **kw):
+    x = x.detach().clone().requires_grad_()
+    loss = fn(x, p.targets if targets is None else targets, p.input_lengths, p.target_lengths,
+              blank=p.blank, reduction=reduction, zero_infinity=zero_infinity, **kw)
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    return loss.detach(), grad
+
+
+def torch_loss_and_grad(p: Problem, reduction="sum", zero_infinity=False):
+    """F.ctc_loss through log_softmax: the logits gradient is the one torch is right about."""
+    def fn(x, *args, **kw):
+        return F.ctc_loss(x.log_softmax(-1), *args, **kw)
+    return loss_and_grad(fn, p.logits, p, reduction, zero_infinity)
+
+
+def ours(p: Problem, backend: str, from_logits: bool, reduction="sum", zero_infinity=False, targets=None):
+    """omnifast's loss and logits gradient, from logits or through a torch log_softmax."""
+    if from_logits:
+        return loss_and_grad(omnifast.ctc_loss_with_logits, p.logits, p, reduction, zero_infinity,
+                             targets=targets, backend=backend)
+
+    def fn(x, *args, **kw):
+        return omnifast.ctc_loss(x.log_softmax(-1), *args, **kw)
+    return loss_and_grad(fn, p.logits, p, reduction, zero_infinity, targets=targets, backend=backend)
+
+
+def assert_close(actual, expected, dtype=torch.float64):
+    torch.testing.assert_close(actual.to(expected.dtype), expected, equal_nan=True, **TOL[dtype])
+
+
+# --- the reference against torch --------------------------------------------------------------
+
+@given(problems())
+def test_reference_matches_torch(p):
+    for reduction in REDUCTIONS:
+        for zero_infinity in (False, True):
+            expected = torch_loss_and_grad(p, reduction, zero_infinity)
+            for from_logits in (False, True):
+                actual = ours(p, "torch", from_logits, reduction, zero_infinity)
+                assert_close(actual[0], expected[0])
+                assert_close(actual[1], expected[1])
+
+
+# --- the kernels against the reference --------------------------------------------------------
+
+def check_against_reference(p: Problem, backend: str, dtype: torch.dtype, from_logits: bool):
+    p = p.with_dtype(dtype)
+    for reduction in REDUCTIONS:
+        for zero_infinity in (False, True):
+            expected = ours(p, "torch", from_logits, reduction, zero_infinity)
+            actual = ours(p, backend, from_logits, reduction, zero_infinity)
+            assert_close(actual[0], expected[0], dtype)
+            assert_close(actual[1], expected[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("from_logits", [False, True])
+@given(p=problems())
+def test_cpu_matches_reference(p, dtype, from_logits):
+    check_against_reference(p, "cpu", dtype, from_logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("from_logits", [False, True])
+@settings(max_examples=6)
+@given(p=problems(max_T=8, max_B=3, max_C=6, max_L=4))
+def test_triton_matches_reference(p, dtype, from_logits):
+    check_against_reference(p, "triton", dtype, from_logits)
+
+
+def test_cpu_matches_reference_at_speech_scale():
+    """Long sequences and a large vocabulary, as in the speech decoder. Over hundreds of frames
+    float32 itself is off by ~1e-4 (F.ctc_loss too), so both are held to the float64 truth:
+    the kernel's error at most twice the float32 reference's."""
+    p = make_problem(T=300, B=3, C=700, blank=699, target_lengths=[120, 0, 80],
+                     input_lengths=[300, 250, 161], seed=3, dtype=torch.float32)
+    exact = ours(p.with_dtype(torch.float64), "torch", True, "mean")
+    for from_logits in (False, True):
+        reference = ours(p, "torch", from_logits, "mean")
+        actual = ours(p, "cpu", from_logits, "mean")
+        for ours_value, reference_value, truth in zip(actual, reference, exact):
+            reference_error = (reference_value.double() - truth).abs().max()
+            assert (ours_value.double() - truth).abs().max() <= 2 * reference_error + 1e-6
+
+
+def test_triton_tiles_states_longer_than_one_block():
+    """2L+1 above the register tile loops over state tiles (as 2L+1 > 1024 does on a GPU)."""
+    from omnifast.kernels import ctc as triton_ctc
+    p = make_problem(T=30, B=2, C=5, blank=4, target_lengths=[20, 13], input_lengths=[30, 27], seed=5)
+    args = (p.logits, p.targets, p.input_lengths, p.target_lengths, p.blank, False)
+    scale = torch.ones(2, dtype=torch.float64)
+    expected = _reference.ctc_nll_and_grad(*args, scale, True)
+    original = triton_ctc._block
+    triton_ctc._block = lambda n, cap: 16  # 41 states: three tiles
+    try:
+        actual = triton_ctc.ctc_nll_and_grad(*args, scale, True)
+    finally:
+        triton_ctc._block = original
+    assert_close(actual[0], expected[0])
+    assert_close(actual[1], expected[1])
+
+
+# --- edge cases, every backend ----------------------------------------------------------------
+
+EDGE_CASES = {
+    "empty_targets": dict(T=5, B=2, C=4, blank=0, target_lengths=[0, 0]),
+    "T_is_1": dict(T=1, B=3, C=4, blank=0, target_lengths=[0, 1, 2]),
+    "all_repeated_labels": dict(T=12, B=2, C=5, blank=2, target_lengths=[5, 3], repeated=True),
+    "infeasible": dict(T=4, B=3, C=5, blank=0, target_lengths=[4, 3, 1], repeated=True),
+    "short_input_lengths": dict(T=10, B=3, C=6, blank=3, target_lengths=[2, 3, 0], input_lengths=[4, 10, 0]),
+    "blank_first": dict(T=9, B=2, C=6, blank=0, target_lengths=[3, 4]),
+    "blank_last": dict(T=9, B=2, C=6, blank=5, target_lengths=[3, 4]),
+    "peaked_distributions": dict(T=9, B=2, C=6, blank=5, target_lengths=[3, 4], scale=60.0),
+}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+def test_edge_cases(case, from_logits, backend):
+    p = make_problem(**EDGE_CASES[case])
+    for dtype in (torch.float64, torch.float32):
+        check_against_reference(p, backend, dtype, from_logits)
+
+
+def test_infeasible_targets_like_torch():
+    p = make_problem(**EDGE_CASES["infeasible"])
+    loss, grad = ours(p, "cpu", True, "none", zero_infinity=False)
+    torch_loss, torch_grad = torch_loss_and_grad(p, "none", zero_infinity=False)
+    assert torch.isinf(loss[:2]).all() and torch.isfinite(loss[2])
+    assert_close(loss, torch_loss)
+    assert_close(grad, torch_grad)  # NaN for the infeasible sequences, as torch
+    loss, grad = ours(p, "cpu", True, "none", zero_infinity=True)
+    assert (loss[:2] == 0).all() and (grad[:, :2] == 0).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_concatenated_and_unbatched_targets(backend, from_logits):
+    p = make_problem(T=10, B=3, C=6, blank=5, target_lengths=[2, 4, 3], input_lengths=[10, 9, 6])
+    padded = ours(p, backend, from_logits, "none")
+    concatenated = ours(p, backend, from_logits, "none", targets=p.concatenated_targets())
+    assert_close(concatenated[0], padded[0])
+    assert_close(concatenated[1], padded[1])
+    fn = omnifast.ctc_loss_with_logits if from_logits else omnifast.ctc_loss
+    for b in range(3):
+        x = p.logits[:, b] if from_logits else p.logits[:, b].log_softmax(-1)
+        n = int(p.target_lengths[b])
+        loss = fn(x[: int(p.input_lengths[b])], p.targets[b, :n], int(p.input_lengths[b]), n,
+                  blank=p.blank, reduction="none", backend=backend)
+        assert loss.shape == ()
+        assert_close(loss, padded[0][b])
+
+
+@pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_bf16_within_twice_the_reference_error(backend, from_logits):
+    p = make_problem(T=16, B=3, C=10, blank=9, target_lengths=[5, 2, 6], seed=7, dtype=torch.bfloat16)
+    exact = ours(p.with_dtype(torch.float32), "torch", from_logits, "mean")
+    reference = ours(p, "torch", from_logits, "mean")
+    actual = ours(p, backend, from_logits, "mean")
+    assert actual[0].dtype == torch.float32 and actual[1].dtype == torch.bfloat16
+    for ours_value, reference_value, truth in zip(actual, reference, exact):
+        reference_error = (reference_value.float() - truth).abs().max()
+        assert (ours_value.float() - truth).abs().max() <= 2 * reference_error + 1e-5
+
+
+def test_float16_input():
+    p = make_problem(T=12, B=2, C=8, blank=0, target_lengths=[3, 4], dtype=torch.float16)
+    loss = ours(p, "cpu", True, "mean")[0]
+    assert_close(loss, ours(p.with_dtype(torch.float32), "torch", True, "mean")[0], torch.float32)
+
+
+@pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
+def test_nan_input_propagates(backend):
+    p = make_problem(T=6, B=2, C=5, blank=0, target_lengths=[2, 2])
+    p.logits[2, 0, :] = float("nan")
+    loss, grad = ours(p, backend, True, "none")
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+    assert torch.isnan(grad[:, 0]).any() and torch.isfinite(grad[:, 1]).all()
+
+
+# --- exact gradients --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck(backend, from_logits, reduction):
+    p = make_problem(T=7, B=3, C=5, blank=4, target_lengths=[2, 3, 0], input_lengths=[7, 6, 3], seed=11)
+    fn = omnifast.ctc_loss_with_logits if from_logits else omnifast.ctc_loss
+    x = p.logits.clone().requires_grad_()  # raw values, not log-probs: the derivative is exact anyway
+    assert torch.autograd.gradcheck(
+        lambda z: fn(z, p.targets, p.input_lengths, p.target_lengths, blank=p.blank,
+                     reduction=reduction, backend=backend), (x,))
+
+
+def test_torch_gradient_is_not_exact_but_ours_is():
+    """Why we compare with torch only through log_softmax (pytorch#52241)."""
+    p = make_problem(T=5, B=1, C=4, blank=0, target_lengths=[2])
+    lp = p.logits.log_softmax(-1)
+    ours_grad = loss_and_grad(omnifast.ctc_loss, lp, p, backend="cpu")[1]
+    torch_grad = loss_and_grad(F.ctc_loss, lp, p)[1]
+    assert not torch.allclose(ours_grad, torch_grad)
+    assert torch.allclose(torch_grad - lp.exp(), ours_grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
+def test_log_likelihood(backend):
+    p = make_problem(T=8, B=3, C=6, blank=0, target_lengths=[2, 3, 6], input_lengths=[8, 5, 5])
+    ll = omnifast.ctc_log_likelihood(p.logits, p.targets, p.input_lengths, p.target_lengths,
+                                     blank=0, from_logits=True, backend=backend)
+    nll = torch_loss_and_grad(p, "none")[0]
+    assert_close(ll, -nll)
+    assert ll[2] == -math.inf
+    with torch.no_grad():
+        assert_close(omnifast.ctc_log_likelihood(p.logits.log_softmax(-1), p.targets, p.input_lengths,
+                                                 p.target_lengths, backend=backend), ll)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_scales_saved_gradient(backend):
+    """The gradient is formed in the forward; the backward scales it by the incoming gradient."""
+    p = make_problem(T=8, B=2, C=5, blank=0, target_lengths=[2, 3])
+    x = p.logits.clone().requires_grad_()
+    loss = omnifast.ctc_loss_with_logits(x, p.targets, p.input_lengths, p.target_lengths, backend=backend)
+    (3.5 * loss).backward()
+    expected = ours(p, "torch", True, "mean")[1]
+    assert_close(x.grad, 3.5 * expected)
+
+    def weighted(name):
+        z = p.logits.clone().requires_grad_()
+        per_sequence = omnifast.ctc_loss_with_logits(z, p.targets, p.input_lengths, p.target_lengths,
+                                                     reduction="none", backend=name)
+        (per_sequence * torch.tensor([2.0, -1.0], dtype=torch.float64)).sum().backward()
+        return z.grad
+    assert_close(weighted(backend), weighted("torch"))
+
+
+def test_module_form():
+    p = make_problem(T=8, B=2, C=5, blank=4, target_lengths=[2, 3], dtype=torch.float32)
+    module = omnifast.nn.CTCLoss(blank=4, from_logits=True)
+    expected = F.ctc_loss(p.logits.log_softmax(-1), p.targets, p.input_lengths, p.target_lengths, blank=4)
+    assert_close(module(p.logits, p.targets, p.input_lengths, p.target_lengths), expected, torch.float32)
