@@ -1,0 +1,1 @@
+"""Benchmarks of every op family against the reference ops (installed as ``omnifast.benchmarks``)."""

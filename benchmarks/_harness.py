@@ -1,0 +1,148 @@
+"""The protocol every benchmark follows: implementations of a case run in one process,
+alternating, after warm-up; the median of repeated runs is reported with the ratio to the
+baseline; peak memory above the inputs is measured for each (case, implementation) in a fresh
+subprocess (CPU: peak RSS; CUDA: ``max_memory_allocated``). Results go to a table on stdout,
+``benchmarks/results/<op>.json`` and a PNG chart beside it."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(fns: Dict[str, Callable[[], object]], device: torch.device,
+                     repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds per call of each function, interleaved so drift hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            synchronize(device)
+            start = time.perf_counter()
+            fns[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_here(run: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated by ``run`` above what is held before it (call in a fresh process)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    # ru_maxrss survives fork and exec (a child of a big parent starts "high"), so use the
+    # address space's own high-water mark, reset to the current RSS just before the run.
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        before = _proc_status_kib("VmRSS")
+        run()
+        return (_proc_status_kib("VmHWM") - before) * 1024
+    except OSError:  # no /proc (not Linux): fall back to the process-wide peak
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        run()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_subprocess(module: str, case: int, impl: str, device: str) -> int:
+    """Run ``python -m <module> --memory-of CASE IMPL`` and read the bytes it prints."""
+    out = subprocess.run([sys.executable, "-m", module, "--memory-of", str(case), impl, "--device", device],
+                         capture_output=True, text=True, check=True, env=os.environ.copy()).stdout
+    return int(out.strip().splitlines()[-1])
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def summarise(times: Dict[str, List[float]], baseline: str) -> Dict[str, Dict[str, float]]:
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {name: {"median_s": m, "speedup_vs_" + baseline: medians[baseline] / m, "runs": len(times[name])}
+            for name, m in medians.items()}
+
+
+def print_table(op: str, rows: Sequence[Dict[str, object]], baseline: str) -> None:
+    print(f"\n{op}: median seconds per forward+backward (speed-up vs {baseline}), peak MiB above inputs")
+    header = f"{'case':28s} {'implementation':30s} {'median s':>10s} {'speed-up':>9s} {'peak MiB':>9s}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for name, result in row["results"].items():
+            peak = result.get("peak_bytes")
+            peak_text = f"{peak / 2**20:9.1f}" if peak is not None else f"{'-':>9s}"
+            print(f"{row['case']:28s} {name:30s} {result['median_s']:10.4f} "
+                  f"{result['speedup_vs_' + baseline]:8.2f}x {peak_text}")
+
+
+def write_results(op: str, payload: Dict[str, object], baseline: str, out_dir: Path = RESULTS) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{op}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    try:
+        _plot(op, payload["cases"], baseline, out_dir / f"{op}.png")
+    except ImportError:
+        print("matplotlib is not installed: no chart written")
+    return path
+
+
+def _plot(op: str, rows, baseline: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows[0]["results"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(rows))]
+        left.bar(xs, [row["results"][name]["median_s"] for row in rows], width, label=name)
+        peaks = [(row["results"][name].get("peak_bytes") or 0) / 2**20 for row in rows]
+        right.bar(xs, peaks, width, label=name)
+    for axis, title in ((left, "median seconds (forward + backward)"), (right, "peak MiB above inputs")):
+        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+        axis.set_xticklabels([row["case"] for row in rows], rotation=15, fontsize=8)
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"{op}: omnifast vs {baseline}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
