@@ -9,4 +9,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input_lengths"), py::arg("target_lengths"), py::arg("blank"),
         py::arg("zero_infinity"), py::arg("grad_scale"), py::arg("from_logits"),
         "CTC negative log-likelihood per sequence and its scaled gradient (None: no gradient)");
+  m.def("ctc_states", &omnifast::ctc_states, py::arg("emissions"), py::arg("targets"),
+        py::arg("input_lengths"), py::arg("target_lengths"), py::arg("blank"), py::arg("want_occupancy"),
+        "log p(y|x) from state emissions; occupancies written over the emissions");
+  m.def("chunk_emissions", &omnifast::chunk_emissions, py::arg("logits"), py::arg("t0"),
+        py::arg("input_lengths"), py::arg("exts"), py::arg("target_lengths"), py::arg("emissions"),
+        "row log-sum-exp of a logits chunk and the state emissions of each target set");
+  m.def("chunk_grad", &omnifast::chunk_grad, py::arg("logits"), py::arg("lse"), py::arg("t0"),
+        py::arg("input_lengths"), py::arg("softmax_coef"), py::arg("exts"), py::arg("target_lengths"),
+        py::arg("occupancies"), py::arg("coefs"), py::arg("poison"),
+        "overwrite a logits chunk with softmax * coef - sum_k coef_k * occupancy_k");
 }

@@ -75,13 +75,24 @@ def ctc_args(inputs, targets, input_lengths, target_lengths, blank, *, name: str
     T, B, C = inputs.shape
     if T == 0 or C == 0:
         raise ValueError(f"{name} needs at least one time step and one class, got shape {tuple(inputs.shape)}")
+
+    targets, input_lengths, target_lengths = ctc_targets(
+        targets, input_lengths, target_lengths, blank, T=T, B=B, C=C, device=inputs.device,
+        unbatched=unbatched, name=name)
+    return CTCArgs(inputs, targets, input_lengths, target_lengths, blank, unbatched)
+
+
+def ctc_targets(targets, input_lengths, target_lengths, blank: int, *, T: int, B: int, C: int,
+                device: torch.device, unbatched: bool = False, name: str = "log_probs",
+                targets_name: str = "targets", lengths_name: str = "target_lengths"):
+    """Validate CTC targets and lengths against T frames, B sequences and C classes; return
+    padded (B, S) int64 targets (padding replaced by ``blank``) and (B,) int64 lengths."""
+    check_tensor(targets_name, targets, integer=True)
     if not 0 <= blank < C:
         raise ValueError(f"blank must be in [0, {C}) for {C} classes, got {blank}")
-
-    device = inputs.device
     input_lengths = _lengths("input_lengths", input_lengths, device).reshape(-1)
-    target_lengths = _lengths("target_lengths", target_lengths, device).reshape(-1)
-    for arg, lengths in (("input_lengths", input_lengths), ("target_lengths", target_lengths)):
+    target_lengths = _lengths(lengths_name, target_lengths, device).reshape(-1)
+    for arg, lengths in (("input_lengths", input_lengths), (lengths_name, target_lengths)):
         if lengths.numel() != B:
             raise ValueError(f"{arg} must have one entry per sequence ({B}), got {lengths.numel()}")
         if B and int(lengths.min()) < 0:
@@ -94,10 +105,10 @@ def ctc_args(inputs, targets, input_lengths, target_lengths, blank, *, name: str
         targets = targets.unsqueeze(0)
     if targets.dim() == 2:
         if targets.shape[0] != B:
-            raise ValueError(f"targets has batch size {targets.shape[0]} but {name} has {B}")
+            raise ValueError(f"{targets_name} has batch size {targets.shape[0]} but {name} has {B}")
         if B and int(target_lengths.max()) > targets.shape[1]:
             raise ValueError(
-                f"target_lengths must be at most the padded target width {targets.shape[1]}, "
+                f"{lengths_name} must be at most the padded target width {targets.shape[1]}, "
                 f"got max {int(target_lengths.max())}")
         width = targets.shape[1]
         valid = torch.arange(width, device=device) < target_lengths[:, None]
@@ -105,7 +116,7 @@ def ctc_args(inputs, targets, input_lengths, target_lengths, blank, *, name: str
     elif targets.dim() == 1:
         total = int(target_lengths.sum())
         if targets.numel() != total:
-            raise ValueError(f"1-D (concatenated) targets must have sum(target_lengths)={total} entries, "
+            raise ValueError(f"1-D (concatenated) {targets_name} must have sum({lengths_name})={total} entries, "
                              f"got {targets.numel()}")
         width = int(target_lengths.max()) if B else 0
         valid = torch.arange(width, device=device) < target_lengths[:, None]
@@ -114,12 +125,12 @@ def ctc_args(inputs, targets, input_lengths, target_lengths, blank, *, name: str
         padded[valid] = targets
         targets = padded
     else:
-        raise ValueError(f"targets must be padded (B, S) or concatenated 1-D, got shape {tuple(targets.shape)}")
+        raise ValueError(f"{targets_name} must be padded (B, S) or concatenated 1-D, got shape {tuple(targets.shape)}")
     if values.numel():
         if int(values.min()) < 0 or int(values.max()) >= C:
-            raise ValueError(f"targets must lie in [0, {C}), got values from {int(values.min())} to {int(values.max())}")
+            raise ValueError(f"{targets_name} must lie in [0, {C}), got values from {int(values.min())} to {int(values.max())}")
         if bool((values == blank).any()):
-            raise ValueError(f"targets must not contain the blank index {blank}")
+            raise ValueError(f"{targets_name} must not contain the blank index {blank}")
     # Padding beyond each length may hold anything: make it a harmless in-range value.
     targets = torch.where(valid, targets[:, :width], blank).contiguous()
-    return CTCArgs(inputs, targets, input_lengths.contiguous(), target_lengths.contiguous(), blank, unbatched)
+    return targets, input_lengths.contiguous(), target_lengths.contiguous()

@@ -97,3 +97,15 @@ def ctc_kernel(backend: str) -> Callable:
         return ctc_nll_and_grad
     from ._reference import ctc_nll_and_grad
     return ctc_nll_and_grad
+
+
+def linear_ctc_kernels(backend: str):
+    """The three building blocks of fused linear-CTC: ``chunk_emissions``, ``ctc_states`` and
+    ``chunk_grad``, with the contracts of their ``_reference`` versions."""
+    if backend == "cpu":
+        return require_cpu_extension()
+    if backend == "triton":
+        from omnifast.kernels import linear_ctc
+        return linear_ctc
+    from . import _reference
+    return _reference

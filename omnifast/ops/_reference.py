@@ -47,9 +47,17 @@ def ctc_alpha_beta(log_probs, targets, input_lengths, target_lengths, blank):
     frames and states, plus the emissions ``lpe`` (T, B, S), ``ext`` and per-sequence log p(y|x)."""
     T, B, _ = log_probs.shape
     ext, valid, skip = extended_labels(targets, target_lengths, blank)
-    S = ext.shape[1]
-    lpe = log_probs.gather(2, ext.expand(T, B, S)).masked_fill(~valid, NEG_INF)
-    frames = torch.arange(T, device=log_probs.device)[:, None]
+    lpe = log_probs.gather(2, ext.expand(T, B, ext.shape[1])).masked_fill(~valid, NEG_INF)
+    alpha, beta, ll = forward_backward(lpe, skip, input_lengths, target_lengths)
+    return alpha, beta, lpe, ext, ll
+
+
+def forward_backward(lpe, skip, input_lengths, target_lengths):
+    """alpha, beta (T, B, S) and log p(y|x) (B,) from the state emissions ``lpe`` (T, B, S)
+    (-inf on states past 2L+1) and the jump mask ``skip`` of :func:`extended_labels`."""
+    T, B, S = lpe.shape
+    device = lpe.device
+    frames = torch.arange(T, device=device)[:, None]
     last = input_lengths - 1
 
     alpha = torch.full_like(lpe, NEG_INF)
@@ -62,7 +70,8 @@ def ctc_alpha_beta(log_probs, targets, input_lengths, target_lengths, blank):
     alpha = alpha.masked_fill((frames >= input_lengths)[..., None], NEG_INF)
 
     end = (2 * target_lengths)[:, None]
-    is_end = (torch.arange(S, device=ext.device) == end) | (torch.arange(S, device=ext.device) == end - 1)
+    states = torch.arange(S, device=device)
+    is_end = (states == end) | (states == end - 1)
     beta = torch.full_like(lpe, NEG_INF)
     skip_from = _shift_left(skip.to(lpe.dtype), 2) > 0  # may jump from s to s+2
     nxt = torch.full_like(lpe[0], NEG_INF)
@@ -74,12 +83,17 @@ def ctc_alpha_beta(log_probs, targets, input_lengths, target_lengths, blank):
         beta[t] = here
         nxt = here
 
-    batch = torch.arange(B, device=ext.device)
-    at_end = alpha[last.clamp(min=0), batch]  # (B, S)
+    at_end = alpha[last.clamp(min=0), torch.arange(B, device=device)]  # (B, S)
     ll = torch.logsumexp(at_end.masked_fill(~is_end, NEG_INF), 1)
     empty = input_lengths == 0
     ll = torch.where(empty, torch.where(target_lengths == 0, 0.0, NEG_INF).to(ll.dtype), ll)
-    return alpha, beta, lpe, ext, ll
+    return alpha, beta, ll
+
+
+def occupancy(alpha, beta, lpe, ll):
+    """Posterior probability of each state at each frame, 0 where no path passes."""
+    path = alpha + beta
+    return torch.where(path == NEG_INF, 0.0, torch.exp(path - lpe - ll[None, :, None]))
 
 
 def ctc_nll_and_grad(
@@ -109,12 +123,56 @@ def ctc_nll_and_grad(
     if grad_scale is None:
         return nll, None
 
-    path = alpha + beta
-    occupancy = torch.where(path == NEG_INF, 0.0, torch.exp(path - lpe - ll[None, :, None]))
-    grad = torch.zeros_like(lp).scatter_add_(2, ext.expand_as(occupancy), -occupancy)
+    gamma = occupancy(alpha, beta, lpe, ll)
+    grad = torch.zeros_like(lp).scatter_add_(2, ext.expand_as(gamma), -gamma)
     if from_logits:  # chain rule through log_softmax
         grad = grad - torch.exp(lp) * grad.sum(-1, keepdim=True)
     grad = torch.where(infeasible[None, :, None], 0.0 if zero_infinity else float("nan"), grad)
     frames = torch.arange(lp.shape[0], device=lp.device)[:, None] < input_lengths
     grad = torch.where(frames[..., None], grad, 0.0) * grad_scale.to(acc)[None, :, None]
     return nll, grad.to(log_probs.dtype)
+
+
+# --- fused linear-CTC building blocks (the C++ and Triton backends implement the same three) ---
+# A chunk is the logits (B, t, V) of frames [t0, t0 + t) in the accumulation dtype. Emissions
+# and occupancies are (B, T, S) per target set, with ``ext`` (B, S) the extended labels.
+
+def chunk_emissions(logits, t0, input_lengths, exts, target_lengths, emissions):
+    """Return the log_softmax normaliser (B, t) of each chunk row (0 past an input length) and
+    write each target set's normalised state emissions into ``emissions[k][:, t0:t0 + t]``."""
+    B, ct, _ = logits.shape
+    live = (t0 + torch.arange(ct, device=logits.device))[None, :] < input_lengths[:, None]
+    lse = torch.where(live, torch.logsumexp(logits, -1), 0.0)
+    for ext, out in zip(exts, emissions):
+        out[:, t0:t0 + ct] = logits.gather(2, ext[:, None, :].expand(B, ct, ext.shape[1])) - lse[..., None]
+    return lse
+
+
+def ctc_states(emissions, targets, input_lengths, target_lengths, blank, want_occupancy):
+    """log p(y|x) (B,) from normalised state emissions (B, T, S); with ``want_occupancy`` the
+    state occupancies overwrite ``emissions`` (0 for infeasible sequences)."""
+    _, valid, skip = extended_labels(targets, target_lengths, blank)
+    lpe = emissions.transpose(0, 1).masked_fill(~valid, NEG_INF)
+    frames = torch.arange(lpe.shape[0], device=lpe.device)[:, None] < input_lengths
+    lpe = lpe.masked_fill(~frames[..., None], NEG_INF)
+    alpha, beta, ll = forward_backward(lpe, skip, input_lengths, target_lengths)
+    if want_occupancy:
+        gamma = torch.where((ll == NEG_INF)[None, :, None], 0.0, occupancy(alpha, beta, lpe, ll))
+        emissions.copy_(gamma.transpose(0, 1))
+    return ll
+
+
+def chunk_grad(logits, lse, t0, input_lengths, softmax_coef, exts, target_lengths, occupancies, coefs, poison):
+    """Overwrite a logits chunk with its gradient: softmax * softmax_coef[b] minus, for each
+    target set k, coefs[k][b] * occupancy scattered onto the state labels; rows past an input
+    length become 0 and rows of ``poison`` sequences NaN."""
+    B, ct, _ = logits.shape
+    grad = torch.softmax(logits, -1) * softmax_coef[:, None, None]
+    for ext, lengths, gamma, coef in zip(exts, target_lengths, occupancies, coefs):
+        states = torch.arange(ext.shape[1], device=logits.device)
+        valid = (states[None, :] < 2 * lengths[:, None] + 1)[:, None, :]
+        weighted = torch.where(valid, gamma[:, t0:t0 + ct], 0.0) * coef[:, None, None]
+        grad.scatter_add_(2, ext[:, None, :].expand(B, ct, ext.shape[1]), -weighted)
+    live = (t0 + torch.arange(ct, device=logits.device))[None, :] < input_lengths[:, None]
+    grad = torch.where(poison[:, None, None], float("nan"), grad)
+    logits.copy_(torch.where(live[..., None], grad, 0.0))

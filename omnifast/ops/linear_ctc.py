@@ -1,0 +1,218 @@
+"""Fused linear + CTC: the loss of ``ctc_loss(log_softmax(hidden @ weight.T + bias))`` without
+ever holding the (B, T, V) logits.
+
+Two passes over chunks of frames. Pass 1 computes each chunk's logits, their log-sum-exp and
+the emissions of the 2L+1 label states; the alpha/beta recursion then runs on (B, T, 2L+1)
+only and leaves the state occupancies gamma in place of the emissions. Pass 2 recomputes each
+chunk's logits, turns them into softmax - gamma (scaled) and accumulates the gradients of the
+hidden states, the weight and the bias. Extra memory: one chunk of logits plus B x T x (2L+1).
+
+The same machinery scores several target sets against one emission sequence (CTC-DPO's chosen
+and rejected units): their emissions come from the same chunk of logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ._checks import REDUCTIONS, check_choice, check_int, check_tensor, ctc_targets
+from ._dispatch import choose_backend, linear_ctc_kernels
+from ._reference import accumulation_dtype, extended_labels
+
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in float32
+
+
+@dataclass
+class TargetSet:
+    """One set of targets scored against the shared frames: padded (B, W) int64 targets,
+    (B,) lengths, extended labels (B, S) and, after pass 1, emissions/occupancies (B, T, S)."""
+    targets: torch.Tensor
+    lengths: torch.Tensor
+    ext: torch.Tensor
+    states: Optional[torch.Tensor] = None
+
+
+def make_target_set(targets, lengths, blank) -> TargetSet:
+    ext, _, _ = extended_labels(targets, lengths, blank)
+    return TargetSet(targets, lengths, ext.contiguous())
+
+
+def default_chunk_frames(batch: int, hidden: int, vocab: int) -> int:
+    """Frames per chunk so that one chunk of logits (and its hidden rows) stays ~16 MiB."""
+    return max(1, CHUNK_ELEMENTS // (max(batch, 1) * (vocab + hidden)))
+
+
+class Scorer:
+    """Runs the two passes for a linear head over hidden (B, T, D) and some target sets."""
+
+    def __init__(self, hidden, weight, bias, input_lengths, sets: Sequence[TargetSet], blank: int,
+                 chunk_frames: Optional[int], backend: str):
+        self.acc = accumulation_dtype(hidden.dtype)
+        self.hidden, self.input_lengths, self.sets, self.blank = hidden, input_lengths, list(sets), blank
+        self.weight = weight.to(self.acc)
+        self.bias = None if bias is None else bias.to(self.acc)
+        B, T, D = hidden.shape
+        self.chunk = chunk_frames or default_chunk_frames(B, D, weight.shape[0])
+        self.kernels = linear_ctc_kernels(backend)
+        self.lse = torch.zeros(B, T, dtype=self.acc, device=hidden.device)
+
+    def _chunks(self):
+        T = self.hidden.shape[1]
+        for t0 in range(0, T, self.chunk):
+            rows = self.hidden[:, t0:t0 + self.chunk].to(self.acc)
+            yield t0, rows, F.linear(rows, self.weight, self.bias).contiguous()
+
+    def log_likelihoods(self, want_occupancy: bool) -> List[torch.Tensor]:
+        """Pass 1 and the recursion: log p(y|x) (B,) for each target set."""
+        B, T, _ = self.hidden.shape
+        for target_set in self.sets:
+            target_set.states = torch.zeros(B, T, target_set.ext.shape[1], dtype=self.acc, device=self.hidden.device)
+        exts = [s.ext for s in self.sets]
+        lengths = [s.lengths for s in self.sets]
+        for t0, _, logits in self._chunks():
+            lse = self.kernels.chunk_emissions(logits, t0, self.input_lengths, exts, lengths,
+                                               [s.states for s in self.sets])
+            self.lse[:, t0:t0 + logits.shape[1]] = lse
+        return [self.kernels.ctc_states(s.states, s.targets, self.input_lengths, s.lengths, self.blank,
+                                        want_occupancy) for s in self.sets]
+
+    def gradients(self, coefs: Sequence[torch.Tensor], poison: torch.Tensor, needs=(True, True, True)):
+        """Pass 2: gradients of sum_k sum_b coefs[k][b] * (-log p_k(y_b|x_b)) w.r.t. hidden,
+        weight and bias (None where not needed); sequences in ``poison`` get NaN."""
+        coefs = [c.to(self.acc).contiguous() for c in coefs]
+        softmax_coef = torch.stack(coefs).sum(0).contiguous()
+        grad_hidden = torch.empty_like(self.hidden, dtype=self.acc) if needs[0] else None
+        grad_weight = torch.zeros_like(self.weight) if needs[1] else None
+        grad_bias = torch.zeros_like(self.bias) if needs[2] and self.bias is not None else None
+        exts = [s.ext for s in self.sets]
+        lengths = [s.lengths for s in self.sets]
+        states = [s.states for s in self.sets]
+        for t0, rows, logits in self._chunks():
+            ct = logits.shape[1]
+            self.kernels.chunk_grad(logits, self.lse[:, t0:t0 + ct].contiguous(), t0, self.input_lengths,
+                                    softmax_coef, exts, lengths, states, coefs, poison)
+            flat = logits.reshape(-1, logits.shape[-1])
+            if grad_hidden is not None:
+                grad_hidden[:, t0:t0 + ct] = logits @ self.weight
+            if grad_weight is not None:
+                grad_weight.addmm_(flat.t(), rows.reshape(-1, rows.shape[-1]))
+            if grad_bias is not None:
+                grad_bias += flat.sum(0)
+        return grad_hidden, grad_weight, grad_bias
+
+
+def check_linear_head(hidden, weight, bias):
+    check_tensor("hidden", hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, D) batch-first, got shape {tuple(hidden.shape)}")
+    if hidden.shape[1] == 0:
+        raise ValueError("hidden needs at least one frame (T >= 1)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight must be (V, D) with D = hidden width {hidden.shape[2]}, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be ({weight.shape[0]},) like weight's rows, got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def check_chunk_frames(chunk_frames):
+    if chunk_frames is not None and check_int("chunk_frames", chunk_frames) < 1:
+        raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
+
+
+def reduction_weights(lengths: torch.Tensor, reduction: str, dtype) -> torch.Tensor:
+    if reduction == "mean":
+        return 1.0 / (lengths.numel() * lengths.clamp(min=1).to(dtype))
+    return torch.ones(lengths.numel(), dtype=dtype, device=lengths.device)
+
+
+def _cast_grads(grads, tensors):
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, tensors))
+
+
+class _LinearCTCFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, input_lengths, target_lengths, blank, reduction,
+                zero_infinity, chunk_frames, backend):
+        target_set = make_target_set(targets, target_lengths, blank)
+        scorer = Scorer(hidden, weight, bias, input_lengths, [target_set], blank, chunk_frames, backend)
+        needs = tuple(ctx.needs_input_grad[:3])
+        (ll,) = scorer.log_likelihoods(want_occupancy=any(needs))
+        nll = -ll
+        infeasible = ll == float("-inf")
+        if zero_infinity:
+            nll = nll.masked_fill(infeasible, 0.0)
+        ctx.reduction, ctx.zero_infinity, ctx.needs = reduction, zero_infinity, needs
+        ctx.infeasible = infeasible
+        if not any(needs):
+            return nll if reduction == "none" else (nll * reduction_weights(target_lengths, reduction, nll.dtype)).sum()
+        if reduction == "none":  # per-sequence weights arrive with the backward: pass 2 waits
+            ctx.scorer = scorer
+            return nll
+        weights = reduction_weights(target_lengths, reduction, nll.dtype)
+        ctx.grads = _cast_grads(_pass2(scorer, weights, infeasible, zero_infinity, needs), (hidden, weight, bias))
+        return (nll * weights).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        none = (None,) * 8
+        if ctx.reduction == "none":
+            scorer = ctx.scorer
+            grads = _pass2(scorer, grad_loss, ctx.infeasible, ctx.zero_infinity, ctx.needs)
+            del ctx.scorer
+            return _cast_grads(grads, (scorer.hidden, scorer.weight, scorer.bias)) + none
+        scale = grad_loss
+        return tuple(None if g is None else (g if bool(scale == 1) else g * scale.to(g.dtype))
+                     for g in ctx.grads) + none
+
+
+def _pass2(scorer: Scorer, coef, infeasible, zero_infinity, needs):
+    coef = coef.to(scorer.acc)
+    if zero_infinity:
+        coef = coef.masked_fill(infeasible, 0.0)
+    poison = infeasible if not zero_infinity else torch.zeros_like(infeasible)
+    return scorer.gradients([coef], poison.contiguous(), needs)
+
+
+def linear_ctc_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    targets: torch.Tensor, input_lengths, target_lengths, blank: Optional[int] = None,
+                    reduction: str = "mean", zero_infinity: bool = False, *,
+                    chunk_frames: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """CTC loss of a linear head, equal to ``ctc_loss(log_softmax(hidden @ weight.T + bias)
+    .transpose(0, 1), ...)`` with its gradients w.r.t. hidden, weight and bias, without the
+    (B, T, V) logits.
+
+    Args:
+        hidden: (B, T, D) decoder states, batch-first; float32/float64, or bf16/fp16 (float32
+            accumulation).
+        weight: (V, D) head weight; bias: (V,) or None. V counts the blank.
+        targets, input_lengths, target_lengths, reduction, zero_infinity: as ``ctc_loss``.
+        blank: index of the blank class; default V - 1 (OpenOmni's convention).
+        chunk_frames: frames per chunk (default: ~16 MiB of logits per chunk).
+        backend: ``"torch"`` | ``"cpu"`` | ``"triton"``; default by device.
+
+    The gradient is formed during the forward (reductions mean/sum); under ``torch.no_grad()``
+    only pass 1 runs.
+    """
+    check_linear_head(hidden, weight, bias)
+    B, T, _ = hidden.shape
+    V = weight.shape[0]
+    blank = V - 1 if blank is None else check_int("blank", blank)
+    targets, input_lengths, target_lengths = ctc_targets(
+        targets, input_lengths, target_lengths, blank, T=T, B=B, C=V, device=hidden.device, name="hidden")
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(zero_infinity, bool):
+        raise TypeError(f"zero_infinity must be a bool, got {type(zero_infinity).__name__}")
+    check_chunk_frames(chunk_frames)
+    chosen = choose_backend(hidden.device, backend)
+    return _LinearCTCFunction.apply(hidden, weight, bias, targets, input_lengths, target_lengths, blank,
+                                    reduction, zero_infinity, chunk_frames, chosen)
