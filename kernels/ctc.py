@@ -61,7 +61,9 @@ def _row_logsumexp_kernel(x_ptr, lse_ptr, in_len_ptr, B, C, BLOCK_C: tl.constexp
 @triton.jit
 def _ctc_alpha_kernel(x_ptr, lse_ptr, tgt_ptr, in_len_ptr, tgt_len_ptr, emit_ptr, alpha_ptr, ll_ptr,
                       T, B, C, tgt_width, S_max, blank,
-                      FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr):
+                      FROM_LOGITS: tl.constexpr, BLOCK_S: tl.constexpr, GATHER: tl.constexpr = True):
+    """GATHER=False: the emissions are given in ``emit_ptr`` (fused linear-CTC) instead of being
+    gathered from the inputs."""
     b = tl.program_id(0)
     acc = alpha_ptr.dtype.element_ty
     frames = tl.load(in_len_ptr + b)
@@ -77,10 +79,13 @@ def _ctc_alpha_kernel(x_ptr, lse_ptr, tgt_ptr, in_len_ptr, tgt_len_ptr, emit_ptr
             valid = s < S
             label = _state_labels(tgt, s, S, blank)
             jump = (s % 2 == 1) & (s >= 2) & (label != _state_labels(tgt, s - 2, S, blank))
-            e = tl.load(x_row + label, mask=valid, other=float("-inf")).to(acc)
-            if FROM_LOGITS:
-                e -= tl.load(lse_ptr + t * B + b)
-            tl.store(emit_ptr + row + s, e, mask=valid)
+            if GATHER:
+                e = tl.load(x_row + label, mask=valid, other=float("-inf")).to(acc)
+                if FROM_LOGITS:
+                    e -= tl.load(lse_ptr + t * B + b)
+                tl.store(emit_ptr + row + s, e, mask=valid)
+            else:
+                e = tl.load(emit_ptr + row + s, mask=valid, other=float("-inf"))
             prev = row - S_max
             stay = tl.load(alpha_ptr + prev + s, mask=valid & (t > 0), other=float("-inf"))
             step = tl.load(alpha_ptr + prev + s - 1, mask=valid & (t > 0) & (s >= 1), other=float("-inf"))
@@ -124,9 +129,21 @@ def _ctc_grad_init_kernel(x_ptr, lse_ptr, in_len_ptr, ll_ptr, scale_ptr, grad_pt
 
 @triton.jit
 def _ctc_beta_grad_kernel(tgt_ptr, in_len_ptr, tgt_len_ptr, emit_ptr, alpha_ptr, beta_ptr, ll_ptr,
-                          scale_ptr, grad_ptr, T, B, C, tgt_width, S_max, blank, BLOCK_S: tl.constexpr):
+                          scale_ptr, grad_ptr, T, B, C, tgt_width, S_max, blank, BLOCK_S: tl.constexpr,
+                          OCCUPANCY_OUT: tl.constexpr = False):
+    """OCCUPANCY_OUT: write the state occupancies over the emissions (0 for infeasible
+    sequences) instead of subtracting them from the gradient."""
     b = tl.program_id(0)
     ll = tl.load(ll_ptr + b)
+    if OCCUPANCY_OUT:
+        if ll == float("-inf"):
+            frames = tl.load(in_len_ptr + b)
+            S = 2 * tl.load(tgt_len_ptr + b) + 1
+            for t in range(0, frames):
+                for s0 in range(0, S, BLOCK_S):
+                    s = s0 + tl.arange(0, BLOCK_S)
+                    zero = tl.zeros([BLOCK_S], tl.float32).to(emit_ptr.dtype.element_ty)
+                    tl.store(emit_ptr + b.to(tl.int64) * T * S_max + t * S_max + s, zero, mask=s < S)
     if ll != float("-inf"):
         frames = tl.load(in_len_ptr + b)
         length = tl.load(tgt_len_ptr + b)
@@ -156,7 +173,10 @@ def _ctc_beta_grad_kernel(tgt_ptr, in_len_ptr, tgt_len_ptr, emit_ptr, alpha_ptr,
                 tl.store(beta_ptr + cur + s, beta, mask=valid)
                 path = tl.load(alpha_ptr + row + s, mask=valid, other=float("-inf")) + beta
                 occupancy = tl.where(path == float("-inf"), 0.0, tl.exp(path - e - ll))
-                tl.atomic_add(grad_row + label, -occupancy * scale, mask=valid)
+                if OCCUPANCY_OUT:
+                    tl.store(emit_ptr + row + s, occupancy, mask=valid)
+                else:
+                    tl.atomic_add(grad_row + label, -occupancy * scale, mask=valid)
             tl.debug_barrier()
 
 
