@@ -1,5 +1,8 @@
 """Functional ops. Every op validates its arguments, then dispatches to a backend."""
 from . import _dispatch
 from .ctc import ctc_log_likelihood, ctc_loss, ctc_loss_with_logits
+from .ctc_dpo import CTCDPOOutput, ReferenceLogpCache, ctc_dpo_loss, reference_logps
+from .linear_ctc import linear_ctc_loss
 
-__all__ = ["ctc_loss", "ctc_loss_with_logits", "ctc_log_likelihood", "_dispatch"]
+__all__ = ["ctc_loss", "ctc_loss_with_logits", "ctc_log_likelihood", "linear_ctc_loss", "ctc_dpo_loss",
+           "CTCDPOOutput", "reference_logps", "ReferenceLogpCache", "_dispatch"]
