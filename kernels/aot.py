@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import ctc
+from . import ctc, linear_ctc
 
 
 @dataclass
@@ -40,8 +40,8 @@ def _ctc_cases() -> List[Case]:
                 "x_ptr": f"*{dtype}", "lse_ptr": f"*{acc}", "tgt_ptr": "*i32", "in_len_ptr": "*i32",
                 "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}", "alpha_ptr": f"*{acc}", "ll_ptr": f"*{acc}",
                 "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32", "blank": "i32",
-                "FROM_LOGITS": "constexpr", "BLOCK_S": "constexpr"},
-                {"FROM_LOGITS": from_logits, "BLOCK_S": 1024}, num_warps=8))
+                "FROM_LOGITS": "constexpr", "BLOCK_S": "constexpr", "GATHER": "constexpr"},
+                {"FROM_LOGITS": from_logits, "BLOCK_S": 1024, "GATHER": True}, num_warps=8))
             for zero_infinity in (False, True):
                 cases.append(Case(f"ctc_grad_init[{tag},zero_infinity={zero_infinity}]", ctc._ctc_grad_init_kernel, {
                     "x_ptr": f"*{dtype}", "lse_ptr": f"*{acc}", "in_len_ptr": "*i32", "ll_ptr": f"*{acc}",
@@ -55,13 +55,45 @@ def _ctc_cases() -> List[Case]:
             "tgt_ptr": "*i32", "in_len_ptr": "*i32", "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}",
             "alpha_ptr": f"*{acc}", "beta_ptr": f"*{acc}", "ll_ptr": f"*{acc}", "scale_ptr": f"*{acc}",
             "grad_ptr": f"*{acc}", "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32",
-            "blank": "i32", "BLOCK_S": "constexpr"}, {"BLOCK_S": 1024}, num_warps=8))
+            "blank": "i32", "BLOCK_S": "constexpr", "OCCUPANCY_OUT": "constexpr"},
+            {"BLOCK_S": 1024, "OCCUPANCY_OUT": False}, num_warps=8))
     unique = {case.name: case for case in cases}
     return list(unique.values())
 
 
+def _linear_ctc_cases() -> List[Case]:
+    cases = []
+    for acc in ("fp32", "fp64"):
+        for lse_given in (False, True):
+            cases.append(Case(f"chunk_emissions[{acc},lse_given={lse_given}]", linear_ctc._chunk_emissions_kernel, {
+                "logits_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "in_len_ptr": "*i32", "ext_ptr": "*i32",
+                "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}", "ct": "i32", "V": "i32", "T": "i32",
+                "S_max": "i32", "t0": "i32", "LSE_GIVEN": "constexpr", "BLOCK_V": "constexpr",
+                "BLOCK_S": "constexpr"}, {"LSE_GIVEN": lse_given, "BLOCK_V": 2048, "BLOCK_S": 1024}))
+        cases.append(Case(f"chunk_softmax[{acc}]", linear_ctc._chunk_softmax_kernel, {
+            "logits_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "in_len_ptr": "*i32", "coef_ptr": f"*{acc}",
+            "poison_ptr": "*i8", "ct": "i32", "V": "i32", "t0": "i32", "BLOCK_V": "constexpr"}, {"BLOCK_V": 2048}))
+        cases.append(Case(f"chunk_scatter[{acc}]", linear_ctc._chunk_scatter_kernel, {
+            "grad_ptr": f"*{acc}", "in_len_ptr": "*i32", "poison_ptr": "*i8", "ext_ptr": "*i32",
+            "tgt_len_ptr": "*i32", "occ_ptr": f"*{acc}", "coef_ptr": f"*{acc}", "ct": "i32", "V": "i32",
+            "T": "i32", "S_max": "i32", "t0": "i32", "BLOCK_S": "constexpr"}, {"BLOCK_S": 1024}))
+        cases.append(Case(f"ctc_alpha[{acc},given_emissions]", ctc._ctc_alpha_kernel, {
+            "x_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "tgt_ptr": "*i32", "in_len_ptr": "*i32",
+            "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}", "alpha_ptr": f"*{acc}", "ll_ptr": f"*{acc}",
+            "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32", "blank": "i32",
+            "FROM_LOGITS": "constexpr", "BLOCK_S": "constexpr", "GATHER": "constexpr"},
+            {"FROM_LOGITS": False, "BLOCK_S": 1024, "GATHER": False}, num_warps=8))
+        cases.append(Case(f"ctc_beta_grad[{acc},occupancy_out]", ctc._ctc_beta_grad_kernel, {
+            "tgt_ptr": "*i32", "in_len_ptr": "*i32", "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}",
+            "alpha_ptr": f"*{acc}", "beta_ptr": f"*{acc}", "ll_ptr": f"*{acc}", "scale_ptr": f"*{acc}",
+            "grad_ptr": f"*{acc}", "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32",
+            "blank": "i32", "BLOCK_S": "constexpr", "OCCUPANCY_OUT": "constexpr"},
+            {"BLOCK_S": 1024, "OCCUPANCY_OUT": True}, num_warps=8))
+    return cases
+
+
 def all_cases() -> List[Case]:
-    return _ctc_cases()
+    return _ctc_cases() + _linear_ctc_cases()
 
 
 def _resource_usage(cubin: bytes) -> Dict[str, int]:

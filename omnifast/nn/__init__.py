@@ -1,4 +1,5 @@
 """Modules over omnifast's ops."""
 from .ctc import CTCLoss
+from .heads import CTCDPOLoss, LinearCTCHead
 
-__all__ = ["CTCLoss"]
+__all__ = ["CTCLoss", "LinearCTCHead", "CTCDPOLoss"]

@@ -97,7 +97,8 @@ def _sparse_scores(hidden, weight, bias, input_lengths, sets, blank, backend, wa
         # d(sum_k coef_k * -score_k)/d logits = sum_k coef_k * (-gamma_k); kernel grads are -gamma.
         grad_scores = sum(torch.where(torch.isinf(nll)[None, :, None], 0.0, c.to(acc)[None, :, None] * g)
                           for c, (nll, g) in zip(coefs, results))
-        grad_scores = torch.where(poison[None, :, None], float("nan"), grad_scores)
+        frames = torch.arange(scores.shape[0], device=scores.device)[:, None] < input_lengths
+        grad_scores = torch.where((poison & frames)[..., None], float("nan"), grad_scores)
         grad_logits = grad_scores.transpose(0, 1)                     # (B, T, K)
         grad_hidden = torch.bmm(grad_logits, w_sub) if needs[0] else None
         grad_weight = grad_bias = None

@@ -12,6 +12,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     print(run.stdout)  # registers and spills, shown with pytest -s
     assert run.returncode == 0, run.stdout + run.stderr
     assert "0 failed" in run.stdout
-    for name in ("ctc_alpha", "ctc_beta_grad", "ctc_grad_init", "row_logsumexp"):
+    for name in ("ctc_alpha", "ctc_beta_grad", "ctc_grad_init", "row_logsumexp",
+                 "chunk_emissions", "chunk_softmax", "chunk_scatter"):
         assert f"{name}[" in run.stdout
     assert "sm_80" in run.stdout and "sm_90" in run.stdout

@@ -1,0 +1,175 @@
+"""Fused linear-CTC against the unfused path ctc_loss(log_softmax(hidden @ W.T + b))."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import omnifast
+from omnifast.ops import _reference
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
+
+
+def make_head_problem(B, T, D, V, lengths, input_lengths, seed=0, dtype=torch.float64, bias=True, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(B, T, D, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    weight = torch.randn(V, D, generator=gen, dtype=torch.float64).to(dtype)
+    b = torch.randn(V, generator=gen, dtype=torch.float64).to(dtype) if bias else None
+    width = max(max(lengths), 1)
+    targets = torch.randint(0, V - 1, (B, width), generator=gen)  # blank = V - 1
+    return hidden, weight, b, targets, torch.tensor(input_lengths), torch.tensor(lengths)
+
+
+def unfused(hidden, weight, bias, targets, input_lengths, target_lengths, reduction, zero_infinity):
+    log_probs = F.linear(hidden.double(), weight.double(), None if bias is None else bias.double()).log_softmax(-1)
+    return F.ctc_loss(log_probs.transpose(0, 1), targets, input_lengths, target_lengths, blank=weight.shape[0] - 1,
+                      reduction=reduction, zero_infinity=zero_infinity)
+
+
+def value_and_grads(fn, hidden, weight, bias, *args, **kw):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = fn(*leaves, *args, **kw)
+    grads = torch.autograd.grad(loss.sum(), [t for t in leaves if t is not None])
+    return [loss.detach()] + list(grads)
+
+
+def fused(backend, chunk_frames=None):
+    def fn(hidden, weight, bias, targets, input_lengths, target_lengths, reduction, zero_infinity):
+        return omnifast.linear_ctc_loss(hidden, weight, bias, targets, input_lengths, target_lengths,
+                                        reduction=reduction, zero_infinity=zero_infinity,
+                                        chunk_frames=chunk_frames, backend=backend)
+    return fn
+
+
+def assert_all_close(actual, expected, dtype):
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double(), e.double(), equal_nan=True, **TOL[dtype])
+
+
+@st.composite
+def head_problems(draw, max_T=12, max_V=9):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, max_T))
+    D = draw(st.integers(1, 6))
+    V = draw(st.integers(2, max_V))
+    input_lengths = draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
+    lengths = draw(st.lists(st.integers(0, 5), min_size=B, max_size=B))
+    problem = make_head_problem(B, T, D, V, lengths, input_lengths, seed=draw(st.integers(0, 2**20)),
+                                bias=draw(st.booleans()))
+    return problem, draw(st.sampled_from(["none", "mean", "sum"])), draw(st.booleans()), draw(st.integers(1, T + 1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@given(case=head_problems())
+def test_fused_matches_unfused(backend, case):
+    (hidden, weight, bias, *targets), reduction, zero_infinity, chunk = case
+    expected = value_and_grads(unfused, hidden, weight, bias, *targets, reduction, zero_infinity)
+    actual = value_and_grads(fused(backend, chunk), hidden, weight, bias, *targets, reduction, zero_infinity)
+    assert_all_close(actual, expected, torch.float64)
+
+
+@settings(max_examples=15)
+@given(case=head_problems(max_T=7, max_V=6))
+def test_triton_matches_unfused(case):
+    (hidden, weight, bias, *targets), reduction, zero_infinity, chunk = case
+    expected = value_and_grads(unfused, hidden, weight, bias, *targets, reduction, zero_infinity)
+    actual = value_and_grads(fused("triton", chunk), hidden, weight, bias, *targets, reduction, zero_infinity)
+    assert_all_close(actual, expected, torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_float32_edge_cases(backend):
+    """Empty targets, T=1 frames, an infeasible sequence and a short input length at once."""
+    problem = make_head_problem(4, 6, 5, 7, [0, 1, 5, 2], [6, 1, 3, 4], seed=3, dtype=torch.float32)
+    for zero_infinity in (False, True):
+        expected = value_and_grads(fused("torch"), *problem, "mean", zero_infinity)
+        actual = value_and_grads(fused(backend, 2), *problem, "mean", zero_infinity)
+        assert_all_close(actual, expected, torch.float32)
+        assert torch.isnan(actual[1]).any() != zero_infinity
+
+
+def test_cpu_float32_at_speech_scale():
+    problem = make_head_problem(2, 120, 32, 300, [40, 25], [120, 90], seed=4, dtype=torch.float32)
+    truth = value_and_grads(unfused, *problem, "mean", False)
+    reference = value_and_grads(fused("torch"), *problem, "mean", False)
+    actual = value_and_grads(fused("cpu", 16), *problem, "mean", False)
+    for a, r, t in zip(actual, reference, truth):
+        assert (a.double() - t).abs().max() <= 2 * (r.double() - t).abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_bf16_within_twice_the_reference_error(backend):
+    problem = make_head_problem(2, 10, 8, 12, [3, 4], [10, 8], seed=5, dtype=torch.bfloat16)
+    truth = value_and_grads(unfused, *problem, "mean", False)
+    reference = value_and_grads(fused("torch"), *problem, "mean", False)
+    actual = value_and_grads(fused(backend, 3), *problem, "mean", False)
+    assert actual[1].dtype == torch.bfloat16 and actual[2].dtype == torch.bfloat16
+    for a, r, t in zip(actual, reference, truth):
+        assert (a.double() - t).abs().max() <= 2 * (r.double() - t).abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradcheck(backend):
+    hidden, weight, bias, targets, input_lengths, lengths = make_head_problem(2, 5, 3, 4, [2, 1], [5, 4], seed=6)
+    leaves = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: omnifast.linear_ctc_loss(h, w, b, targets, input_lengths, lengths, chunk_frames=2,
+                                                 backend=backend), leaves)
+
+
+def test_chunk_size_does_not_change_the_result():
+    problem = make_head_problem(3, 9, 4, 6, [2, 3, 1], [9, 7, 2], seed=7)
+    results = [value_and_grads(fused("cpu", chunk), *problem, "sum", False) for chunk in (1, 2, 4, 9, None)]
+    for other in results[1:]:
+        assert_all_close(other, results[0], torch.float64)
+
+
+def test_no_grad_runs_only_the_first_pass(monkeypatch):
+    problem = make_head_problem(2, 6, 4, 5, [2, 2], [6, 5], seed=8)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pass 2 ran under no_grad")
+    monkeypatch.setattr(_reference, "chunk_grad", forbidden)
+    with torch.no_grad():
+        loss = fused("torch")(*problem, "mean", False)
+    torch.testing.assert_close(loss, unfused(*problem, "mean", False))
+
+
+def test_linear_ctc_head_is_a_linear_layer():
+    linear = torch.nn.Linear(8, 11)
+    head = omnifast.nn.LinearCTCHead(8, 10)
+    assert head.blank == 10 and set(head.state_dict()) == set(linear.state_dict())
+    head.load_state_dict(linear.state_dict())
+    hidden = torch.randn(2, 7, 8)
+    targets, input_lengths, lengths = torch.tensor([[1, 2, 3], [4, 4, 0]]), torch.tensor([7, 6]), torch.tensor([3, 2])
+    expected = F.ctc_loss(linear(hidden).log_softmax(-1).transpose(0, 1), targets, input_lengths, lengths, blank=10)
+    torch.testing.assert_close(head.loss(hidden, targets, input_lengths, lengths), expected, **TOL[torch.float32])
+    ll = head.log_likelihood(hidden, targets, input_lengths, lengths)
+    assert ll.shape == (2,) and (ll < 0).all()
+
+
+BAD = [
+    (TypeError, "hidden", dict(hidden=torch.zeros(2, 3, 4, dtype=torch.long))),
+    (ValueError, "hidden", dict(hidden=torch.zeros(3, 4))),
+    (ValueError, "weight", dict(weight=torch.zeros(6, 5))),
+    (ValueError, "bias", dict(bias=torch.zeros(5))),
+    (TypeError, "bias", dict(bias=torch.zeros(6, dtype=torch.long))),
+    (ValueError, "targets", dict(targets=torch.tensor([[1, 6], [2, 2]]))),
+    (ValueError, "blank", dict(targets=torch.tensor([[1, 5], [2, 2]]))),
+    (ValueError, "input_lengths", dict(input_lengths=torch.tensor([4, 3]))),
+    (ValueError, "target_lengths", dict(target_lengths=torch.tensor([3, 1]))),
+    (ValueError, "reduction", dict(reduction="avg")),
+    (ValueError, "chunk_frames", dict(chunk_frames=0)),
+    (ValueError, "targets", dict(targets=torch.tensor([[1, 2]]))),
+]
+
+
+@pytest.mark.parametrize("error,name,changes", BAD, ids=[f"{n}-{i}" for i, (_, n, _) in enumerate(BAD)])
+def test_bad_input_names_the_argument(error, name, changes):
+    kwargs = dict(hidden=torch.randn(2, 3, 4), weight=torch.randn(6, 4), bias=torch.randn(6),
+                  targets=torch.tensor([[1, 2], [2, 2]]), input_lengths=torch.tensor([3, 2]),
+                  target_lengths=torch.tensor([2, 1]))
+    kwargs.update(changes)
+    with pytest.raises(error, match=name):
+        omnifast.linear_ctc_loss(**kwargs)
