@@ -33,6 +33,9 @@ from ._reference import accumulation_dtype
 from .linear_ctc import Scorer, check_chunk_frames, check_linear_head, make_target_set
 
 
+SPARSE_GROUP_ELEMENTS = 1 << 22  # sparse path: pairs per group so their logits stay ~16 MiB
+
+
 @dataclass
 class CTCDPOOutput:
     """The loss and TRL-style metrics. Rewards are beta * (logpi - logref) per pair."""
@@ -49,67 +52,85 @@ def _normalise(ll, lengths, length_normalize):
     return ll / lengths.clamp(min=1).to(ll.dtype) if length_normalize else ll
 
 
-def _dense_scores(hidden, weight, bias, input_lengths, sets, blank, chunk_frames, backend, want_grad):
-    """log p of each target set through the fused linear-CTC passes, and a function of the
-    coefficients of -log p that returns (grad_hidden, grad_weight, grad_bias)."""
+def _dense_forward(hidden, weight, bias, input_lengths, sets, blank, chunk_frames, backend, needs, pair_terms):
+    """The dense path: log p of both sets through the fused linear-CTC passes, then pass 2 with
+    the pairs' coefficients. Returns both log-likelihoods (B,) and the gradients."""
     scorer = Scorer(hidden, weight, bias, input_lengths, sets, blank, chunk_frames, backend)
-    lls = scorer.log_likelihoods(want_occupancy=want_grad)
-    return lls, scorer.gradients
+    ll_w, ll_l = scorer.log_likelihoods(want_occupancy=any(needs))
+    grads = (None, None, None)
+    if any(needs):
+        coef_w, coef_l, poison = pair_terms(torch.arange(ll_w.numel(), device=ll_w.device), ll_w, ll_l)
+        grads = scorer.gradients([coef_w, coef_l], poison.contiguous(), needs)
+    return (ll_w, ll_l), grads
 
 
-def _pair_columns(blank, sets, V):
-    """Per pair, the distinct columns {blank} U labels (blank first), padded with blank, and
-    each set's targets mapped to positions among them."""
-    B = sets[0].targets.shape[0]
+def _pair_columns(blank, sets, pairs):
+    """For the given pairs, the distinct columns {blank} U labels (blank first), padded with
+    blank to a common width, and each set's targets mapped to positions among them."""
     device = sets[0].targets.device
-    columns, locals_ = [], [torch.zeros_like(s.targets) for s in sets]
-    for b in range(B):
+    columns, local_targets = [], [torch.zeros_like(s.targets[pairs]) for s in sets]
+    for row, b in enumerate(pairs.tolist()):
         used = [s.targets[b, : int(s.lengths[b])] for s in sets]
-        distinct = torch.unique(torch.cat(used)) if used else torch.empty(0, dtype=torch.long, device=device)
+        distinct = torch.unique(torch.cat(used))
         columns.append(torch.cat([torch.tensor([blank], device=device), distinct]))
         for k, labels in enumerate(used):
-            locals_[k][b, : labels.numel()] = torch.searchsorted(distinct, labels) + 1
-    K = max(c.numel() for c in columns)
-    padded = torch.full((B, K), blank, dtype=torch.long, device=device)
-    for b, c in enumerate(columns):
-        padded[b, : c.numel()] = c
-    return padded, locals_
+            local_targets[k][row, : labels.numel()] = torch.searchsorted(distinct, labels) + 1
+    padded = torch.full((len(columns), max(c.numel() for c in columns)), blank, dtype=torch.long, device=device)
+    for row, c in enumerate(columns):
+        padded[row, : c.numel()] = c
+    return padded, local_targets
 
 
-def _sparse_scores(hidden, weight, bias, input_lengths, sets, blank, backend, want_grad):
-    """Unnormalised log-scores (log p + sum_t logsumexp_t) of each target set from the logits
-    of each pair's own columns only, and their gradient function."""
+def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, needs, pair_terms):
+    """The sparse path, a group of pairs at a time: each pair's logits only for its own columns
+    {blank} U chosen U rejected, scored as unnormalised log-probabilities (the per-frame
+    normaliser cancels in the margin). ``pair_terms(pairs, ll_w, ll_l)`` gives each pair's
+    coefficients of -score and poison mask. Returns both scores (B,) and the gradients."""
     acc = accumulation_dtype(hidden.dtype)
-    columns, local_targets = _pair_columns(blank, sets, weight.shape[0])
-    w_sub = weight.to(acc)[columns]                                  # (B, K, D)
-    h = hidden.to(acc)
-    logits = torch.bmm(h, w_sub.transpose(1, 2))                      # (B, T, K)
-    if bias is not None:
-        logits = logits + bias.to(acc)[columns][:, None, :]
-    scores = logits.transpose(0, 1).contiguous()                      # (T, B, K), blank at column 0
+    B, T, D = hidden.shape
+    w, b_ = weight.to(acc), None if bias is None else bias.to(acc)
     kernel = ctc_kernel(backend)
-    ones = torch.ones(hidden.shape[0], dtype=acc, device=hidden.device) if want_grad else None
-    results = [kernel(scores, t, input_lengths, s.lengths, 0, False, ones, False)
-               for t, s in zip(local_targets, sets)]
-    lls = [-nll for nll, _ in results]
-
-    def gradients(coefs, poison, needs=(True, True, True)):
-        # d(sum_k coef_k * -score_k)/d logits = sum_k coef_k * (-gamma_k); kernel grads are -gamma.
-        grad_scores = sum(torch.where(torch.isinf(nll)[None, :, None], 0.0, c.to(acc)[None, :, None] * g)
-                          for c, (nll, g) in zip(coefs, results))
-        frames = torch.arange(scores.shape[0], device=scores.device)[:, None] < input_lengths
-        grad_scores = torch.where((poison & frames)[..., None], float("nan"), grad_scores)
-        grad_logits = grad_scores.transpose(0, 1)                     # (B, T, K)
-        grad_hidden = torch.bmm(grad_logits, w_sub) if needs[0] else None
-        grad_weight = grad_bias = None
-        if needs[1]:
-            grad_weight = torch.zeros_like(weight, dtype=acc).index_add_(
-                0, columns.flatten(), torch.bmm(grad_logits.transpose(1, 2), h).flatten(0, 1))
-        if needs[2] and bias is not None:
-            grad_bias = torch.zeros_like(bias, dtype=acc).index_add_(0, columns.flatten(), grad_logits.sum(1).flatten())
-        return grad_hidden, grad_weight, grad_bias
-
-    return lls, gradients
+    want_grad = any(needs)
+    grad_hidden = torch.zeros_like(hidden, dtype=acc) if needs[0] else None
+    grad_weight = torch.zeros_like(w) if needs[1] else None
+    grad_bias = torch.zeros_like(b_) if needs[2] and b_ is not None else None
+    scores_w = torch.empty(B, dtype=acc, device=hidden.device)
+    scores_l = torch.empty_like(scores_w)
+    widest = max(int(s.lengths.max()) for s in sets) if B else 0
+    group = max(1, SPARSE_GROUP_ELEMENTS // max(1, T * min(weight.shape[0], 1 + 2 * widest)))
+    for start in range(0, B, group):
+        pairs = torch.arange(start, min(B, start + group), device=hidden.device)
+        columns, local_targets = _pair_columns(blank, sets, pairs)
+        G, K = columns.shape
+        w_sub = w[columns]                                            # (G, K, D)
+        h = hidden[pairs].to(acc)                                     # (G, T, D)
+        logits = torch.bmm(h, w_sub.transpose(1, 2))
+        if b_ is not None:
+            logits += b_[columns][:, None, :]
+        logits = logits.transpose(0, 1).contiguous()                  # (T, G, K), blank in column 0
+        lengths = input_lengths[pairs]
+        ones = torch.ones(G, dtype=acc, device=hidden.device) if want_grad else None
+        (nll_w, g_w), (nll_l, g_l) = [kernel(logits, t, lengths, s.lengths[pairs], 0, False, ones, False)
+                                      for t, s in zip(local_targets, sets)]
+        scores_w[pairs], scores_l[pairs] = -nll_w, -nll_l
+        if not want_grad:
+            continue
+        coef_w, coef_l, poison = pair_terms(pairs, -nll_w, -nll_l)
+        del logits
+        # d(coef_w * -score_w + coef_l * -score_l)/d logits; the kernel's gradients are -gamma.
+        grad_logits = torch.where(torch.isinf(nll_w)[None, :, None], 0.0, coef_w[None, :, None] * g_w)
+        del g_w
+        grad_logits += torch.where(torch.isinf(nll_l)[None, :, None], 0.0, coef_l[None, :, None] * g_l)
+        del g_l
+        frames = torch.arange(T, device=hidden.device)[:, None] < lengths
+        grad_logits = torch.where((poison & frames)[..., None], float("nan"), grad_logits).transpose(0, 1)
+        if grad_hidden is not None:
+            grad_hidden[pairs] = torch.bmm(grad_logits, w_sub)
+        if grad_weight is not None:
+            grad_weight.index_add_(0, columns.flatten(), torch.bmm(grad_logits.transpose(1, 2), h).flatten(0, 1))
+        if grad_bias is not None:
+            grad_bias.index_add_(0, columns.flatten(), grad_logits.sum(1).flatten())
+    return (scores_w, scores_l), (grad_hidden, grad_weight, grad_bias)
 
 
 def _frame_normaliser(hidden, weight, bias, input_lengths, chunk_frames, backend):
@@ -128,55 +149,57 @@ class _CTCDPOFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, sets, input_lengths, ref_chosen, ref_rejected, beta,
                 length_normalize, sft_weight, zero_infinity, sparse, exact_rewards, blank, chunk_frames, backend):
         needs = tuple(ctx.needs_input_grad[:3])
-        want_grad = any(needs)
-        if sparse:
-            (ll_w, ll_l), gradients = _sparse_scores(hidden, weight, bias, input_lengths, sets, blank, backend,
-                                                     want_grad)
-        else:
-            (ll_w, ll_l), gradients = _dense_scores(hidden, weight, bias, input_lengths, sets, blank,
-                                                    chunk_frames, backend, want_grad)
         chosen, rejected = sets
-        acc = ll_w.dtype
-        pw = _normalise(ll_w, chosen.lengths, length_normalize)
-        pl = _normalise(ll_l, rejected.lengths, length_normalize)
+        acc = accumulation_dtype(hidden.dtype)
         ref_w, ref_l = ref_chosen.to(acc), ref_rejected.to(acc)
-        margin_logits = (pw - ref_w) - (pl - ref_l)  # in sparse mode the normalisers cancel here
-        z = beta * margin_logits
-        infeasible = (ll_w == float("-inf")) | (ll_l == float("-inf"))
-        B = z.numel()
-        per_pair = -F.logsigmoid(z)
-        nll_w = -ll_w / chosen.lengths.clamp(min=1).to(acc)
-        if sft_weight:
-            per_pair = per_pair + sft_weight * nll_w
-        if zero_infinity:
-            per_pair = per_pair.masked_fill(infeasible, 0.0)
-        loss = per_pair.mean()
+        per_unit_w = 1.0 / chosen.lengths.clamp(min=1).to(acc)
+        per_unit_l = 1.0 / rejected.lengths.clamp(min=1).to(acc)
+        B = hidden.shape[0]
 
+        def terms(pairs, ll_w, ll_l):
+            """Per pair: loss, margin z, d loss / d ll_w and d ll_l, infeasibility."""
+            pw = ll_w * per_unit_w[pairs] if length_normalize else ll_w
+            pl = ll_l * per_unit_l[pairs] if length_normalize else ll_l
+            z = beta * ((pw - ref_w[pairs]) - (pl - ref_l[pairs]))  # sparse: the normalisers cancel
+            infeasible = (ll_w == float("-inf")) | (ll_l == float("-inf"))
+            per_pair = -F.logsigmoid(z)
+            dz = -torch.sigmoid(-z) / B
+            d_w = dz * beta * (per_unit_w[pairs] if length_normalize else 1.0)
+            d_l = -dz * beta * (per_unit_l[pairs] if length_normalize else 1.0)
+            if sft_weight:
+                per_pair = per_pair - sft_weight * ll_w * per_unit_w[pairs]
+                d_w = d_w - sft_weight * per_unit_w[pairs] / B
+            if zero_infinity:
+                per_pair = per_pair.masked_fill(infeasible, 0.0)
+            return per_pair, z, d_w.masked_fill(infeasible, 0.0), d_l.masked_fill(infeasible, 0.0), infeasible
+
+        def coefficients(pairs, ll_w, ll_l):  # of -ll, as the scorers take them
+            _, _, d_w, d_l, infeasible = terms(pairs, ll_w, ll_l)
+            return -d_w, -d_l, infeasible & (not zero_infinity)
+
+        if sparse:
+            (ll_w, ll_l), grads = _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend,
+                                                  needs, coefficients)
+        else:
+            (ll_w, ll_l), grads = _dense_forward(hidden, weight, bias, input_lengths, sets, blank, chunk_frames,
+                                                 backend, needs, coefficients)
+        per_pair, z, _, _, _ = terms(torch.arange(B, device=hidden.device), ll_w, ll_l)
+        loss = per_pair.mean()
+        ctx.grads = tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
+
+        pw = ll_w * per_unit_w if length_normalize else ll_w
+        pl = ll_l * per_unit_l if length_normalize else ll_l
         if sparse and exact_rewards:
             norm = _frame_normaliser(hidden, weight, bias, input_lengths, chunk_frames, backend)
             pw, pl = pw - norm, pl - norm
         rewards_known = not sparse or exact_rewards
-        chosen_rewards = beta * (pw - ref_w) if rewards_known else None
-        rejected_rewards = beta * (pl - ref_l) if rewards_known else None
         margins = z.detach()
-        accuracy = (margins > 0).to(acc).mean()
-
-        if want_grad:
-            # d loss / d ll_w and d ll_l; the scorer takes coefficients of -ll.
-            dz = -torch.sigmoid(-z) / B
-            d_w = dz * beta * (1.0 / chosen.lengths.clamp(min=1).to(acc) if length_normalize else 1.0)
-            d_l = -dz * beta * (1.0 / rejected.lengths.clamp(min=1).to(acc) if length_normalize else 1.0)
-            if sft_weight:
-                d_w = d_w - sft_weight / (B * chosen.lengths.clamp(min=1).to(acc))
-            poison = torch.zeros_like(infeasible) if zero_infinity else infeasible
-            d_w, d_l = d_w.masked_fill(infeasible, 0.0), d_l.masked_fill(infeasible, 0.0)
-            grads = gradients([-d_w, -d_l], poison.contiguous(), needs)
-            ctx.grads = tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
-        outputs = [loss, margins, accuracy]
-        for extra in (chosen_rewards, rejected_rewards, pw if rewards_known else None, pl if rewards_known else None):
-            outputs.append(extra if extra is not None else torch.empty(0, dtype=acc, device=loss.device))
+        outputs = [loss, margins, (margins > 0).to(acc).mean()]
+        if rewards_known:
+            outputs += [beta * (pw - ref_w), beta * (pl - ref_l), pw, pl]
+        else:
+            outputs += [torch.empty(0, dtype=acc, device=loss.device)] * 4
         ctx.mark_non_differentiable(*outputs[1:])
-        ctx.rewards_known = rewards_known
         return tuple(outputs)
 
     @staticmethod

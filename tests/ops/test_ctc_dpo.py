@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import omnifast
-from omnifast.ops import ReferenceLogpCache, reference_logps
+from omnifast.ops import ReferenceLogpCache, ctc_dpo, reference_logps
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 BACKENDS = ("torch", "cpu", "triton")
@@ -101,8 +101,10 @@ def test_triton_matches_unfused_recipe(p):
         check(p, "triton", **options)
 
 
+@pytest.mark.parametrize("group_elements", [1 << 22, 1])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sparse_and_dense_paths_agree(backend):
+def test_sparse_and_dense_paths_agree(backend, group_elements, monkeypatch):
+    monkeypatch.setattr(ctc_dpo, "SPARSE_GROUP_ELEMENTS", group_elements)  # 1: one pair per group
     p = make_pairs(3, 14, 6, 40, [4, 6, 0], [5, 2, 3], [14, 12, 9], seed=2, dtype=torch.float32)
     dense, dense_grads = run(ours, p, backend=backend, sparse=False)
     sparse, sparse_grads = run(ours, p, backend=backend, sparse=True, exact_rewards=True)
