@@ -5,6 +5,7 @@ subprocess (CPU: peak RSS; CUDA: ``max_memory_allocated``). Results go to a tabl
 ``benchmarks/results/<op>.json`` and a PNG chart beside it."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,7 +15,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -92,15 +94,16 @@ def environment(device: torch.device) -> Dict[str, object]:
     return info
 
 
-def summarise(times: Dict[str, List[float]], baseline: str) -> Dict[str, Dict[str, float]]:
+def summarise(times: Dict[str, List[float]], baselines: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+    """Median seconds of each implementation and its speed-up over its baseline."""
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {name: {"median_s": m, "speedup_vs_" + baseline: medians[baseline] / m, "runs": len(times[name])}
-            for name, m in medians.items()}
+    return {name: {"median_s": m, "vs": baselines[name], "speedup": medians[baselines[name]] / m,
+                   "runs": len(times[name])} for name, m in medians.items()}
 
 
 def print_table(op: str, rows: Sequence[Dict[str, object]], baseline: str) -> None:
-    print(f"\n{op}: median seconds per forward+backward (speed-up vs {baseline}), peak MiB above inputs")
-    header = f"{'case':28s} {'implementation':30s} {'median s':>10s} {'speed-up':>9s} {'peak MiB':>9s}"
+    print(f"\n{op}: median seconds per forward+backward, speed-up over the baseline named, peak MiB above inputs")
+    header = f"{'case':28s} {'implementation':30s} {'median s':>10s} {'speed-up':>9s} {'vs':12s} {'peak MiB':>9s}"
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -108,7 +111,7 @@ def print_table(op: str, rows: Sequence[Dict[str, object]], baseline: str) -> No
             peak = result.get("peak_bytes")
             peak_text = f"{peak / 2**20:9.1f}" if peak is not None else f"{'-':>9s}"
             print(f"{row['case']:28s} {name:30s} {result['median_s']:10.4f} "
-                  f"{result['speedup_vs_' + baseline]:8.2f}x {peak_text}")
+                  f"{result['speedup']:8.2f}x {result['vs']:12s} {peak_text}")
 
 
 def write_results(op: str, payload: Dict[str, object], baseline: str, out_dir: Path = RESULTS) -> Path:
@@ -146,3 +149,64 @@ def _plot(op: str, rows, baseline: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@dataclass
+class Benchmark:
+    """One op family's benchmark: shapes, how to build inputs for a shape, and the
+    implementations to compare (a dict name -> zero-argument callable doing forward+backward)."""
+    op: str
+    module: str
+    shapes: List[Tuple[int, ...]]
+    quick_shapes: List[Tuple[int, ...]]
+    fields: str
+    make_inputs: Callable
+    implementations: Callable
+    baseline: str = "torch"
+    description: str = ""
+    baselines: Dict[str, str] = None  # implementation -> the one it is compared with (default: baseline)
+
+    def case_name(self, shape) -> str:
+        return " ".join(f"{k}={v}" for k, v in zip(self.fields, shape))
+
+    def shape_of(self, case: int):
+        return self.shapes[case] if case >= 0 else self.quick_shapes[-1 - case]
+
+    def run(self, quick: bool, device: torch.device, repeats: int, memory: bool) -> Dict:
+        rows = []
+        shapes = self.quick_shapes if quick else self.shapes
+        for index, shape in enumerate(shapes):
+            inputs = self.make_inputs(shape, device)
+            times = time_alternating(self.implementations(inputs, device), device, repeats)
+            results = summarise(times, {name: (self.baselines or {}).get(name, self.baseline) for name in times})
+            del inputs
+            if memory:
+                case = -1 - index if quick else index
+                for name in results:
+                    results[name]["peak_bytes"] = peak_memory_subprocess(self.module, case, name, str(device))
+            rows.append({"case": self.case_name(shape), "shape": dict(zip(self.fields, shape)), "results": results})
+            print(f"done: {self.case_name(shape)}", file=sys.stderr)
+        return {"op": self.op, "baseline": self.baseline, "description": self.description,
+                "environment": environment(device), "repeats": repeats, "cases": rows}
+
+    def main(self, argv=None) -> int:
+        parser = argparse.ArgumentParser(description=self.description)
+        parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+        parser.add_argument("--repeats", type=int, default=None, help="timed runs per implementation")
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses")
+        parser.add_argument("--out", default=str(RESULTS))
+        parser.add_argument("--memory-of", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+        args = parser.parse_args(argv)
+        device = torch.device(args.device)
+        if args.memory_of:  # child process: one implementation, once, on fresh inputs
+            shape = self.shape_of(int(args.memory_of[0]))
+            fn = self.implementations(self.make_inputs(shape, device), device)[args.memory_of[1]]
+            print(peak_memory_here(fn, device))
+            return 0
+        repeats = args.repeats or (2 if args.quick else 5)
+        payload = self.run(args.quick, device, repeats, not args.no_memory)
+        print_table(self.op, payload["cases"], self.baseline)
+        path = write_results(f"quick_{self.op}" if args.quick else self.op, payload, self.baseline, Path(args.out))
+        print(f"\nwrote {path} and {path.with_suffix('.png')}")
+        return 0

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("ctc",)
+BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo")
 
 
 def main(argv=None) -> int:

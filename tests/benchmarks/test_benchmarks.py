@@ -1,0 +1,26 @@
+"""The benchmark scripts run end to end (tiny shapes) and write their table, JSON and chart.
+No timing is asserted here: speed targets live in the benchmarks' output, not in tests."""
+import json
+
+import pytest
+
+from omnifast import cli
+
+EXPECTED = {
+    "ctc": {"torch", "omnifast.ctc_loss", "omnifast.ctc_loss_with_logits"},
+    "linear_ctc": {"torch", "omnifast.linear_ctc_loss"},
+    "ctc_dpo": {"torch", "omnifast (sparse)", "torch -norm", "omnifast (dense) -norm"},
+}
+
+
+@pytest.mark.parametrize("op", sorted(EXPECTED))
+def test_quick_benchmark_writes_json_and_png(op, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main(["bench", op, "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / f"quick_{op}.json").read_text())
+    assert (tmp_path / f"quick_{op}.png").stat().st_size > 0
+    for case in payload["cases"]:
+        assert set(case["results"]) == EXPECTED[op]
+        for result in case["results"].values():
+            assert result["median_s"] > 0 and result["peak_bytes"] >= 0 and result["speedup"] > 0
+    assert "speed-up" in capsys.readouterr().out
