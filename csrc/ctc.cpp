@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "fastmath.h"
 
 namespace omnifast {
@@ -27,7 +31,27 @@ struct Problem {
   int64_t batch, classes, row_stride;  // row_stride: elements between frames t and t+1 (B * C)
   int64_t target_width, blank;
   bool zero_infinity, from_logits;
+  bool grad_zeroed;  // the gradient buffer starts out all zeros
 };
+
+// A zero-filled tensor for the (T, B, C) gradient. Large ones come straight from mmap, which
+// hands out zeroed pages, advised to be transparent huge pages: first-touch page faults on
+// 4 KiB pages otherwise cost more than the whole CTC recursion. Returns whether it is zeroed.
+at::Tensor zeroed_gradient(const at::Tensor& like, bool* zeroed) {
+#ifdef __linux__
+  const size_t bytes = like.numel() * like.element_size();
+  if (bytes >= (size_t(8) << 20)) {
+    void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory != MAP_FAILED) {
+      madvise(memory, bytes, MADV_HUGEPAGE);  // a hint: harmless where THP is off
+      *zeroed = true;
+      return at::from_blob(memory, like.sizes(), [bytes](void* ptr) { munmap(ptr, bytes); }, like.options());
+    }
+  }
+#endif
+  *zeroed = false;
+  return at::empty_like(like);
+}
 
 // Extended labels of one sequence and what the recursions need to know about them.
 template <typename acc_t>
@@ -178,7 +202,7 @@ void ctc_sequence(const Problem& p, int64_t b, const scalar_t* inputs, const int
         g[c] = scalar_t((fast_exp(acc_t(x[c]) - shift) - per_label[k]) * grad_scale);
       }
     } else {
-      fill_row(g, C, scalar_t(0));
+      if (!p.grad_zeroed) fill_row(g, C, scalar_t(0));
       for (int64_t k = 0; k <= K; ++k)
         g[k < K ? labels.distinct[k] : p.blank] = scalar_t(-per_label[k] * grad_scale);
     }
@@ -200,7 +224,7 @@ void ctc_batch(const Problem& p, int64_t T, const at::Tensor& inputs, const at::
   at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       ctc_sequence<scalar_t>(p, b, x, tgt, in_len[b], tgt_len[b], scale ? scale[b] : acc_t(0), out + b, g);
-      if (g)  // frames past the input length get no gradient
+      if (g && !p.grad_zeroed)  // frames past the input length get no gradient
         for (int64_t t = in_len[b]; t < T; ++t) fill_row(g + t * p.row_stride + b * p.classes, p.classes, scalar_t(0));
     }
   });
@@ -241,12 +265,12 @@ std::tuple<at::Tensor, at::Tensor> ctc_nll_and_grad(
               "lengths must be int64");
   const int64_t T = inputs.size(0), B = inputs.size(1), C = inputs.size(2);
   const auto acc = inputs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Problem p{B, C, B * C, targets.size(1), blank, zero_infinity, from_logits};
+  Problem p{B, C, B * C, targets.size(1), blank, zero_infinity, from_logits, false};
   at::Tensor nll = at::empty({B}, inputs.options().dtype(acc));
   at::Tensor grad, scale;
   const bool want_grad = grad_scale.has_value() && grad_scale->defined();
   if (want_grad) {
-    grad = at::empty_like(inputs);
+    grad = zeroed_gradient(inputs, &p.grad_zeroed);
     scale = grad_scale->to(acc).contiguous();
   }
   const at::Tensor in_len = input_lengths.contiguous(), tgt_len = target_lengths.contiguous();
