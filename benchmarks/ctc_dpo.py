@@ -15,20 +15,15 @@ import torch.nn.functional as F
 
 import omnifast
 
+from . import linear_ctc
 from ._harness import Benchmark
 
 
 def make_inputs(shape, device: torch.device, seed: int = 0):
-    B, T, D, V, L = shape
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, D, generator=gen).to(device)
-    weight = (torch.randn(V, D, generator=gen) / D ** 0.5).to(device)
-    bias = torch.zeros(V).to(device)
-    ref_weight = weight + 0.01 * torch.randn(V, D, generator=gen).to(device)
-    chosen = torch.randint(0, V - 1, (B, L), generator=gen).to(device)
-    rejected = torch.randint(0, V - 1, (B, L), generator=gen).to(device)
-    lengths = torch.full((B,), L, dtype=torch.long, device=device)
-    input_lengths = torch.full((B,), T, dtype=torch.long, device=device)
+    hidden, weight, bias, chosen, input_lengths, lengths = linear_ctc.make_inputs(shape, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rejected = torch.randint(0, weight.shape[0] - 1, chosen.shape, generator=gen).to(device)
+    ref_weight = weight + 0.01 * torch.randn(weight.shape, generator=gen).to(device)
     return dict(hidden=hidden, weight=weight, bias=bias, ref_weight=ref_weight, chosen=chosen, rejected=rejected,
                 input_lengths=input_lengths, chosen_lengths=lengths, rejected_lengths=lengths)
 
