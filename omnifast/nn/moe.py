@@ -1,0 +1,146 @@
+"""Mixture-of-experts layers: ``MoE`` (routed through ``omnifast.ops.moe``) and ``NaiveMoE``
+(a readable per-expert loop with masks, the reference). Both hold the same parameters, so their
+state dicts are interchangeable.
+
+OpenOmni's speech-decoder MoE is ``MoE(896, 3584, 3584, experts=4, top_k=None, split_tokens=4)``:
+a dense softmax gate over 4 experts Linear(H, 3584) -> ReLU -> Linear(3584, 3584), whose output
+is split into 4 tokens of width 896 (the layer upsamples 4x).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from omnifast.ops import moe as moe_ops
+from omnifast.ops._checks import check_choice, check_tensor
+
+
+@dataclass
+class MoEOutput:
+    output: torch.Tensor        # (..., O), or (..., N * split, O / split) with split_tokens
+    aux_loss: torch.Tensor      # balance_weight * balance_loss + z_weight * z_loss (float32)
+    balance_loss: torch.Tensor  # unweighted Switch load-balancing loss
+    z_loss: torch.Tensor        # unweighted router z-loss
+    routing: moe_ops.Routing
+
+
+class _MoEBase(torch.nn.Module):
+    def __init__(self, hidden: int, ffn: int, out: Optional[int] = None, experts: int = 4,
+                 top_k: Optional[int] = None, normalize_topk: bool = True, activation: str = "relu",
+                 bias: bool = True, jitter: float = 0.0, balance_weight: float = 0.0, z_weight: float = 0.0,
+                 split_tokens: int = 1):
+        super().__init__()
+        out = hidden if out is None else out
+        for name, value in (("hidden", hidden), ("ffn", ffn), ("out", out), ("experts", experts),
+                            ("split_tokens", split_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= experts):
+            raise ValueError(f"top_k must be None (dense) or an int in [1, {experts}], got {top_k!r}")
+        check_choice("activation", activation, moe_ops.ACTIVATIONS)
+        if out % split_tokens:
+            raise ValueError(f"split_tokens={split_tokens} must divide the output size {out}")
+        if jitter < 0:
+            raise ValueError(f"jitter must be >= 0, got {jitter}")
+        self.hidden, self.ffn, self.out, self.experts = hidden, ffn, out, experts
+        self.top_k, self.normalize_topk, self.activation = top_k, normalize_topk, activation
+        self.jitter, self.balance_weight, self.z_weight, self.split_tokens = jitter, balance_weight, z_weight, split_tokens
+        width = 2 * ffn if activation == "swiglu" else ffn
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.w1 = torch.nn.Parameter(torch.empty(experts, width, hidden))
+        self.w2 = torch.nn.Parameter(torch.empty(experts, out, ffn))
+        self.b1 = torch.nn.Parameter(torch.empty(experts, width)) if bias else None
+        self.b2 = torch.nn.Parameter(torch.empty(experts, out)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised like a pair of ``nn.Linear`` layers."""
+        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
+            bound = 1 / math.sqrt(w.shape[2])
+            torch.nn.init.uniform_(w, -bound, bound)
+            if b is not None:
+                torch.nn.init.uniform_(b, -bound, bound)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_tensor("x", x, floating=True)
+        if x.shape[-1] != self.hidden:
+            raise ValueError(f"x must end in the hidden size {self.hidden}, got shape {tuple(x.shape)}")
+
+    def _routing(self, flat: torch.Tensor) -> moe_ops.Routing:
+        gate_input = flat
+        if self.training and self.jitter > 0:
+            gate_input = flat * torch.empty_like(flat).uniform_(1 - self.jitter, 1 + self.jitter)
+        return moe_ops.route(gate_input, self.gate.weight, self.top_k, normalize=self.normalize_topk)
+
+    def _finish(self, x, y, routing) -> MoEOutput:
+        y = y.reshape(*x.shape[:-1], self.out)
+        if self.split_tokens > 1:  # (..., N, O) -> (..., N * split, O / split)
+            y = y.reshape(*x.shape[:-2], x.shape[-2] * self.split_tokens, self.out // self.split_tokens) \
+                if x.dim() > 1 else y.reshape(self.split_tokens, self.out // self.split_tokens)
+        aux = self.balance_weight * routing.balance_loss + self.z_weight * routing.z_loss
+        return MoEOutput(y, aux, routing.balance_loss, routing.z_loss, routing)
+
+    def expert_parameters(self):
+        return self.w1, self.b1, self.w2, self.b2
+
+    def load_openomni_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Load an OpenOmni-style stack: ``gate.weight`` (E, H) and ``experts.{e}.0.weight/bias``,
+        ``experts.{e}.2.weight/bias`` (Sequential(Linear, ReLU, Linear)) per expert."""
+        if self.top_k is not None or self.activation != "relu":
+            raise ValueError("an OpenOmni expert stack loads into a dense (top_k=None) relu MoE")
+        stacked = {"gate.weight": state_dict["gate.weight"]}
+        for ours, theirs in (("w1", "0.weight"), ("b1", "0.bias"), ("w2", "2.weight"), ("b2", "2.bias")):
+            stacked[ours] = torch.stack([state_dict[f"experts.{e}.{theirs}"] for e in range(self.experts)])
+        self.load_state_dict(stacked)
+
+
+class NaiveMoE(_MoEBase):
+    """The reference: a loop over experts, masks to pick each expert's tokens, ``index_add`` to
+    combine. Same arguments and parameters as :class:`MoE`."""
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        self._check_input(x)
+        flat = x.reshape(-1, self.hidden)
+        routing = self._routing(flat)
+        y = flat.new_zeros(flat.shape[0], self.out)
+        for e in range(self.experts):
+            hit = routing.experts == e                          # (N, k)
+            tokens = hit.any(-1).nonzero().squeeze(-1)
+            if tokens.numel() == 0:
+                continue
+            weight = (routing.weights * hit).sum(-1)[tokens]
+            pre = F.linear(flat[tokens], self.w1[e], None if self.b1 is None else self.b1[e])
+            out = F.linear(moe_ops._activate(pre, self.activation), self.w2[e], None if self.b2 is None else self.b2[e])
+            y = y.index_add(0, tokens, out * weight[:, None].to(out.dtype))
+        return self._finish(x, y, routing)
+
+
+class MoE(_MoEBase):
+    """Mixture of experts: dense (``top_k=None``: every expert on every token, a dense softmax
+    gate, as OpenOmni) or dropless top-k with optional renormalisation; activation relu, gelu,
+    silu or swiglu; Switch balance loss and router z-loss (float32) returned with the output;
+    ``split_tokens`` splits the output width into that many tokens (OpenOmni: 4)."""
+
+    @classmethod
+    def from_naive(cls, naive: NaiveMoE) -> "MoE":
+        moe = cls(naive.hidden, naive.ffn, naive.out, naive.experts, naive.top_k, naive.normalize_topk,
+                  naive.activation, naive.b1 is not None, naive.jitter, naive.balance_weight, naive.z_weight,
+                  naive.split_tokens)
+        moe.load_state_dict(naive.state_dict())
+        return moe.to(naive.w1.device, naive.w1.dtype)
+
+    def forward(self, x: torch.Tensor) -> MoEOutput:
+        self._check_input(x)
+        flat = x.reshape(-1, self.hidden)
+        routing = self._routing(flat)
+        if self.top_k is None:
+            y = moe_ops.dense_experts(flat, routing.probs, *self.expert_parameters(), self.activation)
+        else:
+            y_sorted = moe_ops.expert_mlp(moe_ops.permute(flat, routing), routing.offsets, self.w1, self.b1,
+                                          self.w2, self.b2, self.activation)
+            y = moe_ops.unpermute(y_sorted, routing)
+        return self._finish(x, y, routing)

@@ -1,0 +1,174 @@
+"""MoE against NaiveMoE, the router's invariants and aux losses, loading and bad input."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omnifast.nn import MoE, NaiveMoE
+from omnifast.ops import moe as moe_ops
+
+TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
+
+
+def outputs_and_grads(module, x):
+    x = x.detach().clone().requires_grad_()
+    out = module(x)
+    loss = (out.output * torch.linspace(-1, 1, out.output.numel(), dtype=out.output.dtype).view_as(out.output)).sum()
+    loss = loss + out.balance_loss + out.z_loss
+    grads = torch.autograd.grad(loss, [x] + [p for p in module.parameters()])
+    return [out.output.detach(), out.balance_loss.detach(), out.z_loss.detach()] + list(grads)
+
+
+def check_against_naive(x, dtype=torch.float64, **config):
+    torch.manual_seed(0)
+    naive = NaiveMoE(**config).to(dtype)
+    moe = MoE.from_naive(naive)
+    for a, b in zip(outputs_and_grads(moe, x.to(dtype)), outputs_and_grads(naive, x.to(dtype))):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@settings(max_examples=30)
+@given(tokens=st.integers(1, 40), hidden=st.integers(1, 9), ffn=st.integers(1, 9), out=st.integers(1, 9),
+       experts=st.integers(1, 7), k=st.integers(0, 7), activation=st.sampled_from(moe_ops.ACTIVATIONS),
+       bias=st.booleans(), normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_matches_naive(tokens, hidden, ffn, out, experts, k, activation, bias, normalize, seed):
+    top_k = None if k == 0 else min(k, experts)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    check_against_naive(x, hidden=hidden, ffn=ffn, out=out, experts=experts, top_k=top_k,
+                        activation=activation, bias=bias, normalize_topk=normalize)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 97])
+@pytest.mark.parametrize("top_k", [None, 1, 2, 7])
+def test_odd_sizes(tokens, top_k):
+    x = torch.randn(tokens, 47, dtype=torch.float64)
+    check_against_naive(x, hidden=47, ffn=97, out=31, experts=7, top_k=top_k)
+
+
+def test_float32_and_batched_input():
+    x = torch.randn(3, 11, 16)
+    check_against_naive(x, dtype=torch.float32, hidden=16, ffn=24, out=8, experts=4, top_k=2)
+
+
+def test_bf16_close_to_float32():
+    torch.manual_seed(1)
+    naive = NaiveMoE(16, 32, 16, experts=4, top_k=2)
+    x = torch.randn(64, 16)
+    exact = naive(x).output
+    moe = MoE.from_naive(naive).to(torch.bfloat16)
+    reference = naive.to(torch.bfloat16)(x.bfloat16()).output.float()
+    ours = moe(x.bfloat16()).output.float()
+    assert (ours - exact).abs().max() <= 2 * (reference - exact).abs().max() + 1e-2
+
+
+def test_all_tokens_to_one_expert_and_experts_without_tokens():
+    torch.manual_seed(2)
+    naive = NaiveMoE(8, 12, 8, experts=5, top_k=1).double()
+    with torch.no_grad():
+        naive.gate.weight.zero_()
+        naive.gate.weight[3] = 5.0  # positive inputs all pick expert 3
+    x = torch.rand(20, 8, dtype=torch.float64) + 0.1
+    routing = moe_ops.route(x, naive.gate.weight, 1)
+    assert routing.counts.tolist() == [0, 0, 0, 20, 0]
+    moe = MoE.from_naive(naive)
+    for a, b in zip(outputs_and_grads(moe, x), outputs_and_grads(naive, x)):
+        torch.testing.assert_close(a, b)
+
+
+@given(tokens=st.integers(1, 50), experts=st.integers(1, 8), k=st.integers(1, 8), seed=st.integers(0, 999))
+def test_routing_invariants(tokens, experts, k, seed):
+    k = min(k, experts)
+    gen = torch.Generator().manual_seed(seed)
+    x, gate = torch.randn(tokens, 6, generator=gen), torch.randn(experts, 6, generator=gen)
+    r = moe_ops.route(x, gate, k)
+    assert int(r.counts.sum()) == tokens * k and r.offsets[-1] == tokens * k
+    assert torch.equal(r.order[r.position], torch.arange(tokens * k))       # inverse permutation
+    assert torch.equal(r.experts.reshape(-1)[r.order], torch.sort(r.experts.reshape(-1)).values)
+    assert torch.allclose(r.weights.sum(-1), torch.ones(tokens))             # renormalised
+    assert (r.experts[:, :-1] != r.experts[:, 1:]).all() if k > 1 else True
+
+
+def test_ties_break_to_the_lower_expert():
+    r = moe_ops.route(torch.ones(4, 3), torch.zeros(5, 3), 2)  # all logits equal
+    assert r.experts.tolist() == [[0, 1]] * 4
+
+
+def test_aux_losses_at_uniform_routing_and_full_collapse():
+    E, weight = 4, 0.01
+    moe = MoE(8, 8, experts=E, top_k=1, balance_weight=weight)
+    x = torch.randn(8, 8)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+    uniform_probs = moe(x)  # ties: every token to expert 0, but P_i = 1/E: balance = E * (1 * 1/E) = 1
+    assert torch.isclose(uniform_probs.balance_loss, torch.tensor(1.0))
+    dense = MoE(8, 8, experts=E, top_k=E, balance_weight=weight)
+    with torch.no_grad():
+        dense.gate.weight.zero_()
+    out = dense(x)  # uniform: f_i = P_i = 1/E
+    assert torch.isclose(out.aux_loss, torch.tensor(weight))
+    with torch.no_grad():
+        moe.gate.weight[2] = 100.0
+    collapsed = moe(torch.rand(8, 8) + 0.5)  # everything to expert 2 with probability ~1
+    assert torch.isclose(collapsed.aux_loss, torch.tensor(E * weight), rtol=1e-4)
+    assert collapsed.z_loss > 0 and collapsed.z_loss.dtype == torch.float32
+
+
+def test_one_expert_is_a_dense_mlp():
+    moe = MoE(6, 10, 4, experts=1, top_k=1).double()
+    mlp = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Linear(10, 4)).double()
+    mlp.load_state_dict({"0.weight": moe.w1[0], "0.bias": moe.b1[0], "2.weight": moe.w2[0], "2.bias": moe.b2[0]})
+    x = torch.randn(9, 6, dtype=torch.float64)
+    torch.testing.assert_close(moe(x).output, mlp(x))
+
+
+def test_openomni_expert_stack_and_token_split():
+    H, F_, E = 8, 16, 4
+    gate = torch.nn.Linear(H, E, bias=False)
+    experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(H, F_), torch.nn.ReLU(), torch.nn.Linear(F_, F_))
+                                  for _ in range(E))
+    state = {"gate.weight": gate.weight, **{f"experts.{k}": v for k, v in experts.state_dict().items()}}
+    moe = MoE(H, F_, F_, experts=E, top_k=None, split_tokens=4)
+    moe.load_openomni_state_dict(state)
+    x = torch.randn(2, 5, H)
+    probs = torch.softmax(gate(x), -1)
+    expected = sum(probs[..., e:e + 1] * experts[e](x) for e in range(E))
+    out = moe(x).output
+    assert out.shape == (2, 20, F_ // 4)
+    torch.testing.assert_close(out, expected.reshape(2, 20, F_ // 4), **TOL[torch.float32])
+
+
+def test_state_dict_round_trip_is_exact():
+    naive = NaiveMoE(8, 12, experts=3, top_k=2, activation="swiglu")
+    moe = MoE(8, 12, experts=3, top_k=2, activation="swiglu")
+    moe.load_state_dict(naive.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(moe.state_dict().values(), naive.state_dict().values()))
+    assert list(moe.state_dict()) == list(naive.state_dict())
+
+
+def test_jitter_only_in_training():
+    moe = MoE(8, 8, experts=4, top_k=1, jitter=0.5)
+    x = torch.randn(32, 8)
+    moe.eval()
+    assert torch.equal(moe(x).output, moe(x).output)
+
+
+BAD = [
+    (dict(top_k=0), "top_k"), (dict(top_k=5), "top_k"), (dict(activation="tanh"), "activation"),
+    (dict(experts=0), "experts"), (dict(split_tokens=3), "split_tokens"), (dict(jitter=-1.0), "jitter"),
+]
+
+
+@pytest.mark.parametrize("config,name", BAD)
+def test_bad_config(config, name):
+    with pytest.raises(ValueError, match=name):
+        MoE(8, 16, **{"experts": 4, **config})
+
+
+def test_bad_input():
+    moe = MoE(8, 16, experts=4, top_k=2)
+    with pytest.raises(ValueError, match="hidden size"):
+        moe(torch.randn(3, 7))
+    with pytest.raises(TypeError, match="x"):
+        moe(torch.ones(3, 8, dtype=torch.long))
+    with pytest.raises(RuntimeError):
+        moe.load_state_dict({"gate.weight": torch.zeros(4, 8), "w1": torch.zeros(4, 16, 9)}, strict=False)
