@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo")
+BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe")
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ EXPECTED = {
     "ctc": {"torch", "omnifast.ctc_loss", "omnifast.ctc_loss_with_logits"},
     "linear_ctc": {"torch", "omnifast.linear_ctc_loss"},
     "ctc_dpo": {"torch", "omnifast (sparse)", "torch -norm", "omnifast (dense) -norm"},
+    "moe": {"NaiveMoE", "omnifast.nn.MoE", "matmul lower bound"},
 }
 
 
