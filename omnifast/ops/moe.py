@@ -160,12 +160,15 @@ def unpermute(y_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
 
 
 def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activation: str = "relu") -> torch.Tensor:
-    """Every expert on every token as batched matmuls over stacked weights, then the gate-
-    weighted sum: sum_e probs[:, e] * MLP_e(x); (N, H) -> (N, O)."""
-    pre = torch.matmul(x, w1.transpose(1, 2))                          # (E, N, F')
-    if b1 is not None:
-        pre = pre + b1[:, None, :]
-    out = torch.matmul(_activate(pre, activation), w2.transpose(1, 2))  # (E, N, O)
+    """Every expert on every token, sum_e probs[:, e] * MLP_e(x), as two large GEMMs: the
+    first layers of all experts stacked into one (N, H) x (H, E F') product, the gate weights
+    folded into the hidden activations, and the second layers plus the weighted sum fused into
+    one (N, E F) x (E F, O) product. (N, H) -> (N, O)."""
+    E, width, H = w1.shape
+    pre = F.linear(x, w1.reshape(E * width, H), None if b1 is None else b1.reshape(-1))
+    hidden = _activate(pre.view(-1, E, width), activation)              # (N, E, F)
+    weighted = (hidden * probs.to(hidden.dtype)[..., None]).flatten(1)   # (N, E F)
+    out = F.linear(weighted, w2.permute(1, 0, 2).reshape(w2.shape[1], -1))
     if b2 is not None:
-        out = out + b2[:, None, :]
-    return torch.einsum("ne,eno->no", probs.to(out.dtype), out)
+        out = out + probs.to(b2.dtype) @ b2
+    return out

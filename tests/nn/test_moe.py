@@ -23,8 +23,11 @@ def check_against_naive(x, dtype=torch.float64, **config):
     torch.manual_seed(0)
     naive = NaiveMoE(**config).to(dtype)
     moe = MoE.from_naive(naive)
-    for a, b in zip(outputs_and_grads(moe, x.to(dtype)), outputs_and_grads(naive, x.to(dtype))):
-        torch.testing.assert_close(a, b, **TOL[dtype])
+    ours, reference = outputs_and_grads(moe, x.to(dtype)), outputs_and_grads(naive, x.to(dtype))
+    for i, (a, b) in enumerate(zip(ours, reference)):
+        # The router runs in float32, so the gradients of x (item 3) and of the gate weight (the
+        # last parameter) pass through it and carry float32 rounding even for float64 inputs.
+        torch.testing.assert_close(a, b, **TOL[torch.float32 if i in (3, len(ours) - 1) else dtype])
 
 
 @settings(max_examples=30)
