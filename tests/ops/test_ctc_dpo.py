@@ -181,6 +181,7 @@ def test_reference_cache_round_trip(tmp_path):
                  input_lengths=p["input_lengths"], chosen_lengths=p["chosen_lengths"],
                  rejected_lengths=p["rejected_lengths"])
     cache = ReferenceLogpCache.build(path, [batch], p["weight"], p["bias"], length_normalize=True)
+    assert len(cache) == 3 and path.exists()
     w, l = reference_logps(p["hidden"], p["weight"], p["bias"], p["chosen"], p["rejected"], p["input_lengths"],
                            p["chosen_lengths"], p["rejected_lengths"], length_normalize=True)
     log_probs = F.linear(p["hidden"], p["weight"], p["bias"]).log_softmax(-1).transpose(0, 1)
