@@ -14,23 +14,24 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import REDUCTIONS, CTCArgs, Lengths, check_choice, ctc_args
+from ._checks import REDUCTIONS, CTCArgs, Lengths, check_bool, check_choice, ctc_args
 from ._dispatch import choose_backend, ctc_kernel
 from ._reference import accumulation_dtype
 
 
-def _per_sequence_weight(args: CTCArgs, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    batch = args.inputs.shape[1]
+def reduction_weights(target_lengths: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
+    """Per-sequence weights that turn losses into the reduction: 1/(B * max(L, 1)) for mean
+    (each loss over its target length, then the batch average), 1 otherwise."""
     if reduction == "mean":
-        return 1.0 / (batch * args.target_lengths.clamp(min=1).to(dtype))
-    return torch.ones(batch, dtype=dtype, device=args.inputs.device)
+        return 1.0 / (target_lengths.numel() * target_lengths.clamp(min=1).to(dtype))
+    return torch.ones(target_lengths.numel(), dtype=dtype, device=target_lengths.device)
 
 
 class _CTCFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, args: CTCArgs, reduction, zero_infinity, from_logits, backend):
         acc = accumulation_dtype(inputs.dtype)
-        weight = _per_sequence_weight(args, reduction, acc)
+        weight = reduction_weights(args.target_lengths, reduction, acc)
         grad_scale = weight if ctx.needs_input_grad[0] else None
         nll, grad = ctc_kernel(backend)(
             args.inputs.contiguous(), args.targets, args.input_lengths, args.target_lengths,
@@ -59,8 +60,7 @@ def _ctc(inputs, targets, input_lengths, target_lengths, blank, reduction, zero_
          backend, from_logits, name):
     args = ctc_args(inputs, targets, input_lengths, target_lengths, blank, name=name)
     check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(zero_infinity, bool):
-        raise TypeError(f"zero_infinity must be a bool, got {type(zero_infinity).__name__}")
+    check_bool("zero_infinity", zero_infinity)
     chosen = choose_backend(inputs.device, backend)
     return _CTCFunction.apply(inputs, args, reduction, zero_infinity, from_logits, chosen)
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_int, check_tensor, ctc_targets
+from ._checks import check_bool, check_int, check_tensor, ctc_targets
 from ._dispatch import choose_backend, ctc_kernel
 from ._reference import accumulation_dtype
 from .linear_ctc import Scorer, check_chunk_frames, check_linear_head, make_target_set
@@ -242,8 +242,7 @@ def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"sft_weight must be a number >= 0, got {sft_weight!r}")
     for name, flag in (("length_normalize", length_normalize), ("zero_infinity", zero_infinity),
                        ("exact_rewards", exact_rewards)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        check_bool(name, flag)
     check_chunk_frames(chunk_frames)
     sets = []
     input_lengths_checked = None

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._checks import REDUCTIONS, check_choice, check_int, check_tensor, ctc_targets
+from ._checks import REDUCTIONS, check_bool, check_choice, check_int, check_tensor, ctc_targets
 from ._dispatch import choose_backend, linear_ctc_kernels
 from ._reference import accumulation_dtype, extended_labels
+from .ctc import reduction_weights
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MiB in float32
 
@@ -128,12 +129,6 @@ def check_chunk_frames(chunk_frames):
         raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
 
 
-def reduction_weights(lengths: torch.Tensor, reduction: str, dtype) -> torch.Tensor:
-    if reduction == "mean":
-        return 1.0 / (lengths.numel() * lengths.clamp(min=1).to(dtype))
-    return torch.ones(lengths.numel(), dtype=dtype, device=lengths.device)
-
-
 def _cast_grads(grads, tensors):
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, tensors))
 
@@ -210,8 +205,7 @@ def linear_ctc_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     targets, input_lengths, target_lengths = ctc_targets(
         targets, input_lengths, target_lengths, blank, T=T, B=B, C=V, device=hidden.device, name="hidden")
     check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(zero_infinity, bool):
-        raise TypeError(f"zero_infinity must be a bool, got {type(zero_infinity).__name__}")
+    check_bool("zero_infinity", zero_infinity)
     check_chunk_frames(chunk_frames)
     chosen = choose_backend(hidden.device, backend)
     return _LinearCTCFunction.apply(hidden, weight, bias, targets, input_lengths, target_lengths, blank,
