@@ -31,17 +31,30 @@ class Case:
     num_warps: int = 4  # as launched by the wrapper
 
 
+def _alpha_case(name: str, x_dtype: str, acc: str, from_logits: bool, gather: bool) -> Case:
+    return Case(name, ctc._ctc_alpha_kernel, {
+        "x_ptr": f"*{x_dtype}", "lse_ptr": f"*{acc}", "tgt_ptr": "*i32", "in_len_ptr": "*i32",
+        "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}", "alpha_ptr": f"*{acc}", "ll_ptr": f"*{acc}",
+        "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32", "blank": "i32",
+        "FROM_LOGITS": "constexpr", "BLOCK_S": "constexpr", "GATHER": "constexpr"},
+        {"FROM_LOGITS": from_logits, "BLOCK_S": 1024, "GATHER": gather}, num_warps=8)
+
+
+def _beta_case(name: str, acc: str, occupancy_out: bool) -> Case:
+    return Case(name, ctc._ctc_beta_grad_kernel, {
+        "tgt_ptr": "*i32", "in_len_ptr": "*i32", "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}",
+        "alpha_ptr": f"*{acc}", "beta_ptr": f"*{acc}", "ll_ptr": f"*{acc}", "scale_ptr": f"*{acc}",
+        "grad_ptr": f"*{acc}", "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32",
+        "blank": "i32", "BLOCK_S": "constexpr", "OCCUPANCY_OUT": "constexpr"},
+        {"BLOCK_S": 1024, "OCCUPANCY_OUT": occupancy_out}, num_warps=8)
+
+
 def _ctc_cases() -> List[Case]:
-    cases = []
+    cases = [_beta_case(f"ctc_beta_grad[{acc}]", acc, False) for acc in ("fp32", "fp64")]
     for dtype, acc in (("fp32", "fp32"), ("bf16", "fp32"), ("fp64", "fp64")):
         for from_logits in (False, True):
             tag = f"{dtype},{'logits' if from_logits else 'log_probs'}"
-            cases.append(Case(f"ctc_alpha[{tag}]", ctc._ctc_alpha_kernel, {
-                "x_ptr": f"*{dtype}", "lse_ptr": f"*{acc}", "tgt_ptr": "*i32", "in_len_ptr": "*i32",
-                "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}", "alpha_ptr": f"*{acc}", "ll_ptr": f"*{acc}",
-                "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32", "blank": "i32",
-                "FROM_LOGITS": "constexpr", "BLOCK_S": "constexpr", "GATHER": "constexpr"},
-                {"FROM_LOGITS": from_logits, "BLOCK_S": 1024, "GATHER": True}, num_warps=8))
+            cases.append(_alpha_case(f"ctc_alpha[{tag}]", dtype, acc, from_logits, gather=True))
             for zero_infinity in (False, True):
                 cases.append(Case(f"ctc_grad_init[{tag},zero_infinity={zero_infinity}]", ctc._ctc_grad_init_kernel, {
                     "x_ptr": f"*{dtype}", "lse_ptr": f"*{acc}", "in_len_ptr": "*i32", "ll_ptr": f"*{acc}",
@@ -51,14 +64,7 @@ def _ctc_cases() -> List[Case]:
         cases.append(Case(f"row_logsumexp[{dtype}]", ctc._row_logsumexp_kernel, {
             "x_ptr": f"*{dtype}", "lse_ptr": f"*{acc}", "in_len_ptr": "*i32", "B": "i32", "C": "i32",
             "BLOCK_C": "constexpr"}, {"BLOCK_C": 2048}))
-        cases.append(Case(f"ctc_beta_grad[{acc}]", ctc._ctc_beta_grad_kernel, {
-            "tgt_ptr": "*i32", "in_len_ptr": "*i32", "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}",
-            "alpha_ptr": f"*{acc}", "beta_ptr": f"*{acc}", "ll_ptr": f"*{acc}", "scale_ptr": f"*{acc}",
-            "grad_ptr": f"*{acc}", "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32",
-            "blank": "i32", "BLOCK_S": "constexpr", "OCCUPANCY_OUT": "constexpr"},
-            {"BLOCK_S": 1024, "OCCUPANCY_OUT": False}, num_warps=8))
-    unique = {case.name: case for case in cases}
-    return list(unique.values())
+    return cases
 
 
 def _linear_ctc_cases() -> List[Case]:
@@ -77,18 +83,8 @@ def _linear_ctc_cases() -> List[Case]:
             "grad_ptr": f"*{acc}", "in_len_ptr": "*i32", "poison_ptr": "*i8", "ext_ptr": "*i32",
             "tgt_len_ptr": "*i32", "occ_ptr": f"*{acc}", "coef_ptr": f"*{acc}", "ct": "i32", "V": "i32",
             "T": "i32", "S_max": "i32", "t0": "i32", "BLOCK_S": "constexpr"}, {"BLOCK_S": 1024}))
-        cases.append(Case(f"ctc_alpha[{acc},given_emissions]", ctc._ctc_alpha_kernel, {
-            "x_ptr": f"*{acc}", "lse_ptr": f"*{acc}", "tgt_ptr": "*i32", "in_len_ptr": "*i32",
-            "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}", "alpha_ptr": f"*{acc}", "ll_ptr": f"*{acc}",
-            "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32", "blank": "i32",
-            "FROM_LOGITS": "constexpr", "BLOCK_S": "constexpr", "GATHER": "constexpr"},
-            {"FROM_LOGITS": False, "BLOCK_S": 1024, "GATHER": False}, num_warps=8))
-        cases.append(Case(f"ctc_beta_grad[{acc},occupancy_out]", ctc._ctc_beta_grad_kernel, {
-            "tgt_ptr": "*i32", "in_len_ptr": "*i32", "tgt_len_ptr": "*i32", "emit_ptr": f"*{acc}",
-            "alpha_ptr": f"*{acc}", "beta_ptr": f"*{acc}", "ll_ptr": f"*{acc}", "scale_ptr": f"*{acc}",
-            "grad_ptr": f"*{acc}", "T": "i32", "B": "i32", "C": "i32", "tgt_width": "i32", "S_max": "i32",
-            "blank": "i32", "BLOCK_S": "constexpr", "OCCUPANCY_OUT": "constexpr"},
-            {"BLOCK_S": 1024, "OCCUPANCY_OUT": True}, num_warps=8))
+        cases.append(_alpha_case(f"ctc_alpha[{acc},given_emissions]", acc, acc, False, gather=False))
+        cases.append(_beta_case(f"ctc_beta_grad[{acc},occupancy_out]", acc, True))
     return cases
 
 

@@ -207,7 +207,7 @@ class _CTCDPOFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused):
         grads = tuple(None if g is None else (g if bool(grad_loss == 1) else g * grad_loss.to(g.dtype))
                       for g in ctx.grads)
-        return grads + (None,) * 14
+        return grads + (None,) * 13
 
 
 def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
