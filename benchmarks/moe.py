@@ -1,9 +1,9 @@
 """MoE benchmark: forward + backward of one MoE layer (output, input, weight and gate gradients).
 
 ``NaiveMoE`` (per-expert loop with masks and index_add) against ``omnifast.nn.MoE``, and the
-lower bound: the same expert matmuls on pre-sorted contiguous inputs, timed alone. Cases:
-OpenOmni's dense 4-expert layer and an 8-expert top-2 layer, float32. Run
-``python -m omnifast.benchmarks.moe``."""
+lower bound: the same expert matmuls on pre-sorted contiguous inputs, timed alone. On CUDA,
+megablocks' dMoE too when it is installed. Cases: OpenOmni's dense 4-expert layer and an
+8-expert top-2 layer, float32. Run ``python -m omnifast.benchmarks.moe``."""
 from __future__ import annotations
 
 import sys
@@ -48,7 +48,30 @@ def implementations(inputs, device):
         w1, b1, w2, b2 = (w.requires_grad_() for w in weights)
         moe_ops.expert_mlp(z, offsets, w1, b1, w2, b2, moe.activation).sum().backward()
 
-    return {"NaiveMoE": step(naive), "omnifast.nn.MoE": step(moe), "matmul lower bound": lower_bound}
+    impls = {"NaiveMoE": step(naive), "omnifast.nn.MoE": step(moe), "matmul lower bound": lower_bound}
+    dmoe = _megablocks_dmoe(moe, x.device)
+    if dmoe is not None:
+        def megablocks():
+            z = x.detach().view(x.shape[0], 1, -1).requires_grad_()
+            dmoe.zero_grad(set_to_none=True)
+            dmoe(z)[0].sum().backward()
+        impls["megablocks dMoE"] = megablocks
+    return impls
+
+
+def _megablocks_dmoe(moe: MoE, device: torch.device):
+    """megablocks' dropless MoE of the same size, when on CUDA with megablocks installed."""
+    if device.type != "cuda" or moe.out != moe.hidden:
+        return None
+    try:
+        from megablocks.layers.arguments import Arguments
+        from megablocks.layers.dmoe import dMoE
+    except ImportError:
+        return None
+    args = Arguments(hidden_size=moe.hidden, ffn_hidden_size=moe.ffn, moe_num_experts=moe.experts,
+                     moe_top_k=moe.top_k or moe.experts, mlp_impl="grouped", activation_fn=torch.relu,
+                     device=device)
+    return dMoE(args)
 
 
 BENCHMARK = Benchmark(

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "ctc.h"
+#include "moe.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "omnifast C++ CPU kernels";
@@ -19,4 +20,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("input_lengths"), py::arg("softmax_coef"), py::arg("exts"), py::arg("target_lengths"),
         py::arg("occupancies"), py::arg("coefs"), py::arg("poison"),
         "overwrite a logits chunk with softmax * coef - sum_k coef_k * occupancy_k");
+  m.def("moe_route", &omnifast::moe_route, py::arg("logits"), py::arg("top_k"), py::arg("normalize"),
+        "top-k routing from float32 gate logits: probs, weights, experts, lse, counts, offsets, order, position");
+  m.def("moe_unpermute", &omnifast::moe_unpermute, py::arg("y"), py::arg("position"), py::arg("weights"),
+        py::arg("top_k"), "weighted combine of each token's top_k expert rows, by gather");
+  m.def("moe_unpermute_backward", &omnifast::moe_unpermute_backward, py::arg("grad_out"), py::arg("y"),
+        py::arg("position"), py::arg("weights"), py::arg("top_k"), py::arg("want_weight_grad"),
+        "gradients of moe_unpermute w.r.t. the expert rows and the weights");
 }

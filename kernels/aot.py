@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import ctc, linear_ctc
+from . import ctc, linear_ctc, moe
 
 
 @dataclass
@@ -88,8 +88,49 @@ def _linear_ctc_cases() -> List[Case]:
     return cases
 
 
+def _moe_cases() -> List[Case]:
+    cases = []
+    for normalize in (False, True):
+        cases.append(Case(f"moe_route[top_k=2,normalize={normalize}]", moe._route_kernel, {
+            "logits_ptr": "*fp32", "probs_ptr": "*fp32", "weights_ptr": "*fp32", "experts_ptr": "*i64",
+            "lse_ptr": "*fp32", "N": "i32", "E": "i32", "TOP_K": "constexpr", "NORMALIZE": "constexpr",
+            "BLOCK_N": "constexpr", "BLOCK_E": "constexpr"},
+            {"TOP_K": 2, "NORMALIZE": normalize, "BLOCK_N": 128, "BLOCK_E": 32}))
+    cases.append(Case("moe_sort_slots", moe._sort_slots_kernel, {
+        "experts_ptr": "*i64", "counts_ptr": "*i64", "offsets_ptr": "*i64", "order_ptr": "*i64",
+        "position_ptr": "*i64", "slots": "i32", "E": "i32", "BLOCK": "constexpr", "BLOCK_E": "constexpr"},
+        {"BLOCK": 512, "BLOCK_E": 32}))
+    for dtype in ("fp32", "bf16"):
+        for weighted in (False, True):
+            cases.append(Case(f"moe_unpermute[{dtype},weights={weighted}]", moe._unpermute_kernel, {
+                "y_ptr": f"*{dtype}", "position_ptr": "*i64", "weights_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                "O": "i32", "TOP_K": "constexpr", "HAS_WEIGHTS": "constexpr", "BLOCK_O": "constexpr"},
+                {"TOP_K": 2, "HAS_WEIGHTS": weighted, "BLOCK_O": 1024}))
+        cases.append(Case(f"moe_unpermute_backward[{dtype}]", moe._unpermute_backward_kernel, {
+            "grad_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "position_ptr": "*i64", "weights_ptr": "*fp32",
+            "grad_y_ptr": f"*{dtype}", "grad_w_ptr": "*fp32", "O": "i32", "TOP_K": "constexpr",
+            "HAS_WEIGHTS": "constexpr", "WEIGHT_GRAD": "constexpr", "BLOCK_O": "constexpr"},
+            {"TOP_K": 2, "HAS_WEIGHTS": True, "WEIGHT_GRAD": True, "BLOCK_O": 1024}))
+        precision = "tf32" if dtype == "fp32" else "ieee"
+        cases.append(Case(f"moe_grouped_mm[{dtype},{precision}]", moe._grouped_mm_kernel, {
+            "x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
+            "tile_expert_ptr": "*i64", "tile_row_ptr": "*i64", "offsets_ptr": "*i64", "N": "i32", "K": "i32",
+            "stride_we": "i32",
+            "stride_wn": "i32", "stride_wk": "i32", "HAS_BIAS": "constexpr", "PRECISION": "constexpr",
+            "DOT_F32": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            {"HAS_BIAS": True, "PRECISION": precision, "DOT_F32": False, "BLOCK_M": 64, "BLOCK_N": 64,
+             "BLOCK_K": 32}))
+        cases.append(Case(f"moe_grouped_weight_grad[{dtype},{precision}]", moe._grouped_weight_grad_kernel, {
+            "g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "grad_w_ptr": f"*{dtype}", "grad_b_ptr": f"*{dtype}",
+            "offsets_ptr": "*i64", "N": "i32", "K": "i32", "BIAS_GRAD": "constexpr", "PRECISION": "constexpr",
+            "DOT_F32": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"},
+            {"BIAS_GRAD": True, "PRECISION": precision, "DOT_F32": False, "BLOCK_M": 32, "BLOCK_N": 64,
+             "BLOCK_K": 64}))
+    return cases
+
+
 def all_cases() -> List[Case]:
-    return _ctc_cases() + _linear_ctc_cases()
+    return _ctc_cases() + _linear_ctc_cases() + _moe_cases()
 
 
 def _resource_usage(cubin: bytes) -> Dict[str, int]:

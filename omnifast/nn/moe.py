@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from omnifast.ops import moe as moe_ops
 from omnifast.ops._checks import check_choice, check_tensor
+from omnifast.ops._dispatch import BACKENDS
 
 
 @dataclass
@@ -32,7 +33,7 @@ class _MoEBase(torch.nn.Module):
     def __init__(self, hidden: int, ffn: int, out: Optional[int] = None, experts: int = 4,
                  top_k: Optional[int] = None, normalize_topk: bool = True, activation: str = "relu",
                  bias: bool = True, jitter: float = 0.0, balance_weight: float = 0.0, z_weight: float = 0.0,
-                 split_tokens: int = 1):
+                 split_tokens: int = 1, backend: Optional[str] = None):
         super().__init__()
         out = hidden if out is None else out
         for name, value in (("hidden", hidden), ("ffn", ffn), ("out", out), ("experts", experts),
@@ -46,6 +47,9 @@ class _MoEBase(torch.nn.Module):
             raise ValueError(f"split_tokens={split_tokens} must divide the output size {out}")
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
+        if backend is not None:
+            check_choice("backend", backend, BACKENDS)
+        self.backend = backend
         self.hidden, self.ffn, self.out, self.experts = hidden, ffn, out, experts
         self.top_k, self.normalize_topk, self.activation = top_k, normalize_topk, activation
         self.jitter, self.balance_weight, self.z_weight, self.split_tokens = jitter, balance_weight, z_weight, split_tokens
@@ -65,16 +69,31 @@ class _MoEBase(torch.nn.Module):
             if b is not None:
                 torch.nn.init.uniform_(b, -bound, bound)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A clear error naming the tensor and the config it disagrees with, instead of the
+        # generic size-mismatch message.
+        for name, param in self.named_parameters(recurse=True):
+            key = prefix + name
+            if key in state_dict and tuple(state_dict[key].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{key} has shape {tuple(state_dict[key].shape)}, but this MoE (hidden={self.hidden}, "
+                    f"ffn={self.ffn}, out={self.out}, experts={self.experts}, activation={self.activation!r}) "
+                    f"expects {tuple(param.shape)}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def _check_input(self, x: torch.Tensor) -> None:
         check_tensor("x", x, floating=True)
         if x.shape[-1] != self.hidden:
             raise ValueError(f"x must end in the hidden size {self.hidden}, got shape {tuple(x.shape)}")
 
-    def _routing(self, flat: torch.Tensor) -> moe_ops.Routing:
+    def _routing(self, flat: torch.Tensor, backend: Optional[str]) -> moe_ops.Routing:
         gate_input = flat
         if self.training and self.jitter > 0:
             gate_input = flat * torch.empty_like(flat).uniform_(1 - self.jitter, 1 + self.jitter)
-        return moe_ops.route(gate_input, self.gate.weight, self.top_k, normalize=self.normalize_topk)
+        return moe_ops.route(gate_input, self.gate.weight, self.top_k, normalize=self.normalize_topk,
+                             backend=backend)
 
     def _finish(self, x, y, routing) -> MoEOutput:
         y = y.reshape(*x.shape[:-1], self.out)
@@ -105,7 +124,7 @@ class NaiveMoE(_MoEBase):
     def forward(self, x: torch.Tensor) -> MoEOutput:
         self._check_input(x)
         flat = x.reshape(-1, self.hidden)
-        routing = self._routing(flat)
+        routing = self._routing(flat, "torch")
         y = flat.new_zeros(flat.shape[0], self.out)
         for e in range(self.experts):
             hit = routing.experts == e                          # (N, k)
@@ -123,24 +142,25 @@ class MoE(_MoEBase):
     """Mixture of experts: dense (``top_k=None``: every expert on every token, a dense softmax
     gate, as OpenOmni) or dropless top-k with optional renormalisation; activation relu, gelu,
     silu or swiglu; Switch balance loss and router z-loss (float32) returned with the output;
-    ``split_tokens`` splits the output width into that many tokens (OpenOmni: 4)."""
+    ``split_tokens`` splits the output width into that many tokens (OpenOmni: 4); ``backend``
+    picks the kernels (None: by device, see ``omnifast.ops.moe``)."""
 
     @classmethod
-    def from_naive(cls, naive: NaiveMoE) -> "MoE":
+    def from_naive(cls, naive: NaiveMoE, backend: Optional[str] = None) -> "MoE":
         moe = cls(naive.hidden, naive.ffn, naive.out, naive.experts, naive.top_k, naive.normalize_topk,
                   naive.activation, naive.b1 is not None, naive.jitter, naive.balance_weight, naive.z_weight,
-                  naive.split_tokens)
+                  naive.split_tokens, backend)
         moe.load_state_dict(naive.state_dict())
         return moe.to(naive.w1.device, naive.w1.dtype)
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         self._check_input(x)
         flat = x.reshape(-1, self.hidden)
-        routing = self._routing(flat)
+        routing = self._routing(flat, self.backend)
         if self.top_k is None:
             y = moe_ops.dense_experts(flat, routing.probs, *self.expert_parameters(), self.activation)
         else:
             y_sorted = moe_ops.expert_mlp(moe_ops.permute(flat, routing), routing.offsets, self.w1, self.b1,
-                                          self.w2, self.b2, self.activation)
+                                          self.w2, self.b2, self.activation, backend=routing.backend)
             y = moe_ops.unpermute(y_sorted, routing)
         return self._finish(x, y, routing)

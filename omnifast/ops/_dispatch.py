@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -109,3 +110,17 @@ def linear_ctc_kernels(backend: str):
         return linear_ctc
     from . import _reference
     return _reference
+
+
+def moe_kernels(backend: str):
+    """``route``, ``unpermute`` and ``unpermute_backward`` (and on triton ``grouped_mm`` and
+    ``grouped_weight_grad``), with the contracts of ``_reference.moe_route`` / ``moe_unpermute``."""
+    if backend == "cpu":
+        ext = require_cpu_extension()
+        return SimpleNamespace(route=ext.moe_route, unpermute=ext.moe_unpermute,
+                               unpermute_backward=ext.moe_unpermute_backward)
+    if backend == "triton":
+        from omnifast.kernels import moe
+        return moe
+    from . import _reference
+    return SimpleNamespace(route=_reference.moe_route, unpermute=_reference.moe_unpermute)

@@ -176,3 +176,39 @@ def chunk_grad(logits, lse, t0, input_lengths, softmax_coef, exts, target_length
     live = (t0 + torch.arange(ct, device=logits.device))[None, :] < input_lengths[:, None]
     grad = torch.where(poison[:, None, None], float("nan"), grad)
     logits.copy_(torch.where(live[..., None], grad, 0.0))
+
+
+# --- MoE routing and combine ---
+
+def moe_route(logits: torch.Tensor, top_k: int, normalize: bool):
+    """Top-k routing from float32 logits (N, E), autograd through probs, weights and lse:
+    (probs, weights, experts, lse, counts, offsets, order, position). The contract of the
+    MoE kernels' ``route``."""
+    E = logits.shape[1]
+    probs = torch.softmax(logits, -1)
+    experts = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    weights = probs.gather(1, experts)
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    flat = experts.reshape(-1)
+    counts = torch.bincount(flat, minlength=E)
+    offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
+    order = torch.sort(flat, stable=True).indices
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=logits.device)
+    return probs, weights, experts, torch.logsumexp(logits, -1), counts, offsets, order, position
+
+
+def _route_kernel(backend: str):
+    if backend == "cpu":
+        return require_cpu_extension().moe_route
+    from omnifast.kernels import moe
+    return moe.route
+
+
+def moe_unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.Tensor], top_k: int) -> torch.Tensor:
+    """out[n] = sum_j weights[n, j] * y[position[n * top_k + j]] (weights 1 when None), by gather."""
+    gathered = y[position].view(position.numel() // top_k, top_k, -1)
+    if weights is None:
+        return gathered.sum(1)
+    return torch.einsum("nk,nko->no", weights.to(gathered.dtype), gathered)

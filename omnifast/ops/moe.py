@@ -4,13 +4,18 @@ Parameters are stacked per expert in ``nn.Linear``'s (out, in) convention: ``w1`
 with F' = F (or 2F for swiglu: gate rows first, then up rows), ``b1`` (E, F'), ``w2`` (E, O, F),
 ``b2`` (E, O).
 
-Sparse (top-k, dropless) flow: :func:`route` -> permute the token slots so each expert's are
-contiguous -> :func:`expert_mlp` over the segments -> :func:`unpermute` (weighted combine by
+Sparse (top-k, dropless) flow: :func:`route` -> :func:`permute` the token slots so each expert's
+are contiguous -> :func:`expert_mlp` over the segments -> :func:`unpermute` (weighted combine by
 gather, deterministic). Dense flow (every expert on every token, OpenOmni):
 :func:`dense_experts`, each expert over all tokens and the gate-weighted sum.
 
-This module currently holds the torch implementation only; the C++ and Triton backends of
-issue 4 are not written yet.
+Backends (``backend=`` / ``OMNIFAST_BACKEND``, as for every op): ``torch`` is the readable
+reference, autograd throughout. ``cpu`` runs routing (softmax, top-k, counting sort) and the
+combine in C++ kernels and the expert matmuls one per segment. ``triton`` runs all of it in
+Triton kernels, grouped GEMM included, without reading anything back to the host. The gate's
+own matmul stays ``F.linear`` on every backend, and the routing gradient is a closed form over
+the (N, E) probabilities. Dense routing and :func:`dense_experts` are a softmax and E dense
+matmuls, so they are the same torch code on every backend.
 """
 from __future__ import annotations
 
@@ -20,6 +25,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from ._checks import check_int, check_tensor
+from . import _reference
+from ._dispatch import choose_backend, moe_kernels
 
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 
@@ -31,7 +40,8 @@ class Routing:
     probs (N, E) float32 softmax of the gate; weights (N, k) float32 combine weights (carry the
     gradient to the gate); experts (N, k) int64; counts (E,) slots per expert; offsets (E + 1,)
     segment starts in expert order; order (N * k,) slot ids (n * k + j) sorted by expert, stable;
-    position (N * k,) the inverse: where each slot landed; balance_loss and z_loss float32."""
+    position (N * k,) the inverse: where each slot landed; balance_loss and z_loss float32;
+    backend: where the permute / combine of this routing run."""
     probs: torch.Tensor
     weights: torch.Tensor
     experts: torch.Tensor
@@ -41,42 +51,83 @@ class Routing:
     position: torch.Tensor
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
+    backend: str = "torch"
 
     @property
     def top_k(self) -> int:
         return self.experts.shape[1]
 
 
+def _route_kernel(backend: str):
+    return moe_kernels(backend).route
+
+
+class _Route(torch.autograd.Function):
+    """Kernel routing; the gradient to the logits in closed form from probs, weights, experts."""
+
+    @staticmethod
+    def forward(ctx, logits, top_k, normalize, backend):
+        probs, weights, experts, lse, *index = _route_kernel(backend)(logits, top_k, normalize)
+        ctx.save_for_backward(probs, weights, experts)
+        ctx.normalize = normalize
+        ctx.mark_non_differentiable(experts, *index)
+        return (probs, weights, lse, experts, *index)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_probs, grad_weights, grad_lse, *_):
+        probs, weights, experts = ctx.saved_tensors
+        grad_p = torch.zeros_like(probs) if grad_probs is None else grad_probs.float().clone()
+        if grad_weights is not None:
+            grad_w = grad_weights.float()
+            if ctx.normalize:  # w_j = p_j / s: dL/dp_j = (g_j - sum_i g_i w_i) / s
+                chosen = probs.gather(1, experts).sum(-1, keepdim=True)
+                grad_w = (grad_w - (grad_w * weights).sum(-1, keepdim=True)) / chosen
+            grad_p.scatter_add_(1, experts, grad_w)
+        grad_logits = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))
+        if grad_lse is not None:
+            grad_logits += grad_lse.float()[:, None] * probs
+        return grad_logits, None, None, None
+
+
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = None, *,
-          gate_bias: Optional[torch.Tensor] = None, normalize: bool = True) -> Routing:
+          gate_bias: Optional[torch.Tensor] = None, normalize: bool = True,
+          backend: Optional[str] = None) -> Routing:
     """Route tokens ``x`` (N, H) with a linear gate (E, H): float32 softmax, top-k with stable
     tie-breaking (the lower expert index wins), optional renormalisation of the k weights, the
     per-expert counts and the permutation that sorts slots by expert, the Switch load-balancing
     loss E * sum_i f_i P_i (f_i counted over N x k slots) and the router z-loss
     mean(logsumexp(logits)^2). ``top_k=None``: dense, every expert on every token."""
-    E = gate_weight.shape[0]
+    check_tensor("x", x, floating=True)
+    check_tensor("gate_weight", gate_weight, floating=True)
+    if x.dim() != 2 or gate_weight.dim() != 2 or gate_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"x must be (N, H) and gate_weight (E, H) with the same H, got {tuple(x.shape)} "
+                         f"and {tuple(gate_weight.shape)}")
+    E, N = gate_weight.shape[0], x.shape[0]
+    if top_k is not None:
+        check_int("top_k", top_k)
+        if not 1 <= top_k <= E:
+            raise ValueError(f"top_k must be None (dense) or in [1, {E}] (the number of experts), got {top_k}")
+    backend = choose_backend(x.device, backend)
     logits = F.linear(x.float(), gate_weight.float(), None if gate_bias is None else gate_bias.float())
-    probs = torch.softmax(logits, -1)
-    N = x.shape[0]
     if top_k is None:
+        probs, lse = torch.softmax(logits, -1), torch.logsumexp(logits, -1)
         experts = torch.arange(E, device=x.device).expand(N, E)
+        counts = torch.full((E,), N, dtype=torch.int64, device=x.device)
+        offsets = torch.arange(E + 1, device=x.device) * N
+        slots = torch.arange(N * E, device=x.device)
+        order = slots.view(N, E).t().reshape(-1)
+        position = slots.view(E, N).t().reshape(-1)
         weights = probs
+    elif backend == "torch":
+        probs, weights, experts, lse, counts, offsets, order, position = _reference.moe_route(logits, top_k, normalize)
     else:
-        experts = torch.sort(probs.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
-        weights = probs.gather(1, experts)
-        if normalize:
-            weights = weights / weights.sum(-1, keepdim=True)
+        probs, weights, lse, experts, counts, offsets, order, position = _Route.apply(logits, top_k, normalize, backend)
     k = experts.shape[1]
-    flat = experts.reshape(-1)
-    counts = torch.bincount(flat, minlength=E)
-    offsets = F.pad(torch.cumsum(counts, 0), (1, 0))
-    order = torch.sort(flat, stable=True).indices
-    position = torch.empty_like(order)
-    position[order] = torch.arange(order.numel(), device=x.device)
     fraction = counts.float() / max(N * k, 1)
     balance = E * (fraction * probs.mean(0)).sum() if N else logits.new_zeros(())
-    z_loss = torch.logsumexp(logits, -1).pow(2).mean() if N else logits.new_zeros(())
-    return Routing(probs, weights, experts, counts, offsets, order, position, balance, z_loss)
+    z_loss = lse.pow(2).mean() if N else logits.new_zeros(())
+    return Routing(probs, weights, experts, counts, offsets, order, position, balance, z_loss, backend)
 
 
 def _activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
@@ -95,68 +146,157 @@ def _activate_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -
 
 class _ExpertMLP(torch.autograd.Function):
     """Grouped MLP over contiguous expert segments: one matmul per non-empty segment, into
-    preallocated buffers, no masks."""
+    preallocated buffers, no masks. For relu only the activation is saved (its sign gives the
+    backward); for the others only the pre-activation, and the activation is recomputed."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, segments, activation):
         M = x.shape[0]
         pre = x.new_empty(M, w1.shape[1])
-        hidden = x.new_empty(M, w2.shape[2])
         out = x.new_empty(M, w2.shape[1])
         for e, start, end in segments:
-            torch.mm(x[start:end], w1[e].t(), out=pre[start:end])
+            pre_e = torch.mm(x[start:end], w1[e].t(), out=pre[start:end])
             if b1 is not None:
-                pre[start:end] += b1[e]
-            hidden[start:end] = _activate(pre[start:end], activation)
-            torch.mm(hidden[start:end], w2[e].t(), out=out[start:end])
+                pre_e += b1[e]
+            if activation == "relu":
+                hidden_e = pre_e.clamp_min_(0)
+            else:
+                hidden_e = _activate(pre_e, activation)
+            torch.mm(hidden_e, w2[e].t(), out=out[start:end])
             if b2 is not None:
                 out[start:end] += b2[e]
-        ctx.save_for_backward(x, w1, w2, pre, hidden)
+        ctx.save_for_backward(x, w1, w2, pre)
         ctx.segments, ctx.activation, ctx.has_bias = segments, activation, (b1 is not None, b2 is not None)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, w1, w2, pre, hidden = ctx.saved_tensors
-        grad_x = torch.zeros_like(x)
-        grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        grad_b1 = x.new_zeros(w1.shape[:2]) if ctx.has_bias[0] else None
-        grad_b2 = x.new_zeros(w2.shape[:2]) if ctx.has_bias[1] else None
+        x, w1, w2, saved = ctx.saved_tensors
+        grad_x = torch.empty_like(x)
+        grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
+        grad_b1 = x.new_empty(w1.shape[:2]) if ctx.has_bias[0] else None
+        grad_b2 = x.new_empty(w2.shape[:2]) if ctx.has_bias[1] else None
+        for grad in (grad_w1, grad_w2, grad_b1, grad_b2):  # experts without tokens get zeros
+            if grad is not None:
+                grad[[e for e in range(w1.shape[0]) if e not in {s[0] for s in ctx.segments}]] = 0
         grad_out = grad_out.contiguous()
         for e, start, end in ctx.segments:
             g = grad_out[start:end]
-            torch.mm(g.t(), hidden[start:end], out=grad_w2[e])
+            if ctx.activation == "relu":
+                hidden = saved[start:end]
+            else:
+                hidden = _activate(saved[start:end], ctx.activation)
+            torch.mm(hidden.t(), g, out=grad_w2[e].t())
             if grad_b2 is not None:
                 grad_b2[e] = g.sum(0)
-            g_pre = _activate_backward(g @ w2[e], pre[start:end], ctx.activation)
-            torch.mm(g_pre.t(), x[start:end], out=grad_w1[e])
+            g_hidden = g @ w2[e]
+            if ctx.activation == "relu":
+                g_pre = g_hidden.masked_fill_(hidden <= 0, 0)
+            else:
+                g_pre = _activate_backward(g_hidden, saved[start:end], ctx.activation)
+            torch.mm(x[start:end].t(), g_pre, out=grad_w1[e].t())
             if grad_b1 is not None:
                 grad_b1[e] = g_pre.sum(0)
             torch.mm(g_pre, w1[e], out=grad_x[start:end])
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
+class _GroupedExpertMLP(torch.autograd.Function):
+    """Grouped MLP on the Triton grouped GEMM: the segment bounds stay on the device. The
+    activation is recomputed from ``pre`` in the backward instead of being saved."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, offsets, activation):
+        kernels = moe_kernels("triton")
+        pre = kernels.grouped_mm(x, w1, b1, offsets)
+        out = kernels.grouped_mm(_activate(pre, activation), w2, b2, offsets)
+        ctx.save_for_backward(x, w1, w2, pre, offsets)
+        ctx.activation, ctx.has_bias = activation, (b1 is not None, b2 is not None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        kernels = moe_kernels("triton")
+        x, w1, w2, pre, offsets = ctx.saved_tensors
+        E = w1.shape[0]
+        grad_w2, grad_b2 = kernels.grouped_weight_grad(grad_out, _activate(pre, ctx.activation), offsets, E,
+                                                       ctx.has_bias[1])
+        grad_pre = _activate_backward(kernels.grouped_mm(grad_out, w2, None, offsets, transpose=False), pre,
+                                      ctx.activation)
+        grad_w1, grad_b1 = kernels.grouped_weight_grad(grad_pre, x, offsets, E, ctx.has_bias[0])
+        grad_x = kernels.grouped_mm(grad_pre, w1, None, offsets, transpose=False)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
 def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-               w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str = "relu") -> torch.Tensor:
+               w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str = "relu",
+               backend: Optional[str] = None) -> torch.Tensor:
     """Each expert's MLP act(x @ w1[e].T + b1[e]) @ w2[e].T + b2[e] on its contiguous segment
-    ``x_sorted[offsets[e]:offsets[e + 1]]``; (M, H) -> (M, O)."""
+    ``x_sorted[offsets[e]:offsets[e + 1]]``; (M, H) -> (M, O), with offsets[-1] == M. The
+    Triton grouped GEMM takes float32 / bfloat16 / float16; float64 runs one matmul per segment."""
+    if choose_backend(x_sorted.device, backend) == "triton" and x_sorted.dtype != torch.float64:
+        return _GroupedExpertMLP.apply(x_sorted, w1, b1, w2, b2, offsets, activation)
     bounds = offsets.tolist()
     segments = [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
     return _ExpertMLP.apply(x_sorted, w1, b1, w2, b2, segments, activation)
 
 
+def _combine_kernels(backend: str):
+    kernels = moe_kernels(backend)
+    return kernels.unpermute, kernels.unpermute_backward
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weights, position, top_k, backend):
+        forward, _ = _combine_kernels(backend)
+        ctx.save_for_backward(y, weights, position)
+        ctx.top_k, ctx.backend = top_k, backend
+        return forward(y, position, weights, top_k)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        y, weights, position = ctx.saved_tensors
+        _, backward = _combine_kernels(ctx.backend)
+        grad_y, grad_w = backward(grad_out, y, position, weights, ctx.top_k, ctx.needs_input_grad[1])
+        return grad_y, grad_w, None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """Gather token rows into slot order; the backward sums each token's k slot gradients by
+    gather (the combine with unit weights), so it needs no atomics either."""
+
+    @staticmethod
+    def forward(ctx, x, order, position, top_k, backend):
+        ctx.save_for_backward(position)
+        ctx.top_k, ctx.backend = top_k, backend
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sorted):
+        (position,) = ctx.saved_tensors
+        forward, _ = _combine_kernels(ctx.backend)
+        return forward(grad_sorted.contiguous(), position, None, ctx.top_k), None, None, None, None
+
+
 def permute(x: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Token rows in expert order, one per slot: (N, H) -> (N * k, H)."""
-    return x[routing.order // routing.top_k]
+    if routing.backend == "torch":
+        return x[routing.order // routing.top_k]
+    return _Permute.apply(x, routing.order, routing.position, routing.top_k, routing.backend)
 
 
 def unpermute(y_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
     """Weighted combine of each token's k expert outputs, by gather (no atomics, deterministic):
-    (N * k, O) -> (N, O), differentiable w.r.t. the outputs and the routing weights."""
+    (N * k, O) -> (N, O), differentiable w.r.t. the outputs and the routing weights (float32)."""
     N, k = routing.experts.shape
-    gathered = y_sorted[routing.position].view(N, k, -1)
-    return torch.einsum("nk,nko->no", routing.weights.to(gathered.dtype), gathered)
+    if routing.backend == "torch":
+        return _reference.moe_unpermute(y_sorted, routing.position, routing.weights, k)
+    return _Unpermute.apply(y_sorted, routing.weights.contiguous(), routing.position, k, routing.backend)
 
 
 def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activation: str = "relu") -> torch.Tensor:
