@@ -33,7 +33,7 @@ class _MoEBase(torch.nn.Module):
     def __init__(self, hidden: int, ffn: int, out: Optional[int] = None, experts: int = 4,
                  top_k: Optional[int] = None, normalize_topk: bool = True, activation: str = "relu",
                  bias: bool = True, jitter: float = 0.0, balance_weight: float = 0.0, z_weight: float = 0.0,
-                 split_tokens: int = 1, backend: Optional[str] = None):
+                 split_tokens: int = 1, backend: Optional[str] = None, gate_bias: bool = False):
         super().__init__()
         out = hidden if out is None else out
         for name, value in (("hidden", hidden), ("ffn", ffn), ("out", out), ("experts", experts),
@@ -54,7 +54,7 @@ class _MoEBase(torch.nn.Module):
         self.top_k, self.normalize_topk, self.activation = top_k, normalize_topk, activation
         self.jitter, self.balance_weight, self.z_weight, self.split_tokens = jitter, balance_weight, z_weight, split_tokens
         width = 2 * ffn if activation == "swiglu" else ffn
-        self.gate = torch.nn.Linear(hidden, experts, bias=False)
+        self.gate = torch.nn.Linear(hidden, experts, bias=gate_bias)
         self.w1 = torch.nn.Parameter(torch.empty(experts, width, hidden))
         self.w2 = torch.nn.Parameter(torch.empty(experts, out, ffn))
         self.b1 = torch.nn.Parameter(torch.empty(experts, width)) if bias else None
@@ -92,8 +92,8 @@ class _MoEBase(torch.nn.Module):
         gate_input = flat
         if self.training and self.jitter > 0:
             gate_input = flat * torch.empty_like(flat).uniform_(1 - self.jitter, 1 + self.jitter)
-        return moe_ops.route(gate_input, self.gate.weight, self.top_k, normalize=self.normalize_topk,
-                             backend=backend)
+        return moe_ops.route(gate_input, self.gate.weight, self.top_k, gate_bias=self.gate.bias,
+                             normalize=self.normalize_topk, backend=backend)
 
     def _finish(self, x, y, routing) -> MoEOutput:
         y = y.reshape(*x.shape[:-1], self.out)
@@ -107,11 +107,12 @@ class _MoEBase(torch.nn.Module):
         return self.w1, self.b1, self.w2, self.b2
 
     def load_openomni_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
-        """Load an OpenOmni-style stack: ``gate.weight`` (E, H) and ``experts.{e}.0.weight/bias``,
-        ``experts.{e}.2.weight/bias`` (Sequential(Linear, ReLU, Linear)) per expert."""
+        """Load an OpenOmni-style stack: ``gate.weight`` (E, H) (and ``gate.bias`` with
+        ``gate_bias=True``) and ``experts.{e}.0.weight/bias``, ``experts.{e}.2.weight/bias``
+        (Sequential(Linear, ReLU, Linear)) per expert."""
         if self.top_k is not None or self.activation != "relu":
             raise ValueError("an OpenOmni expert stack loads into a dense (top_k=None) relu MoE")
-        stacked = {"gate.weight": state_dict["gate.weight"]}
+        stacked = {key: state_dict[key] for key in ("gate.weight", "gate.bias") if key in state_dict}
         for ours, theirs in (("w1", "0.weight"), ("b1", "0.bias"), ("w2", "2.weight"), ("b2", "2.bias")):
             stacked[ours] = torch.stack([state_dict[f"experts.{e}.{theirs}"] for e in range(self.experts)])
         self.load_state_dict(stacked)
@@ -143,13 +144,14 @@ class MoE(_MoEBase):
     gate, as OpenOmni) or dropless top-k with optional renormalisation; activation relu, gelu,
     silu or swiglu; Switch balance loss and router z-loss (float32) returned with the output;
     ``split_tokens`` splits the output width into that many tokens (OpenOmni: 4); ``backend``
-    picks the kernels (None: by device, see ``omnifast.ops.moe``)."""
+    picks the kernels (None: by device, see ``omnifast.ops.moe``); ``gate_bias`` gives the gate
+    a bias (OpenOmni's has one)."""
 
     @classmethod
     def from_naive(cls, naive: NaiveMoE, backend: Optional[str] = None) -> "MoE":
         moe = cls(naive.hidden, naive.ffn, naive.out, naive.experts, naive.top_k, naive.normalize_topk,
                   naive.activation, naive.b1 is not None, naive.jitter, naive.balance_weight, naive.z_weight,
-                  naive.split_tokens, backend)
+                  naive.split_tokens, backend, naive.gate.bias is not None)
         moe.load_state_dict(naive.state_dict())
         return moe.to(naive.w1.device, naive.w1.dtype)
 
