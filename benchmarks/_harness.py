@@ -165,6 +165,7 @@ class Benchmark:
     baseline: str = "torch"
     description: str = ""
     baselines: Dict[str, str] = None  # implementation -> the one it is compared with (default: baseline)
+    extras: Callable = None  # (quick, device) -> {name: value}: measurements beside the table
 
     def case_name(self, shape) -> str:
         return " ".join(f"{k}={v}" for k, v in zip(self.fields, shape))
@@ -186,8 +187,11 @@ class Benchmark:
                     results[name]["peak_bytes"] = peak_memory_subprocess(self.module, case, name, str(device))
             rows.append({"case": self.case_name(shape), "shape": dict(zip(self.fields, shape)), "results": results})
             print(f"done: {self.case_name(shape)}", file=sys.stderr)
-        return {"op": self.op, "baseline": self.baseline, "description": self.description,
-                "environment": environment(device), "repeats": repeats, "cases": rows}
+        payload = {"op": self.op, "baseline": self.baseline, "description": self.description,
+                   "environment": environment(device), "repeats": repeats, "cases": rows}
+        if self.extras is not None:
+            payload["extras"] = self.extras(quick, device)
+        return payload
 
     def main(self, argv=None) -> int:
         parser = argparse.ArgumentParser(description=self.description)
@@ -207,6 +211,8 @@ class Benchmark:
         repeats = args.repeats or (2 if args.quick else 5)
         payload = self.run(args.quick, device, repeats, not args.no_memory)
         print_table(self.op, payload["cases"], self.baseline)
+        for name, value in payload.get("extras", {}).items():
+            print(f"{name}: {value}")
         path = write_results(f"quick_{self.op}" if args.quick else self.op, payload, self.baseline, Path(args.out))
         print(f"\nwrote {path} and {path.with_suffix('.png')}")
         return 0

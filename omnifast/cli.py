@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe")
+BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe", "speech_decoder")
 
 
 def main(argv=None) -> int:

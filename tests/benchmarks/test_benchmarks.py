@@ -11,6 +11,7 @@ EXPECTED = {
     "linear_ctc": {"torch", "omnifast.linear_ctc_loss"},
     "ctc_dpo": {"torch", "omnifast (sparse)", "torch -norm", "omnifast (dense) -norm"},
     "moe": {"NaiveMoE", "omnifast.nn.MoE", "matmul lower bound"},
+    "speech_decoder": {"OpenOmni-style", "omnifast SpeechDecoder"},
 }
 
 
@@ -25,3 +26,5 @@ def test_quick_benchmark_writes_json_and_png(op, tmp_path, capsys, monkeypatch):
         for result in case["results"].values():
             assert result["median_s"] > 0 and result["peak_bytes"] >= 0 and result["speedup"] > 0
     assert "speed-up" in capsys.readouterr().out
+    if op == "speech_decoder":
+        assert payload["extras"]["streaming real-time factor"] > 0 and payload["extras"]["streaming units"] > 0

@@ -1,0 +1,125 @@
+"""``OmniConfig``: the sizes of every component of an omni model, as plain dataclasses that
+round-trip through JSON. The component settings are the keyword arguments of the matching
+``transformers`` config classes (``Qwen2Config``, ``CLIPVisionConfig``, ``WhisperConfig``)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omnifast.nn.speech_decoder import SpeechDecoderConfig
+
+IMAGE_TOKEN, SPEECH_TOKEN = "<image>", "<speech>"
+
+
+@dataclass
+class OmniConfig:
+    llm: Dict[str, Any]                     # Qwen2Config kwargs
+    vision: Dict[str, Any]                  # CLIPVisionConfig kwargs
+    speech: Dict[str, Any]                  # WhisperConfig kwargs (the encoder's are used)
+    speech_decoder: Optional[Dict[str, Any]] = None  # SpeechDecoderConfig fields; None: no decoder
+    speech_decoder_mode: str = "nar"
+    vision_feature_layer: int = -2          # hidden state taken from the vision tower (CLS dropped)
+    image_projector: str = "mlp2x_gelu"
+    speech_stack: int = 5                   # speech projector: concatenate k encoder frames
+    speech_projector_hidden: int = 2048
+    image_size: int = 336
+    sampling_rate: int = 16000
+    audio_seconds: int = 30                 # the Whisper window every clip is padded to
+    image_token_id: int = 151665            # the ids of <image> / <speech> in the tokenizer
+    speech_token_id: int = 151666           # (for Qwen2.5: the first two added tokens)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived sizes -----------------------------------------------------------------------
+    @property
+    def hidden(self) -> int:
+        return self.llm["hidden_size"]
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM positions per image: the vision tower's patches (CLS dropped)."""
+        return (self.image_size // self.vision["patch_size"]) ** 2
+
+    @property
+    def speech_tokens(self) -> int:
+        """LLM positions per clip: encoder frames (half the mel frames) / speech_stack."""
+        return self.speech["max_source_positions"] // self.speech_stack
+
+    def decoder_config(self) -> Optional[SpeechDecoderConfig]:
+        if self.speech_decoder is None:
+            return None
+        return SpeechDecoderConfig.from_dict({**self.speech_decoder, "llm_hidden": self.hidden})
+
+    def validate(self) -> "OmniConfig":
+        if self.speech["max_source_positions"] % self.speech_stack:
+            raise ValueError(f"speech_stack={self.speech_stack} must divide the speech encoder's "
+                             f"max_source_positions={self.speech['max_source_positions']}")
+        if self.image_size % self.vision["patch_size"] or self.vision.get("image_size", self.image_size) != self.image_size:
+            raise ValueError(f"image_size={self.image_size} must be the vision tower's and a multiple of its patch size")
+        if self.speech_decoder is not None and self.speech_decoder.get("llm_hidden", self.hidden) != self.hidden:
+            raise ValueError(f"the speech decoder's llm_hidden ({self.speech_decoder['llm_hidden']}) must equal the "
+                             f"LLM hidden size ({self.hidden})")
+        if self.speech_decoder_mode not in ("nar", "ar"):
+            raise ValueError(f"speech_decoder_mode must be 'nar' or 'ar', got {self.speech_decoder_mode!r}")
+        if self.image_projector != "mlp2x_gelu":
+            raise ValueError(f"image_projector must be 'mlp2x_gelu', got {self.image_projector!r}")
+        return self
+
+    # ---- presets -----------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls) -> "OmniConfig":
+        """A few million parameters: every test and the CPU demo use it."""
+        return cls(
+            llm=dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+            vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=32, patch_size=8, projection_dim=64),
+            speech=dict(num_mel_bins=16, d_model=64, encoder_layers=2, encoder_attention_heads=2,
+                        encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
+                        max_source_positions=50, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=3),
+            speech_decoder=asdict(SpeechDecoderConfig.tiny(llm_hidden=128, text_vocab=320, width=64,
+                                                           intermediate=128)),
+            speech_stack=5, speech_projector_hidden=128, image_size=32, audio_seconds=1,
+            image_token_id=259, speech_token_id=260)  # in omnifast.models.build_tiny_tokenizer()
+
+    @classmethod
+    def openomni_7b(cls) -> "OmniConfig":
+        """OpenOmni: Qwen2.5-7B-Instruct, CLIP-ViT-L/14-336 (layer -2), Whisper-large-v3 encoder
+        (128 mel bins), mlp2x_gelu image projector, 5-frame speech projector, its speech decoder."""
+        return cls(
+            llm=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+            vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
+            speech=dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+                        encoder_ffn_dim=5120, decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120,
+                        max_source_positions=1500, vocab_size=51866),
+            speech_decoder=asdict(SpeechDecoderConfig(llm_hidden=3584)),
+            speech_stack=5, speech_projector_hidden=2048, image_size=336, audio_seconds=30)
+
+    # ---- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "OmniConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown OmniConfig keys: {sorted(unknown)}")
+        return cls(**values).validate()
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path) -> "OmniConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no omnifast config at {path}: not a checkpoint saved by save_pretrained")
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,342 @@
+"""``OmniModel``: an LLM that sees (CLIP vision tower + MLP projector), hears (Whisper encoder +
+frame-stacking projector) and speaks (``SpeechDecoder`` on its hidden states), assembled from
+``transformers`` architectures. Building from a config downloads nothing."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnifast.nn.speech_decoder import SpeechDecoder
+from omnifast.ops.decode import sample_top_k_top_p
+from omnifast.ops.linear_cross_entropy import linear_cross_entropy
+
+from .config import OmniConfig
+
+IGNORE_INDEX = -100
+COMPONENTS = ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder")
+CONFIG_NAME, WEIGHTS_NAME = "omnifast_config.json", "model.safetensors"
+
+
+@dataclass
+class OmniOutput:
+    loss: Optional[torch.Tensor]         # text loss + speech loss (those present)
+    text_loss: Optional[torch.Tensor]
+    speech_loss: Optional[torch.Tensor]
+    hidden_states: torch.Tensor          # (B, S, H) last LLM layer
+
+
+@dataclass
+class GenerateOutput:
+    text: str
+    token_ids: List[int]
+    units: List[int] = field(default_factory=list)
+    first_token_s: Optional[float] = None
+    first_unit_s: Optional[float] = None
+    total_s: float = 0.0
+
+
+class SpeechProjector(nn.Module):
+    """Concatenate ``stack`` consecutive encoder frames -> Linear -> ReLU -> Linear."""
+
+    def __init__(self, encoder_width: int, stack: int, hidden: int, out: int):
+        super().__init__()
+        self.stack = stack
+        self.net = nn.Sequential(nn.Linear(encoder_width * stack, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        n, T, D = frames.shape
+        return self.net(frames[:, : T - T % self.stack].reshape(n, T // self.stack, D * self.stack))
+
+
+class OmniModel(nn.Module):
+    def __init__(self, config: OmniConfig):
+        super().__init__()
+        from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM, WhisperConfig
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+        self.config = config.validate()
+        H = config.hidden
+        self.llm = Qwen2ForCausalLM(Qwen2Config(**config.llm))
+        self.vision = CLIPVisionModel(CLIPVisionConfig(**config.vision))
+        self.speech = WhisperEncoder(WhisperConfig(**config.speech))
+        vision_width = config.vision["hidden_size"]
+        self.image_projector = nn.Sequential(nn.Linear(vision_width, H), nn.GELU(), nn.Linear(H, H))
+        self.speech_projector = SpeechProjector(config.speech["d_model"], config.speech_stack,
+                                                config.speech_projector_hidden, H)
+        decoder_config = config.decoder_config()
+        self.speech_decoder = None if decoder_config is None else SpeechDecoder(decoder_config, config.speech_decoder_mode)
+
+    # ---- components ----------------------------------------------------------------------------
+    def _component(self, name: str) -> nn.Module:
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; components are {', '.join(COMPONENTS)}")
+        module = getattr(self, name)
+        if module is None:
+            raise ValueError(f"this model has no {name}")
+        return module
+
+    def freeze(self, except_: Iterable[str] = ()) -> "OmniModel":
+        """Freeze every component except those named."""
+        keep = set(except_)
+        for name in keep:
+            self._component(name)
+        for name in COMPONENTS:
+            if getattr(self, name) is not None:
+                getattr(self, name).requires_grad_(name in keep)
+        return self
+
+    def trainable(self, *names: str) -> "OmniModel":
+        """Unfreeze the components named (the others keep their state)."""
+        for name in names:
+            self._component(name).requires_grad_(True)
+        return self
+
+    def trainable_components(self) -> List[str]:
+        return [n for n in COMPONENTS if getattr(self, n) is not None
+                and any(p.requires_grad for p in getattr(self, n).parameters())]
+
+    # ---- encoders ------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) -> (n, patches, H): the vision tower's ``vision_feature_layer`` without CLS."""
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (n, 3, H, W), got shape {tuple(pixel_values.shape)}")
+        states = self.vision(pixel_values.to(self.image_projector[0].weight.dtype),
+                             output_hidden_states=True).hidden_states[self.config.vision_feature_layer]
+        return self.image_projector(states[:, 1:])
+
+    def encode_speech(self, features: torch.Tensor) -> torch.Tensor:
+        """Log-mel features (n, mel bins, frames) -> (n, speech tokens, H)."""
+        if features.dim() != 3 or features.shape[1] != self.config.speech["num_mel_bins"]:
+            raise ValueError(f"speech_features must be (n, {self.config.speech['num_mel_bins']}, frames), "
+                             f"got shape {tuple(features.shape)}")
+        frames = self.speech(features.to(self.speech_projector.net[0].weight.dtype)).last_hidden_state
+        return self.speech_projector(frames)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None) -> torch.Tensor:
+        """Token embeddings with each placeholder run replaced by the projected features of its
+        image / clip, in order."""
+        c = self.config
+        embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
+        for token_id, inputs, encode, name in ((c.image_token_id, pixel_values, self.encode_images, "image"),
+                                                (c.speech_token_id, speech_features, self.encode_speech, "speech")):
+            slots = input_ids == token_id
+            count = int(slots.sum())
+            given = 0 if inputs is None else inputs.shape[0]
+            per_item = c.image_tokens if name == "image" else c.speech_tokens
+            if count != given * per_item:
+                raise ValueError(f"input_ids hold {count} {name} placeholder positions ({count / per_item:g} "
+                                 f"{name}s of {per_item}) but {given} {name}s were given")
+            if given:
+                features = encode(inputs).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+                embeds = embeds.masked_scatter(slots[..., None], features)
+        return embeds
+
+    # ---- training forward --------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
+                speech_features: Optional[torch.Tensor] = None, units: Optional[torch.Tensor] = None,
+                unit_lengths: Optional[torch.Tensor] = None, **_) -> OmniOutput:
+        """Text loss (next token, labels -100 ignored) and, with target ``units`` (B, U), the
+        speech decoder's loss on the LLM's hidden states at the response positions (labels !=
+        -100). A frozen LLM runs under no_grad."""
+        llm_frozen = not any(p.requires_grad for p in self.llm.parameters()) and not any(
+            p.requires_grad for m in (self.vision, self.speech, self.image_projector, self.speech_projector)
+            for p in m.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not llm_frozen):
+            embeds = self.embed(input_ids, pixel_values, speech_features)
+            hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            text_loss = None
+            if labels is not None and (labels[:, 1:] != IGNORE_INDEX).any():
+                text_loss = linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                                                 self.llm.lm_head.weight, self.llm.lm_head.bias,
+                                                 labels[:, 1:].reshape(-1))
+        speech_loss = None
+        if units is not None:
+            if self.speech_decoder is None:
+                raise ValueError("units were given but this model has no speech decoder")
+            if labels is None:
+                raise ValueError("the speech loss needs labels: the response positions are labels != -100")
+            states, tokens, mask = response_states(hidden, labels)
+            speech_loss = self.speech_decoder(states, tokens, mask, mask, units, unit_lengths).loss
+        losses = [loss for loss in (text_loss, speech_loss) if loss is not None]
+        return OmniOutput(sum(losses) if losses else None, text_loss, speech_loss, hidden)
+
+    # ---- generation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *, max_new_tokens: int = 64,
+                 eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
+                 temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4, tokenizer=None,
+                 generator: Optional[torch.Generator] = None) -> GenerateOutput:
+        """Generate the answer to one prompt (input_ids (S,) or (1, S)) with the LLM's KV cache;
+        with ``speak=True`` the speech decoder streams units while the text is written
+        (``unit_chunk`` tokens at a time). Returns text, token ids, units and latencies."""
+        from transformers.cache_utils import DynamicCache
+        if speak and (self.speech_decoder is None or self.speech_decoder.mode != "nar"):
+            raise ValueError("speak=True needs a NAR speech decoder")
+        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+        if ids.shape[0] != 1:
+            raise ValueError(f"generate takes one prompt, got a batch of {ids.shape[0]}")
+        start = time.perf_counter()
+        cache = DynamicCache(config=self.llm.config)
+        hidden = self.llm.model(inputs_embeds=self.embed(ids, pixel_values, speech_features), past_key_values=cache,
+                                use_cache=True).last_hidden_state[:, -1]
+        out = GenerateOutput("", [])
+        pending: List[tuple] = []
+        stream = self.speech_decoder.stream(self._chunks(pending)) if speak else None
+
+        def feed(final: bool):
+            while pending and (final or len(pending) >= unit_chunk):
+                units = next(stream)
+                if units and out.first_unit_s is None:
+                    out.first_unit_s = time.perf_counter() - start
+                out.units += units
+
+        for _ in range(max_new_tokens):
+            logits = self.llm.lm_head(hidden)[0].float()
+            token = int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
+            if out.first_token_s is None:
+                out.first_token_s = time.perf_counter() - start
+            step = torch.tensor([[token]], device=ids.device)
+            hidden = self.llm.model(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            out.token_ids.append(token)
+            if speak:  # the state of a response token is the one computed when it is the input
+                pending.append((hidden[0], token))
+                feed(final=False)
+            if token == eos_token_id:
+                break
+        if speak:
+            feed(final=True)
+        out.total_s = time.perf_counter() - start
+        if tokenizer is not None:
+            out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        return out
+
+    @staticmethod
+    def _chunks(pending: List[tuple]):
+        """Hand the speech decoder what has accumulated, each time it asks."""
+        while True:
+            taken, pending[:] = pending[:], []
+            yield torch.stack([h for h, _ in taken])[None], torch.tensor([[t for _, t in taken]],
+                                                                         device=taken[0][0].device)
+
+    # ---- saving and loading -------------------------------------------------------------------
+    def save_pretrained(self, path, processor=None) -> None:
+        """``omnifast_config.json`` + ``model.safetensors`` (+ the tokenizer), each written to a
+        temporary name and renamed, so an interrupted save never leaves a half-written file."""
+        from safetensors.torch import save_model
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / (WEIGHTS_NAME + ".tmp")
+        save_model(self, str(tmp))
+        tmp.replace(path / WEIGHTS_NAME)
+        tmp = path / (CONFIG_NAME + ".tmp")
+        self.config.save(tmp)
+        tmp.replace(path / CONFIG_NAME)
+        if processor is not None:
+            processor.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None) -> "OmniModel":
+        from safetensors.torch import load_model
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a directory written by OmniModel.save_pretrained")
+        model = cls(OmniConfig.load(path / CONFIG_NAME))
+        load_model(model, str(path / WEIGHTS_NAME), device=str(device or "cpu"))
+        return model
+
+    @classmethod
+    def from_components(cls, llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None,
+                        **overrides) -> "OmniModel":
+        """Build from local Hugging Face checkpoint directories (``Qwen2ForCausalLM``,
+        ``CLIPVisionModel`` or a full CLIP, ``WhisperModel``) and optionally a speech decoder saved
+        by :func:`save_speech_decoder`; the projectors start fresh. Nothing is downloaded."""
+        from transformers import AutoConfig, CLIPVisionModel, Qwen2ForCausalLM, WhisperModel
+        dirs = {"llm": llm, "vision": vision, "speech": speech}
+        for name, directory in dirs.items():
+            if not (Path(directory) / "config.json").is_file():
+                raise FileNotFoundError(f"{name}={directory} has no config.json: not a Hugging Face checkpoint directory")
+        llm_config = AutoConfig.from_pretrained(llm, local_files_only=True)
+        vision_config = AutoConfig.from_pretrained(vision, local_files_only=True)
+        vision_config = getattr(vision_config, "vision_config", vision_config)
+        speech_config = AutoConfig.from_pretrained(speech, local_files_only=True)
+        base = config or OmniConfig.openomni_7b()
+        decoder_dict = None
+        decoder_model = None
+        if decoder is not None:
+            decoder_model = load_speech_decoder(decoder)
+            decoder_dict = decoder_model.config.to_dict()
+        combined = OmniConfig(
+            llm=_config_kwargs(llm_config), vision=_config_kwargs(vision_config), speech=_config_kwargs(speech_config),
+            speech_decoder=decoder_dict if decoder is not None else
+            (None if base.speech_decoder is None else {**base.speech_decoder, "llm_hidden": llm_config.hidden_size}),
+            image_size=vision_config.image_size, **{k: v for k, v in overrides.items()})
+        if decoder_model is not None and decoder_model.config.llm_hidden != llm_config.hidden_size:
+            raise ValueError(f"the speech decoder takes LLM states of width {decoder_model.config.llm_hidden} but the "
+                             f"LLM's hidden size is {llm_config.hidden_size}")
+        with torch.device("meta"):
+            model = cls(combined)
+        model.llm = Qwen2ForCausalLM.from_pretrained(llm, local_files_only=True)
+        model.vision = CLIPVisionModel.from_pretrained(vision, local_files_only=True)
+        model.speech = WhisperModel.from_pretrained(speech, local_files_only=True).get_encoder()
+        model.image_projector = model.image_projector.to_empty(device="cpu")
+        model.speech_projector = model.speech_projector.to_empty(device="cpu")
+        for module in (model.image_projector, model.speech_projector):
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    layer.reset_parameters()
+        model.speech_decoder = decoder_model if decoder_model is not None else (
+            None if combined.speech_decoder is None else SpeechDecoder(combined.decoder_config(), combined.speech_decoder_mode))
+        return model
+
+
+def response_states(hidden: torch.Tensor, labels: torch.Tensor):
+    """The LLM states and token ids at the response positions (labels != -100) of each row,
+    packed left: (B, N, H), (B, N) and the (B, N) mask."""
+    keep = labels != IGNORE_INDEX
+    counts = keep.sum(1)
+    N = max(int(counts.max()), 1)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :N]
+    states = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+    mask = torch.arange(N, device=hidden.device)[None] < counts[:, None]
+    tokens = labels.gather(1, order).masked_fill(~mask, 0)
+    return states, tokens, mask
+
+
+def _config_kwargs(config) -> Dict:
+    values = config.to_dict()
+    for key in ("architectures", "transformers_version", "model_type", "_name_or_path", "torch_dtype", "dtype",
+                "auto_map", "id2label", "label2id"):
+        values.pop(key, None)
+    return values
+
+
+def save_speech_decoder(decoder: SpeechDecoder, path) -> None:
+    """A speech decoder alone: ``speech_decoder.json`` (config and mode) + safetensors."""
+    import json
+
+    from safetensors.torch import save_model
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(decoder, str(path / "speech_decoder.safetensors"))
+    (path / "speech_decoder.json").write_text(json.dumps({"mode": decoder.mode, "config": decoder.config.to_dict()}))
+
+
+def load_speech_decoder(path) -> SpeechDecoder:
+    import json
+
+    from safetensors.torch import load_model
+
+    from omnifast.nn.speech_decoder import SpeechDecoderConfig
+    path = Path(path)
+    if not (path / "speech_decoder.json").is_file():
+        raise FileNotFoundError(f"{path} has no speech_decoder.json: not a directory written by save_speech_decoder")
+    meta = json.loads((path / "speech_decoder.json").read_text())
+    decoder = SpeechDecoder(SpeechDecoderConfig.from_dict(meta["config"]), meta["mode"])
+    load_model(decoder, str(path / "speech_decoder.safetensors"))
+    return decoder

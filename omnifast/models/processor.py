@@ -1,0 +1,175 @@
+"""``OmniProcessor``: conversations with images and audio -> LLM inputs and labels.
+
+ChatML (``<|im_start|>role\\n...<|im_end|>\\n``); each ``<image>`` / ``<speech>`` placeholder in
+the text becomes as many placeholder tokens as the LLM positions its features fill (the model
+writes the projected features there, in order); labels keep the assistant's text and its
+``<|im_end|>`` and mask everything else with -100.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import IMAGE_TOKEN, SPEECH_TOKEN, OmniConfig
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, SPEECH_TOKEN]
+_PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(SPEECH_TOKEN)})")
+
+
+def build_tiny_tokenizer():
+    """A byte-level tokenizer with no merges (256 byte tokens + the ChatML and placeholder
+    tokens), built with the ``tokenizers`` library: nothing to download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+
+
+class OmniProcessor:
+    """Tokenizer + ``CLIPImageProcessor`` + ``WhisperFeatureExtractor`` with explicit settings."""
+
+    def __init__(self, tokenizer, config: OmniConfig, system_prompt: str = "You are a helpful assistant."):
+        from transformers import WhisperFeatureExtractor
+        try:
+            from transformers import CLIPImageProcessorPil as ImageProcessor  # no torchvision needed
+        except ImportError:  # older transformers
+            from transformers import CLIPImageProcessor as ImageProcessor
+        missing = [t for t in SPECIAL_TOKENS[1:] if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the special tokens {missing}")
+        self.tokenizer, self.config, self.system_prompt = tokenizer, config, system_prompt
+        size = config.image_size
+        self.image_processor = ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                              do_center_crop=True, do_normalize=True)
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=config.speech["num_mel_bins"],
+                                                         sampling_rate=config.sampling_rate,
+                                                         chunk_length=config.audio_seconds)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.speech_token_id = tokenizer.convert_tokens_to_ids(SPEECH_TOKEN)
+        if (self.image_token_id, self.speech_token_id) != (config.image_token_id, config.speech_token_id):
+            raise ValueError(f"the tokenizer's {IMAGE_TOKEN}/{SPEECH_TOKEN} ids ({self.image_token_id}, "
+                             f"{self.speech_token_id}) differ from the config's ({config.image_token_id}, "
+                             f"{config.speech_token_id})")
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.config.sampling_rate
+
+    # ---- media -----------------------------------------------------------------------------
+    def images_to_pixels(self, images: Sequence) -> torch.Tensor:
+        arrays = []
+        for i, image in enumerate(images):
+            if isinstance(image, torch.Tensor):
+                image = image.detach().cpu().numpy()
+            if isinstance(image, np.ndarray):
+                if image.ndim != 3 or 3 not in (image.shape[0], image.shape[-1]):
+                    raise ValueError(f"images[{i}] must be an RGB image (H, W, 3) or (3, H, W), got shape {image.shape}")
+                if image.shape[0] == 3 and image.shape[-1] != 3:
+                    image = image.transpose(1, 2, 0)
+            arrays.append(image)
+        return self.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
+
+    def audio_to_features(self, audios: Sequence, sampling_rate: Optional[int] = None) -> torch.Tensor:
+        rate = self.sampling_rate if sampling_rate is None else sampling_rate
+        if rate != self.sampling_rate:
+            raise ValueError(f"audio must be sampled at {self.sampling_rate} Hz, got sampling_rate={rate}")
+        waves = []
+        for i, audio in enumerate(audios):
+            wave = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+            if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
+                raise ValueError(f"audios[{i}] must be 1-D float samples at {self.sampling_rate} Hz (mono), "
+                                 f"got shape {wave.shape} and dtype {wave.dtype}")
+            waves.append(wave.astype(np.float32))
+        return self.feature_extractor(waves, sampling_rate=self.sampling_rate, return_tensors="pt")["input_features"]
+
+    # ---- text --------------------------------------------------------------------------------
+    def _ids(self, text: str) -> List[int]:
+        ids = []
+        for piece in _PLACEHOLDER.split(text):
+            if piece == IMAGE_TOKEN:
+                ids += [self.image_token_id] * self.config.image_tokens
+            elif piece == SPEECH_TOKEN:
+                ids += [self.speech_token_id] * self.config.speech_tokens
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def encode_conversation(self, conversation: Sequence[Dict[str, str]], images: Sequence = (),
+                            audios: Sequence = (), *, sampling_rate: Optional[int] = None,
+                            add_generation_prompt: bool = False) -> Dict[str, Optional[torch.Tensor]]:
+        """One conversation (a list of turns ``{"from": "human"|"gpt", "value": text}`` or
+        ``{"role", "content"}``) -> input_ids, labels (S,), pixel_values, speech_features."""
+        turns = [(ROLES.get(t.get("from", t.get("role"))), t.get("value", t.get("content"))) for t in conversation]
+        for i, (role, text) in enumerate(turns):
+            if role is None or not isinstance(text, str):
+                raise ValueError(f"conversation turn {i} needs a known 'from'/'role' and a text 'value'/'content'")
+        text = "".join(t for _, t in turns)
+        for token, media, name in ((IMAGE_TOKEN, images, "images"), (SPEECH_TOKEN, audios, "audios")):
+            if text.count(token) != len(media):
+                raise ValueError(f"the conversation has {text.count(token)} {token} placeholders but "
+                                 f"{len(media)} {name} were given")
+        if turns and turns[0][0] != "system":
+            turns = [("system", self.system_prompt)] + turns
+        ids, labels = [], []
+        for role, content in turns:
+            head = self._ids(f"<|im_start|>{role}\n")
+            body = self._ids(content) + self._ids("<|im_end|>")
+            tail = self._ids("\n")
+            ids += head + body + tail
+            labels += [IGNORE_INDEX] * len(head) + (body if role == "assistant" else [IGNORE_INDEX] * len(body))
+            labels += [IGNORE_INDEX] * len(tail)
+        if add_generation_prompt:
+            prompt = self._ids("<|im_start|>assistant\n")
+            ids, labels = ids + prompt, labels + [IGNORE_INDEX] * len(prompt)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "pixel_values": self.images_to_pixels(images) if len(images) else None,
+                "speech_features": self.audio_to_features(audios, sampling_rate) if len(audios) else None}
+
+    def __call__(self, conversations: Sequence, images: Optional[Sequence] = None, audios: Optional[Sequence] = None,
+                 *, sampling_rate: Optional[int] = None, add_generation_prompt: bool = False) -> Dict[str, torch.Tensor]:
+        """A right-padded batch: input_ids, labels, attention_mask (B, S); pixel_values of all
+        images and speech_features of all clips, in conversation order."""
+        images = images or [()] * len(conversations)
+        audios = audios or [()] * len(conversations)
+        items = [self.encode_conversation(c, i, a, sampling_rate=sampling_rate, add_generation_prompt=add_generation_prompt)
+                 for c, i, a in zip(conversations, images, audios)]
+        return collate(items, self.tokenizer.pad_token_id)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, path) -> None:
+        self.tokenizer.save_pretrained(str(path))
+
+    @classmethod
+    def from_pretrained(cls, path, config: OmniConfig) -> "OmniProcessor":
+        from transformers import AutoTokenizer
+        return cls(AutoTokenizer.from_pretrained(str(Path(path)), local_files_only=True), config)
+
+
+def collate(items: Sequence[Dict[str, Optional[torch.Tensor]]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Pad encoded conversations to one batch."""
+    length = max(item["input_ids"].numel() for item in items)
+    batch = {"input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
+             "labels": torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long),
+             "attention_mask": torch.zeros(len(items), length, dtype=torch.long)}
+    for row, item in enumerate(items):
+        n = item["input_ids"].numel()
+        batch["input_ids"][row, :n] = item["input_ids"]
+        batch["labels"][row, :n] = item["labels"]
+        batch["attention_mask"][row, :n] = 1
+    for key in ("pixel_values", "speech_features"):
+        present = [item[key] for item in items if item[key] is not None]
+        batch[key] = torch.cat(present) if present else None
+    return batch

@@ -1,0 +1,186 @@
+"""OmniModel and OmniProcessor at tiny size: mixed batches forward and backward, exact label
+masking, placeholders, freezing, save/load, building from Hugging Face checkpoint directories,
+generation with and without speech, the 7B config on the meta device, and bad input."""
+import numpy as np
+import pytest
+import torch
+
+from omnifast.models import (IGNORE_INDEX, OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer,
+                             response_states, save_speech_decoder)
+
+IMAGE = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+WAVE = (np.random.default_rng(1).standard_normal(12000) * 0.1).astype(np.float32)
+CONVERSATIONS = [
+    [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
+    [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}],
+    [{"from": "human", "value": "<speech>"}, {"from": "gpt", "value": "You said hi."}],
+    [{"from": "human", "value": "<image> and <speech>"}, {"from": "gpt", "value": "Red."},
+     {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}],
+]
+MEDIA = dict(images=[[], [IMAGE], [], [IMAGE]], audios=[[], [], [WAVE], [WAVE]])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = OmniConfig.tiny()
+    return OmniModel(config), OmniProcessor(build_tiny_tokenizer(), config)
+
+
+def test_mixed_batch_forward_and_backward(tiny):
+    model, processor = tiny
+    batch = processor(CONVERSATIONS, **MEDIA)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["speech_features"].shape[0] == 2
+    units = torch.randint(0, 20, (4, 10))
+    model.zero_grad()
+    out = model(**batch, units=units)
+    assert torch.isfinite(out.loss) and out.text_loss is not None and out.speech_loss is not None
+    out.loss.backward()
+    for name in ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), name
+
+
+def test_labels_mask_everything_but_the_assistant_text(tiny):
+    _, processor = tiny
+    item = processor.encode_conversation(CONVERSATIONS[3], [IMAGE], [WAVE])
+    ids, labels = item["input_ids"], item["labels"]
+    kept = labels != IGNORE_INDEX
+    assert torch.equal(labels[kept], ids[kept])
+    assert processor.tokenizer.decode(ids[kept]) == "Red.<|im_end|>Yes.<|im_end|>"
+    text = processor.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    config = processor.config
+    assert int((ids == config.image_token_id).sum()) == config.image_tokens
+    assert int((ids == config.speech_token_id).sum()) == config.speech_tokens
+
+
+def test_placeholders_receive_the_projected_features_in_order(tiny):
+    model, processor = tiny
+    two = np.zeros((32, 32, 3), dtype=np.uint8)
+    item = processor.encode_conversation([{"from": "human", "value": "<image> then <image>"}], [IMAGE, two])
+    with torch.no_grad():
+        embeds = model.embed(item["input_ids"][None], item["pixel_values"])
+        features = model.encode_images(item["pixel_values"])
+    slots = item["input_ids"] == model.config.image_token_id
+    torch.testing.assert_close(embeds[0, slots], features.reshape(-1, features.shape[-1]))
+
+
+def test_response_states_pack_the_labelled_positions():
+    hidden = torch.arange(12.0).view(2, 6, 1)
+    labels = torch.tensor([[-100, 5, 6, -100, -100, -100], [-100, -100, -100, 7, 8, 9]])
+    states, tokens, mask = response_states(hidden, labels)
+    assert states[..., 0].tolist() == [[1, 2, 0], [9, 10, 11]] and tokens.tolist() == [[5, 6, 0], [7, 8, 9]]
+    assert mask.tolist() == [[True, True, False], [True, True, True]]
+
+
+def test_freezing_by_component_and_a_frozen_llm_runs_without_grad(tiny):
+    model, processor = tiny
+    model.freeze(except_=["speech_decoder"])
+    assert model.trainable_components() == ["speech_decoder"]
+    out = model(**processor(CONVERSATIONS[:1]), units=torch.randint(0, 20, (1, 5)))
+    assert out.hidden_states.grad_fn is None and out.speech_loss.requires_grad
+    model.trainable("llm", "image_projector")
+    assert model.trainable_components() == ["llm", "image_projector", "speech_decoder"]
+    with pytest.raises(ValueError, match="unknown component"):
+        model.freeze(except_=["vocoder"])
+    model.requires_grad_(True)
+
+
+def test_save_load_round_trip_is_bit_exact(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path, processor)
+    loaded = OmniModel.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    again = OmniProcessor.from_pretrained(tmp_path, loaded.config)
+    batch = again(CONVERSATIONS, **MEDIA)
+    assert torch.equal(batch["input_ids"], processor(CONVERSATIONS, **MEDIA)["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).loss, loaded(**batch).loss)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_from_components_with_tiny_hugging_face_checkpoints(tiny, tmp_path):
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM, WhisperConfig,
+                              WhisperModel)
+    model, _ = tiny
+    c = model.config
+    parts = {"llm": Qwen2ForCausalLM(Qwen2Config(**c.llm)), "vision": CLIPVisionModel(CLIPVisionConfig(**c.vision)),
+             "speech": WhisperModel(WhisperConfig(**c.speech))}
+    for name, part in parts.items():
+        part.save_pretrained(tmp_path / name)
+    save_speech_decoder(model.speech_decoder, tmp_path / "decoder")
+    built = OmniModel.from_components(llm=tmp_path / "llm", vision=tmp_path / "vision", speech=tmp_path / "speech",
+                                      decoder=tmp_path / "decoder", speech_stack=c.speech_stack,
+                                      speech_projector_hidden=c.speech_projector_hidden, audio_seconds=c.audio_seconds,
+                                      image_token_id=c.image_token_id, speech_token_id=c.speech_token_id)
+    checks = [(built.llm, parts["llm"]), (built.vision, parts["vision"]), (built.speech, parts["speech"].get_encoder()),
+              (built.speech_decoder, model.speech_decoder)]
+    for ours, theirs in checks:
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert built.config.image_tokens == c.image_tokens and built.config.hidden == c.hidden
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        OmniModel.from_components(llm=tmp_path / "nothing", vision=tmp_path / "vision", speech=tmp_path / "speech")
+
+
+def test_generate_with_and_without_speech(tiny):
+    model, processor = tiny
+    prompt = processor.encode_conversation([{"from": "human", "value": "<image> hi"}], [IMAGE],
+                                           add_generation_prompt=True)
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    quiet = model.generate(prompt["input_ids"], prompt["pixel_values"], max_new_tokens=6, eos_token_id=eos,
+                           tokenizer=processor.tokenizer)
+    assert 1 <= len(quiet.token_ids) <= 6 and quiet.units == [] and quiet.first_token_s > 0
+    spoken = model.generate(prompt["input_ids"], prompt["pixel_values"], max_new_tokens=6, eos_token_id=eos,
+                            speak=True, unit_chunk=2, tokenizer=processor.tokenizer)
+    assert spoken.token_ids == quiet.token_ids  # greedy: speaking does not change the text
+    # the streamed units equal the decoder's one-pass units on the same LLM states
+    with torch.no_grad():
+        ids = torch.cat([prompt["input_ids"], torch.tensor(spoken.token_ids)])[None]
+        hidden = model.llm.model(inputs_embeds=model.embed(ids, prompt["pixel_values"])).last_hidden_state
+        n = len(spoken.token_ids)
+        expected = model.speech_decoder.generate(hidden[:, -n:], ids[:, -n:])[0]
+    assert spoken.units == expected and spoken.first_unit_s is not None
+
+
+def test_openomni_7b_on_the_meta_device():
+    with torch.device("meta"):
+        model = OmniModel(OmniConfig.openomni_7b())
+    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in
+              ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder")}
+    print({k: f"{v / 1e9:.3f}B" for k, v in counts.items()}, f"total {sum(counts.values()) / 1e9:.2f}B")
+    assert 7.5e9 < counts["llm"] < 7.7e9 and 0.5e9 < counts["speech_decoder"] < 0.7e9
+    assert all(p.is_meta for p in model.parameters())
+    assert OmniConfig.from_dict(OmniConfig.openomni_7b().to_dict()) == OmniConfig.openomni_7b()
+
+
+def test_bad_input(tiny, tmp_path):
+    model, processor = tiny
+    ask = [{"from": "human", "value": "<image> <image>"}]
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        processor.encode_conversation(ask, [IMAGE])
+    with pytest.raises(ValueError, match="0 <speech> placeholders but 1 audios"):
+        processor.encode_conversation([{"from": "human", "value": "hi"}], audios=[WAVE])
+    speech = [{"from": "human", "value": "<speech>"}]
+    with pytest.raises(ValueError, match="16000 Hz"):
+        processor.encode_conversation(speech, audios=[np.stack([WAVE, WAVE])])
+    with pytest.raises(ValueError, match="16000 Hz"):
+        processor.encode_conversation(speech, audios=[(WAVE * 1000).astype(np.int16)])
+    with pytest.raises(ValueError, match="sampled at 16000 Hz"):
+        processor.encode_conversation(speech, audios=[WAVE], sampling_rate=8000)
+    with pytest.raises(ValueError, match=r"images\[0\]"):
+        processor.encode_conversation([{"from": "human", "value": "<image>"}], [IMAGE[..., 0]])
+    with pytest.raises(ValueError, match="image placeholder positions"):
+        model.embed(processor.encode_conversation([{"from": "human", "value": "<image>"}], [IMAGE])["input_ids"][None])
+    with pytest.raises(FileNotFoundError, match="omnifast_config.json"):
+        OmniModel.from_pretrained(tmp_path)
+    config = OmniConfig.tiny()
+    config.speech_decoder["llm_hidden"] = 99
+    with pytest.raises(ValueError, match="LLM hidden size"):
+        config.validate()
+    config = OmniConfig.tiny()
+    config.image_token_id = 5
+    with pytest.raises(ValueError, match="ids"):
+        OmniProcessor(build_tiny_tokenizer(), config)
