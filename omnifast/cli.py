@@ -1,4 +1,5 @@
-"""The ``omnifast`` command: ``omnifast bench ctc``, ``omnifast demo``."""
+"""The ``omnifast`` command: ``omnifast train``, ``omnifast eval``, ``omnifast bench``,
+``omnifast demo``."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,16 @@ def main(argv=None) -> int:
     bench.add_argument("op", choices=BENCHMARKS + ("all",))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark script")
     commands.add_parser("demo", help="the main job (for now: the CTC benchmark)")
+    from omnifast.training import run
+    train = commands.add_parser("train", help="run a training stage (or all five)")
+    run.add_train_arguments(train)
+    evaluate = commands.add_parser("eval", help="evaluate a stage's model on held-out records")
+    run.add_eval_arguments(evaluate)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return run.train_command(args)
+    if args.command == "eval":
+        return run.eval_command(args)
     if args.command == "demo":
         return importlib.import_module("omnifast.benchmarks.ctc").main([])
     ops = BENCHMARKS if args.op == "all" else (args.op,)

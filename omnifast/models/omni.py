@@ -140,18 +140,18 @@ class OmniModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 speech_features: Optional[torch.Tensor] = None, units: Optional[torch.Tensor] = None,
-                unit_lengths: Optional[torch.Tensor] = None, **_) -> OmniOutput:
+                unit_lengths: Optional[torch.Tensor] = None, text_loss: bool = True, **_) -> OmniOutput:
         """Text loss (next token, labels -100 ignored) and, with target ``units`` (B, U), the
         speech decoder's loss on the LLM's hidden states at the response positions (labels !=
-        -100). A frozen LLM runs under no_grad."""
+        -100). A frozen LLM runs under no_grad. ``text_loss=False`` skips the text loss."""
         llm_frozen = not any(p.requires_grad for p in self.llm.parameters()) and not any(
             p.requires_grad for m in (self.vision, self.speech, self.image_projector, self.speech_projector)
             for p in m.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not llm_frozen):
             embeds = self.embed(input_ids, pixel_values, speech_features)
             hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-            text_loss = None
-            if labels is not None and (labels[:, 1:] != IGNORE_INDEX).any():
+            want_text, text_loss = text_loss, None
+            if want_text and labels is not None and (labels[:, 1:] != IGNORE_INDEX).any():
                 text_loss = linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]),
                                                  self.llm.lm_head.weight, self.llm.lm_head.bias,
                                                  labels[:, 1:].reshape(-1))

@@ -1,0 +1,113 @@
+"""Evaluation of each stage on held-out records: ASR character / word error rate (stage 1),
+answer accuracy (stages 2-3), unit error rate of the decoder's units against the reference units
+(stage 4) and CTC-DPO reward accuracy on chosen / rejected pairs (stage 5). Error rates come from
+``jiwer``."""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from omnifast.models import OmniModel, OmniProcessor, response_states
+
+from .data import ConversationDataset, Record, collate_batch
+from .stages import get_stage
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^\w ]", "", text.lower()).strip()
+
+
+@torch.no_grad()
+def generate_answers(model: OmniModel, processor: OmniProcessor, records: Sequence[Record],
+                     max_new_tokens: int = 48) -> List[str]:
+    """Greedy answers to each record's conversation up to (not including) its last gpt turn."""
+    from PIL import Image
+    import numpy as np
+    from .data import read_audio
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = []
+    model.eval()
+    for record in records:
+        last = max(i for i, t in enumerate(record.conversations) if t["from"] == "gpt")
+        prompt = record.conversations[:last]
+        text = "".join(t["value"] for t in prompt)
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in record.images][:text.count("<image>")]
+        audios = [read_audio(p) for p in record.speech][:text.count("<speech>")]
+        item = processor.encode_conversation(prompt, images, audios, add_generation_prompt=True)
+        out = model.generate(item["input_ids"], item["pixel_values"], item["speech_features"],
+                             max_new_tokens=max_new_tokens, eos_token_id=eos, tokenizer=processor.tokenizer)
+        answers.append(out.text.strip())
+    return answers
+
+
+def references(records: Sequence[Record]) -> List[str]:
+    return [[t["value"] for t in r.conversations if t["from"] == "gpt"][-1].strip() for r in records]
+
+
+def asr_error_rates(model, processor, records) -> Dict[str, float]:
+    import jiwer
+    hyps, refs = generate_answers(model, processor, records), references(records)
+    hyps = [h if h else "<empty>" for h in hyps]
+    return {"cer": jiwer.cer(refs, hyps), "wer": jiwer.wer(refs, hyps)}
+
+
+def answer_accuracy(model, processor, records) -> Dict[str, float]:
+    hyps, refs = generate_answers(model, processor, records), references(records)
+    correct = sum(_normalise(h) == _normalise(r) for h, r in zip(hyps, refs))
+    return {"accuracy": correct / len(records)}
+
+
+@torch.no_grad()
+def unit_error_rate(model, processor, records, batch_size: int = 4) -> Dict[str, float]:
+    """The decoder's greedy units on the LLM states of the reference answer, against its units."""
+    import jiwer
+    model.eval()
+    dataset = ConversationDataset(records, processor)
+    hyps, refs = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                              processor.tokenizer.pad_token_id)
+        hidden = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                       speech_features=batch["speech_features"], text_loss=False).hidden_states
+        states, tokens, mask = response_states(hidden, batch["labels"])
+        hyps += [" ".join(map(str, u)) or "<empty>" for u in model.speech_decoder.generate(states, tokens, mask, mask)]
+        refs += [" ".join(map(str, r.tgt_units)) for r in records[start:start + batch_size]]
+    return {"unit_error_rate": jiwer.wer(refs, hyps)}
+
+
+@torch.no_grad()
+def reward_accuracy(model, processor, records, reference: Optional[OmniModel] = None,
+                    batch_size: int = 4) -> Dict[str, float]:
+    """How often the policy's implicit reward prefers the chosen units: (log p_w - log ref_w) >
+    (log p_l - log ref_l). Without a reference, how often log p_w > log p_l."""
+    model.eval()
+    dataset = ConversationDataset(records, processor)
+    wins = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                              processor.tokenizer.pad_token_id)
+        hidden = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
+                       speech_features=batch["speech_features"], text_loss=False).hidden_states
+        states, tokens, mask = response_states(hidden, batch["labels"])
+        chosen, rejected = model.speech_decoder.reference_logps(states, tokens, batch["units"], batch["rejected_units"],
+                                                                hidden_mask=mask, text_mask=mask)
+        if reference is not None:
+            ref_c, ref_r = reference.speech_decoder.reference_logps(states, tokens, batch["units"],
+                                                                    batch["rejected_units"], hidden_mask=mask,
+                                                                    text_mask=mask)
+            chosen, rejected = chosen - ref_c, rejected - ref_r
+        wins += int((chosen > rejected).sum())
+    return {"reward_accuracy": wins / len(records)}
+
+
+def evaluate(stage_name: str, model, processor, records, reference=None) -> Dict[str, float]:
+    stage = get_stage(stage_name)
+    if stage.index == 1:
+        return asr_error_rates(model, processor, records)
+    if stage.index in (2, 3):
+        return answer_accuracy(model, processor, records)
+    if stage.index == 4:
+        return unit_error_rate(model, processor, records)
+    return reward_accuracy(model, processor, records, reference)

@@ -1,0 +1,134 @@
+"""``omnifast train`` and ``omnifast eval``: argument handling, every check before the first
+step, and the chaining of stages (each starts from the previous stage's ``model`` directory)."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+
+from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
+from omnifast.models.omni import CONFIG_NAME
+
+from .data import load_records
+from .stages import BY_NAME, STAGES, get_stage
+from .trainer import Trainer, TrainConfig, check_model_for_stage, latest_checkpoint
+
+PRESETS = ("tiny",)
+
+
+def load_model(spec: str, seed: int = 0) -> Tuple[OmniModel, OmniProcessor]:
+    """``tiny`` (a fresh tiny model and its byte-level tokenizer) or a save_pretrained directory."""
+    if spec == "tiny":
+        torch.manual_seed(seed)
+        config = OmniConfig.tiny()
+        return OmniModel(config), OmniProcessor(build_tiny_tokenizer(), config)
+    path = Path(spec)
+    if not (path / CONFIG_NAME).is_file():
+        raise ValueError(f"--model must be one of {PRESETS} or a directory written by OmniModel.save_pretrained; "
+                         f"{path} has no {CONFIG_NAME}")
+    model = OmniModel.from_pretrained(path)
+    return model, OmniProcessor.from_pretrained(path, model.config)
+
+
+def _read_config_file(path) -> Dict:
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        values = yaml.safe_load(path.read_text()) or {}
+    else:
+        values = json.loads(path.read_text())
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of training options")
+    return values
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--stage", choices=list(BY_NAME), help="the stage to run")
+    which.add_argument("--all", action="store_true", help="run the five stages in order (--data: a folder of "
+                       "<stage>.json files; each stage writes OUT/<n>-<stage>)")
+    parser.add_argument("--model", default="tiny", help="'tiny' or a directory written by save_pretrained (default: tiny)")
+    parser.add_argument("--data", required=True, help="the stage's JSON file (a folder with --all)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--config", default=None, help="JSON or YAML file of training options (below)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    defaults = TrainConfig(stage="s2t")
+    for f in fields(TrainConfig):
+        if f.name in ("stage",):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default: {value})")
+        else:
+            kind = {"lr": float, "warmup_ratio": float, "max_grad_norm": float, "weight_decay": float,
+                    "beta": float, "bf16": str}.get(f.name, int)
+            fallback = {"max_steps": "all epochs"}.get(f.name, "the stage's")
+            parser.add_argument(flag, type=kind, default=None,
+                                help=f"(default: {fallback})" if value is None else f"(default: {value})")
+
+
+def _options(args) -> Dict:
+    options = _read_config_file(args.config)
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if f.name != "stage" and value is not None:
+            options[f.name] = value
+    return options
+
+
+def train_command(args) -> int:
+    stages = list(STAGES) if args.all else [get_stage(args.stage)]
+    options = _options(args)
+    TrainConfig.from_dict({**options, "stage": stages[0].name})  # unknown options fail here
+    data = Path(args.data)
+    files = {s.name: (data / f"{s.name}.json" if args.all else data) for s in stages}
+    out_dirs = {s.name: (Path(args.out) / f"{s.index}-{s.name}" if args.all else Path(args.out)) for s in stages}
+    model, processor = load_model(args.model, options.get("seed", 0))
+    units = (model.config.speech_decoder or {}).get("units")
+    records = {s.name: load_records(files[s.name], s, units) for s in stages}  # every data error, up front
+    check_model_for_stage(model, stages[0])
+    if args.resume and not args.all and latest_checkpoint(out_dirs[stages[0].name]) is None:
+        raise FileNotFoundError(f"--resume: {out_dirs[stages[0].name] / 'checkpoints'} holds no complete checkpoint")
+    for stage in stages:
+        out = out_dirs[stage.name]
+        if args.all and args.resume and (out / "model" / CONFIG_NAME).is_file():
+            model_dir, model = out / "model", None  # finished before the interruption
+            continue
+        if model is None:  # each stage starts from the previous stage's output
+            model, processor = load_model(str(model_dir))
+        trainer = Trainer(model, processor, records[stage.name], TrainConfig.from_dict({**options, "stage": stage.name}), out)
+        if args.resume and latest_checkpoint(out) is not None:
+            trainer.resume()
+        model_dir, model = trainer.train(), None
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=list(BY_NAME), required=True)
+    parser.add_argument("--model", required=True, help="a directory written by save_pretrained (or 'tiny')")
+    parser.add_argument("--data", required=True, help="held-out records in the stage's JSON format")
+    parser.add_argument("--reference", default=None, help="emotion-dpo: the reference (stage-4) model directory")
+    parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+
+
+def eval_command(args) -> int:
+    from .evaluate import evaluate
+    stage = get_stage(args.stage)
+    model, processor = load_model(args.model)
+    records = load_records(args.data, stage, (model.config.speech_decoder or {}).get("units"))
+    reference = load_model(args.reference)[0] if args.reference else None
+    metrics = evaluate(stage.name, model, processor, records, reference)
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2))
+    return 0

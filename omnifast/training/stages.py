@@ -1,0 +1,40 @@
+"""The five training stages of OpenOmni as data: what each trains, on what loss, with which
+defaults. One trainer runs them all (``trainer.py``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Tuple
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    name: str
+    trains: Tuple[str, ...]           # OmniModel components that get gradients; all others frozen
+    loss: str                         # "text" (next token), "speech" (decoder CTC / NTP), "dpo" (CTC-DPO)
+    requires: Tuple[str, ...]         # record fields every example of this stage must have
+    lr: float
+    warmup_ratio: float
+    epochs: int
+    component_lr: Dict[str, float] = field(default_factory=dict)  # per-component learning rates
+    note: str = ""
+
+
+STAGES: Tuple[Stage, ...] = (
+    Stage(1, "s2t", ("speech_projector",), "text", ("speech",), 1e-3, 0.3, 1,
+          note="lr 1e-3 as in the paper (its code uses 1e-4); LLM and Whisper frozen"),
+    Stage(2, "i2t-pretrain", ("image_projector",), "text", ("image",), 1e-3, 0.3, 1),
+    Stage(3, "i2t-sft", ("llm", "image_projector", "vision"), "text", (), 5e-5, 0.3, 1,
+          component_lr={"vision": 2e-6}, note="the vision tower trains at its own, lower lr"),
+    Stage(4, "speech-gen", ("speech_decoder",), "speech", ("tgt_units",), 5e-4, 0.3, 3,
+          note="LLM frozen and run without grad; NAR: fused linear-CTC, AR: next-unit prediction"),
+    Stage(5, "emotion-dpo", ("speech_decoder",), "dpo", ("tgt_units", "re_tgt_units"), 5e-4, 0.3, 3,
+          note="CTC-DPO, beta 0.1; reference = the frozen stage-4 decoder, its log-likelihoods cached once"),
+)
+BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def get_stage(name: str) -> Stage:
+    if name not in BY_NAME:
+        raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(BY_NAME)}")
+    return BY_NAME[name]

@@ -1,0 +1,199 @@
+"""The five stages on a tiny model and a tiny data set written here: losses fall, each stage
+trains exactly its components, a killed run resumes to the same weights, two gloo processes match
+one, and every data and argument error is reported before training."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omnifast import cli
+from omnifast.models import COMPONENTS, OmniModel
+from omnifast.training import STAGES, DataError, get_stage, load_records, read_metrics
+
+UNITS = 20
+
+
+def write_wav(path: Path, seconds: float, seed: int) -> None:
+    samples = (np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 3000).astype(np.int16)
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(16000)
+        handle.writeframes(samples.tobytes())
+
+
+def write_data(root: Path, records: int = 4) -> Path:
+    from PIL import Image
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    colours = ["red", "blue", "green", "black"]
+    data = {stage.name: [] for stage in STAGES}
+    for i in range(records):
+        write_wav(root / f"a{i}.wav", 0.5, i)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"i{i}.png")
+        units = " ".join(map(str, rng.integers(0, UNITS, 6)))  # equal lengths: see the 2-process test
+        other = " ".join(map(str, rng.integers(0, UNITS, 6)))
+        answer = f"it is {colours[i]}"
+        data["s2t"].append({"id": f"s{i}", "speech": f"a{i}.wav", "conversations": [
+            {"from": "human", "value": "<speech>"}, {"from": "gpt", "value": answer}]})
+        data["i2t-pretrain"].append({"id": f"p{i}", "image": f"i{i}.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"a {colours[i]} picture"}]})
+        data["i2t-sft"].append({"id": f"f{i}", "image": f"i{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": colours[i]}]})
+        data["speech-gen"].append({"id": f"g{i}", "tgt_units": units, "conversations": [
+            {"from": "human", "value": "Say it."}, {"from": "gpt", "value": answer}]})
+        data["emotion-dpo"].append({"id": f"d{i}", "tgt_units": units, "re_tgt_units": other, "emotion": "happy",
+                                    "conversations": [{"from": "human", "value": "Say it happily."},
+                                                      {"from": "gpt", "value": answer}]})
+    for name, rows in data.items():
+        (root / f"{name}.json").write_text(json.dumps(rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def component_states(model_dir: Path):
+    model = OmniModel.from_pretrained(model_dir)
+    return {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in COMPONENTS}
+
+
+def train(*args) -> int:
+    return cli.main(["train", *map(str, args), "--no-progress"])
+
+
+def test_all_five_stages_lower_their_losses_and_train_only_their_components(data, tmp_path):
+    assert train("--all", "--model", "tiny", "--data", data, "--out", tmp_path, "--max-steps", 8, "--epochs", 8,
+                 "--save-every", 100) == 0
+    previous = None
+    for stage in STAGES:
+        out = tmp_path / f"{stage.index}-{stage.name}"
+        losses = [row["loss"] for row in read_metrics(out / "metrics.jsonl")]
+        assert len(losses) == 8 and np.mean(losses[-2:]) < np.mean(losses[:2]), (stage.name, losses)
+        assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoints" / "step-00000008").is_dir()
+        after = component_states(out / "model")
+        if previous is not None:
+            for name in COMPONENTS:
+                same = all(torch.equal(previous[name][k], after[name][k]) for k in after[name])
+                assert same == (name not in stage.trains), (stage.name, name)
+        previous = after
+
+
+def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path):
+    args = ["--stage", "speech-gen", "--model", "tiny", "--data", data / "speech-gen.json", "--max-steps", 10,
+            "--epochs", 10, "--save-every", 2, "--keep", 2]
+    assert train(*args, "--out", tmp_path / "straight") == 0
+    command = [sys.executable, "-m", "omnifast.cli", "train", *map(str, args), "--out", str(tmp_path / "killed"),
+               "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "killed" / "checkpoints" / "step-00000004").is_dir():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
+    assert train(*args, "--out", tmp_path / "killed", "--resume") == 0
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    steps = [row["step"] for row in read_metrics(tmp_path / "killed" / "metrics.jsonl")]
+    assert steps == list(range(1, 11))
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # kept the last 2
+
+
+def test_two_gloo_processes_match_one_with_the_same_global_batch(data, tmp_path):
+    common = ["train", "--stage", "speech-gen", "--model", "tiny", "--data", str(data / "speech-gen.json"),
+              "--max-steps", "4", "--epochs", "4", "--save-every", "100", "--no-progress"]
+    assert cli.main(common + ["--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", "-m", "omnifast.cli", *common, "--batch-size", "1", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one = [row["loss"] for row in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    two = [row["loss"] for row in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    np.testing.assert_allclose(two, one, rtol=1e-4)
+
+
+def bad_data(tmp_path: Path, rows) -> Path:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_every_bad_record_is_reported_at_once(data, tmp_path):
+    (tmp_path / "a.wav").write_bytes((data / "a0.wav").read_bytes())
+    rows = [
+        {"id": "r1", "speech": "missing.wav", "tgt_units": "1 2", "conversations": [
+            {"from": "human", "value": "<speech>"}, {"from": "gpt", "value": "x"}]},
+        {"id": "r2", "tgt_units": "1 two 3", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        {"id": "r3", "tgt_units": f"1 {UNITS}", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        {"id": "r4", "speech": ["a.wav"], "tgt_units": "1", "conversations": [
+            {"from": "human", "value": "<speech> <speech>"}, {"from": "gpt", "value": "b"}]},
+        {"id": "r5", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+    ]
+    with pytest.raises(DataError) as error:
+        load_records(bad_data(tmp_path, rows), get_stage("speech-gen"), UNITS)
+    message = str(error.value)
+    for expected in ("record r1: speech: missing file", "record r2: tgt_units: unparsable units",
+                     "record r3: tgt_units: unit out of range", "record r4: speech: 2 <speech> placeholders but 1 files",
+                     "record r5: tgt_units: required by stage 'speech-gen'", "bad.json"):
+        assert expected in message, expected
+    with pytest.raises(DataError, match="re_tgt_units: required by stage 'emotion-dpo'"):
+        load_records(data / "speech-gen.json", get_stage("emotion-dpo"), UNITS)
+    with pytest.raises(DataError, match="does not exist"):
+        load_records(tmp_path / "nope.json", get_stage("s2t"))
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(DataError, match="not JSON"):
+        load_records(tmp_path / "text.json", get_stage("s2t"))
+    (tmp_path / "dict.json").write_text("{}")
+    with pytest.raises(DataError, match="a JSON list"):
+        load_records(tmp_path / "dict.json", get_stage("s2t"))
+
+
+def test_argument_errors_come_before_any_training(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train("--stage", "s3t", "--data", data / "s2t.json", "--out", tmp_path)
+    assert "invalid choice: 's3t'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown stage"):
+        get_stage("s3t")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train("--stage", "s2t", "--data", data / "s2t.json", "--out", tmp_path / "fresh", "--resume")
+    with pytest.raises(ValueError, match="no omnifast_config.json"):
+        train("--stage", "s2t", "--model", tmp_path, "--data", data / "s2t.json", "--out", tmp_path / "x")
+    tiny = tmp_path / "no-decoder"
+    model = OmniModel(__import__("omnifast").models.OmniConfig.tiny())
+    model.speech_decoder = None
+    model.config.speech_decoder = None
+    from omnifast.models import OmniProcessor, build_tiny_tokenizer
+    model.save_pretrained(tiny, OmniProcessor(build_tiny_tokenizer(), model.config))
+    with pytest.raises(ValueError, match="trains speech_decoder, which this model does not have"):
+        train("--stage", "speech-gen", "--model", tiny, "--data", data / "speech-gen.json", "--out", tmp_path / "y")
+    (tmp_path / "options.json").write_text(json.dumps({"learning_rate": 1.0}))
+    with pytest.raises(ValueError, match="unknown training options"):
+        train("--stage", "s2t", "--data", data / "s2t.json", "--out", tmp_path / "z", "--config", tmp_path / "options.json")
+    for out in ("fresh", "x", "y", "z"):
+        assert not (tmp_path / out / "metrics.jsonl").exists()
+
+
+def test_eval_reports_each_stages_metric(data, tmp_path, capsys):
+    assert train("--stage", "speech-gen", "--model", "tiny", "--data", data / "speech-gen.json", "--out", tmp_path,
+                 "--max-steps", 1, "--save-every", 100) == 0
+    for stage, key in (("s2t", "cer"), ("i2t-sft", "accuracy"), ("speech-gen", "unit_error_rate"),
+                       ("emotion-dpo", "reward_accuracy")):
+        assert cli.main(["eval", "--stage", stage, "--model", str(tmp_path / "model"), "--data",
+                         str(data / f"{stage}.json"), "--out", str(tmp_path / f"{stage}.json")]) == 0
+        metrics = json.loads((tmp_path / f"{stage}.json").read_text())
+        assert key in metrics and metrics[key] >= 0
