@@ -12,3 +12,9 @@ settings.register_profile("omnifast", deadline=None, max_examples=40, derandomiz
 settings.register_profile("thorough", deadline=None, max_examples=400,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "omnifast"))
+
+# Import the Triton kernels now, while TRITON_INTERPRET=1 is set: @triton.jit decides at import
+# time whether a kernel is interpreted, and some tests run code with the variable unset.
+import omnifast.kernels.ctc  # noqa: E402,F401
+import omnifast.kernels.linear_ctc  # noqa: E402,F401
+import omnifast.kernels.moe  # noqa: E402,F401
