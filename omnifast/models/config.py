@@ -16,11 +16,12 @@ IMAGE_TOKEN, SPEECH_TOKEN = "<image>", "<speech>"
 @dataclass
 class OmniConfig:
     llm: Dict[str, Any]                     # Qwen2Config kwargs
-    vision: Dict[str, Any]                  # CLIPVisionConfig kwargs
+    vision: Dict[str, Any]                  # CLIPVisionConfig (or SiglipVisionConfig) kwargs
     speech: Dict[str, Any]                  # WhisperConfig kwargs (the encoder's are used)
     speech_decoder: Optional[Dict[str, Any]] = None  # SpeechDecoderConfig fields; None: no decoder
     speech_decoder_mode: str = "nar"
-    vision_feature_layer: int = -2          # hidden state taken from the vision tower (CLS dropped)
+    vision_type: str = "clip"               # "clip" or "siglip"
+    vision_feature_layer: int = -2          # hidden state taken from the vision tower (CLIP's CLS dropped)
     image_projector: str = "mlp2x_gelu"
     speech_stack: int = 5                   # speech projector: concatenate k encoder frames
     speech_projector_hidden: int = 2048
@@ -38,7 +39,7 @@ class OmniConfig:
 
     @property
     def image_tokens(self) -> int:
-        """LLM positions per image: the vision tower's patches (CLS dropped)."""
+        """LLM positions per image: the vision tower's patches (CLIP's CLS dropped)."""
         return (self.image_size // self.vision["patch_size"]) ** 2
 
     @property
@@ -62,6 +63,8 @@ class OmniConfig:
                              f"LLM hidden size ({self.hidden})")
         if self.speech_decoder_mode not in ("nar", "ar"):
             raise ValueError(f"speech_decoder_mode must be 'nar' or 'ar', got {self.speech_decoder_mode!r}")
+        if self.vision_type not in ("clip", "siglip"):
+            raise ValueError(f"vision_type must be 'clip' or 'siglip', got {self.vision_type!r}")
         if self.image_projector != "mlp2x_gelu":
             raise ValueError(f"image_projector must be 'mlp2x_gelu', got {self.image_projector!r}")
         return self

@@ -57,12 +57,13 @@ class SpeechProjector(nn.Module):
 class OmniModel(nn.Module):
     def __init__(self, config: OmniConfig):
         super().__init__()
-        from transformers import CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM, WhisperConfig
+        from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
         self.config = config.validate()
         H = config.hidden
         self.llm = Qwen2ForCausalLM(Qwen2Config(**config.llm))
-        self.vision = CLIPVisionModel(CLIPVisionConfig(**config.vision))
+        vision_config, vision_model = _vision_classes(config.vision_type)
+        self.vision = vision_model(vision_config(**config.vision))
         self.speech = WhisperEncoder(WhisperConfig(**config.speech))
         vision_width = config.vision["hidden_size"]
         self.image_projector = nn.Sequential(nn.Linear(vision_width, H), nn.GELU(), nn.Linear(H, H))
@@ -102,12 +103,13 @@ class OmniModel(nn.Module):
 
     # ---- encoders ------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n, 3, S, S) -> (n, patches, H): the vision tower's ``vision_feature_layer`` without CLS."""
+        """(n, 3, S, S) -> (n, patches, H): the vision tower's ``vision_feature_layer`` (CLIP's CLS
+        dropped; SigLIP has none)."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (n, 3, H, W), got shape {tuple(pixel_values.shape)}")
         states = self.vision(pixel_values.to(self.image_projector[0].weight.dtype),
                              output_hidden_states=True).hidden_states[self.config.vision_feature_layer]
-        return self.image_projector(states[:, 1:])
+        return self.image_projector(states[:, 1:] if self.config.vision_type == "clip" else states)
 
     def encode_speech(self, features: torch.Tensor) -> torch.Tensor:
         """Log-mel features (n, mel bins, frames) -> (n, speech tokens, H)."""
@@ -253,16 +255,17 @@ class OmniModel(nn.Module):
     @classmethod
     def from_components(cls, llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None,
                         **overrides) -> "OmniModel":
-        """Build from local Hugging Face checkpoint directories (``Qwen2ForCausalLM``,
-        ``CLIPVisionModel`` or a full CLIP, ``WhisperModel``) and optionally a speech decoder saved
+        """Build from local Hugging Face checkpoint directories (``Qwen2ForCausalLM``, a CLIP or
+        SigLIP vision tower or whole model, ``WhisperModel``) and optionally a speech decoder saved
         by :func:`save_speech_decoder`; the projectors start fresh. Nothing is downloaded."""
-        from transformers import AutoConfig, CLIPVisionModel, Qwen2ForCausalLM, WhisperModel
+        from transformers import AutoConfig, Qwen2ForCausalLM, WhisperModel
         dirs = {"llm": llm, "vision": vision, "speech": speech}
         for name, directory in dirs.items():
             if not (Path(directory) / "config.json").is_file():
                 raise FileNotFoundError(f"{name}={directory} has no config.json: not a Hugging Face checkpoint directory")
         llm_config = AutoConfig.from_pretrained(llm, local_files_only=True)
         vision_config = AutoConfig.from_pretrained(vision, local_files_only=True)
+        vision_type = "siglip" if "siglip" in vision_config.model_type else "clip"
         vision_config = getattr(vision_config, "vision_config", vision_config)
         speech_config = AutoConfig.from_pretrained(speech, local_files_only=True)
         base = config or OmniConfig.openomni_7b()
@@ -275,14 +278,14 @@ class OmniModel(nn.Module):
             llm=_config_kwargs(llm_config), vision=_config_kwargs(vision_config), speech=_config_kwargs(speech_config),
             speech_decoder=decoder_dict if decoder is not None else
             (None if base.speech_decoder is None else {**base.speech_decoder, "llm_hidden": llm_config.hidden_size}),
-            image_size=vision_config.image_size, **{k: v for k, v in overrides.items()})
+            image_size=vision_config.image_size, vision_type=vision_type, **overrides)
         if decoder_model is not None and decoder_model.config.llm_hidden != llm_config.hidden_size:
             raise ValueError(f"the speech decoder takes LLM states of width {decoder_model.config.llm_hidden} but the "
                              f"LLM's hidden size is {llm_config.hidden_size}")
         with torch.device("meta"):
             model = cls(combined)
         model.llm = Qwen2ForCausalLM.from_pretrained(llm, local_files_only=True)
-        model.vision = CLIPVisionModel.from_pretrained(vision, local_files_only=True)
+        model.vision = _vision_classes(vision_type)[1].from_pretrained(vision, local_files_only=True)
         model.speech = WhisperModel.from_pretrained(speech, local_files_only=True).get_encoder()
         model.image_projector = model.image_projector.to_empty(device="cpu")
         model.speech_projector = model.speech_projector.to_empty(device="cpu")
@@ -293,6 +296,14 @@ class OmniModel(nn.Module):
         model.speech_decoder = decoder_model if decoder_model is not None else (
             None if combined.speech_decoder is None else SpeechDecoder(combined.decoder_config(), combined.speech_decoder_mode))
         return model
+
+
+def _vision_classes(vision_type: str):
+    if vision_type == "siglip":
+        from transformers import SiglipVisionConfig, SiglipVisionModel
+        return SiglipVisionConfig, SiglipVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    return CLIPVisionConfig, CLIPVisionModel
 
 
 def response_states(hidden: torch.Tensor, labels: torch.Tensor):

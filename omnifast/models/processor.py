@@ -41,17 +41,11 @@ class OmniProcessor:
 
     def __init__(self, tokenizer, config: OmniConfig, system_prompt: str = "You are a helpful assistant."):
         from transformers import WhisperFeatureExtractor
-        try:
-            from transformers import CLIPImageProcessorPil as ImageProcessor  # no torchvision needed
-        except ImportError:  # older transformers
-            from transformers import CLIPImageProcessor as ImageProcessor
         missing = [t for t in SPECIAL_TOKENS[1:] if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
         if missing:
             raise ValueError(f"the tokenizer lacks the special tokens {missing}")
         self.tokenizer, self.config, self.system_prompt = tokenizer, config, system_prompt
-        size = config.image_size
-        self.image_processor = ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                              do_center_crop=True, do_normalize=True)
+        self.image_processor = _image_processor(config)
         self.feature_extractor = WhisperFeatureExtractor(feature_size=config.speech["num_mel_bins"],
                                                          sampling_rate=config.sampling_rate,
                                                          chunk_length=config.audio_seconds)
@@ -156,6 +150,19 @@ class OmniProcessor:
     def from_pretrained(cls, path, config: OmniConfig) -> "OmniProcessor":
         from transformers import AutoTokenizer
         return cls(AutoTokenizer.from_pretrained(str(Path(path)), local_files_only=True), config)
+
+
+def _image_processor(config: OmniConfig):
+    """CLIP: resize the short side and centre-crop; SigLIP: resize to the square. The PIL
+    implementations, which need no torchvision."""
+    import transformers
+    size = config.image_size
+    if config.vision_type == "siglip":
+        cls = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
+        return cls(size={"height": size, "width": size})
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
+               do_normalize=True)
 
 
 def collate(items: Sequence[Dict[str, Optional[torch.Tensor]]], pad_id: int) -> Dict[str, torch.Tensor]:

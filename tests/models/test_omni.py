@@ -184,3 +184,17 @@ def test_bad_input(tiny, tmp_path):
     config.image_token_id = 5
     with pytest.raises(ValueError, match="ids"):
         OmniProcessor(build_tiny_tokenizer(), config)
+
+
+def test_siglip_vision_tower():
+    import dataclasses
+    config = dataclasses.replace(OmniConfig.tiny(), vision_type="siglip", vision=dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))
+    torch.manual_seed(1)
+    model = OmniModel(config)
+    processor = OmniProcessor(build_tiny_tokenizer(), config)
+    batch = processor(CONVERSATIONS[1:2], images=[[IMAGE]])
+    assert type(model.vision).__name__ == "SiglipVisionModel"
+    assert model.encode_images(batch["pixel_values"]).shape == (1, config.image_tokens, config.hidden)
+    model(**batch).loss.backward()
+    assert model.image_projector[0].weight.grad.abs().sum() > 0
