@@ -20,8 +20,8 @@ setup(
     ext_modules=[
         CppExtension(
             "omnifast._C",
-            sources=["csrc/bindings.cpp", "csrc/ctc.cpp", "csrc/moe.cpp"],
-            depends=["csrc/ctc.h", "csrc/fastmath.h", "csrc/moe.h"],
+            sources=["csrc/bindings.cpp", "csrc/ctc.cpp", "csrc/moe.cpp", "csrc/fsq.cpp"],
+            depends=["csrc/ctc.h", "csrc/fastmath.h", "csrc/moe.h", "csrc/fsq.h"],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )

@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "ctc.h"
+#include "fsq.h"
 #include "moe.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -27,4 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_unpermute_backward", &omnifast::moe_unpermute_backward, py::arg("grad_out"), py::arg("y"),
         py::arg("position"), py::arg("weights"), py::arg("top_k"), py::arg("want_weight_grad"),
         "gradients of moe_unpermute w.r.t. the expert rows and the weights");
+  m.def("fsq_forward", &omnifast::fsq_forward, py::arg("z"), py::arg("half_level"), py::arg("offset"),
+        py::arg("shift"), py::arg("half_width"), py::arg("basis"), "finite scalar quantisation: codes and indices");
+  m.def("fsq_backward", &omnifast::fsq_backward, py::arg("grad_codes"), py::arg("z"), py::arg("half_level"),
+        py::arg("shift"), py::arg("half_width"), "straight-through gradient of fsq_forward");
 }

@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import ctc, linear_ctc, moe
+from . import ctc, fsq, linear_ctc, moe
 
 
 @dataclass
@@ -129,8 +129,22 @@ def _moe_cases() -> List[Case]:
     return cases
 
 
+def _fsq_cases() -> List[Case]:
+    cases = []
+    for dtype in ("fp32", "bf16"):
+        cases.append(Case(f"fsq_forward[{dtype}]", fsq._fsq_forward_kernel, {
+            "z_ptr": f"*{dtype}", "half_level_ptr": "*fp32", "offset_ptr": "*fp32", "shift_ptr": "*fp32",
+            "half_width_ptr": "*fp32", "basis_ptr": "*i64", "codes_ptr": f"*{dtype}", "indices_ptr": "*i64",
+            "N": "i32", "D": "i32", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"}, {"BLOCK_N": 256, "BLOCK_D": 16}))
+        cases.append(Case(f"fsq_backward[{dtype}]", fsq._fsq_backward_kernel, {
+            "grad_ptr": f"*{dtype}", "z_ptr": f"*{dtype}", "half_level_ptr": "*fp32", "shift_ptr": "*fp32",
+            "half_width_ptr": "*fp32", "grad_z_ptr": f"*{dtype}", "N": "i32", "D": "i32", "BLOCK_N": "constexpr",
+            "BLOCK_D": "constexpr"}, {"BLOCK_N": 256, "BLOCK_D": 16}))
+    return cases
+
+
 def all_cases() -> List[Case]:
-    return _ctc_cases() + _linear_ctc_cases() + _moe_cases()
+    return _ctc_cases() + _linear_ctc_cases() + _moe_cases() + _fsq_cases()
 
 
 def _resource_usage(cubin: bytes) -> Dict[str, int]:

@@ -124,3 +124,14 @@ def moe_kernels(backend: str):
         return moe
     from . import _reference
     return SimpleNamespace(route=_reference.moe_route, unpermute=_reference.moe_unpermute)
+
+
+def fsq_kernels(backend: str):
+    """``fsq_forward`` and ``fsq_backward`` with the contracts of their ``_reference`` versions."""
+    if backend == "cpu":
+        return require_cpu_extension()
+    if backend == "triton":
+        from omnifast.kernels import fsq
+        return fsq
+    from . import _reference
+    return _reference

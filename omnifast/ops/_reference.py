@@ -212,3 +212,20 @@ def moe_unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[tor
     if weights is None:
         return gathered.sum(1)
     return torch.einsum("nk,nko->no", weights.to(gathered.dtype), gathered)
+
+
+# --- finite scalar quantisation ---
+
+def fsq_forward(z: torch.Tensor, half_level, offset, shift, half_width, basis):
+    """Rows z (N, D) -> codes (N, D) = round(tanh(z + shift) * half_level - offset) / half_width
+    (round half to even) and indices (N,) = sum_d (q_d + half_width_d) * basis_d."""
+    bounded = torch.tanh(z.float() + shift) * half_level - offset
+    q = torch.round(bounded)
+    indices = ((q + half_width).long() * basis).sum(-1)
+    return (q / half_width).to(z.dtype), indices
+
+
+def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, half_level, shift, half_width) -> torch.Tensor:
+    """The straight-through gradient: rounding passes the gradient of the bounded value."""
+    t = torch.tanh(z.float() + shift)
+    return (grad_codes.float() * half_level * (1 - t * t) / half_width).to(z.dtype)

@@ -14,6 +14,6 @@ def test_every_kernel_compiles_for_sm80_and_sm90():
     assert "0 failed" in run.stdout
     for name in ("ctc_alpha", "ctc_beta_grad", "ctc_grad_init", "row_logsumexp",
                  "chunk_emissions", "chunk_softmax", "chunk_scatter", "moe_route", "moe_sort_slots",
-                 "moe_unpermute", "moe_unpermute_backward", "moe_grouped_mm", "moe_grouped_weight_grad"):
+                 "moe_unpermute", "moe_unpermute_backward", "moe_grouped_mm", "moe_grouped_weight_grad", "fsq_forward", "fsq_backward"):
         assert f"{name}[" in run.stdout or f"{name} " in run.stdout
     assert "sm_80" in run.stdout and "sm_90" in run.stdout
