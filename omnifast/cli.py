@@ -21,7 +21,12 @@ def main(argv=None) -> int:
     run.add_train_arguments(train)
     evaluate = commands.add_parser("eval", help="evaluate a stage's model on held-out records")
     run.add_eval_arguments(evaluate)
+    from omnifast.speech import train as tokenizer_training
+    tokenizer = commands.add_parser("tokenizer", help="train a speech tokenizer and unit vocoder")
+    tokenizer_training.add_arguments(tokenizer)
     args = parser.parse_args(argv)
+    if args.command == "tokenizer":
+        return tokenizer_training.train_command(args)
     if args.command == "train":
         return run.train_command(args)
     if args.command == "eval":

@@ -4,11 +4,12 @@ round-trip through JSON. The component settings are the keyword arguments of the
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from omnifast.nn.speech_decoder import SpeechDecoderConfig
+from omnifast.ops._checks import check_known_keys
 
 IMAGE_TOKEN, SPEECH_TOKEN = "<image>", "<speech>"
 
@@ -111,10 +112,7 @@ class OmniConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "OmniConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown OmniConfig keys: {sorted(unknown)}")
+        check_known_keys("OmniConfig", values, cls)
         return cls(**values).validate()
 
     def save(self, path) -> None:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from omnifast.nn.speech_decoder import SpeechDecoder

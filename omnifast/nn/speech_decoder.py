@@ -30,7 +30,7 @@ from torch import nn
 
 from omnifast.ops import ctc_greedy_decode
 from omnifast.ops.decode import sample_top_k_top_p
-from omnifast.ops._checks import check_choice, check_tensor
+from omnifast.ops._checks import check_choice, check_known_keys, check_tensor
 from omnifast.ops.ctc_dpo import CTCDPOOutput
 from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
@@ -92,10 +92,7 @@ class SpeechDecoderConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, object]) -> "SpeechDecoderConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown speech decoder config keys: {sorted(unknown)}")
+        check_known_keys("speech decoder config", values, cls)
         return cls(**values)
 
     def qwen2(self):

@@ -38,6 +38,14 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_known_keys(what: str, values, cls) -> None:
+    """A ValueError naming the keys of ``values`` that are not fields of the dataclass ``cls``."""
+    from dataclasses import fields
+    unknown = set(values) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {sorted(unknown)}")
+
+
 def check_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

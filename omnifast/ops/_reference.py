@@ -199,13 +199,6 @@ def moe_route(logits: torch.Tensor, top_k: int, normalize: bool):
     return probs, weights, experts, torch.logsumexp(logits, -1), counts, offsets, order, position
 
 
-def _route_kernel(backend: str):
-    if backend == "cpu":
-        return require_cpu_extension().moe_route
-    from omnifast.kernels import moe
-    return moe.route
-
-
 def moe_unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.Tensor], top_k: int) -> torch.Tensor:
     """out[n] = sum_j weights[n, j] * y[position[n * top_k + j]] (weights 1 when None), by gather."""
     gathered = y[position].view(position.numel() // top_k, top_k, -1)

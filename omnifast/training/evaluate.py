@@ -59,21 +59,26 @@ def answer_accuracy(model, processor, records) -> Dict[str, float]:
     return {"accuracy": correct / len(records)}
 
 
-@torch.no_grad()
-def unit_error_rate(model, processor, records, batch_size: int = 4) -> Dict[str, float]:
-    """The decoder's greedy units on the LLM states of the reference answer, against its units."""
-    import jiwer
-    model.eval()
+def _response_batches(model, processor, records, batch_size: int):
+    """Batches of records with the LLM's states at their response positions."""
     dataset = ConversationDataset(records, processor)
-    hyps, refs = [], []
     for start in range(0, len(dataset), batch_size):
         batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
                               processor.tokenizer.pad_token_id)
         hidden = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
                        speech_features=batch["speech_features"], text_loss=False).hidden_states
-        states, tokens, mask = response_states(hidden, batch["labels"])
+        yield (batch, *response_states(hidden, batch["labels"]))
+
+
+@torch.no_grad()
+def unit_error_rate(model, processor, records, batch_size: int = 4) -> Dict[str, float]:
+    """The decoder's greedy units on the LLM states of the reference answer, against its units."""
+    import jiwer
+    model.eval()
+    hyps, refs = [], []
+    for batch, states, tokens, mask in _response_batches(model, processor, records, batch_size):
         hyps += [" ".join(map(str, u)) or "<empty>" for u in model.speech_decoder.generate(states, tokens, mask, mask)]
-        refs += [" ".join(map(str, r.tgt_units)) for r in records[start:start + batch_size]]
+        refs += [" ".join(map(str, row[row != -100].tolist())) for row in batch["units"]]
     return {"unit_error_rate": jiwer.wer(refs, hyps)}
 
 
@@ -83,14 +88,8 @@ def reward_accuracy(model, processor, records, reference: Optional[OmniModel] = 
     """How often the policy's implicit reward prefers the chosen units: (log p_w - log ref_w) >
     (log p_l - log ref_l). Without a reference, how often log p_w > log p_l."""
     model.eval()
-    dataset = ConversationDataset(records, processor)
     wins = 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                              processor.tokenizer.pad_token_id)
-        hidden = model(batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"],
-                       speech_features=batch["speech_features"], text_loss=False).hidden_states
-        states, tokens, mask = response_states(hidden, batch["labels"])
+    for batch, states, tokens, mask in _response_batches(model, processor, records, batch_size):
         chosen, rejected = model.speech_decoder.reference_logps(states, tokens, batch["units"], batch["rejected_units"],
                                                                 hidden_mask=mask, text_mask=mask)
         if reference is not None:

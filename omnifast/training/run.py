@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import fields
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 

@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from omnifast.models import OmniModel, OmniProcessor, response_states
+from omnifast.ops._checks import check_known_keys
 
 from .data import ConversationDataset, Record, collate_batch
 from .stages import Stage, get_stage
@@ -50,10 +51,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training options: {sorted(unknown)}")
+        check_known_keys("training option", values, cls)
         return cls(**values)
 
 

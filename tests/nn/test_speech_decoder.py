@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import omnifast
 from omnifast.nn import SpeechDecoder, SpeechDecoderConfig, TextGuidedModule
 from omnifast.nn.speech_decoder import uniform_upsample
 
