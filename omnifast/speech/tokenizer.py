@@ -83,7 +83,9 @@ class SpeechTokenizer(nn.Module):
                                                 hop_length=HOP, n_fft=N_FFT)
         self.downsample = nn.Sequential(nn.Conv1d(config.n_mels, W, 3, 2, 1), nn.GELU(), nn.Conv1d(W, W, 3, 2, 1), nn.GELU())
         self.encoder = _layers(W, config.heads, config.encoder_layers)
-        self.to_codes = nn.Linear(W, len(config.levels))
+        # normalised input to a linear map: keeps z in tanh's working range, where the
+        # straight-through gradient is alive (a saturated z sends every frame to one unit)
+        self.to_codes = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, len(config.levels)))
         self.fsq = FSQ(config.levels, backend)
         self.ctc_head = nn.Sequential(nn.Linear(len(config.levels), W), nn.GELU(), nn.Linear(W, len(config.vocabulary) + 1))
         self.style_encoder = nn.Sequential(nn.Conv1d(config.n_mels, W, 5, 1, 2), nn.GELU(), nn.Conv1d(W, W, 5, 2, 2), nn.GELU())

@@ -70,6 +70,8 @@ def test_training_lowers_the_acoustic_and_semantic_losses(corpus):
     first, last = history[:5], history[-5:]
     for key in ("mel", "ctc", "style"):
         assert np.mean([h[key] for h in last]) < 0.8 * np.mean([h[key] for h in first]), key
+    units, _ = model.encode(corpus[0]["wave"])
+    assert units.unique().numel() > 1  # the codes did not saturate onto one unit
 
 
 def test_vocoder_waveform_length_rate_and_style_centroids(tokenizer, corpus):
