@@ -15,7 +15,7 @@ if os.environ.get("OMNIFAST_DEBUG_BUILD"):
     cxx_flags = ["-O0", "-g", "-fopenmp", "-std=c++17"]
 
 setup(
-    packages=["omnifast", "omnifast.ops", "omnifast.nn", "omnifast.models", "omnifast.training", "omnifast.speech", "omnifast.kernels", "omnifast.benchmarks"],
+    packages=["omnifast", "omnifast.ops", "omnifast.nn", "omnifast.models", "omnifast.training", "omnifast.speech", "omnifast.demo", "omnifast.kernels", "omnifast.benchmarks"],
     package_dir={"omnifast": "omnifast", "omnifast.kernels": "kernels", "omnifast.benchmarks": "benchmarks"},
     ext_modules=[
         CppExtension(
