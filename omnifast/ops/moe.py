@@ -58,16 +58,12 @@ class Routing:
         return self.experts.shape[1]
 
 
-def _route_kernel(backend: str):
-    return moe_kernels(backend).route
-
-
 class _Route(torch.autograd.Function):
     """Kernel routing; the gradient to the logits in closed form from probs, weights, experts."""
 
     @staticmethod
     def forward(ctx, logits, top_k, normalize, backend):
-        probs, weights, experts, lse, *index = _route_kernel(backend)(logits, top_k, normalize)
+        probs, weights, experts, lse, *index = moe_kernels(backend).route(logits, top_k, normalize)
         ctx.save_for_backward(probs, weights, experts)
         ctx.normalize = normalize
         ctx.mark_non_differentiable(experts, *index)
@@ -177,9 +173,11 @@ class _ExpertMLP(torch.autograd.Function):
         grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
         grad_b1 = x.new_empty(w1.shape[:2]) if ctx.has_bias[0] else None
         grad_b2 = x.new_empty(w2.shape[:2]) if ctx.has_bias[1] else None
+        busy = {e for e, _, _ in ctx.segments}
+        idle = [e for e in range(w1.shape[0]) if e not in busy]
         for grad in (grad_w1, grad_w2, grad_b1, grad_b2):  # experts without tokens get zeros
             if grad is not None:
-                grad[[e for e in range(w1.shape[0]) if e not in {s[0] for s in ctx.segments}]] = 0
+                grad[idle] = 0
         grad_out = grad_out.contiguous()
         for e, start, end in ctx.segments:
             g = grad_out[start:end]
@@ -243,25 +241,19 @@ def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, 
     return _ExpertMLP.apply(x_sorted, w1, b1, w2, b2, segments, activation)
 
 
-def _combine_kernels(backend: str):
-    kernels = moe_kernels(backend)
-    return kernels.unpermute, kernels.unpermute_backward
-
-
 class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weights, position, top_k, backend):
-        forward, _ = _combine_kernels(backend)
         ctx.save_for_backward(y, weights, position)
         ctx.top_k, ctx.backend = top_k, backend
-        return forward(y, position, weights, top_k)
+        return moe_kernels(backend).unpermute(y, position, weights, top_k)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         y, weights, position = ctx.saved_tensors
-        _, backward = _combine_kernels(ctx.backend)
-        grad_y, grad_w = backward(grad_out, y, position, weights, ctx.top_k, ctx.needs_input_grad[1])
+        grad_y, grad_w = moe_kernels(ctx.backend).unpermute_backward(grad_out, y, position, weights, ctx.top_k,
+                                                                     ctx.needs_input_grad[1])
         return grad_y, grad_w, None, None, None
 
 
@@ -279,8 +271,8 @@ class _Permute(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_sorted):
         (position,) = ctx.saved_tensors
-        forward, _ = _combine_kernels(ctx.backend)
-        return forward(grad_sorted.contiguous(), position, None, ctx.top_k), None, None, None, None
+        unpermute = moe_kernels(ctx.backend).unpermute
+        return unpermute(grad_sorted.contiguous(), position, None, ctx.top_k), None, None, None, None
 
 
 def permute(x: torch.Tensor, routing: Routing) -> torch.Tensor:
