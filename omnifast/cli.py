@@ -15,7 +15,13 @@ def main(argv=None) -> int:
     bench = commands.add_parser("bench", help="benchmark an op family against the reference ops")
     bench.add_argument("op", choices=BENCHMARKS + ("all",))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark script")
-    commands.add_parser("demo", help="the main job (for now: the CTC benchmark)")
+    demo = commands.add_parser("demo", help="the main job: a tiny omni model trained through the five stages on a "
+                               "synthetic corpus, evaluated, with a report in --out")
+    demo.add_argument("--quick", action="store_true", help="a smoke test of the whole run (under 3 minutes)")
+    demo.add_argument("--out", default="demo_out", help="where the report goes (default: demo_out)")
+    demo.add_argument("--cache", default=".cache", help="where the corpus is built once (default: .cache)")
+    demo.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    demo.add_argument("--no-progress", action="store_true")
     from omnifast.training import run
     train = commands.add_parser("train", help="run a training stage (or all five)")
     run.add_train_arguments(train)
@@ -32,7 +38,10 @@ def main(argv=None) -> int:
     if args.command == "eval":
         return run.eval_command(args)
     if args.command == "demo":
-        return importlib.import_module("omnifast.benchmarks.ctc").main([])
+        from omnifast.demo.run import run_demo
+        results = run_demo(args.out, args.cache, args.quick, args.seed, not args.no_progress)
+        print(f"report: {args.out}/report.md ({results['seconds']['total']:.0f} s)")
+        return 0
     ops = BENCHMARKS if args.op == "all" else (args.op,)
     for op in ops:
         status = importlib.import_module(f"omnifast.benchmarks.{op}").main(args.rest)

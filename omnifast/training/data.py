@@ -130,6 +130,19 @@ def read_audio(path: Path) -> np.ndarray:
     return samples.reshape(-1, channels).mean(1) if channels > 1 else samples
 
 
+def write_audio(path: Path, samples: np.ndarray, sampling_rate: int = 16000) -> None:
+    """Mono float samples in [-1, 1] -> a 16-bit PCM WAV file (written to a temporary name, then renamed)."""
+    path = Path(path)
+    pcm = (np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+    tmp = path.with_name(path.name + ".tmp")
+    with wave.open(str(tmp), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(sampling_rate)
+        handle.writeframes(pcm.tobytes())
+    tmp.replace(path)
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Records encoded on access: the processor's input_ids / labels / media, plus units."""
 

@@ -105,7 +105,7 @@ def evaluate(stage_name: str, model, processor, records, reference=None) -> Dict
     stage = get_stage(stage_name)
     if stage.index == 1:
         return asr_error_rates(model, processor, records)
-    if stage.index in (2, 3):
+    if stage.index in (0, 2, 3):
         return answer_accuracy(model, processor, records)
     if stage.index == 4:
         return unit_error_rate(model, processor, records)

@@ -31,7 +31,11 @@ STAGES: Tuple[Stage, ...] = (
     Stage(5, "emotion-dpo", ("speech_decoder",), "dpo", ("tgt_units", "re_tgt_units"), 5e-4, 0.3, 3,
           note="CTC-DPO, beta 0.1; reference = the frozen stage-4 decoder, its log-likelihoods cached once"),
 )
-BY_NAME = {stage.name: stage for stage in STAGES}
+# Not an OpenOmni stage: a tiny model starts from a random LLM, so the demo first teaches it the
+# corpus' language (the stand-in for starting from a pretrained Qwen2.5). ``--all`` skips it.
+LLM_PRETRAIN = Stage(0, "llm-pretrain", ("llm",), "text", (), 1e-3, 0.05, 1,
+                     note="text-only next-token training of the whole LLM")
+BY_NAME = {stage.name: stage for stage in (LLM_PRETRAIN,) + STAGES}
 
 
 def get_stage(name: str) -> Stage:
