@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from .images import Scene, draw, SHAPES, COLOURS, POSITIONS
 from .speech import STYLES, VOICES, Speaker
 
-VERSION = 1
+VERSION = 2
 TRAIN_VOICES, EVAL_VOICE = VOICES[:3], VOICES[3]
 UNIT_VOICE = VOICES[0]             # the voice whose clips give the answers' units
 EMOTIONS = ("happy", "sad", "angry")
@@ -185,12 +185,13 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
         return [studio.clip(t, UNIT_VOICE, style) for t in texts]
 
     pairs = split.train_facts + tuple(p for pairs in CONTEXTS.values() for p in pairs[:-1])
-    pairs += tuple((f"{t}\n{TRANSCRIBE}", t) for t in sentences)  # the copying, answered aloud
+    unheard = {t for pair in split.eval_facts for t in pair}  # held out for text-to-speech
+    pairs += tuple((f"{t}\n{TRANSCRIBE}", t) for t in sentences if t not in unheard)  # the copying, answered aloud
     _dump(building / "speech-gen.pending.json", [
         {"id": f"say-{i}", "conversations": _turns(q, a), "units_from": spoken([a], "neutral")}
         for i, (q, a) in enumerate(pairs)])
-    _dump(building / "eval-t2s.json", [{"id": f"t2s-{i}", "conversations": _turns(q, a)}
-                                       for i, (q, a) in enumerate(split.eval_facts)])
+    prompts = list(split.eval_facts) + [(f"{s.caption()}\n{TRANSCRIBE}", s.caption()) for s in split.eval_scenes]
+    _dump(building / "eval-t2s.json", [{"id": f"t2s-{i}", "conversations": _turns(q, a)} for i, (q, a) in enumerate(prompts)])
     bar.update()
 
     # stage 5: dialogues; chosen = the replies in the context's emotion, rejected = neutral

@@ -18,7 +18,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,16 +47,24 @@ class TrainConfig:
     beta: float = 0.1                      # CTC-DPO temperature
     bf16: str = "auto"                     # "auto": on CUDA devices that support it; "on" / "off"
     fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
+    trains: Optional[Tuple[str, ...]] = None  # components to train instead of the stage's own
     progress: bool = True
 
     @classmethod
     def from_dict(cls, values: Dict) -> "TrainConfig":
         check_known_keys("training option", values, cls)
-        return cls(**values)
+        config = cls(**values)
+        if config.trains is not None:
+            from omnifast.models.omni import COMPONENTS
+            config.trains = tuple(config.trains.split(",") if isinstance(config.trains, str) else config.trains)
+            unknown = [c for c in config.trains if c not in COMPONENTS]
+            if unknown or not config.trains:
+                raise ValueError(f"trains: unknown components {unknown}; the components are {', '.join(COMPONENTS)}")
+        return config
 
 
-def check_model_for_stage(model: OmniModel, stage: Stage) -> None:
-    for component in stage.trains:
+def check_model_for_stage(model: OmniModel, stage: Stage, trains: Optional[Tuple[str, ...]] = None) -> None:
+    for component in trains or stage.trains:
         if getattr(model, component, None) is None:
             raise ValueError(f"stage {stage.name!r} trains {component}, which this model does not have")
     if stage.loss == "dpo" and model.speech_decoder.mode != "nar":
@@ -93,21 +101,23 @@ class Trainer:
     def __init__(self, model: OmniModel, processor: OmniProcessor, records: List[Record], config: TrainConfig,
                  out_dir, device: Optional[str] = None):
         self.stage = get_stage(config.stage)
-        check_model_for_stage(model, self.stage)
+        config = TrainConfig.from_dict(asdict(config))  # validated (and ``trains`` as a tuple)
+        self.trains = config.trains or self.stage.trains
+        check_model_for_stage(model, self.stage, self.trains)
         self.config, self.processor, self.out_dir = config, processor, Path(out_dir)
         self.rank, self.world = _distributed()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.model = model.to(self.device)
-        self.model.freeze(except_=self.stage.trains)
+        self.model.freeze(except_=self.trains)
         self.dataset = ConversationDataset(records, processor)
         self.reference = None
         if self.stage.loss == "dpo":  # the frozen stage-4 decoder this stage starts from
             self.reference = copy.deepcopy(model.speech_decoder).requires_grad_(False).eval()
         lr = config.lr if config.lr is not None else self.stage.lr
         groups = []
-        for component in self.stage.trains:
+        for component in self.trains:
             params = [p for p in getattr(model, component).parameters() if p.requires_grad]
             groups.append({"params": params, "lr": self.stage.component_lr.get(component, lr), "name": component})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -128,7 +138,7 @@ class Trainer:
             return self.model
         if self.config.fsdp:
             from torch.distributed.fsdp import fully_shard
-            for component in self.stage.trains:
+            for component in self.trains:
                 fully_shard(getattr(self.model, component))
             return self.model
         from torch.nn.parallel import DistributedDataParallel

@@ -197,3 +197,19 @@ def test_eval_reports_each_stages_metric(data, tmp_path, capsys):
                          str(data / f"{stage}.json"), "--out", str(tmp_path / f"{stage}.json")]) == 0
         metrics = json.loads((tmp_path / f"{stage}.json").read_text())
         assert key in metrics and metrics[key] >= 0
+
+
+def test_trains_overrides_the_stages_components(data, tmp_path):
+    """``--trains speech,speech_projector``: stage 1 with the speech encoder unfrozen too."""
+    from omnifast.training.run import load_model
+    model = load_model("tiny", seed=0)[0]  # what --model tiny starts from
+    before = {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in COMPONENTS}
+    assert train("--stage", "s2t", "--model", "tiny", "--data", data / "s2t.json", "--out", tmp_path, "--max-steps", 2,
+                 "--trains", "speech,speech_projector", "--save-every", 100) == 0
+    after = component_states(tmp_path / "model")
+    for name in COMPONENTS:
+        same = all(torch.equal(before[name][k], after[name][k]) for k in after[name])
+        assert same == (name not in ("speech", "speech_projector")), name
+    with pytest.raises(ValueError, match=r"trains: unknown components \['ears'\]"):
+        train("--stage", "s2t", "--data", data / "s2t.json", "--out", tmp_path / "x", "--trains", "speech,ears")
+    assert not (tmp_path / "x").exists()

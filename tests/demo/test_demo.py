@@ -1,0 +1,26 @@
+"""``omnifast demo --quick`` end to end: corpus, tokenizer, the six stages, evaluation, report.
+Checks that the report has every figure and each is a finite number (the quick run trains too
+little for the figures themselves to mean anything)."""
+import json
+import math
+
+from omnifast.cli import main
+from omnifast.demo.report import numbers, table_rows
+
+
+def test_quick_demo_writes_a_complete_report(tmp_path):
+    out = tmp_path / "demo_out"
+    assert main(["demo", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    figures = numbers(results)
+    assert len(figures) == 13 and all(math.isfinite(x) for x in figures), figures
+    report = (out / "report.md").read_text()
+    for what, analogue, measured, _ in table_rows(results):
+        assert f"| {what} | {analogue} | {measured} |" in report
+    assert "nan" not in report.lower()
+    for name in ("losses.png", "results.png", "wavs/t2s-0.wav"):
+        assert (out / name).stat().st_size > 1000
+    assert len(list((out / "wavs").glob("*-after-dpo.wav"))) >= 1
+    for index, stage in enumerate(("llm-pretrain", "s2t", "i2t-pretrain", "i2t-sft", "speech-gen", "emotion-dpo")):
+        assert (out / "train" / f"{index}-{stage}" / "model" / "model.safetensors").is_file()
+    assert results["seconds"]["total"] < 180
