@@ -38,7 +38,12 @@ def main(argv=None) -> int:
     if args.command == "eval":
         return run.eval_command(args)
     if args.command == "demo":
+        from omnifast.demo import espeak_available
         from omnifast.demo.run import run_demo
+        if not espeak_available():
+            print("omnifast demo needs eSpeak NG for its speech: `pip install espeakng-loader` (a wheel that bundles "
+                  "it; `make demo` installs it) or the espeak-ng system package (libespeak-ng).", file=sys.stderr)
+            return 1
         results = run_demo(args.out, args.cache, args.quick, args.seed, not args.no_progress)
         print(f"report: {args.out}/report.md ({results['seconds']['total']:.0f} s)")
         return 0

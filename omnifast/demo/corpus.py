@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from .images import Scene, draw, SHAPES, COLOURS, POSITIONS
 from .speech import STYLES, VOICES, Speaker
 
-VERSION = 2
+VERSION = 6
 TRAIN_VOICES, EVAL_VOICE = VOICES[:3], VOICES[3]
 UNIT_VOICE = VOICES[0]             # the voice whose clips give the answers' units
 EMOTIONS = ("happy", "sad", "angry")
@@ -143,6 +143,9 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
     sentences += [t for pair in facts() for t in pair] + [t for pairs in CONTEXTS.values() for pair in pairs for t in pair]
     lm = [{"id": f"copy-{i}", "conversations": _turns(f"{t}\n{TRANSCRIBE}", t)} for i, t in enumerate(sentences)]
     lm += [{"id": f"fact-{i}", "conversations": _turns(q, a)} for i, (q, a) in enumerate(facts())]
+    # reading a caption to answer the picture questions: what the pictures will be read as (language as pivot)
+    lm += [{"id": f"read-{i}-{j}", "conversations": _turns(f"{s.caption()}\n{q}", a)}
+           for i, s in enumerate(split.train_scenes) for j, (q, a) in enumerate(picture_questions(s))]
     lm += [{"id": f"talk-{e}-{i}-{j}", "conversations": _turns(s, r, q, a)}
            for e, pairs in CONTEXTS.items() for i, (s, r) in enumerate(pairs) for j, (q, a) in enumerate(facts())]
     _dump(building / "llm-pretrain.json", lm)
@@ -155,6 +158,15 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
         for voice, style in draws:
             s2t.append({"id": f"s2t-{len(s2t)}", "speech": studio.clip(text, voice, style),
                         "conversations": _turns(f"<speech>\n{TRANSCRIBE}", text)})
+    for question, answer in split.train_facts:  # spoken questions answered: speech the LLM understands, not only copies
+        for voice, style in rng.sample(combos, takes):
+            s2t.append({"id": f"s2t-{len(s2t)}", "speech": studio.clip(question, voice, style),
+                        "conversations": _turns("<speech>", answer)})
+    for i, scene in enumerate(split.train_scenes):  # a spoken question about a caption: speech in a text context
+        for question, answer in rng.sample(picture_questions(scene), 2):
+            voice, style = rng.choice(combos)
+            s2t.append({"id": f"s2t-{len(s2t)}", "speech": studio.clip(question, voice, style),
+                        "conversations": _turns(f"{scene.caption()}\n<speech>", answer)})
     _dump(building / "s2t.json", s2t)
     _dump(building / "eval-s2t.json", [
         {"id": f"asr-{i}", "speech": studio.clip(s.caption(), EVAL_VOICE, rng.choice(list(STYLES))),
@@ -168,7 +180,10 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
     vqa = [{"id": f"vqa-{i}-{j}", "image": studio.picture(s, image_size), "conversations": _turns(f"<image>\n{q}", a)}
            for i, s in enumerate(split.train_scenes) for j, (q, a) in enumerate(picture_questions(s))]
     # LLaVA's SFT mix keeps text-only conversations; so does ours (the copying and the facts)
-    _dump(building / "i2t-sft.json", vqa + [r for r in lm if not r["id"].startswith("talk")])
+    # the tiny LLM forgets fast: the SFT mix also keeps the speech conversations of stage 1 (no record
+    # pairs a picture with speech)
+    _dump(building / "i2t-sft.json", vqa + [r for r in lm if r["id"].startswith(("copy", "fact"))] +
+          rng.sample(s2t, min(len(s2t), len(vqa) // 2)))
     bar.update()
     eval_vqa = [(i, j, s, q, a) for i, s in enumerate(split.eval_scenes) for j, (q, a) in enumerate(picture_questions(s))]
     _dump(building / "eval-vqa-text.json", [

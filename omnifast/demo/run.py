@@ -25,8 +25,12 @@ from . import corpus as demo_corpus
 
 TRAIN_FILES = ("llm-pretrain", "s2t", "i2t-pretrain", "i2t-sft")
 EVAL_FILES = ("eval-s2t", "eval-vqa-text", "eval-vqa-speech", "eval-t2s")
-LEARNING_RATES = {"llm-pretrain": 2e-3, "s2t": 2e-3, "i2t-pretrain": 2e-3, "i2t-sft": 5e-4, "speech-gen": 1e-3,
+LEARNING_RATES = {"llm-pretrain": 2e-3, "s2t": 2e-3, "i2t-pretrain": 2e-3, "i2t-sft": 5e-4, "speech-gen": 2e-3,
                   "emotion-dpo": 2e-4}
+# Our Whisper stand-in starts random (OpenOmni's is pretrained), so stage 1 trains it with the projector.
+TRAINS = {"s2t": ("speech", "speech_projector")}
+SFT_WEIGHT = 1.0  # CTC-DPO alone shortens the tiny decoder's speech to win the margin; the chosen NLL holds it
+TOKENIZER_LEVELS = (4, 4, 4, 4)  # 256 units: a codebook the tiny decoder can learn from ~200 sentences
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,8 @@ class DemoSize:
     wavs: int = 3                          # generated answers saved as WAV per kind
 
 
-FULL = DemoSize("full", 1200, {"llm-pretrain": 400, "s2t": 400, "i2t-pretrain": 150, "i2t-sft": 400,
-                               "speech-gen": 400, "emotion-dpo": 150}, batch_size=16)
+FULL = DemoSize("full", 800, {"llm-pretrain": 250, "s2t": 400, "i2t-pretrain": 150, "i2t-sft": 600,
+                              "speech-gen": 400, "emotion-dpo": 200}, batch_size=16, classifier_clips=300)
 QUICK = DemoSize("quick", 40, {"llm-pretrain": 12, "s2t": 8, "i2t-pretrain": 4, "i2t-sft": 8, "speech-gen": 8,
                                "emotion-dpo": 4}, batch_size=8, train_limit=48, eval_limit=6, classifier_clips=40,
                  wavs=1)
@@ -53,7 +57,8 @@ def demo_config(units: int) -> OmniConfig:
     config.llm.update(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
                       num_key_value_heads=2)
     config.vision.update(image_size=48)          # 8-pixel patches: 36 image positions
-    config.speech.update(num_mel_bins=40, max_source_positions=150)  # 3 s: 30 speech positions
+    config.speech.update(num_mel_bins=40, max_source_positions=150, d_model=128, encoder_layers=3,
+                         encoder_attention_heads=4, encoder_ffn_dim=256)  # 3 s: 30 speech positions
     config.image_size, config.audio_seconds, config.speech_projector_hidden = 48, 3, 256
     config.speech_decoder = asdict(SpeechDecoderConfig.tiny(
         llm_hidden=192, text_vocab=320, units=units, upsample_factor=6, width=128, intermediate=256, layers=3,
@@ -84,7 +89,7 @@ def train_tokenizer(corpus: Path, size: DemoSize, out: Path, seed: int, progress
     records = load_corpus(corpus / "tokenizer")
     train, test = split(records, seed=seed)
     torch.manual_seed(seed)
-    tokenizer = SpeechTokenizer(config_for(records, SpeechTokenizerConfig.tiny()))
+    tokenizer = SpeechTokenizer(config_for(records, SpeechTokenizerConfig.tiny(levels=TOKENIZER_LEVELS)))
     history = tokenizer_training.train_tokenizer(tokenizer, train, size.tokenizer_steps, 16, 3e-3, seed, progress)
     names = label_names(records)
     vocoder = UnitVocoder(tokenizer).fit_centroids([r["wave"] for r in train[:400]],
@@ -126,7 +131,8 @@ def run_demo(out_dir="demo_out", cache_dir=".cache", quick: bool = False, seed: 
             records = load_records(files[stage.name], stage, config.speech_decoder["units"])
             options = TrainConfig(stage=stage.name, lr=LEARNING_RATES[stage.name], epochs=10 ** 6,
                                   max_steps=size.steps[stage.name], batch_size=size.batch_size, save_every=10 ** 6,
-                                  keep=1, seed=seed, progress=progress, warmup_ratio=0.1)
+                                  keep=1, seed=seed, progress=progress, warmup_ratio=0.1,
+                                  trains=TRAINS.get(stage.name), sft_weight=SFT_WEIGHT)
             stage_dirs[stage.name] = Trainer(model, processor, records, options,
                                              out / "train" / f"{stage.index}-{stage.name}").train()
     with timer("evaluation"):

@@ -71,7 +71,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f"(default: {value})")
         else:
             kind = {"trains": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float, "weight_decay": float,
-                    "beta": float, "bf16": str}.get(f.name, int)
+                    "beta": float, "sft_weight": float, "bf16": str}.get(f.name, int)
             fallback = {"max_steps": "all epochs"}.get(f.name, "the stage's")
             parser.add_argument(flag, type=kind, default=None,
                                 help=f"(default: {fallback})" if value is None else f"(default: {value})")

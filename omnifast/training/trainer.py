@@ -45,6 +45,7 @@ class TrainConfig:
     keep: int = 2                          # checkpoints kept
     seed: int = 0
     beta: float = 0.1                      # CTC-DPO temperature
+    sft_weight: float = 0.0                # CTC-DPO: weight of the chosen units' CTC NLL (per unit) added
     bf16: str = "auto"                     # "auto": on CUDA devices that support it; "on" / "off"
     fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
     trains: Optional[Tuple[str, ...]] = None  # components to train instead of the stage's own
@@ -167,7 +168,8 @@ class Trainer:
         states, tokens, mask = response_states(hidden, batch["labels"])
         ref_chosen, ref_rejected = self._reference_logps(batch, states, tokens, mask)
         out = self.model.speech_decoder.dpo_loss(states, tokens, batch["units"], batch["rejected_units"], ref_chosen,
-                                                 ref_rejected, beta=self.config.beta, hidden_mask=mask, text_mask=mask)
+                                                 ref_rejected, beta=self.config.beta, hidden_mask=mask, text_mask=mask,
+                                                 sft_weight=self.config.sft_weight)
         return out.loss
 
     def _reference_logps(self, batch, states, tokens, mask):

@@ -213,3 +213,15 @@ def test_trains_overrides_the_stages_components(data, tmp_path):
     with pytest.raises(ValueError, match=r"trains: unknown components \['ears'\]"):
         train("--stage", "s2t", "--data", data / "s2t.json", "--out", tmp_path / "x", "--trains", "speech,ears")
     assert not (tmp_path / "x").exists()
+
+
+def test_sft_weight_adds_the_chosen_nll_to_ctc_dpo(data, tmp_path):
+    """The first DPO step's loss is log 2 (policy = reference) plus sft_weight x the chosen NLL."""
+    first = {}
+    for weight in (0.0, 1.0):
+        out = tmp_path / str(weight)
+        assert train("--stage", "emotion-dpo", "--model", "tiny", "--data", data / "emotion-dpo.json", "--out", out,
+                     "--max-steps", 1, "--sft-weight", weight, "--save-every", 100) == 0
+        first[weight] = read_metrics(out / "metrics.jsonl")[0]["loss"]
+    assert first[0.0] == pytest.approx(np.log(2), abs=1e-4)
+    assert first[1.0] > first[0.0] + 0.1
