@@ -61,7 +61,7 @@ def demo_config(units: int) -> OmniConfig:
                          encoder_attention_heads=4, encoder_ffn_dim=256)  # 3 s: 30 speech positions
     config.image_size, config.audio_seconds, config.speech_projector_hidden = 48, 3, 256
     config.speech_decoder = asdict(SpeechDecoderConfig.tiny(
-        llm_hidden=192, text_vocab=320, units=units, upsample_factor=6, width=128, intermediate=256, layers=3,
+        llm_hidden=192, text_vocab=320, units=units, upsample_factor=4, width=128, intermediate=256, layers=3,
         fusion_heads=4, fusion_head_dim=32))
     return config.validate()
 
