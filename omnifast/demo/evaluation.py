@@ -95,6 +95,24 @@ def speak(model: OmniModel, processor: OmniProcessor, vocoder, records, style) -
 
 
 @torch.no_grad()
+def streaming_latency(model: OmniModel, processor: OmniProcessor, records) -> Dict[str, float]:
+    """First-unit time and real-time factor of streamed speech for each record's reference answer,
+    fed token by token (``forced_tokens``: the same work as generating it)."""
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    first, total, units = [], 0.0, 0
+    for record in records:
+        item = processor.encode_conversation(record.conversations[:-1], add_generation_prompt=True)
+        answer = processor.tokenizer(record.conversations[-1]["value"], add_special_tokens=False)["input_ids"] + [eos]
+        out = model.generate(item["input_ids"], speak=True, unit_chunk=4, forced_tokens=answer)
+        if out.units:
+            first.append(out.first_unit_s)
+            total, units = total + out.total_s, units + len(out.units)
+    if not first:
+        raise RuntimeError("the speech decoder generated no units for any reference answer: latency is undefined")
+    return {"first_unit_s": float(np.mean(first)), "rtf": total / (units / UNIT_RATE)}
+
+
+@torch.no_grad()
 def dialogue_units(model: OmniModel, processor: OmniProcessor, records, batch_size: int = 8) -> List[List[int]]:
     """The decoder's units for each dialogue's own replies (teacher-forced text, as in training)."""
     dataset, units = ConversationDataset(records, processor), []
@@ -169,10 +187,7 @@ def evaluate_demo(out: Path, files: Dict[str, Path], stage_dirs: Dict[str, Path]
         asr_model, processor, [round_trip(vocoder, read_audio(r.speech[0]), neutral) for r in real]))
     results["t2s_examples"] = [{"prompt": s["prompt"], "said": s["text"], "heard": h, "units": s["units"]}
                                for s, h in zip(spoken[:5], heard)]
-    with_units = [s for s in spoken if s["units"]]
-    results["first_unit_s"] = float(np.mean([s["first_unit_s"] for s in with_units])) if with_units else float("nan")
-    results["rtf"] = float(np.sum([s["total_s"] for s in with_units]) /
-                           max(np.sum([s["units"] for s in with_units]) / UNIT_RATE, 1e-9)) if with_units else float("nan")
+    results.update(streaming_latency(final, processor, t2s))
     for i, s in enumerate(spoken[:size.wavs]):
         write_audio(wav_dir / f"t2s-{i}.wav", s["wave"])
     bar.update()

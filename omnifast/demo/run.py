@@ -47,7 +47,7 @@ class DemoSize:
 
 FULL = DemoSize("full", 800, {"llm-pretrain": 250, "s2t": 400, "i2t-pretrain": 150, "i2t-sft": 600,
                               "speech-gen": 400, "emotion-dpo": 200}, batch_size=16, classifier_clips=300)
-QUICK = DemoSize("quick", 40, {"llm-pretrain": 12, "s2t": 8, "i2t-pretrain": 4, "i2t-sft": 8, "speech-gen": 8,
+QUICK = DemoSize("quick", 40, {"llm-pretrain": 12, "s2t": 8, "i2t-pretrain": 4, "i2t-sft": 8, "speech-gen": 150,
                                "emotion-dpo": 4}, batch_size=8, train_limit=48, eval_limit=6, classifier_clips=40,
                  wavs=1)
 

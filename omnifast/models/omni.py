@@ -172,10 +172,13 @@ class OmniModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *, max_new_tokens: int = 64,
                  eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
                  temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4, tokenizer=None,
-                 generator: Optional[torch.Generator] = None) -> GenerateOutput:
+                 generator: Optional[torch.Generator] = None,
+                 forced_tokens: Optional[List[int]] = None) -> GenerateOutput:
         """Generate the answer to one prompt (input_ids (S,) or (1, S)) with the LLM's KV cache;
         with ``speak=True`` the speech decoder streams units while the text is written
-        (``unit_chunk`` tokens at a time). Returns text, token ids, units and latencies."""
+        (``unit_chunk`` tokens at a time). Returns text, token ids, units and latencies.
+        ``forced_tokens``: emit these tokens instead of choosing (same work per token: for timing
+        the speech path independently of what the model would have written)."""
         from transformers.cache_utils import DynamicCache
         if speak and (self.speech_decoder is None or self.speech_decoder.mode != "nar"):
             raise ValueError("speak=True needs a NAR speech decoder")
@@ -197,9 +200,12 @@ class OmniModel(nn.Module):
                     out.first_unit_s = time.perf_counter() - start
                 out.units += units
 
-        for _ in range(max_new_tokens):
+        for position in range(max_new_tokens if forced_tokens is None else len(forced_tokens)):
             logits = self.llm.lm_head(hidden)[0].float()
-            token = int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
+            if forced_tokens is not None:
+                token = int(forced_tokens[position])
+            else:
+                token = int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
             if out.first_token_s is None:
                 out.first_token_s = time.perf_counter() - start
             step = torch.tensor([[token]], device=ids.device)

@@ -198,3 +198,12 @@ def test_siglip_vision_tower():
     assert model.encode_images(batch["pixel_values"]).shape == (1, config.image_tokens, config.hidden)
     model(**batch).loss.backward()
     assert model.image_projector[0].weight.grad.abs().sum() > 0
+
+
+def test_generate_with_forced_tokens_emits_them_and_speaks():
+    from omnifast.models import OmniConfig, OmniModel
+    torch.manual_seed(0)
+    model = OmniModel(OmniConfig.tiny()).eval()
+    forced = [5, 9, 11, 3, 7, 2]
+    out = model.generate(torch.tensor([1, 2, 3]), speak=True, unit_chunk=2, forced_tokens=forced)
+    assert out.token_ids == forced and out.total_s > 0
