@@ -81,7 +81,7 @@ def _questions(records) -> List[str]:
 
 @torch.no_grad()
 def speak(model: OmniModel, processor: OmniProcessor, vocoder, records, style) -> List[Dict]:
-    """Each record's prompt answered aloud: text, streamed units, latencies, vocoded wave."""
+    """Each record's prompt answered aloud: text, streamed units, vocoded wave."""
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     out = []
     for record in records:
@@ -90,7 +90,7 @@ def speak(model: OmniModel, processor: OmniProcessor, vocoder, records, style) -
                                 tokenizer=processor.tokenizer)
         wave = vocoder.synthesize(answer.units, style=style)[0] if answer.units else np.zeros(640, np.float32)
         out.append({"prompt": record.conversations[-2]["value"], "text": answer.text, "units": len(answer.units),
-                    "first_unit_s": answer.first_unit_s, "total_s": answer.total_s, "wave": wave})
+                    "wave": wave})
     return out
 
 

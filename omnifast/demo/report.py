@@ -120,7 +120,7 @@ def write_report(out: Path, r: Dict, stage_dirs: Dict[str, Path]) -> Path:
               "`<emotion>-after-dpo.wav`).", "", "## Loss curves", "", f"![losses]({losses})", "",
               "## Results against chance", "", f"![results]({results})", "", "## Time", ""]
     lines += [f"- {name}: {seconds:.0f} s" for name, seconds in r["seconds"].items()]
-    (out / "metrics.json").write_text(json.dumps({k: v for k, v in r.items()}, indent=2, default=str))
+    (out / "metrics.json").write_text(json.dumps(r, indent=2, default=str))
     report = out / "report.md"
     tmp = out / "report.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")

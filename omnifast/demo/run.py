@@ -7,9 +7,9 @@ measured by this run.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -66,31 +66,27 @@ def demo_config(units: int) -> OmniConfig:
     return config.validate()
 
 
-@dataclass
 class Timer:
-    seconds: Dict[str, float] = field(default_factory=dict)
+    """``with timer("stage 1"): ...`` adds the block's wall time to ``timer.seconds["stage 1"]``."""
 
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
-
-        class _Span:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *_):
-                timer.seconds[name] = timer.seconds.get(name, 0.0) + time.perf_counter() - self.start
-        return _Span()
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def train_tokenizer(corpus: Path, size: DemoSize, out: Path, seed: int, progress: bool):
     from omnifast.speech import SpeechTokenizer, SpeechTokenizerConfig, UnitVocoder
-    from omnifast.speech.train import config_for, evaluate_tokenizer, label_names, load_corpus, split
-    from omnifast.speech import train as tokenizer_training
+    from omnifast.speech.train import config_for, evaluate_tokenizer, label_names, load_corpus, split, train_tokenizer as fit
     records = load_corpus(corpus / "tokenizer")
     train, test = split(records, seed=seed)
     torch.manual_seed(seed)
     tokenizer = SpeechTokenizer(config_for(records, SpeechTokenizerConfig.tiny(levels=TOKENIZER_LEVELS)))
-    history = tokenizer_training.train_tokenizer(tokenizer, train, size.tokenizer_steps, 16, 3e-3, seed, progress)
+    history = fit(tokenizer, train, size.tokenizer_steps, 16, 3e-3, seed, progress)
     names = label_names(records)
     vocoder = UnitVocoder(tokenizer).fit_centroids([r["wave"] for r in train[:400]],
                                                    {n: [str(r[n]) for r in train[:400]] for n in names})

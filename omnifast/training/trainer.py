@@ -55,6 +55,8 @@ class TrainConfig:
     def from_dict(cls, values: Dict) -> "TrainConfig":
         check_known_keys("training option", values, cls)
         config = cls(**values)
+        if isinstance(config.sft_weight, bool) or not isinstance(config.sft_weight, (int, float)) or config.sft_weight < 0:
+            raise ValueError(f"sft_weight must be a number >= 0, got {config.sft_weight!r}")
         if config.trains is not None:
             from omnifast.models.omni import COMPONENTS
             config.trains = tuple(config.trains.split(",") if isinstance(config.trains, str) else config.trains)

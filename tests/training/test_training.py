@@ -225,3 +225,6 @@ def test_sft_weight_adds_the_chosen_nll_to_ctc_dpo(data, tmp_path):
         first[weight] = read_metrics(out / "metrics.jsonl")[0]["loss"]
     assert first[0.0] == pytest.approx(np.log(2), abs=1e-4)
     assert first[1.0] > first[0.0] + 0.1
+    with pytest.raises(ValueError, match="sft_weight must be a number >= 0, got -1.0"):
+        train("--stage", "emotion-dpo", "--data", data / "emotion-dpo.json", "--out", tmp_path / "x", "--sft-weight", -1)
+    assert not (tmp_path / "x").exists()
