@@ -100,7 +100,10 @@ def ctc_targets(targets, input_lengths, target_lengths, blank: int, *, T: int, B
                 device: torch.device, unbatched: bool = False, name: str = "log_probs",
                 targets_name: str = "targets", lengths_name: str = "target_lengths"):
     """Validate CTC targets and lengths against T frames, B sequences and C classes; return
-    padded (B, S) int64 targets (padding replaced by ``blank``) and (B,) int64 lengths."""
+    padded (B, S) int64 targets (padding replaced by ``blank``) and (B,) int64 lengths.
+
+    Every statistic the checks need is gathered into one tensor and read back at once: on a
+    GPU the validation costs one host sync, whatever the form of the targets."""
     check_tensor(targets_name, targets, integer=True)
     if not 0 <= blank < C:
         raise ValueError(f"blank must be in [0, {C}) for {C} classes, got {blank}")
@@ -109,42 +112,56 @@ def ctc_targets(targets, input_lengths, target_lengths, blank: int, *, T: int, B
     for arg, lengths in (("input_lengths", input_lengths), (lengths_name, target_lengths)):
         if lengths.numel() != B:
             raise ValueError(f"{arg} must have one entry per sequence ({B}), got {lengths.numel()}")
-        if B and int(lengths.min()) < 0:
-            raise ValueError(f"{arg} must not be negative, got {lengths.tolist()}")
-    if B and int(input_lengths.max()) > T:
-        raise ValueError(f"input_lengths must be at most T={T}, got max {int(input_lengths.max())}")
-
     targets = targets.to(device=device, dtype=torch.long)
     if unbatched and targets.dim() == 1:
         targets = targets.unsqueeze(0)
-    if targets.dim() == 2:
-        if targets.shape[0] != B:
-            raise ValueError(f"{targets_name} has batch size {targets.shape[0]} but {name} has {B}")
-        if B and int(target_lengths.max()) > targets.shape[1]:
-            raise ValueError(
-                f"{lengths_name} must be at most the padded target width {targets.shape[1]}, "
-                f"got max {int(target_lengths.max())}")
-        width = targets.shape[1]
-        valid = torch.arange(width, device=device) < target_lengths[:, None]
-        values = targets[valid]
-    elif targets.dim() == 1:
-        total = int(target_lengths.sum())
-        if targets.numel() != total:
-            raise ValueError(f"1-D (concatenated) {targets_name} must have sum({lengths_name})={total} entries, "
-                             f"got {targets.numel()}")
-        width = int(target_lengths.max()) if B else 0
-        valid = torch.arange(width, device=device) < target_lengths[:, None]
-        values = targets
-        padded = torch.full((B, width), blank, dtype=torch.long, device=device)
-        padded[valid] = targets
-        targets = padded
-    else:
+    if targets.dim() not in (1, 2):
         raise ValueError(f"{targets_name} must be padded (B, S) or concatenated 1-D, got shape {tuple(targets.shape)}")
-    if values.numel():
-        if int(values.min()) < 0 or int(values.max()) >= C:
-            raise ValueError(f"{targets_name} must lie in [0, {C}), got values from {int(values.min())} to {int(values.max())}")
-        if bool((values == blank).any()):
-            raise ValueError(f"{targets_name} must not contain the blank index {blank}")
-    # Padding beyond each length may hold anything: make it a harmless in-range value.
-    targets = torch.where(valid, targets[:, :width], blank).contiguous()
-    return targets, input_lengths.contiguous(), target_lengths.contiguous()
+    if targets.dim() == 2 and targets.shape[0] != B:
+        raise ValueError(f"{targets_name} has batch size {targets.shape[0]} but {name} has {B}")
+    if B == 0:
+        return targets.new_zeros(0, targets.shape[1] if targets.dim() == 2 else 0), input_lengths, target_lengths
+
+    padded = targets.dim() == 2
+    if padded:
+        valid = torch.arange(targets.shape[1], device=device) < target_lengths[:, None]
+        values, count = targets, valid.sum()
+    else:
+        valid, values, count = None, targets, torch.tensor(targets.numel(), device=device)
+    low_of, high_of = values, values
+    if valid is not None:  # only the entries inside each target length count
+        low_of, high_of = torch.where(valid, values, torch.iinfo(torch.long).max), torch.where(valid, values, -1)
+        has_blank = valid & (values == blank)
+    else:
+        has_blank = values == blank
+    empty = values.numel() == 0
+    low = torch.tensor(0, device=device) if empty else low_of.amin()
+    high = torch.tensor(0, device=device) if empty else high_of.amax()
+    stats = torch.stack([input_lengths.min(), input_lengths.max(), target_lengths.min(), target_lengths.max(),
+                         target_lengths.sum(), count, low, high, has_blank.any().long()]).tolist()
+    in_min, in_max, tgt_min, tgt_max, total, count, low, high, has_blank = stats
+
+    for arg, lengths, smallest in (("input_lengths", input_lengths, in_min), (lengths_name, target_lengths, tgt_min)):
+        if smallest < 0:
+            raise ValueError(f"{arg} must not be negative, got {lengths.tolist()}")
+    if in_max > T:
+        raise ValueError(f"input_lengths must be at most T={T}, got max {in_max}")
+    if padded and tgt_max > targets.shape[1]:
+        raise ValueError(f"{lengths_name} must be at most the padded target width {targets.shape[1]}, "
+                         f"got max {tgt_max}")
+    if not padded and count != total:
+        raise ValueError(f"1-D (concatenated) {targets_name} must have sum({lengths_name})={total} entries, "
+                         f"got {count}")
+    if count and (low < 0 or high >= C):
+        raise ValueError(f"{targets_name} must lie in [0, {C}), got values from {low} to {high}")
+    if has_blank:
+        raise ValueError(f"{targets_name} must not contain the blank index {blank}")
+    if padded:  # padding beyond each length may hold anything: make it a harmless in-range value
+        return torch.where(valid, targets, blank).contiguous(), input_lengths.contiguous(), target_lengths.contiguous()
+    # concatenated -> padded by a gather (no boolean indexing, which would sync again)
+    width = tgt_max
+    starts = torch.cumsum(target_lengths, 0) - target_lengths
+    valid = torch.arange(width, device=device) < target_lengths[:, None]
+    index = (starts[:, None] + torch.arange(width, device=device)).clamp(max=max(targets.numel() - 1, 0))
+    gathered = targets[index] if targets.numel() else torch.zeros_like(index)
+    return torch.where(valid, gathered, blank).contiguous(), input_lengths.contiguous(), target_lengths.contiguous()
