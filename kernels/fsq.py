@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .ctc import _block
 
 
@@ -71,7 +72,7 @@ def fsq_forward(z, half_level, offset, shift, half_width, basis):
     indices = torch.empty(N, dtype=torch.int64, device=z.device)
     BLOCK_N, BLOCK_D = _blocks(D)
     if N:
-        _fsq_forward_kernel[(triton.cdiv(N, BLOCK_N),)](z, half_level, offset, shift, half_width, basis, codes,
+        launch(_fsq_forward_kernel, (triton.cdiv(N, BLOCK_N),), z, half_level, offset, shift, half_width, basis, codes,
                                                          indices, N, D, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     return codes, indices
 
@@ -82,6 +83,6 @@ def fsq_backward(grad_codes, z, half_level, shift, half_width):
     grad_z = torch.empty_like(z)
     BLOCK_N, BLOCK_D = _blocks(D)
     if N:
-        _fsq_backward_kernel[(triton.cdiv(N, BLOCK_N),)](grad_codes, z, half_level, shift, half_width, grad_z, N, D,
+        launch(_fsq_backward_kernel, (triton.cdiv(N, BLOCK_N),), grad_codes, z, half_level, shift, half_width, grad_z, N, D,
                                                           BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     return grad_z

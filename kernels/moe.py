@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .ctc import _block
 
 
@@ -190,13 +191,13 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool):
     BLOCK_E = _block(E, 1 << 16)
     BLOCK_N = max(1, min(128, 4096 // BLOCK_E))
     if N:
-        _route_kernel[(triton.cdiv(N, BLOCK_N),)](logits, probs, weights, experts, lse, N, E, TOP_K=top_k,
+        launch(_route_kernel, (triton.cdiv(N, BLOCK_N),), logits, probs, weights, experts, lse, N, E, TOP_K=top_k,
                                                   NORMALIZE=normalize, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
     counts = torch.empty(E, dtype=torch.int64, device=logits.device)
     offsets = torch.empty(E + 1, dtype=torch.int64, device=logits.device)
     order = torch.empty(N * top_k, dtype=torch.int64, device=logits.device)
     position = torch.empty_like(order)
-    _sort_slots_kernel[(1,)](experts, counts, offsets, order, position, N * top_k, E,
+    launch(_sort_slots_kernel, (1,), experts, counts, offsets, order, position, N * top_k, E,
                              BLOCK=max(16, min(1024, 16384 // BLOCK_E)), BLOCK_E=BLOCK_E)
     return probs, weights, experts, lse, counts, offsets, order, position
 
@@ -207,7 +208,7 @@ def unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.T
     out = y.new_empty(N, O)
     BLOCK_O = _block(O, 1024)
     if N and O:
-        _unpermute_kernel[(N, triton.cdiv(O, BLOCK_O))](y, position, weights if weights is not None else y, out, O,
+        launch(_unpermute_kernel, (N, triton.cdiv(O, BLOCK_O)), y, position, weights if weights is not None else y, out, O,
                                                         TOP_K=top_k, HAS_WEIGHTS=weights is not None, BLOCK_O=BLOCK_O)
     return out
 
@@ -218,7 +219,7 @@ def unpermute_backward(grad_out, y, position, weights, top_k: int, want_weight_g
     grad_y = grad_out.new_empty(N * top_k, O)
     grad_w = grad_out.new_empty(N, top_k, dtype=torch.float32) if want_weight_grad else None
     if N and O:
-        _unpermute_backward_kernel[(N,)](
+        launch(_unpermute_backward_kernel, (N,),
             grad_out, y.contiguous() if want_weight_grad else grad_out, position,
             weights if weights is not None else grad_out, grad_y, grad_w if want_weight_grad else grad_out, O,
             TOP_K=top_k, HAS_WEIGHTS=weights is not None, WEIGHT_GRAD=want_weight_grad,
@@ -257,7 +258,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], offs
     BLOCK_M, BLOCK_N, BLOCK_K = _mm_blocks(M, N, K)
     if M and N:
         tile_expert, tile_row = _tiles(offsets, M, BLOCK_M)
-        _grouped_mm_kernel[(tile_expert.numel(), triton.cdiv(N, BLOCK_N))](
+        launch(_grouped_mm_kernel, (tile_expert.numel(), triton.cdiv(N, BLOCK_N)),
             x, w, b if b is not None else w, y, tile_expert, tile_row, offsets, N, K, w.stride(0), stride_wn, stride_wk,
             HAS_BIAS=b is not None, PRECISION=_precision(x.dtype), DOT_F32=_dot_in_float32(x.dtype),
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
@@ -273,7 +274,7 @@ def grouped_weight_grad(g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
     grad_b = g.new_empty(experts, N) if bias_grad else None
     BLOCK_M, BLOCK_N, BLOCK_K = _block(M, 32), _block(N, 64), _block(K, 64)
     if N and K:
-        _grouped_weight_grad_kernel[(experts, triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K))](
+        launch(_grouped_weight_grad_kernel, (experts, triton.cdiv(N, BLOCK_N), triton.cdiv(K, BLOCK_K)),
             g, x, grad_w, grad_b if bias_grad else grad_w, offsets, N, K, BIAS_GRAD=bias_grad,
             PRECISION=_precision(g.dtype), DOT_F32=_dot_in_float32(g.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     elif bias_grad:

@@ -1,0 +1,61 @@
+"""The one way omnifast launches a Triton kernel: runtime arguments positionally, constexprs by
+keyword. Because every launch passes here, the test suite can record each specialisation it runs
+(kernel, argument dtypes, constexprs, warps) and compile exactly that set for real GPUs
+(``omnifast.kernels.aot``, ``tests/kernels/test_aot.py``), including signatures only the
+interpreter has seen so far (a bf16 buffer under autocast, say)."""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional
+
+import torch
+
+_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
+           torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+           torch.bool: "i1"}
+
+_recorded: Optional[Dict[str, dict]] = None
+
+
+def record_launches(enabled: bool = True) -> None:
+    """Start (or stop) recording the specialisations launched in this process."""
+    global _recorded
+    _recorded = {} if enabled else None
+
+
+def recorded() -> List[dict]:
+    return list((_recorded or {}).values())
+
+
+def save_recorded(path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(recorded(), handle, indent=1)
+
+
+def _type_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
+
+
+def specialisation(kernel, args, constexprs: Dict[str, object], num_warps: int) -> dict:
+    """The compile-time identity of one launch, in a form ``triton.compile`` can be given again."""
+    fn = kernel.fn
+    names = kernel.arg_names
+    signature = {name: _type_of(value) for name, value in zip(names, args)}
+    signature.update({name: "constexpr" for name in constexprs})
+    return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
+            "constexprs": dict(sorted(constexprs.items())), "num_warps": num_warps}
+
+
+def launch(kernel, grid, *args, num_warps: int = 4, **constexprs) -> None:
+    if _recorded is not None:
+        spec = specialisation(kernel, args, constexprs, num_warps)
+        _recorded.setdefault(json.dumps(spec, sort_keys=True), spec)
+    kernel[grid](*args, num_warps=num_warps, **constexprs)
