@@ -88,16 +88,40 @@ def choose_backend(device: torch.device, backend: Optional[str] = None) -> str:
     return "torch"
 
 
-def ctc_kernel(backend: str) -> Callable:
-    """``fn(inputs, targets, input_lengths, target_lengths, blank, zero_infinity, grad_scale,
-    from_logits) -> (nll, grad)``, the contract of ``_reference.ctc_nll_and_grad``."""
+class _EagerCTC:
+    """The cpu and torch backends form the gradient in the forward, scaled by the reduction's
+    weights (one pass over the inputs while they are hot in cache); the backward multiplies by
+    the upstream gradient. ``fn`` has the contract of ``_reference.ctc_nll_and_grad``."""
+    lazy = False
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+class _LazyCTC:
+    """The triton backend keeps the occupancies from the forward and writes the gradient in the
+    backward, with the upstream gradient folded into its coefficients: no (T, B, C) buffer lives
+    between forward and backward, and nothing is read back to the host."""
+    lazy = True
+
+    def __init__(self, module):
+        self.forward, self.backward = module.ctc_forward, module.ctc_backward
+
+
+def ctc_kernel(backend: str):
+    """The CTC kernels of a backend: eager (``fn(inputs, targets, input_lengths, target_lengths,
+    blank, zero_infinity, grad_scale, from_logits) -> (nll, grad)``, the contract of
+    ``_reference.ctc_nll_and_grad``) or lazy (``forward`` / ``backward`` of ``kernels/ctc.py``)."""
     if backend == "cpu":
-        return require_cpu_extension().ctc_nll_and_grad
+        return _EagerCTC(require_cpu_extension().ctc_nll_and_grad)
     if backend == "triton":
-        from omnifast.kernels.ctc import ctc_nll_and_grad
-        return ctc_nll_and_grad
+        from omnifast.kernels import ctc
+        return _LazyCTC(ctc)
     from ._reference import ctc_nll_and_grad
-    return ctc_nll_and_grad
+    return _EagerCTC(ctc_nll_and_grad)
 
 
 def linear_ctc_kernels(backend: str):

@@ -12,12 +12,9 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._precision import accumulation_dtype
+
 NEG_INF = float("-inf")
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every narrower float accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def extended_labels(targets: torch.Tensor, target_lengths: torch.Tensor, blank: int):

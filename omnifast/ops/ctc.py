@@ -1,11 +1,12 @@
 """CTC loss: a drop-in for ``torch.nn.functional.ctc_loss``, a logits variant with the
 log_softmax fused in, and per-sequence log-likelihoods.
 
-Every backend computes the loss and its gradient in one call (the gradient is scaled by the
-reduction's per-sequence weight there); the autograd backward only multiplies by the incoming
-gradient. The gradient is the exact derivative w.r.t. the inputs: -gamma for log-probs (this
-passes ``gradcheck``, unlike ``F.ctc_loss``'s, which folds in a log_softmax), softmax - gamma
-for logits.
+On the CPU (C++ kernel, torch reference) the forward computes the loss and its gradient in one
+call (scaled by the reduction's per-sequence weight) and the backward multiplies by the incoming
+gradient. On CUDA (Triton) the forward keeps the state occupancies and the backward writes the
+gradient with the incoming gradient folded in. The gradient is the exact derivative w.r.t. the
+inputs: -gamma for log-probs (this passes ``gradcheck``, unlike ``F.ctc_loss``'s, which folds in
+a log_softmax), softmax - gamma for logits.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from ._checks import REDUCTIONS, CTCArgs, Lengths, check_bool, check_choice, ctc_args
 from ._dispatch import choose_backend, ctc_kernel
-from ._reference import accumulation_dtype
+from ._precision import accumulation_dtype, autocast_off, scale_gradients
 
 
 def reduction_weights(target_lengths: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
@@ -32,14 +33,24 @@ class _CTCFunction(torch.autograd.Function):
     def forward(ctx, inputs, args: CTCArgs, reduction, zero_infinity, from_logits, backend):
         acc = accumulation_dtype(inputs.dtype)
         weight = reduction_weights(args.target_lengths, reduction, acc)
-        grad_scale = weight if ctx.needs_input_grad[0] else None
-        nll, grad = ctc_kernel(backend)(
-            args.inputs.contiguous(), args.targets, args.input_lengths, args.target_lengths,
-            args.blank, zero_infinity, grad_scale, from_logits)
-        if grad is not None and args.unbatched:
-            grad = grad.squeeze(1)
-        ctx.save_for_backward(grad)
-        ctx.reduction = reduction
+        want_grad = ctx.needs_input_grad[0]
+        kernel = ctc_kernel(backend)
+        x = args.inputs.contiguous()
+        ctx.reduction, ctx.unbatched, ctx.kernel = reduction, args.unbatched, kernel
+        if kernel.lazy:
+            ll, saved = kernel.forward(x, args.targets, args.input_lengths, args.target_lengths, args.blank,
+                                       from_logits, want_grad)
+            nll = -ll
+            infeasible = torch.isinf(nll)
+            if zero_infinity:
+                nll = torch.where(infeasible, 0.0, nll)
+            if want_grad:
+                ctx.save_for_backward(x, weight, infeasible, args.input_lengths, args.target_lengths, *saved)
+                ctx.zero_infinity, ctx.from_logits = zero_infinity, from_logits
+        else:
+            nll, grad = kernel(x, args.targets, args.input_lengths, args.target_lengths, args.blank, zero_infinity,
+                               weight if want_grad else None, from_logits)
+            ctx.save_for_backward(grad)
         if reduction == "none":
             return nll.squeeze(0) if args.unbatched else nll
         return (nll * weight).sum()
@@ -47,13 +58,20 @@ class _CTCFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
+        none = (None,) * 5
+        if ctx.kernel.lazy:
+            x, weight, infeasible, input_lengths, target_lengths, *saved = ctx.saved_tensors
+            coef = torch.where(infeasible, 0.0, weight * grad_loss.to(weight.dtype).reshape(-1))
+            poison = infeasible & (not ctx.zero_infinity)
+            grad = ctx.kernel.backward(x, saved, target_lengths, input_lengths, coef, poison, ctx.from_logits)
+            return (grad.squeeze(1) if ctx.unbatched else grad,) + none
         (grad,) = ctx.saved_tensors
+        if grad is not None and ctx.unbatched:
+            grad = grad.squeeze(1)
         if ctx.reduction == "none":
             scale = grad_loss.to(grad.dtype)
-            return grad * (scale if scale.dim() == 0 else scale[None, :, None]), None, None, None, None, None
-        if bool(grad_loss == 1):
-            return grad, None, None, None, None, None
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+            return (grad * (scale if scale.dim() == 0 else scale[None, :, None]),) + none
+        return scale_gradients((grad,), grad_loss) + none
 
 
 def _ctc(inputs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity,
@@ -62,7 +80,8 @@ def _ctc(inputs, targets, input_lengths, target_lengths, blank, reduction, zero_
     check_choice("reduction", reduction, REDUCTIONS)
     check_bool("zero_infinity", zero_infinity)
     chosen = choose_backend(inputs.device, backend)
-    return _CTCFunction.apply(inputs, args, reduction, zero_infinity, from_logits, chosen)
+    with autocast_off(inputs.device.type):
+        return _CTCFunction.apply(inputs, args, reduction, zero_infinity, from_logits, chosen)
 
 
 def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Lengths,

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_bool, check_int, check_tensor, ctc_targets
-from ._dispatch import choose_backend, ctc_kernel
-from ._reference import accumulation_dtype
-from .linear_ctc import Scorer, check_chunk_frames, check_linear_head, make_target_set
+from ._dispatch import choose_backend, linear_ctc_kernels
+from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype, scale_gradients
+from .linear_ctc import Scorer, check_chunk_frames, check_linear_head, make_target_set, working_set_bytes
 
 
-SPARSE_GROUP_ELEMENTS = 1 << 22  # sparse path: pairs per group so their logits stay ~16 MiB
+SPARSE_GROUP_ELEMENTS = 1 << 22  # CPU: pairs per group so that their logits stay ~16 MiB
+GPU_SPARSE_GROUP_BYTES = 128 << 20  # CUDA: the scratch of one group of pairs (logits, emissions, alpha)
 
 
 @dataclass
@@ -65,72 +66,97 @@ def _dense_forward(hidden, weight, bias, input_lengths, sets, blank, chunk_frame
 
 
 def _pair_columns(blank, sets, pairs):
-    """For the given pairs, the distinct columns {blank} U labels (blank first), padded with
-    blank to a common width, and each set's targets mapped to positions among them."""
-    device = sets[0].targets.device
-    columns, local_targets = [], [torch.zeros_like(s.targets[pairs]) for s in sets]
-    for row, b in enumerate(pairs.tolist()):
-        used = [s.targets[b, : int(s.lengths[b])] for s in sets]
-        distinct = torch.unique(torch.cat(used))
-        columns.append(torch.cat([torch.tensor([blank], device=device), distinct]))
-        for k, labels in enumerate(used):
-            local_targets[k][row, : labels.numel()] = torch.searchsorted(distinct, labels) + 1
-    padded = torch.full((len(columns), max(c.numel() for c in columns)), blank, dtype=torch.long, device=device)
-    for row, c in enumerate(columns):
-        padded[row, : c.numel()] = c
-    return padded, local_targets
+    """For the given pairs, the columns {blank} U chosen U rejected of each pair (blank first,
+    then the labels in increasing order, padded with blank to the widest possible count so that
+    nothing is read back to the host), and each set's targets as positions among them. Returns
+    (G, K) columns and one (G, W) local-target tensor per set."""
+    never = torch.iinfo(torch.long).max  # sorts after every label: padding
+    keys = [torch.full((pairs.numel(), 1), -1, dtype=torch.long, device=pairs.device)]  # -1: the blank
+    for s in sets:
+        width = s.targets.shape[1]
+        valid = torch.arange(width, device=pairs.device) < s.lengths[pairs][:, None]
+        keys.append(torch.where(valid, s.targets[pairs], never))
+    keys, _ = torch.sort(torch.cat(keys, 1), dim=1)
+    K = keys.shape[1]
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[:, 1:] = keys[:, 1:] != keys[:, :-1]
+    slot = torch.where(first, torch.cumsum(first, 1) - 1, K)  # repeats go to a discarded column K
+    distinct = torch.full((keys.shape[0], K + 1), never, dtype=torch.long, device=keys.device)
+    distinct.scatter_(1, slot, keys)
+    distinct = distinct[:, :K].contiguous()
+    columns = torch.where((distinct == -1) | (distinct == never), blank, distinct)
+    local = [torch.searchsorted(distinct, s.targets[pairs].contiguous()).clamp(max=K - 1) for s in sets]
+    return columns, local
+
+
+def _sparse_group(B: int, T: int, K: int, S: int, D: int, device: torch.device, itemsize: int) -> int:
+    """Pairs per group. CPU: ~16 MiB of logits. CUDA: what fits the group budget (128 MiB, at
+    most 1/16 of the free memory): per pair the logits and their float32 copy (T x K), its
+    columns of the weight (K x D), and emissions and alpha of both sets (4 x T x S float32)."""
+    if device.type != "cuda":
+        return max(1, SPARSE_GROUP_ELEMENTS // max(1, T * K))
+    per_pair = T * K * (itemsize + 4) + K * D * itemsize + 4 * T * S * 4
+    return max(1, min(B, working_set_bytes(device, GPU_SPARSE_GROUP_BYTES) // per_pair))
 
 
 def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, needs, pair_terms):
     """The sparse path, a group of pairs at a time: each pair's logits only for its own columns
     {blank} U chosen U rejected, scored as unnormalised log-probabilities (the per-frame
-    normaliser cancels in the margin). ``pair_terms(pairs, ll_w, ll_l)`` gives each pair's
-    coefficients of -score and poison mask. Returns both scores (B,) and the gradients."""
+    normaliser cancels in the margin), through the same recursion and gradient kernels as the
+    fused linear-CTC (one launch of each per group, every pair of the group at once).
+    ``pair_terms(pairs, ll_w, ll_l)`` gives each pair's coefficients of -score and poison mask.
+    Returns both scores (B,) and the gradients, in the dtypes of hidden, weight and bias."""
     acc = accumulation_dtype(hidden.dtype)
     B, T, D = hidden.shape
-    w, b_ = weight.to(acc), None if bias is None else bias.to(acc)
-    kernel = ctc_kernel(backend)
+    kernels = linear_ctc_kernels(backend)
     want_grad = any(needs)
-    grad_hidden = torch.zeros_like(hidden, dtype=acc) if needs[0] else None
-    grad_weight = torch.zeros_like(w) if needs[1] else None
-    grad_bias = torch.zeros_like(b_) if needs[2] and b_ is not None else None
-    scores_w = torch.empty(B, dtype=acc, device=hidden.device)
-    scores_l = torch.empty_like(scores_w)
-    widest = max(int(s.lengths.max()) for s in sets) if B else 0
-    group = max(1, SPARSE_GROUP_ELEMENTS // max(1, T * min(weight.shape[0], 1 + 2 * widest)))
+    grad_hidden = torch.zeros_like(hidden) if needs[0] else None
+    grad_weight = torch.zeros_like(weight, dtype=acc) if needs[1] else None
+    grad_bias = torch.zeros_like(bias, dtype=acc) if needs[2] and bias is not None else None
+    scores = [torch.empty(B, dtype=acc, device=hidden.device) for _ in sets]
+    K = 1 + sum(s.targets.shape[1] for s in sets)
+    S = max(s.ext.shape[1] for s in sets)
+    group = _sparse_group(B, T, K, S, D, hidden.device, hidden.element_size())
     for start in range(0, B, group):
         pairs = torch.arange(start, min(B, start + group), device=hidden.device)
         columns, local_targets = _pair_columns(blank, sets, pairs)
-        G, K = columns.shape
-        w_sub = w[columns]                                            # (G, K, D)
-        h = hidden[pairs].to(acc)                                     # (G, T, D)
-        logits = torch.bmm(h, w_sub.transpose(1, 2))
-        if b_ is not None:
-            logits += b_[columns][:, None, :]
-        logits = logits.transpose(0, 1).contiguous()                  # (T, G, K), blank in column 0
+        G = columns.shape[0]
+        w_sub = weight[columns]                                        # (G, K, D)
+        h = hidden[pairs]                                              # (G, T, D)
+        if bias is None:                                               # (G, T, K), blank in column 0
+            logits = torch.bmm(h, w_sub.transpose(1, 2))
+        else:  # the bias joins inside the GEMM, as in F.linear: half-precision logits are rounded once
+            logits = torch.baddbmm(bias[columns][:, None, :], h, w_sub.transpose(1, 2))
+        logits = logits.to(acc)
         lengths = input_lengths[pairs]
-        ones = torch.ones(G, dtype=acc, device=hidden.device) if want_grad else None
-        (nll_w, g_w), (nll_l, g_l) = [kernel(logits, t, lengths, s.lengths[pairs], 0, False, ones, False)
-                                      for t, s in zip(local_targets, sets)]
-        scores_w[pairs], scores_l[pairs] = -nll_w, -nll_l
+        local = [make_target_set(t, s.lengths[pairs], 0) for t, s in zip(local_targets, sets)]
+        for target_set in local:
+            index = target_set.ext[:, None, :].expand(G, T, target_set.ext.shape[1])
+            target_set.states = logits.gather(2, index).contiguous()
+        lls = [kernels.ctc_states(s.states, s.targets, lengths, s.lengths, 0, want_grad) for s in local]
+        for score, ll in zip(scores, lls):
+            score[pairs] = ll
         if not want_grad:
             continue
-        coef_w, coef_l, poison = pair_terms(pairs, -nll_w, -nll_l)
-        del logits
-        # d(coef_w * -score_w + coef_l * -score_l)/d logits; the kernel's gradients are -gamma.
-        grad_logits = torch.where(torch.isinf(nll_w)[None, :, None], 0.0, coef_w[None, :, None] * g_w)
-        del g_w
-        grad_logits += torch.where(torch.isinf(nll_l)[None, :, None], 0.0, coef_l[None, :, None] * g_l)
-        del g_l
-        frames = torch.arange(T, device=hidden.device)[:, None] < lengths
-        grad_logits = torch.where((poison & frames)[..., None], float("nan"), grad_logits).transpose(0, 1)
+        coef_w, coef_l, poison = pair_terms(pairs, *lls)
+        # d(coef_w * -score_w + coef_l * -score_l) / d logits, written over the logits: no softmax
+        # term (the scores are unnormalised), so the normaliser passed is +inf (exp(x - inf) = 0).
+        no_softmax = torch.zeros(G, dtype=acc, device=hidden.device)
+        normaliser = torch.full((G, T), float("inf"), dtype=acc, device=hidden.device)
+        kernels.chunk_grad(logits, normaliser, 0, lengths, no_softmax, [s.ext for s in local],
+                           [s.lengths for s in local], [s.states for s in local], [coef_w, coef_l],
+                           poison.contiguous())
+        grad_logits = logits.to(hidden.dtype)
         if grad_hidden is not None:
             grad_hidden[pairs] = torch.bmm(grad_logits, w_sub)
         if grad_weight is not None:
-            grad_weight.index_add_(0, columns.flatten(), torch.bmm(grad_logits.transpose(1, 2), h).flatten(0, 1))
+            update = torch.bmm(grad_logits.transpose(1, 2), h).flatten(0, 1)
+            grad_weight.index_add_(0, columns.flatten(), update.to(acc))
         if grad_bias is not None:
-            grad_bias.index_add_(0, columns.flatten(), grad_logits.sum(1).flatten())
-    return (scores_w, scores_l), (grad_hidden, grad_weight, grad_bias)
+            grad_bias.index_add_(0, columns.flatten(), grad_logits.sum(1, dtype=acc).flatten())
+    grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+             None if grad_bias is None else grad_bias.to(bias.dtype))
+    return tuple(scores), grads
 
 
 def _frame_normaliser(hidden, weight, bias, input_lengths, chunk_frames, backend):
@@ -185,7 +211,7 @@ class _CTCDPOFunction(torch.autograd.Function):
                                                  backend, needs, coefficients)
         per_pair, z, _, _, _ = terms(torch.arange(B, device=hidden.device), ll_w, ll_l)
         loss = per_pair.mean()
-        ctx.grads = tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
+        ctx.grads = grads
 
         pw = ll_w * per_unit_w if length_normalize else ll_w
         pl = ll_l * per_unit_l if length_normalize else ll_l
@@ -205,9 +231,7 @@ class _CTCDPOFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, *unused):
-        grads = tuple(None if g is None else (g if bool(grad_loss == 1) else g * grad_loss.to(g.dtype))
-                      for g in ctx.grads)
-        return grads + (None,) * 13
+        return scale_gradients(ctx.grads, grad_loss) + (None,) * 13
 
 
 def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -257,7 +281,10 @@ def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         check_tensor(name, ref, floating=True)
         if ref.shape != (B,):
             raise ValueError(f"{name} must have shape ({B},), one value per pair, got {tuple(ref.shape)}")
-        if not bool(torch.isfinite(ref).all()):
+    refs = torch.stack([ref_chosen_logps.to(hidden.device, torch.float64), ref_rejected_logps.to(hidden.device, torch.float64)])
+    finite = torch.isfinite(refs).all(1).tolist()  # one read-back for both
+    for name, ref, ok in (("ref_chosen_logps", ref_chosen_logps, finite[0]), ("ref_rejected_logps", ref_rejected_logps, finite[1])):
+        if not ok:
             raise ValueError(f"{name} must be finite, got {ref.tolist()}")
     dense_only = length_normalize or sft_weight > 0
     if sparse is None:
@@ -266,10 +293,13 @@ def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError("sparse=True needs length_normalize=False and sft_weight=0: "
                          "the per-frame normaliser only cancels without them")
     chosen_backend = choose_backend(hidden.device, backend)
-    out = _CTCDPOFunction.apply(hidden, weight, bias, sets, input_lengths_checked,
-                                ref_chosen_logps.to(hidden.device), ref_rejected_logps.to(hidden.device),
-                                float(beta), length_normalize, float(sft_weight), zero_infinity, sparse,
-                                exact_rewards, blank, chunk_frames, chosen_backend)
+    device = hidden.device.type
+    hidden, weight, bias = cast_all(matmul_dtype(device, hidden, weight, bias), (hidden, weight, bias))
+    with autocast_off(device):
+        out = _CTCDPOFunction.apply(hidden, weight, bias, sets, input_lengths_checked,
+                                    ref_chosen_logps.to(hidden.device), ref_rejected_logps.to(hidden.device),
+                                    float(beta), length_normalize, float(sft_weight), zero_infinity, sparse,
+                                    exact_rewards, blank, chunk_frames, chosen_backend)
     loss, margins, accuracy, cr, rr, pw, pl = out
     known = cr.numel() > 0 or B == 0
     return CTCDPOOutput(loss, margins, accuracy, cr if known else None, rr if known else None,
@@ -293,8 +323,11 @@ def reference_logps(hidden, weight, bias, chosen, rejected, input_lengths, chose
                                               device=hidden.device, name="hidden", targets_name=prefix,
                                               lengths_name=f"{prefix}_lengths")
         sets.append(make_target_set(padded, lengths, blank))
-    scorer = Scorer(hidden, weight, bias, in_len, sets, blank, chunk_frames, choose_backend(hidden.device, backend))
-    ll_w, ll_l = scorer.log_likelihoods(want_occupancy=False)
+    device = hidden.device.type
+    hidden, weight, bias = cast_all(matmul_dtype(device, hidden, weight, bias), (hidden, weight, bias))
+    with autocast_off(device):
+        scorer = Scorer(hidden, weight, bias, in_len, sets, blank, chunk_frames, choose_backend(hidden.device, backend))
+        ll_w, ll_l = scorer.log_likelihoods(want_occupancy=False)
     return (_normalise(ll_w, sets[0].lengths, length_normalize),
             _normalise(ll_l, sets[1].lengths, length_normalize))
 

@@ -101,21 +101,17 @@ def test_cpu_matches_reference_at_speech_scale():
             assert (ours_value.double() - truth).abs().max() <= 2 * reference_error + 1e-6
 
 
-def test_triton_tiles_states_longer_than_one_block():
-    """2L+1 above the register tile loops over state tiles (as 2L+1 > 1024 does on a GPU)."""
+def test_triton_tiles_states_longer_than_one_row_tile(monkeypatch):
+    """2L+1 above the row kernels' state tile loops over tiles (as 2L+1 > 1024 does on a GPU);
+    the recursion keeps all states in one register tile."""
     from omnifast.kernels import ctc as triton_ctc
+    monkeypatch.setattr(triton_ctc, "ROW_STATES", 16)  # 41 states: three tiles
     p = make_problem(T=30, B=2, C=5, blank=4, target_lengths=[20, 13], input_lengths=[30, 27], seed=5)
-    args = (p.logits, p.targets, p.input_lengths, p.target_lengths, p.blank, False)
-    scale = torch.ones(2, dtype=torch.float64)
-    expected = _reference.ctc_nll_and_grad(*args, scale, True)
-    original = triton_ctc._block
-    triton_ctc._block = lambda n, cap: 16  # 41 states: three tiles
-    try:
-        actual = triton_ctc.ctc_nll_and_grad(*args, scale, True)
-    finally:
-        triton_ctc._block = original
-    assert_close(actual[0], expected[0])
-    assert_close(actual[1], expected[1])
+    for from_logits in (False, True):
+        expected = ours(p, "torch", from_logits, "sum")
+        actual = ours(p, "triton", from_logits, "sum")
+        assert_close(actual[0], expected[0])
+        assert_close(actual[1], expected[1])
 
 
 # --- edge cases, every backend ----------------------------------------------------------------
