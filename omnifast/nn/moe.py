@@ -126,7 +126,7 @@ class NaiveMoE(_MoEBase):
         self._check_input(x)
         flat = x.reshape(-1, self.hidden)
         routing = self._routing(flat, "torch")
-        y = flat.new_zeros(flat.shape[0], self.out)
+        y = None  # in the experts' output dtype (the autocast dtype under autocast)
         for e in range(self.experts):
             hit = routing.experts == e                          # (N, k)
             tokens = hit.any(-1).nonzero().squeeze(-1)
@@ -135,7 +135,9 @@ class NaiveMoE(_MoEBase):
             weight = (routing.weights * hit).sum(-1)[tokens]
             pre = F.linear(flat[tokens], self.w1[e], None if self.b1 is None else self.b1[e])
             out = F.linear(moe_ops._activate(pre, self.activation), self.w2[e], None if self.b2 is None else self.b2[e])
+            y = out.new_zeros(flat.shape[0], self.out) if y is None else y
             y = y.index_add(0, tokens, out * weight[:, None].to(out.dtype))
+        y = flat.new_zeros(flat.shape[0], self.out) if y is None else y
         return self._finish(x, y, routing)
 
 

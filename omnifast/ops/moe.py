@@ -29,6 +29,7 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_int, check_tensor
 from . import _reference
 from ._dispatch import choose_backend, moe_kernels
+from ._precision import autocast_off, cast_all, matmul_dtype
 
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 
@@ -105,7 +106,8 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = Non
         if not 1 <= top_k <= E:
             raise ValueError(f"top_k must be None (dense) or in [1, {E}] (the number of experts), got {top_k}")
     backend = choose_backend(x.device, backend)
-    logits = F.linear(x.float(), gate_weight.float(), None if gate_bias is None else gate_bias.float())
+    with autocast_off(x.device.type):  # the router runs in float32 whatever autocast says
+        logits = F.linear(x.float(), gate_weight.float(), None if gate_bias is None else gate_bias.float())
     if top_k is None:
         probs, lse = torch.softmax(logits, -1), torch.logsumexp(logits, -1)
         experts = torch.arange(E, device=x.device).expand(N, E)
@@ -233,12 +235,17 @@ def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, 
                backend: Optional[str] = None) -> torch.Tensor:
     """Each expert's MLP act(x @ w1[e].T + b1[e]) @ w2[e].T + b2[e] on its contiguous segment
     ``x_sorted[offsets[e]:offsets[e + 1]]``; (M, H) -> (M, O), with offsets[-1] == M. The
-    Triton grouped GEMM takes float32 / bfloat16 / float16; float64 runs one matmul per segment."""
-    if choose_backend(x_sorted.device, backend) == "triton" and x_sorted.dtype != torch.float64:
-        return _GroupedExpertMLP.apply(x_sorted, w1, b1, w2, b2, offsets, activation)
-    bounds = offsets.tolist()
-    segments = [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
-    return _ExpertMLP.apply(x_sorted, w1, b1, w2, b2, segments, activation)
+    matmuls run in the autocast dtype under ``torch.autocast`` (else the operands' promoted
+    dtype), and so does the output. The Triton grouped GEMM takes float32 / bfloat16 / float16;
+    float64 runs one matmul per segment."""
+    device = x_sorted.device.type
+    x_sorted, w1, b1, w2, b2 = cast_all(matmul_dtype(device, x_sorted, w1, w2), (x_sorted, w1, b1, w2, b2))
+    with autocast_off(device):
+        if choose_backend(x_sorted.device, backend) == "triton" and x_sorted.dtype != torch.float64:
+            return _GroupedExpertMLP.apply(x_sorted, w1, b1, w2, b2, offsets, activation)
+        bounds = offsets.tolist()
+        segments = [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
+        return _ExpertMLP.apply(x_sorted, w1, b1, w2, b2, segments, activation)
 
 
 class _Unpermute(torch.autograd.Function):

@@ -207,3 +207,33 @@ def test_generate_with_forced_tokens_emits_them_and_speaks():
     forced = [5, 9, 11, 3, 7, 2]
     out = model.generate(torch.tensor([1, 2, 3]), speak=True, unit_chunk=2, forced_tokens=forced)
     assert out.token_ids == forced and out.total_s > 0
+
+
+@pytest.mark.parametrize("mode", ["autocast-bf16", "autocast-fp16", "bf16-params"])
+def test_mixed_precision_forward_and_backward(mode):
+    """Text and speech-decoder losses within a stated tolerance of float32 (bf16: 5e-2 relative,
+    fp16: 1e-2), gradients in their parameters' dtype."""
+    torch.manual_seed(0)
+    config = OmniConfig.tiny()
+    processor = OmniProcessor(build_tiny_tokenizer(), config)
+    batch = processor(CONVERSATIONS, **MEDIA)
+    units = torch.randint(0, 20, (4, 10), generator=torch.Generator().manual_seed(1))
+    exact_model = OmniModel(config)
+    exact = exact_model(**batch, units=units)
+    model = OmniModel(config)
+    model.load_state_dict(exact_model.state_dict())
+    half = torch.float16 if mode.endswith("fp16") else torch.bfloat16
+    context = torch.autocast("cpu", dtype=half)
+    if mode == "bf16-params":
+        model = model.to(half)
+        batch = {k: v.to(half) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        context = torch.autocast("cpu", enabled=False)
+    with context:
+        out = model(**batch, units=units)
+    out.loss.backward()
+    tolerance = 1e-2 if half == torch.float16 else 5e-2
+    for name in ("text_loss", "speech_loss"):
+        ours, truth = getattr(out, name), getattr(exact, name)
+        assert ours.dtype == torch.float32 and abs(ours.item() - truth.item()) <= tolerance * abs(truth.item()), name
+    for p in model.parameters():
+        assert p.grad is None or (p.grad.dtype == p.dtype and torch.isfinite(p.grad).all())

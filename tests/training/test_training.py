@@ -228,3 +228,12 @@ def test_sft_weight_adds_the_chosen_nll_to_ctc_dpo(data, tmp_path):
     with pytest.raises(ValueError, match="sft_weight must be a number >= 0, got -1.0"):
         train("--stage", "emotion-dpo", "--data", data / "emotion-dpo.json", "--out", tmp_path / "x", "--sft-weight", -1)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("stage", ["speech-gen", "emotion-dpo"])
+def test_bf16_autocast_trains_the_speech_stages_on_the_cpu(data, tmp_path, stage):
+    """``--bf16 on`` (the trainer's default on a GPU) runs the stages the kernels exist for."""
+    assert train("--stage", stage, "--model", "tiny", "--data", data / f"{stage}.json", "--out", tmp_path,
+                 "--max-steps", 3, "--save-every", 100, "--bf16", "on") == 0
+    losses = [row["loss"] for row in read_metrics(tmp_path / "metrics.jsonl")]
+    assert len(losses) == 3 and all(np.isfinite(losses))
