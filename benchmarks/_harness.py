@@ -1,8 +1,10 @@
 """The protocol every benchmark follows: implementations of a case run in one process,
 alternating, after warm-up; the median of repeated runs is reported with the ratio to the
-baseline; peak memory above the inputs is measured for each (case, implementation) in a fresh
-subprocess (CPU: peak RSS; CUDA: ``max_memory_allocated``). Results go to a table on stdout,
-``benchmarks/results/<op>.json`` and a PNG chart beside it."""
+baseline (on CUDA each run timed with CUDA events); peak memory above the inputs is measured for
+each (case, implementation): on the CPU as peak RSS in a fresh subprocess (bounded in time), on
+CUDA as ``max_memory_allocated`` in this process. A comparator that fails on this build is
+dropped and its error recorded. Results go to a table on stdout,
+``benchmarks/results/<op>[-cuda].json`` and a PNG chart beside it."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,9 +30,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _drop_failing(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                  failures: Dict[str, str]) -> Dict[str, Callable[[], object]]:
+    """Warm every implementation up; one that raises (a comparator that does not apply on this
+    build, say) is dropped and its error kept in ``failures``."""
+    kept = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            synchronize(device)
+        except Exception as error:  # noqa: BLE001 - reported in the results, never hidden
+            failures[name] = f"{type(error).__name__}: {str(error)[:300]}"
+            print(f"skipped {name}: {failures[name]}", file=sys.stderr)
+            continue
+        kept[name] = fn
+    return kept
+
+
 def time_alternating(fns: Dict[str, Callable[[], object]], device: torch.device,
                      repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
-    """Seconds per call of each function, interleaved so drift hits all of them alike."""
+    """Seconds per call of each function, interleaved so drift hits all of them alike. On CUDA
+    each call is timed with CUDA events (the GPU's own clock, launch gaps included)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -39,11 +60,17 @@ def time_alternating(fns: Dict[str, Callable[[], object]], device: torch.device,
     names = list(fns)
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            synchronize(device)
-            start = time.perf_counter()
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[name]()
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) / 1000)
+                continue
+            start_s = time.perf_counter()
             fns[name]()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start_s)
     return times
 
 
@@ -78,11 +105,30 @@ def _proc_status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_subprocess(module: str, case: int, impl: str, device: str) -> int:
-    """Run ``python -m <module> --memory-of CASE IMPL`` and read the bytes it prints."""
-    out = subprocess.run([sys.executable, "-m", module, "--memory-of", str(case), impl, "--device", device],
-                         capture_output=True, text=True, check=True, env=os.environ.copy()).stdout
+MEMORY_TIMEOUT_S = 300
+
+
+def peak_memory_subprocess(module: str, case: int, impl: str, device: str) -> Optional[int]:
+    """Run ``python -m <module> --memory-of CASE IMPL`` and read the bytes it prints (None, with
+    a note, if it takes longer than MEMORY_TIMEOUT_S)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", module, "--memory-of", str(case), impl, "--device", device],
+                             capture_output=True, text=True, check=True, env=os.environ.copy(),
+                             timeout=MEMORY_TIMEOUT_S).stdout
+    except subprocess.TimeoutExpired:
+        print(f"memory of {impl} not measured: over {MEMORY_TIMEOUT_S} s", file=sys.stderr)
+        return None
     return int(out.strip().splitlines()[-1])
+
+
+def peak_memory(benchmark: "Benchmark", case: int, impl: str, fn: Callable[[], object],
+                device: torch.device) -> Optional[int]:
+    """Peak bytes above the inputs of one call. CUDA: in this process (the allocator's own peak
+    counter, reset before the call). CPU: in a fresh subprocess (RSS cannot be reset here)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return peak_memory_here(fn, device)
+    return peak_memory_subprocess(benchmark.module, case, impl, str(device))
 
 
 def environment(device: torch.device) -> Dict[str, object]:
@@ -178,14 +224,20 @@ class Benchmark:
         shapes = self.quick_shapes if quick else self.shapes
         for index, shape in enumerate(shapes):
             inputs = self.make_inputs(shape, device)
-            times = time_alternating(self.implementations(inputs, device), device, repeats)
-            results = summarise(times, {name: (self.baselines or {}).get(name, self.baseline) for name in times})
-            del inputs
+            failures: Dict[str, str] = {}
+            fns = _drop_failing(self.implementations(inputs, device), device, 1, failures)
+            times = time_alternating(fns, device, repeats, warmup=0)
+            baselines = {name: (self.baselines or {}).get(name, self.baseline) for name in times}
+            results = summarise(times, {name: base if base in times else name for name, base in baselines.items()})
             if memory:
                 case = -1 - index if quick else index
                 for name in results:
-                    results[name]["peak_bytes"] = peak_memory_subprocess(self.module, case, name, str(device))
-            rows.append({"case": self.case_name(shape), "shape": dict(zip(self.fields, shape)), "results": results})
+                    results[name]["peak_bytes"] = peak_memory(self, case, name, fns[name], device)
+            del inputs, fns
+            row = {"case": self.case_name(shape), "shape": dict(zip(self.fields, shape)), "results": results}
+            if failures:
+                row["skipped"] = failures
+            rows.append(row)
             print(f"done: {self.case_name(shape)}", file=sys.stderr)
         payload = {"op": self.op, "baseline": self.baseline, "description": self.description,
                    "environment": environment(device), "repeats": repeats, "cases": rows}
@@ -213,6 +265,7 @@ class Benchmark:
         print_table(self.op, payload["cases"], self.baseline)
         for name, value in payload.get("extras", {}).items():
             print(f"{name}: {value}")
-        path = write_results(f"quick_{self.op}" if args.quick else self.op, payload, self.baseline, Path(args.out))
+        name = self.op + ("-cuda" if device.type == "cuda" else "")
+        path = write_results(f"quick_{name}" if args.quick else name, payload, self.baseline, Path(args.out))
         print(f"\nwrote {path} and {path.with_suffix('.png')}")
         return 0

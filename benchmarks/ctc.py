@@ -44,9 +44,11 @@ def implementations(inputs, device: torch.device) -> Dict[str, Callable[[], obje
         omnifast.ctc_loss_with_logits(x, targets, input_lengths, target_lengths, blank=blank).backward()
 
     impls = {"torch": torch_ctc, "omnifast.ctc_loss": drop_in, "omnifast.ctc_loss_with_logits": fused}
-    if device.type == "cuda" and targets.shape[1] <= 256:
-        flat = ((targets + 1) % logits.shape[-1]).flatten().to("cpu", torch.int32)
-        in32, tl32 = input_lengths.to("cpu", torch.int32), target_lengths.to("cpu", torch.int32)
+    if device.type == "cuda" and targets.shape[1] < 256:
+        # cuDNN's CTC (torch's _cudnn_ctc_loss_tensor): blank 0, float32, concatenated int32 targets
+        # and int32 lengths on the GPU, all input lengths equal, targets shorter than 256.
+        flat = ((targets + 1) % logits.shape[-1]).flatten().to(torch.int32)
+        in32, tl32 = input_lengths.to(torch.int32), target_lengths.to(torch.int32)
         rolled = logits.roll(1, dims=-1)
 
         def cudnn_ctc():
