@@ -212,16 +212,22 @@ class Benchmark:
     description: str = ""
     baselines: Dict[str, str] = None  # implementation -> the one it is compared with (default: baseline)
     extras: Callable = None  # (quick, device) -> {name: value}: measurements beside the table
+    cuda_shapes: List[Tuple] = None  # the full run's shapes on a GPU (default: ``shapes``)
 
     def case_name(self, shape) -> str:
         return " ".join(f"{k}={v}" for k, v in zip(self.fields, shape))
 
-    def shape_of(self, case: int):
-        return self.shapes[case] if case >= 0 else self.quick_shapes[-1 - case]
+    def shapes_for(self, device: torch.device, quick: bool) -> List[Tuple]:
+        if quick:
+            return self.quick_shapes
+        return self.cuda_shapes if device.type == "cuda" and self.cuda_shapes else self.shapes
+
+    def shape_of(self, case: int, device: torch.device):
+        return self.shapes_for(device, False)[case] if case >= 0 else self.quick_shapes[-1 - case]
 
     def run(self, quick: bool, device: torch.device, repeats: int, memory: bool) -> Dict:
         rows = []
-        shapes = self.quick_shapes if quick else self.shapes
+        shapes = self.shapes_for(device, quick)
         for index, shape in enumerate(shapes):
             inputs = self.make_inputs(shape, device)
             failures: Dict[str, str] = {}
@@ -256,11 +262,11 @@ class Benchmark:
         args = parser.parse_args(argv)
         device = torch.device(args.device)
         if args.memory_of:  # child process: one implementation, once, on fresh inputs
-            shape = self.shape_of(int(args.memory_of[0]))
+            shape = self.shape_of(int(args.memory_of[0]), device)
             fn = self.implementations(self.make_inputs(shape, device), device)[args.memory_of[1]]
             print(peak_memory_here(fn, device))
             return 0
-        repeats = args.repeats or (2 if args.quick else 5)
+        repeats = args.repeats or (2 if args.quick else 10 if device.type == "cuda" else 5)
         payload = self.run(args.quick, device, repeats, not args.no_memory)
         print_table(self.op, payload["cases"], self.baseline)
         for name, value in payload.get("extras", {}).items():

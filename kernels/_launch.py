@@ -6,6 +6,7 @@ interpreter has seen so far (a bf16 buffer under autocast, say)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -44,18 +45,33 @@ def _type_of(value) -> str:
     raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
 
 
-def specialisation(kernel, args, constexprs: Dict[str, object], num_warps: int) -> dict:
+def specialisation(kernel, args, constexprs: Dict[str, object], num_warps: int, num_stages: Optional[int] = None) -> dict:
     """The compile-time identity of one launch, in a form ``triton.compile`` can be given again."""
     fn = kernel.fn
     names = kernel.arg_names
     signature = {name: _type_of(value) for name, value in zip(names, args)}
     signature.update({name: "constexpr" for name in constexprs})
-    return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
+    spec = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
             "constexprs": dict(sorted(constexprs.items())), "num_warps": num_warps}
+    if num_stages is not None:
+        spec["num_stages"] = num_stages
+    return spec
 
 
-def launch(kernel, grid, *args, num_warps: int = 4, **constexprs) -> None:
+def launch(kernel, grid, *args, num_warps: int = 4, num_stages: Optional[int] = None, **constexprs) -> None:
     if _recorded is not None:
-        spec = specialisation(kernel, args, constexprs, num_warps)
+        spec = specialisation(kernel, args, constexprs, num_warps, num_stages)
         _recorded.setdefault(json.dumps(spec, sort_keys=True), spec)
-    kernel[grid](*args, num_warps=num_warps, **constexprs)
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    kernel[grid](*args, **options, **constexprs)
+
+
+def target_arch(device: torch.device) -> Optional[int]:
+    """The GPU architecture the kernels are configured for (90 for sm_90, ...): the device's own
+    on CUDA; under the interpreter the one named by ``OMNIFAST_TRITON_ARCH`` (the tests set it to
+    run, check and record the GPU configurations on the CPU), else None (small tiles)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    arch = os.environ.get("OMNIFAST_TRITON_ARCH")
+    return int(arch) if arch else None

@@ -60,7 +60,8 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
 def describe(spec: dict) -> str:
     pointers = ",".join(t[1:] for t in spec["signature"].values() if t.startswith("*"))
     constexprs = ",".join(f"{k}={v}" for k, v in spec["constexprs"].items())
-    return f"{spec['kernel']}[{pointers}|{constexprs}|w{spec['num_warps']}]"
+    stages = f"s{spec['num_stages']}" if "num_stages" in spec else ""
+    return f"{spec['kernel']}[{pointers}|{constexprs}|w{spec['num_warps']}{stages}]"
 
 
 def compile_spec(spec: dict, arch: int) -> Dict[str, object]:
@@ -68,7 +69,10 @@ def compile_spec(spec: dict, arch: int) -> Dict[str, object]:
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1); compile them in a process without it")
     source = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"])
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
+    options = {"num_warps": spec["num_warps"]}
+    if "num_stages" in spec:
+        options["num_stages"] = spec["num_stages"]
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     return {"kernel": describe(spec), "arch": f"sm_{arch}", **_resource_usage(compiled.asm["cubin"])}
 
 

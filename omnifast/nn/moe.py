@@ -162,9 +162,8 @@ class MoE(_MoEBase):
         flat = x.reshape(-1, self.hidden)
         routing = self._routing(flat, self.backend)
         if self.top_k is None:
-            y = moe_ops.dense_experts(flat, routing.probs, *self.expert_parameters(), self.activation)
+            y = moe_ops.dense_experts(flat, routing.probs, *self.expert_parameters(), self.activation,
+                                      backend=routing.backend)
         else:
-            y_sorted = moe_ops.expert_mlp(moe_ops.permute(flat, routing), routing.offsets, self.w1, self.b1,
-                                          self.w2, self.b2, self.activation, backend=routing.backend)
-            y = moe_ops.unpermute(y_sorted, routing)
+            y = moe_ops.routed_experts(flat, routing, *self.expert_parameters(), self.activation)
         return self._finish(x, y, routing)

@@ -4,18 +4,20 @@ Parameters are stacked per expert in ``nn.Linear``'s (out, in) convention: ``w1`
 with F' = F (or 2F for swiglu: gate rows first, then up rows), ``b1`` (E, F'), ``w2`` (E, O, F),
 ``b2`` (E, O).
 
-Sparse (top-k, dropless) flow: :func:`route` -> :func:`permute` the token slots so each expert's
-are contiguous -> :func:`expert_mlp` over the segments -> :func:`unpermute` (weighted combine by
-gather, deterministic). Dense flow (every expert on every token, OpenOmni):
-:func:`dense_experts`, each expert over all tokens and the gate-weighted sum.
+Sparse (top-k, dropless) flow: :func:`route` -> :func:`routed_experts`, which is :func:`permute`
+the token slots so each expert's are contiguous -> :func:`expert_mlp` over the segments ->
+:func:`unpermute` (weighted combine by gather, deterministic). Dense flow (every expert on every
+token, OpenOmni): :func:`dense_experts`.
 
 Backends (``backend=`` / ``OMNIFAST_BACKEND``, as for every op): ``torch`` is the readable
 reference, autograd throughout. ``cpu`` runs routing (softmax, top-k, counting sort) and the
-combine in C++ kernels and the expert matmuls one per segment. ``triton`` runs all of it in
-Triton kernels, grouped GEMM included, without reading anything back to the host. The gate's
-own matmul stays ``F.linear`` on every backend, and the routing gradient is a closed form over
-the (N, E) probabilities. Dense routing and :func:`dense_experts` are a softmax and E dense
-matmuls, so they are the same torch code on every backend.
+combine in C++ kernels and the expert matmuls one per segment. ``triton`` (a GPU) routes and
+sorts in Triton kernels and runs the expert GEMMs on the engine that is fastest for the dtype
+and device (``_moe_gemm.py``: ``torch._grouped_mm`` on sm_90 bf16, the Triton grouped GEMM with
+the permutation fused into its loads and stores, or cuBLAS per segment for float32), without
+reading anything back to the host except for float32's segment bounds; dense layers run as two
+GEMMs over all experts. The gate's own matmul stays ``F.linear`` in float32 on every backend, and
+the routing gradient is a closed form over the (N, E) probabilities.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_int, check_tensor
 from . import _reference
 from ._dispatch import choose_backend, moe_kernels
+from ._moe_gemm import _DenseMLP, _GroupedMLP, _activate, _activate_backward, gemm_engine
 from ._precision import autocast_off, cast_all, matmul_dtype
 
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
@@ -128,20 +131,6 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = Non
     return Routing(probs, weights, experts, counts, offsets, order, position, balance, z_loss, backend)
 
 
-def _activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "swiglu":
-        gate, up = pre.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[activation](pre)
-
-
-def _activate_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
-    with torch.enable_grad():
-        leaf = pre.detach().requires_grad_()
-        (result,) = torch.autograd.grad(_activate(leaf, activation), leaf, grad)
-    return result
-
-
 class _ExpertMLP(torch.autograd.Function):
     """Grouped MLP over contiguous expert segments: one matmul per non-empty segment, into
     preallocated buffers, no masks. For relu only the activation is saved (its sign gives the
@@ -202,34 +191,6 @@ class _ExpertMLP(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
-class _GroupedExpertMLP(torch.autograd.Function):
-    """Grouped MLP on the Triton grouped GEMM: the segment bounds stay on the device. The
-    activation is recomputed from ``pre`` in the backward instead of being saved."""
-
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, offsets, activation):
-        kernels = moe_kernels("triton")
-        pre = kernels.grouped_mm(x, w1, b1, offsets)
-        out = kernels.grouped_mm(_activate(pre, activation), w2, b2, offsets)
-        ctx.save_for_backward(x, w1, w2, pre, offsets)
-        ctx.activation, ctx.has_bias = activation, (b1 is not None, b2 is not None)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        kernels = moe_kernels("triton")
-        x, w1, w2, pre, offsets = ctx.saved_tensors
-        E = w1.shape[0]
-        grad_w2, grad_b2 = kernels.grouped_weight_grad(grad_out, _activate(pre, ctx.activation), offsets, E,
-                                                       ctx.has_bias[1])
-        grad_pre = _activate_backward(kernels.grouped_mm(grad_out, w2, None, offsets, transpose=False), pre,
-                                      ctx.activation)
-        grad_w1, grad_b1 = kernels.grouped_weight_grad(grad_pre, x, offsets, E, ctx.has_bias[0])
-        grad_x = kernels.grouped_mm(grad_pre, w1, None, offsets, transpose=False)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
-
-
 def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str = "relu",
                backend: Optional[str] = None) -> torch.Tensor:
@@ -241,8 +202,9 @@ def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, 
     device = x_sorted.device.type
     x_sorted, w1, b1, w2, b2 = cast_all(matmul_dtype(device, x_sorted, w1, w2), (x_sorted, w1, b1, w2, b2))
     with autocast_off(device):
-        if choose_backend(x_sorted.device, backend) == "triton" and x_sorted.dtype != torch.float64:
-            return _GroupedExpertMLP.apply(x_sorted, w1, b1, w2, b2, offsets, activation)
+        if choose_backend(x_sorted.device, backend) == "triton":
+            engine = gemm_engine(x_sorted, w1, w2, offsets)
+            return _GroupedMLP.apply(x_sorted, w1, b1, w2, b2, offsets, None, 1, activation, engine)
         bounds = offsets.tolist()
         segments = [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
         return _ExpertMLP.apply(x_sorted, w1, b1, w2, b2, segments, activation)
@@ -298,13 +260,40 @@ def unpermute(y_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
     return _Unpermute.apply(y_sorted, routing.weights.contiguous(), routing.position, k, routing.backend)
 
 
-def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activation: str = "relu") -> torch.Tensor:
+def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation: str = "relu") -> torch.Tensor:
+    """The top-k expert layer on routed tokens: :func:`permute`, :func:`expert_mlp` and
+    :func:`unpermute` in one, (N, H) -> (N, O), differentiable w.r.t. x, the weights and the
+    routing weights. On the triton backend the token rows are gathered inside the first grouped
+    GEMM and the outputs scattered to token-major slots by the second (no permuted copy, a
+    contiguous combine); on the CPU the three ops run as they are."""
+    if routing.backend != "triton":
+        y = expert_mlp(permute(x, routing), routing.offsets, w1, b1, w2, b2, activation, backend=routing.backend)
+        return unpermute(y, routing)
+    device = x.device.type
+    x, w1, b1, w2, b2 = cast_all(matmul_dtype(device, x, w1, w2), (x, w1, b1, w2, b2))
+    N, k = routing.experts.shape
+    with autocast_off(device):
+        engine = gemm_engine(x, w1, w2, routing.offsets)
+        y_slots = _GroupedMLP.apply(x, w1, b1, w2, b2, routing.offsets, routing.order, k, activation, engine)
+        identity = torch.arange(N * k, device=x.device)  # the slots are already in token-major order
+        return _Unpermute.apply(y_slots, routing.weights.contiguous(), identity, k, "triton")
+
+
+def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activation: str = "relu",
+                  backend: Optional[str] = None) -> torch.Tensor:
     """Every expert on every token, sum_e probs[:, e] * MLP_e(x); (N, H) -> (N, O).
 
-    One expert at a time over all tokens, with no masks or index ops. Batched forms were
-    measured and were not faster on CPU: a (E, N, F) batched matmul ran at 0.82x NaiveMoE's
-    speed with 1.4x the memory, and two stacked GEMMs at 0.80x with 1.9x the memory (16384
-    tokens). The loop keeps only one (N, F) activation per expert for the backward."""
+    On the triton backend (a GPU): two GEMMs over all experts at once with the gate folded in
+    between (``_DenseMLP``), the shape a GPU runs fastest. On the CPU one expert at a time over
+    all tokens, with no masks or index ops: batched forms were measured there and were not
+    faster (a (E, N, F) batched matmul ran at 0.82x NaiveMoE's speed with 1.4x the memory, two
+    stacked GEMMs at 0.80x with 1.9x the memory, 16384 tokens). The loop keeps only one (N, F)
+    activation per expert for the backward."""
+    if choose_backend(x.device, backend) == "triton":
+        device = x.device.type
+        x, w1, b1, w2, b2 = cast_all(matmul_dtype(device, x, w1, w2), (x, w1, b1, w2, b2))
+        with autocast_off(device):
+            return _DenseMLP.apply(x, probs, w1, b1, w2, b2, activation)
     out = None
     for e in range(w1.shape[0]):
         hidden = _activate(F.linear(x, w1[e], None if b1 is None else b1[e]), activation)
