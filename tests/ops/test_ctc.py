@@ -9,6 +9,7 @@ from hypothesis import given, settings
 import omnifast
 from omnifast.ops import _reference
 
+from ..devices import device_for
 from .ctc_cases import Problem, make_problem, problems
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -17,11 +18,14 @@ TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-
 
 
 def loss_and_grad(fn, x: torch.Tensor, p: Problem, reduction="sum", zero_infinity=False, targets=None, **kw):
-    x = x.detach().clone().requires_grad_()
-    loss = fn(x, p.targets if targets is None else targets, p.input_lengths, p.target_lengths,
+    """Loss and gradient on the backend's test device (see tests/devices.py), returned on the CPU."""
+    device = device_for(kw.get("backend"))
+    x = x.detach().clone().to(device).requires_grad_()
+    targets = p.targets if targets is None else targets
+    loss = fn(x, targets.to(device), p.input_lengths.to(device), p.target_lengths.to(device),
               blank=p.blank, reduction=reduction, zero_infinity=zero_infinity, **kw)
     (grad,) = torch.autograd.grad(loss.sum(), x)
-    return loss.detach(), grad
+    return loss.detach().cpu(), grad.cpu()
 
 
 def torch_loss_and_grad(p: Problem, reduction="sum", zero_infinity=False):
@@ -157,13 +161,14 @@ def test_concatenated_and_unbatched_targets(backend, from_logits):
     assert_close(concatenated[0], padded[0])
     assert_close(concatenated[1], padded[1])
     fn = omnifast.ctc_loss_with_logits if from_logits else omnifast.ctc_loss
+    device = device_for(backend)
     for b in range(3):
         x = p.logits[:, b] if from_logits else p.logits[:, b].log_softmax(-1)
         n = int(p.target_lengths[b])
-        loss = fn(x[: int(p.input_lengths[b])], p.targets[b, :n], int(p.input_lengths[b]), n,
+        loss = fn(x[: int(p.input_lengths[b])].to(device), p.targets[b, :n].to(device), int(p.input_lengths[b]), n,
                   blank=p.blank, reduction="none", backend=backend)
         assert loss.shape == ()
-        assert_close(loss, padded[0][b])
+        assert_close(loss.cpu(), padded[0][b])
 
 
 @pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
@@ -221,32 +226,34 @@ def test_torch_gradient_is_not_exact_but_ours_is():
 @pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
 def test_log_likelihood(backend):
     p = make_problem(T=8, B=3, C=6, blank=0, target_lengths=[2, 3, 6], input_lengths=[8, 5, 5])
-    ll = omnifast.ctc_log_likelihood(p.logits, p.targets, p.input_lengths, p.target_lengths,
-                                     blank=0, from_logits=True, backend=backend)
+    d = device_for(backend)
+    ll = omnifast.ctc_log_likelihood(p.logits.to(d), p.targets.to(d), p.input_lengths.to(d), p.target_lengths.to(d),
+                                     blank=0, from_logits=True, backend=backend).cpu()
     nll = torch_loss_and_grad(p, "none")[0]
     assert_close(ll, -nll)
     assert ll[2] == -math.inf
     with torch.no_grad():
-        assert_close(omnifast.ctc_log_likelihood(p.logits.log_softmax(-1), p.targets, p.input_lengths,
-                                                 p.target_lengths, backend=backend), ll)
+        assert_close(omnifast.ctc_log_likelihood(p.logits.log_softmax(-1).to(d), p.targets.to(d), p.input_lengths,
+                                                 p.target_lengths, backend=backend).cpu(), ll)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backward_scales_saved_gradient(backend):
     """The gradient is formed in the forward; the backward scales it by the incoming gradient."""
     p = make_problem(T=8, B=2, C=5, blank=0, target_lengths=[2, 3])
-    x = p.logits.clone().requires_grad_()
-    loss = omnifast.ctc_loss_with_logits(x, p.targets, p.input_lengths, p.target_lengths, backend=backend)
+    d = device_for(backend)
+    x = p.logits.clone().to(d).requires_grad_()
+    loss = omnifast.ctc_loss_with_logits(x, p.targets.to(d), p.input_lengths, p.target_lengths, backend=backend)
     (3.5 * loss).backward()
     expected = ours(p, "torch", True, "mean")[1]
-    assert_close(x.grad, 3.5 * expected)
+    assert_close(x.grad.cpu(), 3.5 * expected)
 
     def weighted(name):
-        z = p.logits.clone().requires_grad_()
-        per_sequence = omnifast.ctc_loss_with_logits(z, p.targets, p.input_lengths, p.target_lengths,
+        z = p.logits.clone().to(device_for(name)).requires_grad_()
+        per_sequence = omnifast.ctc_loss_with_logits(z, p.targets.to(z.device), p.input_lengths, p.target_lengths,
                                                      reduction="none", backend=name)
-        (per_sequence * torch.tensor([2.0, -1.0], dtype=torch.float64)).sum().backward()
-        return z.grad
+        (per_sequence * torch.tensor([2.0, -1.0], dtype=torch.float64, device=z.device)).sum().backward()
+        return z.grad.cpu()
     assert_close(weighted(backend), weighted("torch"))
 
 
@@ -255,3 +262,18 @@ def test_module_form():
     module = omnifast.nn.CTCLoss(blank=4, from_logits=True)
     expected = F.ctc_loss(p.logits.log_softmax(-1), p.targets, p.input_lengths, p.target_lengths, blank=4)
     assert_close(module(p.logits, p.targets, p.input_lengths, p.target_lengths), expected, torch.float32)
+
+
+@pytest.mark.parametrize("width", [500, 600])
+def test_triton_with_speech_sized_tiles(width):
+    """Targets padded to OpenOmni's lengths give 2W+1 = 1001 or 1201 states (the recursion's
+    register tile of 1024 or 2048 states, 8 or 16 warps) and C = 2100 classes two row tiles of
+    2048: the GPU's own block sizes, checked here and recorded for the AOT compile test. (The
+    lengths themselves stay short: the interpreter runs a 600-frame recursion in minutes.)"""
+    p = make_problem(T=9, B=2, C=2100, blank=2099, target_lengths=[4, 2], input_lengths=[9, 6], seed=9,
+                     dtype=torch.float32, width=width)
+    for from_logits in (True, False):
+        expected = ours(p, "cpu", from_logits, "mean")
+        actual = ours(p, "triton", from_logits, "mean")
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4)

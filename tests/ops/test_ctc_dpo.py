@@ -1,4 +1,5 @@
 """CTC-DPO against the unfused OpenOmni-style recipe, dense and sparse paths, every backend."""
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,8 @@ from hypothesis import strategies as st
 
 import omnifast
 from omnifast.ops import ReferenceLogpCache, ctc_dpo, reference_logps
+
+from ..devices import device_for, moved
 
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 BACKENDS = ("torch", "cpu", "triton")
@@ -48,10 +51,18 @@ def unfused(p, beta=0.1, length_normalize=False, sft_weight=0.0, zero_infinity=F
 
 
 def run(fn, p, **options):
+    """``fn`` on the test device of its backend (tests/devices.py); outputs and gradients back on
+    the CPU."""
+    device = device_for(options.get("backend"))
+    p = moved(p, device)
     leaves = {k: p[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")}
     out = fn(p, leaves, **options)
     loss = out[0] if isinstance(out, tuple) else out.loss
-    return out, torch.autograd.grad(loss, list(leaves.values()))
+    grads = [g.cpu() for g in torch.autograd.grad(loss, list(leaves.values()))]
+    if isinstance(out, tuple):
+        return moved(tuple(t.detach() for t in out), "cpu"), grads
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    return dataclasses.replace(out, **{k: None if v is None else v.detach().cpu() for k, v in fields.items()}), grads
 
 
 def ours(p, leaves, **options):

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 import omnifast
 from omnifast.ops import _reference
 
+from ..devices import device_for, moved
+
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 
 
@@ -28,10 +30,12 @@ def unfused(hidden, weight, bias, targets, input_lengths, target_lengths, reduct
 
 
 def value_and_grads(fn, hidden, weight, bias, *args, **kw):
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
-    loss = fn(*leaves, *args, **kw)
+    """Loss and gradients on the test device of ``fn.backend`` (tests/devices.py), back on the CPU."""
+    device = device_for(getattr(fn, "backend", None))
+    leaves = [None if t is None else t.detach().clone().to(device).requires_grad_() for t in (hidden, weight, bias)]
+    loss = fn(*leaves, *moved(args, device), **kw)
     grads = torch.autograd.grad(loss.sum(), [t for t in leaves if t is not None])
-    return [loss.detach()] + list(grads)
+    return [loss.detach().cpu()] + [g.cpu() for g in grads]
 
 
 def fused(backend, chunk_frames=None):
@@ -39,6 +43,7 @@ def fused(backend, chunk_frames=None):
         return omnifast.linear_ctc_loss(hidden, weight, bias, targets, input_lengths, target_lengths,
                                         reduction=reduction, zero_infinity=zero_infinity,
                                         chunk_frames=chunk_frames, backend=backend)
+    fn.backend = backend
     return fn
 
 
@@ -173,3 +178,18 @@ def test_bad_input_names_the_argument(error, name, changes):
     kwargs.update(changes)
     with pytest.raises(error, match=name):
         omnifast.linear_ctc_loss(**kwargs)
+
+
+def test_triton_with_speech_sized_tiles_under_autocast():
+    """bf16 chunks under autocast with the GPU's block sizes (V = 2100: two row tiles of 2048;
+    targets padded to 500: 1001 states), against the C++ backend; recorded for the AOT test."""
+    problem = make_head_problem(2, 9, 16, 2100, [4, 2], [9, 6], seed=12, dtype=torch.float32)
+    hidden, weight, bias, targets, input_lengths, lengths = problem
+    targets = torch.cat([targets, torch.zeros(2, 500 - targets.shape[1], dtype=targets.dtype)], 1)
+    results = []
+    for backend in ("cpu", "triton"):
+        with torch.autocast(device_for(backend).type, dtype=torch.bfloat16):
+            results.append(value_and_grads(fused(backend, 4), hidden, weight, bias, targets, input_lengths, lengths,
+                                           "mean", False))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a.double(), e.double(), atol=1e-2, rtol=2e-2)
