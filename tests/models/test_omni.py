@@ -1,12 +1,18 @@
 """OmniModel and OmniProcessor at tiny size: mixed batches forward and backward, exact label
 masking, placeholders, freezing, save/load, building from Hugging Face checkpoint directories,
 generation with and without speech, the 7B config on the meta device, and bad input."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from omnifast.models import (IGNORE_INDEX, OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer,
                              response_states, save_speech_decoder)
+
+from ..devices import device_for, moved
+
+DEVICE = device_for()
 
 IMAGE = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
 WAVE = (np.random.default_rng(1).standard_normal(12000) * 0.1).astype(np.float32)
@@ -32,8 +38,8 @@ def test_mixed_batch_forward_and_backward(tiny):
     batch = processor(CONVERSATIONS, **MEDIA)
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["speech_features"].shape[0] == 2
     units = torch.randint(0, 20, (4, 10))
-    model.zero_grad()
-    out = model(**batch, units=units)
+    model = copy.deepcopy(model).to(DEVICE)  # the test device (tests/devices.py)
+    out = model(**moved(batch, DEVICE), units=units.to(DEVICE))
     assert torch.isfinite(out.loss) and out.text_loss is not None and out.speech_loss is not None
     out.loss.backward()
     for name in ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder"):
@@ -218,16 +224,17 @@ def test_mixed_precision_forward_and_backward(mode):
     processor = OmniProcessor(build_tiny_tokenizer(), config)
     batch = processor(CONVERSATIONS, **MEDIA)
     units = torch.randint(0, 20, (4, 10), generator=torch.Generator().manual_seed(1))
-    exact_model = OmniModel(config)
+    batch, units = moved(batch, DEVICE), units.to(DEVICE)
+    exact_model = OmniModel(config).to(DEVICE)
     exact = exact_model(**batch, units=units)
-    model = OmniModel(config)
+    model = OmniModel(config).to(DEVICE)
     model.load_state_dict(exact_model.state_dict())
     half = torch.float16 if mode.endswith("fp16") else torch.bfloat16
-    context = torch.autocast("cpu", dtype=half)
+    context = torch.autocast(DEVICE.type, dtype=half)
     if mode == "bf16-params":
         model = model.to(half)
         batch = {k: v.to(half) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-        context = torch.autocast("cpu", enabled=False)
+        context = torch.autocast(DEVICE.type, enabled=False)
     with context:
         out = model(**batch, units=units)
     out.loss.backward()

@@ -10,16 +10,22 @@ from omnifast.nn import MoE, NaiveMoE
 from omnifast.ops import _moe_gemm as moe_gemm
 from omnifast.ops import moe as moe_ops
 
+from ..devices import device_for
+
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 
 
 def outputs_and_grads(module, x):
-    x = x.detach().clone().requires_grad_()
+    """Output, aux losses and every gradient, computed where the module's backend runs (the test
+    device, tests/devices.py), returned on the CPU."""
+    device = device_for(getattr(module, "backend", None))
+    module = module.to(device)
+    x = x.detach().clone().to(device).requires_grad_()
     out = module(x)
-    loss = (out.output * torch.linspace(-1, 1, out.output.numel(), dtype=out.output.dtype).view_as(out.output)).sum()
-    loss = loss + out.balance_loss + out.z_loss
+    probe = torch.linspace(-1, 1, out.output.numel(), dtype=out.output.dtype, device=device).view_as(out.output)
+    loss = (out.output * probe).sum() + out.balance_loss + out.z_loss
     grads = torch.autograd.grad(loss, [x] + [p for p in module.parameters()])
-    return [out.output.detach(), out.balance_loss.detach(), out.z_loss.detach()] + list(grads)
+    return [t.cpu() for t in [out.output.detach(), out.balance_loss.detach(), out.z_loss.detach()] + list(grads)]
 
 
 def check_against_naive(x, dtype=torch.float64, backend=None, **config):
@@ -219,7 +225,7 @@ def test_every_gemm_engine_of_the_triton_backend_matches_naive(monkeypatch, engi
     x = torch.randn(37, 16, dtype=dtype)
     moe = MoE.from_naive(naive, backend="triton")
     ours, reference = outputs_and_grads(moe, x), outputs_and_grads(naive, x)
-    assert moe(x).routing.counts[4] == 0
+    assert moe(x.to(device_for('triton'))).routing.counts[4] == 0
     for a, b in zip(ours, reference):
         if dtype == torch.bfloat16:
             scale = b.float().abs().max() + 1e-3

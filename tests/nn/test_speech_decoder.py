@@ -11,7 +11,10 @@ from torch import nn
 from omnifast.nn import SpeechDecoder, SpeechDecoderConfig, TextGuidedModule
 from omnifast.nn.speech_decoder import uniform_upsample
 
+from ..devices import device_for
+
 CFG = SpeechDecoderConfig.tiny()
+DEVICE = device_for()  # the test device (tests/devices.py): the decoder runs on its default backend there
 
 
 def batch(seed=0, lengths=(7, 5, 3), units=None, dtype=torch.float32, config=CFG):
@@ -23,7 +26,7 @@ def batch(seed=0, lengths=(7, 5, 3), units=None, dtype=torch.float32, config=CFG
     mask = torch.arange(N)[None] < torch.tensor(lengths)[:, None]
     targets = torch.randint(0, config.units, (B, max(units)), generator=gen)
     targets[torch.arange(max(units))[None] >= torch.tensor(units)[:, None]] = -100
-    return hidden, tokens, mask, targets
+    return hidden.to(DEVICE), tokens.to(DEVICE), mask.to(DEVICE), targets.to(DEVICE)
 
 
 def full_logits_ctc(decoder, states, lengths, targets, reduction):
@@ -36,7 +39,7 @@ def full_logits_ctc(decoder, states, lengths, targets, reduction):
 
 def test_shapes_and_frame_counts():
     torch.manual_seed(0)
-    decoder = SpeechDecoder(CFG)
+    decoder = SpeechDecoder(CFG).to(DEVICE)
     hidden, tokens, mask, targets = batch(units=(30, 9, 4))
     out = decoder(hidden, tokens, mask, mask, targets)
     # frames = max(text length x 3, units): 7*3=21 < 30
@@ -56,7 +59,7 @@ def test_uniform_upsample_assignment():
 @pytest.mark.parametrize("normalization", ["openomni", "mean"])
 def test_fused_loss_equals_ctc_on_full_logits(normalization):
     torch.manual_seed(1)
-    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(loss_normalization=normalization)).double()
+    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(loss_normalization=normalization)).double().to(DEVICE)
     hidden, tokens, mask, targets = batch(seed=1, dtype=torch.float64)
     ours = decoder(hidden, tokens, mask, mask, targets)
     ours_grads = torch.autograd.grad(ours.loss, list(decoder.parameters()), retain_graph=True)
@@ -73,7 +76,7 @@ def test_fused_loss_equals_ctc_on_full_logits(normalization):
 def test_overfitting_one_batch_then_greedy_decoding_returns_the_targets():
     torch.manual_seed(0)
     config = SpeechDecoderConfig.tiny(width=64, intermediate=128)
-    decoder = SpeechDecoder(config)
+    decoder = SpeechDecoder(config).to(DEVICE)
     hidden, tokens, mask, targets = batch(seed=0, lengths=(6, 4), units=(6, 4), config=config)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     losses = []
@@ -93,7 +96,7 @@ def test_overfitting_one_batch_then_greedy_decoding_returns_the_targets():
 @pytest.mark.parametrize("chunk", [1, 2, 3, 9])
 def test_streaming_equals_one_full_pass(chunk):
     torch.manual_seed(3)
-    decoder = SpeechDecoder(CFG).double().eval()
+    decoder = SpeechDecoder(CFG).double().eval().to(DEVICE)
     hidden, tokens, _, _ = batch(seed=3, lengths=(9,), dtype=torch.float64)
     full = decoder.generate(hidden, tokens)[0]
     streamed = []
@@ -104,13 +107,13 @@ def test_streaming_equals_one_full_pass(chunk):
 
 def test_bidirectional_decoder_sees_the_future_and_cannot_stream():
     torch.manual_seed(4)
-    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(causal=False, fusion_causal=False)).double()
+    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(causal=False, fusion_causal=False)).double().to(DEVICE)
     hidden, tokens, _, _ = batch(seed=4, lengths=(5,), dtype=torch.float64)
     first = decoder(hidden, tokens).states
     changed = tokens.clone()
     changed[0, -1] = (changed[0, -1] + 1) % CFG.text_vocab
     assert (decoder(hidden, changed).states[0, 0] - first[0, 0]).abs().max() > 1e-6
-    causal = SpeechDecoder(CFG).double()
+    causal = SpeechDecoder(CFG).double().to(DEVICE)
     causal.load_state_dict(decoder.state_dict())
     a, b = causal(hidden, tokens).states, causal(hidden, changed).states
     torch.testing.assert_close(a[0, :12], b[0, :12])  # frames of the first 4 tokens: unchanged
@@ -142,13 +145,14 @@ def ar_reference_loss(decoder, hidden, tokens, mask, targets):
         seq = torch.cat([sos[None], fused[b, :L], task[None], decoder.unit_embedding(units)])[None]
         states = decoder.decoder(inputs_embeds=seq).last_hidden_state[0]
         logits = decoder.head(states[L + 1:])  # task predicts unit 0, ..., the last unit predicts eos
-        losses.append(F.cross_entropy(logits, torch.cat([units, torch.tensor([decoder.config.units])]), reduction="sum"))
+        eos = torch.tensor([decoder.config.units], device=units.device)
+        losses.append(F.cross_entropy(logits, torch.cat([units, eos]), reduction="sum"))
     return sum(losses) / ((targets != -100).sum() + hidden.shape[0])
 
 
 def test_ar_loss_equals_next_unit_cross_entropy_and_sampling_learns():
     torch.manual_seed(6)
-    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(layers=1), mode="ar").double()
+    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(layers=1), mode="ar").double().to(DEVICE)
     hidden, tokens, mask, targets = batch(seed=6, lengths=(4, 3), units=(6, 3), dtype=torch.float64)
     torch.testing.assert_close(decoder(hidden, tokens, mask, mask, targets).loss.double(),
                                ar_reference_loss(decoder, hidden, tokens, mask, targets))
@@ -162,13 +166,13 @@ def test_ar_loss_equals_next_unit_cross_entropy_and_sampling_learns():
     expected = [row[row != -100].tolist() for row in targets]
     assert decoder.generate(hidden, tokens, mask, mask, greedy=True) == expected
     sampled = decoder.generate(hidden, tokens, mask, mask, top_k=3, top_p=0.9, max_units=4,
-                               generator=torch.Generator().manual_seed(0))
+                               generator=torch.Generator(device=DEVICE).manual_seed(0))
     assert all(len(units) <= 4 for units in sampled)
 
 
 def test_dpo_loss_equals_the_formula_on_the_decoders_own_likelihoods():
     torch.manual_seed(7)
-    decoder = SpeechDecoder(CFG).double()
+    decoder = SpeechDecoder(CFG).double().to(DEVICE)
     reference = copy.deepcopy(decoder)
     with torch.no_grad():
         for p in reference.parameters():
@@ -277,7 +281,7 @@ def test_openomni_state_dict_loads_and_computes_the_same():
     theirs = OpenOmniLikeGenerator(config).double()
     state = {f"speech_generator.{k}": v for k, v in theirs.state_dict().items()}
     ours = SpeechDecoder.from_openomni_state_dict(state, config, prefix="speech_generator.").double()
-    hidden, tokens, _, _ = batch(seed=8, lengths=(6,), dtype=torch.float64, config=config)
+    hidden, tokens, _, _ = (t.cpu() for t in batch(seed=8, lengths=(6,), dtype=torch.float64, config=config))
     states, _ = ours.frame_states(hidden, tokens)
     torch.testing.assert_close(ours.head(states), theirs.logits(hidden, tokens))
 

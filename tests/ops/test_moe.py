@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from omnifast.ops import moe
 
+from ..devices import device_for
+
 KERNELS = ["cpu", "triton"]
 ROUTE_FIELDS = ("probs", "weights", "experts", "counts", "offsets", "order", "position", "balance_loss", "z_loss")
 
@@ -19,11 +21,15 @@ def separated_logits(tokens, experts, gen):
 
 
 def routed(backend, x, gate, top_k, normalize=True):
-    x, gate = x.clone().requires_grad_(), gate.clone().requires_grad_()
+    """The routing on the backend's test device (tests/devices.py), fields and gradients on the CPU."""
+    device = device_for(backend)
+    x, gate = x.clone().to(device).requires_grad_(), gate.clone().to(device).requires_grad_()
     r = moe.route(x, gate, top_k, normalize=normalize, backend=backend)
-    probe = torch.linspace(-1, 1, r.weights.numel()).view_as(r.weights)
+    probe = torch.linspace(-1, 1, r.weights.numel(), device=device).view_as(r.weights)
     loss = (r.weights * probe).sum() + 0.3 * r.balance_loss + 0.1 * r.z_loss + (r.probs[:, :1] ** 2).sum()
-    return r, torch.autograd.grad(loss, [x, gate])
+    grads = [g.cpu() for g in torch.autograd.grad(loss, [x, gate])]
+    fields = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in r.__dict__.items()}
+    return moe.Routing(**fields), grads
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -113,13 +119,14 @@ def expert_mlp_case(backend, tokens, experts, k, hidden, ffn, out, activation, b
     tensors = [torch.randn(tokens * k, hidden, generator=gen), torch.randn(experts, width, hidden, generator=gen),
                torch.randn(experts, width, generator=gen), torch.randn(experts, out, ffn, generator=gen),
                torch.randn(experts, out, generator=gen)]
-    x, w1, b1, w2, b2 = (t.to(dtype).requires_grad_() for t in tensors)
+    device = device_for(backend)
+    x, w1, b1, w2, b2 = (t.to(device, dtype).requires_grad_() for t in tensors)
     if not bias:
         b1 = b2 = None
-    y = moe.expert_mlp(x, r.offsets, w1, b1, w2, b2, activation, backend=backend)
-    probe = torch.randn(y.shape, generator=gen).to(dtype)
+    y = moe.expert_mlp(x, r.offsets.to(device), w1, b1, w2, b2, activation, backend=backend)
+    probe = torch.randn(y.shape, generator=gen).to(device, dtype)
     inputs = [t for t in (x, w1, b1, w2, b2) if t is not None]
-    return [y, *torch.autograd.grad((y * probe).sum(), inputs)]
+    return [t.cpu() for t in [y, *torch.autograd.grad((y * probe).sum(), inputs)]]
 
 
 @pytest.mark.parametrize("backend", KERNELS)
