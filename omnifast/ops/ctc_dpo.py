@@ -336,7 +336,8 @@ class ReferenceLogpCache:
     """Reference log-likelihoods keyed by example id, kept in one tensor file.
 
     ``build`` runs a frozen reference over the data once; later epochs ``lookup`` the values.
-    Saving writes a temporary file and renames it, so a crash never leaves a torn cache."""
+    Saving writes and fsyncs a temporary file and renames it, so a crash never leaves a torn
+    cache; loading never unpickles code (``weights_only``)."""
 
     def __init__(self, path: str):
         self.path = str(path)
@@ -368,8 +369,16 @@ class ReferenceLogpCache:
         payload = {"ids": ids, "chosen": torch.tensor([self.values[k][0] for k in ids], dtype=torch.float64),
                    "rejected": torch.tensor([self.values[k][1] for k in ids], dtype=torch.float64)}
         tmp = f"{self.path}.tmp"
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as handle:  # durable: the data reaches the disk before the rename does
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, self.path)
+        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     @classmethod
     def build(cls, path: str, batches: Iterable[dict], weight, bias, **options) -> "ReferenceLogpCache":

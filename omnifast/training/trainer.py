@@ -1,6 +1,7 @@
 """One trainer for every stage: AdamW, warmup + cosine schedule, gradient accumulation and
-clipping, bf16 autocast where supported, checkpoints that survive a kill, ``--resume``, and
-DistributedDataParallel (or FSDP2) under ``torchrun``.
+clipping, bf16 autocast where supported, checkpoints that run no code and survive a kill or a
+machine crash (``checkpoint.py``), ``--resume`` to the same weights bit for bit (every rank's
+random generators are saved), and DistributedDataParallel (or FSDP2) under ``torchrun``.
 
 Data order is a function of (seed, step) alone: each epoch is a seeded permutation cut into
 global batches, and rank r takes the r-th slice of each. So a resumed run sees exactly the batches
@@ -13,19 +14,18 @@ import copy
 import json
 import math
 import os
-import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from omnifast.models import OmniModel, OmniProcessor, response_states
 from omnifast.ops._checks import check_known_keys
 
+from . import checkpoint
+from .checkpoint import CheckpointError
 from .data import ConversationDataset, Record, collate_batch
 from .stages import Stage, get_stage
 
@@ -96,7 +96,7 @@ def _schedule(total: int, warmup_ratio: float):
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     """The newest complete checkpoint (renamed from its temporary name, so never half-written)."""
-    found = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    found = checkpoint.complete_checkpoints(out_dir / "checkpoints")
     return found[-1] if found else None
 
 
@@ -193,43 +193,61 @@ class Trainer:
         return {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
+        """Trainable weights, optimizer and scheduler, step, the reference cache and every rank's
+        random generators, written durably (see ``checkpoint.py``) by rank 0."""
+        rng_tensors, rng_values = checkpoint.rng_state()
+        ranks = [(rng_tensors, rng_values)]
+        if self.world > 1:
+            ranks = [None] * self.world
+            torch.distributed.all_gather_object(ranks, (rng_tensors, rng_values))
         if self.rank != 0:
             return
+        optimizer_tensors: Dict[str, torch.Tensor] = {}
+        state = {"step": self.step, "world": self.world, "config": asdict(self.config),
+                 "optimizer": checkpoint.split_tensors(self.optimizer.state_dict(), "optimizer", optimizer_tensors),
+                 "scheduler": checkpoint.split_tensors(self.scheduler.state_dict(), "scheduler", optimizer_tensors),
+                 "ref_cache": getattr(self, "_ref_cache", None),
+                 "rng": [values for _, values in ranks]}
+        rng = {f"rank{r}.{key}": value for r, (tensors, _) in enumerate(ranks) for key, value in tensors.items()}
         root = self.out_dir / "checkpoints"
-        final = root / f"step-{self.step:08d}"
-        tmp = root / (final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(self._trainable_state(), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                    "python_rng": random.getstate(), "config": asdict(self.config),
-                    "ref_cache": getattr(self, "_ref_cache", None)}, tmp / "state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # atomic: a checkpoint directory without .tmp is complete
-        for old in sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))[:-self.config.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        checkpoint.write_checkpoint(root / f"step-{self.step:08d}",
+                                    {"trainable.safetensors": self._trainable_state(),
+                                     "optimizer.safetensors": optimizer_tensors, "rng.safetensors": rng},
+                                    {"state.json": state})
+        for old in checkpoint.complete_checkpoints(root)[:-self.config.keep]:
+            checkpoint.retire(old)
 
     def resume(self) -> None:
-        from safetensors.torch import load_file
-        checkpoint = latest_checkpoint(self.out_dir)
-        if checkpoint is None:
+        """Continue from the newest complete checkpoint. Nothing in it is unpickled; a file that
+        cannot be read as written raises ``CheckpointError`` naming it."""
+        found = latest_checkpoint(self.out_dir)
+        if found is None:
             raise FileNotFoundError(f"--resume: {self.out_dir / 'checkpoints'} holds no complete checkpoint")
-        weights = load_file(str(checkpoint / "trainable.safetensors"))
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
-        if state.get("ref_cache") is not None:
-            self._ref_cache = state["ref_cache"]
+        state = checkpoint.read_json(found / "state.json")
+        weights = checkpoint.read_tensors(found / "trainable.safetensors")
+        optimizer_tensors = checkpoint.read_tensors(found / "optimizer.safetensors")
+        rng = checkpoint.read_tensors(found / "rng.safetensors")
+        try:
+            if state["world"] != self.world:
+                raise CheckpointError(f"{found / 'state.json'}: written by {state['world']} processes, resumed by "
+                                      f"{self.world}")
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, value in weights.items():
+                    params[name].copy_(value)
+            where = found / "optimizer.safetensors"
+            self.optimizer.load_state_dict(checkpoint.join_tensors(state["optimizer"], optimizer_tensors, where))
+            self.scheduler.load_state_dict(checkpoint.join_tensors(state["scheduler"], optimizer_tensors, where))
+            self.step = int(state["step"])
+            mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{self.rank}.")}
+            checkpoint.set_rng_state(mine, state["rng"][self.rank], found / "rng.safetensors")
+            if state.get("ref_cache") is not None:
+                self._ref_cache = {key: tuple(value) for key, value in state["ref_cache"].items()}
+        except CheckpointError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{found}: does not match this run ({type(error).__name__}: {error})") from error
+        self._resumed = True
         metrics = self.out_dir / "metrics.jsonl"
         if metrics.is_file() and self.rank == 0:  # drop what the interrupted run logged past the checkpoint
             kept = [json.dumps(r) for r in read_metrics(metrics) if r["step"] <= self.step]
@@ -238,7 +256,8 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
         from tqdm.auto import tqdm
-        torch.manual_seed(self.config.seed + self.step)
+        if not getattr(self, "_resumed", False):  # a resumed run continues the saved generators
+            torch.manual_seed(self.config.seed)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out_dir / "metrics.jsonl"
         if self.step == 0 and self.rank == 0 and metrics_path.exists():

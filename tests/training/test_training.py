@@ -3,6 +3,7 @@ trains exactly its components, a killed run resumes to the same weights, two glo
 one, and every data and argument error is reported before training."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -90,27 +91,61 @@ def test_all_five_stages_lower_their_losses_and_train_only_their_components(data
         previous = after
 
 
-def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path):
+def kill_at_random_moments(command, out: Path, moments, env=None) -> None:
+    """Start ``command``; once its first checkpoint exists, SIGKILL it (and its children) after a
+    random delay; then start it with --resume and do the same, once per entry of ``moments``. At
+    least the first kill must land before the run finishes."""
+    for i, delay in enumerate(moments):
+        process = subprocess.Popen(command + (["--resume"] if i else []), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+        deadline = time.time() + 240
+        while time.time() < deadline and not list((out / "checkpoints").glob("step-*[0-9]")):
+            time.sleep(0.02)
+        time.sleep(delay)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if i == 0:
+            assert not (out / "model").exists(), "the run finished before it could be killed"
+
+
+def assert_same_weights_bit_for_bit(a_dir: Path, b_dir: Path) -> None:
+    a = load_file(str(a_dir / "model" / "model.safetensors"))
+    b = load_file(str(b_dir / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_killed_at_random_moments_a_run_resumes_to_the_same_weights_bit_for_bit(data, tmp_path):
     args = ["--stage", "speech-gen", "--model", "tiny", "--data", data / "speech-gen.json", "--max-steps", 10,
             "--epochs", 10, "--save-every", 2, "--keep", 2]
     assert train(*args, "--out", tmp_path / "straight") == 0
     command = [sys.executable, "-m", "omnifast.cli", "train", *map(str, args), "--out", str(tmp_path / "killed"),
                "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (tmp_path / "killed" / "checkpoints" / "step-00000004").is_dir():
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
+    moments = random.Random(0).sample([0.0, 0.05, 0.15, 0.3], 2)
+    kill_at_random_moments(command, tmp_path / "killed", moments)
     assert train(*args, "--out", tmp_path / "killed", "--resume") == 0
-    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert_same_weights_bit_for_bit(tmp_path / "straight", tmp_path / "killed")
     steps = [row["step"] for row in read_metrics(tmp_path / "killed" / "metrics.jsonl")]
     assert steps == list(range(1, 11))
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # kept the last 2
+
+
+def test_two_gloo_processes_killed_and_resumed_match_an_uninterrupted_pair_bit_for_bit(data, tmp_path):
+    common = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "omnifast.cli", "train", "--stage",
+              "speech-gen", "--model", "tiny", "--data", str(data / "speech-gen.json"), "--max-steps", "8",
+              "--epochs", "8", "--save-every", "2", "--batch-size", "1", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = lambda n: ["--master_port", str(29600 + n)]  # noqa: E731
+    run = subprocess.run([sys.executable, *common[:4], *port(0), *common[4:], "--out", str(tmp_path / "straight")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    killed = [sys.executable, *common[:4], *port(1), *common[4:], "--out", str(tmp_path / "killed")]
+    kill_at_random_moments(killed, tmp_path / "killed", [random.Random(1).choice([0.0, 0.1, 0.3])], env)
+    run = subprocess.run([sys.executable, *common[:4], *port(2), *common[4:], "--out", str(tmp_path / "killed"),
+                          "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_weights_bit_for_bit(tmp_path / "straight", tmp_path / "killed")
 
 
 def test_two_gloo_processes_match_one_with_the_same_global_batch(data, tmp_path):
