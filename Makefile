@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.omnifast-installed
 SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-sanitize bench clean
 
 setup: $(STAMP)
 
@@ -32,3 +32,13 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info omnifast/_C*.so .venv
+
+# The C++ kernels under AddressSanitizer and UndefinedBehaviorSanitizer (every finding fatal),
+# built beside the normal extension and loaded through OMNIFAST_EXTENSION, on the op tests of the
+# cpu backend with hypothesis' thorough profile.
+SANITIZED := build/sanitize/omnifast/_C$(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)
+test-sanitize: setup
+	OMNIFAST_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/sanitize --build-temp build/sanitize-tmp
+	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1 OMNIFAST_EXTENSION=$(SANITIZED) HYPOTHESIS_PROFILE=thorough \
+	$(PY) -m pytest -q -p no:cacheprovider tests/ops -k "not triton and not interpreter" -x

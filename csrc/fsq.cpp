@@ -46,13 +46,18 @@ std::tuple<at::Tensor, at::Tensor> fsq_forward(const at::Tensor& z_in, const at:
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         int64_t index = 0;
+        bool nan = false;
         for (int64_t d = 0; d < D; ++d) {
           const acc_t bounded = std::tanh(acc_t(src[n * D + d]) + acc_t(sh[d])) * acc_t(hl[d]) - acc_t(off[d]);
           const acc_t q = std::nearbyint(bounded);  // the default rounding mode: half to even
           out[n * D + d] = scalar_t(q / acc_t(hw[d]));
+          if (std::isnan(q)) {  // NaN has no integer value: the row's index is -1
+            nan = true;
+            continue;
+          }
           index += (int64_t(q) + int64_t(hw[d])) * b[d];
         }
-        idx[n] = index;
+        idx[n] = nan ? -1 : index;
       }
     });
   });

@@ -39,8 +39,11 @@ def _fsq_forward_kernel(z_ptr, half_level_ptr, offset_ptr, shift_ptr, half_width
     q = _round_half_even(_tanh(z + shift[None, :]) * half_level[None, :] - offset[None, :])
     tl.store(codes_ptr + rows[:, None] * D + dims[None, :], (q / half_width[None, :]).to(codes_ptr.dtype.element_ty),
              mask=mask)
-    digits = (q + half_width[None, :]).to(tl.int64) * basis[None, :]
-    tl.store(indices_ptr + rows, tl.sum(tl.where(mask, digits, 0), 1), mask=rows < N)
+    nan = mask & (q != q)
+    digits = (tl.where(nan, 0.0, q) + half_width[None, :]).to(tl.int64) * basis[None, :]
+    index = tl.sum(tl.where(mask, digits, 0), 1)
+    index = tl.where(tl.sum(nan.to(tl.int32), 1) > 0, -1, index)  # a row holding NaN has no code: -1
+    tl.store(indices_ptr + rows, index, mask=rows < N)
 
 
 @triton.jit

@@ -47,7 +47,9 @@ def _route_kernel(logits_ptr, probs_ptr, weights_ptr, experts_ptr, lse_ptr, N, E
     probs = unnormalised / total[:, None]
     tl.store(probs_ptr + rows[:, None] * E + cols[None, :], probs, mask=mask)
     tl.store(lse_ptr + rows, top + tl.log(total), mask=row_ok)
-    remaining = tl.where(mask, probs, -1.0)  # padded columns lose to every probability
+    # padded columns and NaN lose to every probability, so a row of NaN still picks an expert in
+    # range (its weights stay NaN and carry the NaN to the output)
+    remaining = tl.where(mask & (probs == probs), probs, -1.0)
     chosen = tl.zeros([BLOCK_N], tl.float32)
     for j in tl.static_range(TOP_K):
         best = tl.argmax(remaining, 1, tie_break_left=True)

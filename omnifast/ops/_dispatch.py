@@ -23,7 +23,18 @@ BACKENDS = ("torch", "cpu", "triton")
 
 @functools.lru_cache(maxsize=None)
 def _import_cpu_extension():
+    """The C++ extension: the one built with the package, or the file named by
+    ``OMNIFAST_EXTENSION`` (``make test-sanitize`` points it at a sanitizer build)."""
+    path = os.environ.get("OMNIFAST_EXTENSION")
     try:
+        if path:
+            import importlib.util
+            spec = importlib.util.spec_from_file_location("omnifast._C", path)
+            if spec is None:
+                raise ImportError(f"OMNIFAST_EXTENSION={path} is not a loadable extension module")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module, ""
         from omnifast import _C
     except ImportError as error:  # not built, or built against another torch
         return None, str(error)

@@ -208,11 +208,13 @@ def moe_unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[tor
 
 def fsq_forward(z: torch.Tensor, half_level, offset, shift, half_width, basis):
     """Rows z (N, D) -> codes (N, D) = round(tanh(z + shift) * half_level - offset) / half_width
-    (round half to even) and indices (N,) = sum_d (q_d + half_width_d) * basis_d."""
+    (round half to even) and indices (N,) = sum_d (q_d + half_width_d) * basis_d, -1 for a row
+    holding NaN (whose codes are NaN there)."""
     bounded = torch.tanh(z.float() + shift) * half_level - offset
     q = torch.round(bounded)
-    indices = ((q + half_width).long() * basis).sum(-1)
-    return (q / half_width).to(z.dtype), indices
+    nan = torch.isnan(q)
+    indices = ((torch.where(nan, 0.0, q) + half_width).long() * basis).sum(-1)
+    return (q / half_width).to(z.dtype), torch.where(nan.any(-1), -1, indices)
 
 
 def fsq_backward(grad_codes: torch.Tensor, z: torch.Tensor, half_level, shift, half_width) -> torch.Tensor:

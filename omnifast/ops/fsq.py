@@ -56,7 +56,9 @@ class _FSQ(torch.autograd.Function):
 
 def fsq_quantize(z: torch.Tensor, levels: Sequence[int], backend: Optional[str] = None):
     """Quantise ``z`` (..., D) with ``levels`` (D values): codes (..., D) in [-1, 1] (the input
-    dtype; straight-through gradient) and indices (...,) int64 in [0, prod(levels))."""
+    dtype; straight-through gradient) and indices (...,) int64 in [0, prod(levels)). NaN stays
+    NaN in the codes, and the index of a row holding NaN is -1; +-inf saturates to the end
+    levels."""
     check_tensor("z", z, floating=True)
     levels = check_levels(levels)
     if z.dim() == 0 or z.shape[-1] != len(levels):

@@ -100,7 +100,8 @@ def test_permute_and_unpermute_match_reference(backend, tokens, experts, k, widt
         loss = (out * probe).sum() + (permuted * permuted.detach().cos()).sum()
         results.append([permuted, out, *torch.autograd.grad(loss, [xs, ys, w])])
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        # the weight gradient is a float32 dot product over ``width`` terms: its rounding grows with it
+        torch.testing.assert_close(a, b, atol=1e-6 + 2e-7 * width, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
