@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe", "speech_decoder")
+BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe", "speech_decoder", "train_step")
 
 
 def main(argv=None) -> int:
@@ -48,6 +48,12 @@ def main(argv=None) -> int:
         print(f"report: {args.out}/report.md ({results['seconds']['total']:.0f} s)")
         return 0
     ops = BENCHMARKS if args.op == "all" else (args.op,)
+    if args.op == "all" and "--quick" not in args.rest and "cuda" not in " ".join(args.rest):
+        import torch
+        if not torch.cuda.is_available():  # the 7B training step needs a GPU: the rest still runs here
+            print("bench all: skipping train_step (it needs a GPU; `omnifast bench train_step --quick` runs it "
+                  "at tiny size on the CPU)", file=sys.stderr)
+            ops = tuple(op for op in ops if op != "train_step")
     for op in ops:
         status = importlib.import_module(f"omnifast.benchmarks.{op}").main(args.rest)
         if status:

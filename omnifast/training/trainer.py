@@ -266,20 +266,10 @@ class Trainer:
                    disable=not self.config.progress or self.rank != 0)
         self.wrapped.train()
         while self.step < self.total_steps:
-            start, tokens, loss_sum = time.perf_counter(), 0, 0.0
-            for micro in range(self.config.grad_accum):
-                batch = self._batch(self.step * self.config.grad_accum + micro)
-                tokens += int(batch["attention_mask"].sum())
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss = self._loss(batch) / self.config.grad_accum
-                loss.backward()
-                loss_sum += loss.item()
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
+            start = time.perf_counter()
+            batches = [self._batch(self.step * self.config.grad_accum + micro) for micro in range(self.config.grad_accum)]
+            tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+            loss_sum = self.train_step(batches)
             loss_value = self._mean_over_ranks(loss_sum)
             lr = self.scheduler.get_last_lr()[0]
             speed = tokens * self.world / (time.perf_counter() - start)
@@ -292,6 +282,24 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         return self.finish()
+
+    def train_step(self, batches: List[Dict[str, object]]) -> float:
+        """One optimizer step over micro-batches (gradient accumulation): each loss under bf16
+        autocast where enabled, backward, gradient clipping, optimizer and scheduler step. Returns
+        this process's loss summed over the micro-batches (one read-back per step)."""
+        loss_sum = None
+        for batch in batches:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self._loss(batch) / len(batches)
+            loss.backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(loss_sum)
 
     def _mean_over_ranks(self, value: float) -> float:
         if self.world == 1:

@@ -117,8 +117,8 @@ def assert_same_weights_bit_for_bit(a_dir: Path, b_dir: Path) -> None:
 
 
 def test_killed_at_random_moments_a_run_resumes_to_the_same_weights_bit_for_bit(data, tmp_path):
-    args = ["--stage", "speech-gen", "--model", "tiny", "--data", data / "speech-gen.json", "--max-steps", 10,
-            "--epochs", 10, "--save-every", 2, "--keep", 2]
+    args = ["--stage", "speech-gen", "--model", "tiny", "--data", data / "speech-gen.json", "--max-steps", 40,
+            "--epochs", 40, "--save-every", 4, "--keep", 2]
     assert train(*args, "--out", tmp_path / "straight") == 0
     command = [sys.executable, "-m", "omnifast.cli", "train", *map(str, args), "--out", str(tmp_path / "killed"),
                "--no-progress"]
@@ -127,14 +127,14 @@ def test_killed_at_random_moments_a_run_resumes_to_the_same_weights_bit_for_bit(
     assert train(*args, "--out", tmp_path / "killed", "--resume") == 0
     assert_same_weights_bit_for_bit(tmp_path / "straight", tmp_path / "killed")
     steps = [row["step"] for row in read_metrics(tmp_path / "killed" / "metrics.jsonl")]
-    assert steps == list(range(1, 11))
+    assert steps == list(range(1, 41))
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # kept the last 2
 
 
 def test_two_gloo_processes_killed_and_resumed_match_an_uninterrupted_pair_bit_for_bit(data, tmp_path):
     common = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "omnifast.cli", "train", "--stage",
-              "speech-gen", "--model", "tiny", "--data", str(data / "speech-gen.json"), "--max-steps", "8",
-              "--epochs", "8", "--save-every", "2", "--batch-size", "1", "--no-progress"]
+              "speech-gen", "--model", "tiny", "--data", str(data / "speech-gen.json"), "--max-steps", "24",
+              "--epochs", "24", "--save-every", "4", "--batch-size", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = lambda n: ["--master_port", str(29600 + n)]  # noqa: E731
     run = subprocess.run([sys.executable, *common[:4], *port(0), *common[4:], "--out", str(tmp_path / "straight")],

@@ -1,0 +1,377 @@
+"""The headline figure: one training step of OpenOmni's speech stages, at OpenOmni's sizes.
+
+Stage 4 (speech-gen: frozen Qwen2.5-7B, trained speech decoder) and stage 5 (emotion-dpo: CTC-DPO
+against a frozen reference), each run through the same ``Trainer.train_step`` that ``omnifast
+train`` runs (bf16 autocast, AdamW, gradient clipping, frozen parts frozen), on
+``OmniConfig.openomni_7b()`` built on the meta device and materialised on the GPU in bf16 with
+random weights (nothing is downloaded). Two implementations of the loss, on the same weights:
+
+* ``omnifast``: the trainer's own loss (``OmniModel`` + ``SpeechDecoder``: MoE, fused linear-CTC,
+  single-pass CTC-DPO with the reference's values computed once per record; every step here
+  brings new records, so the reference runs every step, as in a first epoch).
+* ``OpenOmni recipe``: the loss as OpenOmni's code computes it, each piece after
+  ``openomni/model/speech_generator_ctc/speech_generator.py`` (``SpeechGeneratorCTC.forward``):
+  the dense ``MoE`` as a Python loop that stacks every expert's output, the ``RLSIAT`` text-guided
+  module with its einsum attention, uniform upsampling, the decoder called as a
+  ``Qwen2ForCausalLM`` whose text-vocabulary logits (151,936 per frame) are formed and dropped,
+  full (B, T, V) unit logits -> ``log_softmax`` in float32 -> ``F.ctc_loss`` (sum over the units);
+  and the DPO after ``openomni/model/language_model/llava_her_qwen.py`` (``forward`` with
+  ``tune_speech_generator_dpo``): the policy generator scores chosen and rejected in two passes,
+  a deep-copied reference generator in two more, and the frozen 7B LLM's forward forms its own
+  text logits, which the recipe also keeps.
+* ``OpenOmni recipe, no vocab logits``: the same without the two unused text-vocabulary heads, a
+  conservative baseline: what is left to beat is the kernels' own work.
+
+Reported per stage and implementation: step time (median of CUDA-event-timed steps after
+warm-up), response tokens/s and speech units/s, peak memory of a step, and the largest batch that
+fits (doubling until out of memory, then the last that fitted). Written to
+``benchmarks/results/train_step-cuda.json`` with a chart. The full run needs a GPU and says so;
+``--quick`` runs the same code with ``OmniConfig.tiny()`` on the CPU (the test suite does).
+
+Run ``python -m omnifast.benchmarks.train_step`` (or ``omnifast bench train_step``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from omnifast.models import OmniConfig, OmniModel, response_states
+from omnifast.nn.speech_decoder import uniform_upsample
+from omnifast.training import Trainer, TrainConfig
+
+from ._harness import RESULTS, environment
+
+IMPLEMENTATIONS = ("omnifast", "OpenOmni recipe", "OpenOmni recipe, no vocab logits")
+STAGES = ("speech-gen", "emotion-dpo")
+TEXT_VOCAB_HEAD = 151936  # Qwen2ForCausalLM's vocabulary: OpenOmni's decoder forms these logits per frame
+
+
+def build_model(config: OmniConfig, device: torch.device, dtype: torch.dtype) -> OmniModel:
+    """The model on the meta device, then materialised on ``device`` in ``dtype`` with random
+    weights (normal(0, 0.02) matrices, unit norm scales, zero biases)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = OmniModel(config)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02, generator=generator)
+            elif "norm" in name or name.endswith("layernorm.weight") or name.endswith("ln.weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        for buffer in model.buffers():  # e.g. rotary frequencies: rebuilt by their modules' own init
+            if buffer.is_floating_point() and not torch.isfinite(buffer).all():
+                buffer.zero_()
+    _reset_rotary(model)
+    return model
+
+
+def _reset_rotary(model: torch.nn.Module) -> None:
+    """Rotary embeddings keep their frequencies in a non-persistent buffer that to_empty leaves
+    uninitialised: recompute them with the module's own init function."""
+    for module in model.modules():
+        if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
+            inv_freq, scaling = module.rope_init_fn(module.config, module.inv_freq.device)
+            module.inv_freq.copy_(inv_freq)
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq = inv_freq
+            module.attention_scaling = scaling
+
+
+def synthetic_batch(config: OmniConfig, batch: int, prompt: int, response: int, units: int, device, seed: int,
+                    dpo: bool) -> Dict[str, object]:
+    """A batch of text-only records: ``prompt`` + ``response`` tokens (labels on the response),
+    ``units`` target units (and rejected units for DPO), fresh record ids every call."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(config.llm["vocab_size"], 100_000)
+    ids = torch.randint(0, vocab, (batch, prompt + response), generator=gen)
+    for special in (config.image_token_id, config.speech_token_id):
+        ids[ids == special] = special + 1
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    unit_vocab = config.decoder_config().units
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": None,
+           "speech_features": None, "units": torch.randint(0, unit_vocab, (batch, units), generator=gen),
+           "ids": [f"{seed}-{b}" for b in range(batch)]}
+    if dpo:
+        out["rejected_units"] = torch.randint(0, unit_vocab, (batch, units), generator=gen)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+
+
+def openomni_generator_nll(decoder, states, tokens, mask, units, vocab_logits: bool) -> torch.Tensor:
+    """Per-sequence CTC NLL of ``units`` (B, U) computed as OpenOmni's ``SpeechGeneratorCTC`` does,
+    on the weights of an omnifast ``SpeechDecoder`` (the same function: the test suite checks the
+    losses agree)."""
+    c = decoder.config
+    B, N, _ = states.shape
+    n = mask.sum(1)
+    pos = torch.arange(N + 2, device=states.device)
+    sos, task = decoder.specials.weight.to(states.dtype)
+    context = F.pad(states, (0, 0, 1, 1))
+    context = torch.where((pos == 0)[None, :, None], sos, context)
+    context = torch.where((pos[None] == n[:, None] + 1)[..., None], task, context)
+    context = context * (pos[None] <= n[:, None] + 1)[..., None].to(context.dtype)
+    moe = decoder.moe  # MoE.forward: the gate, every expert's output stacked, the weighted sum
+    gate = torch.softmax(F.linear(context.float(), moe.gate.weight.float(), moe.gate.bias.float()), -1)
+    experts = torch.stack([F.linear(F.relu(F.linear(context, moe.w1[e], moe.b1[e])), moe.w2[e], moe.b2[e])
+                           for e in range(c.experts)], dim=-2)
+    expanded = (gate.to(experts.dtype)[..., None] * experts).sum(-2)
+    expanded = expanded.reshape(B, (N + 2) * c.split_tokens, c.width)
+    context_mask = torch.arange((N + 2) * c.split_tokens, device=states.device)[None] < (n[:, None] + 2) * c.split_tokens
+    queries = decoder.decoder.embed_tokens(tokens.masked_fill(~mask, 0))
+    fused = _rlsiat(decoder.text_guided, queries, expanded.to(queries.dtype), context_mask,
+                    (pos.repeat_interleave(c.split_tokens) - 1)[None] if c.fusion_causal else None)
+    unit_lengths = torch.full((B,), units.shape[1], device=states.device)
+    frames, lengths = uniform_upsample(fused, n, c.upsample_factor, unit_lengths)
+    hidden = decoder._run_decoder(frames, lengths)
+    if vocab_logits:  # Qwen2ForCausalLM forms its text logits on every frame; OpenOmni drops them
+        wasted = F.linear(hidden, decoder.decoder.embed_tokens.weight.new_zeros(TEXT_VOCAB_HEAD, c.width))
+        del wasted
+    log_probs = F.log_softmax(decoder.head(hidden).float(), dim=-1).transpose(0, 1)
+    return F.ctc_loss(log_probs, units, lengths, unit_lengths, blank=c.units, reduction="none", zero_infinity=True)
+
+
+def _rlsiat(module, queries, context, context_mask, groups):
+    """OpenOmni's RLSIAT: per layer, cross-attention with an explicit einsum, masked softmax and
+    einsum (``CrossAttention``), then the feed-forward, both residual; then a LayerNorm."""
+    mask = context_mask[:, None, :]
+    if groups is not None:
+        mask = mask & (groups[:, None, :] <= torch.arange(queries.shape[1], device=queries.device)[None, :, None])
+    for layer in module.layers:
+        a = layer.attn
+        B, Nq, _ = queries.shape
+        q = a.to_q(a.norm_query(queries)) * a.head_dim ** -0.5
+        k, v = a.to_kv(a.norm_context(context)).chunk(2, dim=-1)
+        q, k, v = (t.view(B, t.shape[1], a.heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
+        sim = torch.einsum("bhid,bhjd->bhij", q, k).masked_fill(~mask[:, None], float("-inf"))
+        out = torch.einsum("bhij,bhjd->bhid", sim.softmax(-1), v)
+        queries = queries + a.to_out(out.transpose(1, 2).reshape(B, Nq, -1))
+        queries = queries + layer.ff(queries)
+    return module.norm(queries)
+
+
+class OpenOmniRecipeTrainer(Trainer):
+    """The same trainer and step; only the loss is computed the OpenOmni way."""
+
+    vocab_logits = True
+
+    def _loss(self, batch):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "speech_features")}
+        with torch.no_grad():
+            hidden = self.model(**inputs, text_loss=False).hidden_states
+            if self.vocab_logits:  # the frozen LLM's own forward forms its text logits (labels given)
+                del_me = self.model.llm.lm_head(hidden)
+                del del_me
+        states, tokens, mask = response_states(hidden, batch["labels"])
+        decoder, units = self.model.speech_decoder, batch["units"]
+        if self.stage.loss == "speech":
+            nll = openomni_generator_nll(decoder, states, tokens, mask, units, self.vocab_logits)
+            return nll.sum() / (units.shape[0] * units.shape[1])
+        rejected = batch["rejected_units"]
+        per_unit = 1.0 / units.shape[1]
+        win = -openomni_generator_nll(decoder, states, tokens, mask, units, self.vocab_logits) * per_unit
+        lose = -openomni_generator_nll(decoder, states, tokens, mask, rejected, self.vocab_logits) * per_unit
+        with torch.no_grad():
+            win_ref = -openomni_generator_nll(self.reference, states, tokens, mask, units, self.vocab_logits) * per_unit
+            lose_ref = -openomni_generator_nll(self.reference, states, tokens, mask, rejected, self.vocab_logits) * per_unit
+        logits = (win - lose) - (win_ref - lose_ref)
+        return -F.logsigmoid(self.config.beta * logits).mean()
+
+
+class _NoVocabLogits(OpenOmniRecipeTrainer):
+    vocab_logits = False
+
+
+TRAINERS = {"omnifast": Trainer, "OpenOmni recipe": OpenOmniRecipeTrainer,
+            "OpenOmni recipe, no vocab logits": _NoVocabLogits}
+
+
+def make_trainer(name: str, model: OmniModel, stage: str, device, out_dir: Path) -> Trainer:
+    config = TrainConfig(stage=stage, max_steps=10 ** 6, progress=False, bf16="on" if device.type == "cuda" else "off")
+    return TRAINERS[name](model, None, [], config, out_dir, device=str(device))
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(trainer: Trainer, make_batch, steps: int, warmup: int, device) -> List[float]:
+    for i in range(warmup):
+        trainer.train_step([make_batch(10_000 + i)])
+    synchronize(device)
+    times = []
+    for i in range(steps):
+        batch = make_batch(i)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            trainer.train_step([batch])
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            start_s = time.perf_counter()
+            trainer.train_step([batch])
+            times.append(time.perf_counter() - start_s)
+    return times
+
+
+def peak_step_memory(trainer: Trainer, make_batch, device) -> Optional[int]:
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    trainer.train_step([make_batch(20_000)])
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def largest_batch(trainer: Trainer, batch_for, device, cap: int) -> int:
+    """Double the batch until a step runs out of memory (or reaches ``cap``); the last that ran."""
+    fitted, size = 0, 1
+    while size <= cap:
+        try:
+            trainer.train_step([batch_for(size, 30_000 + size)])
+            synchronize(device)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        fitted, size = size, size * 2
+    return fitted
+
+
+def run(quick: bool, device: torch.device, steps: int, out_dir: Path, batch: int, prompt: int, response: int,
+        units: int, batch_search: bool, implementations=IMPLEMENTATIONS) -> Dict:
+    config = OmniConfig.tiny() if quick else OmniConfig.openomni_7b()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build_model(config, device, dtype)
+    rows = []
+    for stage in STAGES:
+        dpo = stage == "emotion-dpo"
+        for name in implementations:
+            trainer = make_trainer(name, model, stage, device, out_dir / "scratch")
+
+            def make_batch(seed, size=batch):
+                return synthetic_batch(config, size, prompt, response, units, device, seed, dpo)
+            times = time_steps(trainer, make_batch, steps, warmup=1 if quick else 2, device=device)
+            step_s = statistics.median(times)
+            row = {"stage": stage, "implementation": name, "batch": batch, "step_s": step_s, "steps": len(times),
+                   "response_tokens_per_s": batch * response / step_s, "units_per_s": batch * units / step_s,
+                   "peak_bytes": peak_step_memory(trainer, make_batch, device)}
+            if batch_search:
+                row["largest_batch"] = largest_batch(trainer, lambda size, seed: make_batch(seed, size), device,
+                                                     cap=8 if quick else 4096)
+            rows.append(row)
+            print(f"done: {stage} {name}", file=sys.stderr)
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for row in rows:
+        base = next(r for r in rows if r["stage"] == row["stage"] and r["implementation"] == "OpenOmni recipe")
+        row["speedup_vs_recipe"] = base["step_s"] / row["step_s"]
+        if row.get("peak_bytes") and base.get("peak_bytes"):
+            row["memory_vs_recipe"] = row["peak_bytes"] / base["peak_bytes"]
+        if row.get("largest_batch") and base.get("largest_batch"):
+            row["largest_batch_vs_recipe"] = row["largest_batch"] / base["largest_batch"]
+    return {"op": "train_step", "description": __doc__, "environment": environment(device),
+            "config": "tiny" if quick else "openomni_7b", "dtype": str(dtype),
+            "shape": {"batch": batch, "prompt": prompt, "response": response, "units": units}, "rows": rows}
+
+
+def print_table(payload: Dict) -> None:
+    print(f"\ntrain_step ({payload['config']}, {payload['dtype']}): median seconds per step, throughput, peak "
+          f"memory, largest batch")
+    header = (f"{'stage':12s} {'implementation':34s} {'step s':>9s} {'vs recipe':>9s} {'tokens/s':>10s} "
+              f"{'units/s':>10s} {'peak GiB':>9s} {'max batch':>9s}")
+    print(header)
+    print("-" * len(header))
+    for r in payload["rows"]:
+        peak = f"{r['peak_bytes'] / 2**30:9.2f}" if r.get("peak_bytes") else f"{'-':>9s}"
+        fits = f"{r['largest_batch']:9d}" if r.get("largest_batch") else f"{'-':>9s}"
+        print(f"{r['stage']:12s} {r['implementation']:34s} {r['step_s']:9.4f} {r['speedup_vs_recipe']:8.2f}x "
+              f"{r['response_tokens_per_s']:10.1f} {r['units_per_s']:10.1f} {peak} {fits}")
+
+
+def plot(payload: Dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    names = list(dict.fromkeys(r["implementation"] for r in payload["rows"]))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        rows = [r for r in payload["rows"] if r["implementation"] == name]
+        xs = [j + i * width for j in range(len(rows))]
+        axes[0].bar(xs, [r["units_per_s"] for r in rows], width, label=name)
+        axes[1].bar(xs, [(r.get("peak_bytes") or 0) / 2**30 for r in rows], width, label=name)
+        axes[2].bar(xs, [r.get("largest_batch") or 0 for r in rows], width, label=name)
+    for axis, title in zip(axes, ("speech units / s", "peak GiB per step", "largest batch")):
+        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(STAGES))])
+        axis.set_xticklabels(STAGES)
+        axis.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"one training step, {payload['config']} ({payload['environment'].get('gpu', 'CPU')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    import json
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="OmniConfig.tiny() on the CPU: a smoke run of the same code")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per implementation (default 10; quick 2)")
+    parser.add_argument("--batch", type=int, default=None, help="records per step (default 8; quick 2)")
+    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 64; quick 6)")
+    parser.add_argument("--response", type=int, default=None, help="response tokens (default 80; quick 5)")
+    parser.add_argument("--units", type=int, default=None, help="speech units per response (default 300; quick 12)")
+    parser.add_argument("--no-batch-search", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # `omnifast bench all` passes it
+    parser.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if not args.quick and device.type != "cuda":
+        print("omnifast bench train_step needs a GPU: OpenOmni's 7B model trains in bf16 on one. Run it with "
+              "--device cuda on a GPU machine, or --quick for a CPU smoke run at tiny size.", file=sys.stderr)
+        return 2
+    quick = args.quick
+    pick = lambda value, full, small: value if value is not None else (small if quick else full)  # noqa: E731
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = run(quick, device, pick(args.steps or args.repeats, 10, 2), out_dir, pick(args.batch, 8, 2),
+                  pick(args.prompt, 64, 6), pick(args.response, 80, 5), pick(args.units, 300, 12),
+                  not args.no_batch_search)
+    print_table(payload)
+    name = ("quick_" if quick else "") + "train_step" + ("-cuda" if device.type == "cuda" else "")
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    plot(payload, path.with_suffix(".png"))
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The headline benchmark: --quick runs the same code at tiny size on the CPU; its OpenOmni-recipe
+loss is the same function as omnifast's; the full run asks for a GPU."""
+import json
+
+import torch
+
+from omnifast import cli
+from omnifast.benchmarks import train_step
+from omnifast.models import OmniConfig, response_states
+
+
+def test_quick_run_writes_the_table_json_and_chart(tmp_path, capsys):
+    assert cli.main(["bench", "train_step", "--quick", "--steps", "1", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "quick_train_step.json").read_text())
+    assert (tmp_path / "quick_train_step.png").stat().st_size > 0
+    assert {(r["stage"], r["implementation"]) for r in payload["rows"]} == {
+        (s, i) for s in train_step.STAGES for i in train_step.IMPLEMENTATIONS}
+    for row in payload["rows"]:
+        assert row["step_s"] > 0 and row["units_per_s"] > 0 and row["largest_batch"] >= 1
+    assert "vs recipe" in capsys.readouterr().out
+
+
+def test_the_openomni_recipe_computes_omnifasts_loss():
+    """Loop MoE, einsum RLSIAT, full logits + F.ctc_loss: the same CTC loss as the SpeechDecoder."""
+    torch.manual_seed(0)
+    config = OmniConfig.tiny()
+    model = train_step.build_model(config, torch.device("cpu"), torch.float64)
+    batch = train_step.synthetic_batch(config, 3, 6, 5, 12, "cpu", seed=1, dpo=False)
+    hidden = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, text_loss=False).hidden_states
+    states, tokens, mask = response_states(hidden, batch["labels"])
+    ours = model.speech_decoder(states, tokens, mask, mask, batch["units"]).loss
+    for vocab_logits in (True, False):
+        nll = train_step.openomni_generator_nll(model.speech_decoder, states, tokens, mask, batch["units"], vocab_logits)
+        torch.testing.assert_close((nll.sum() / batch["units"].numel()).double(), ours.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_full_run_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        return
+    assert train_step.main(["--device", "cpu"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
