@@ -70,27 +70,30 @@ def build_model(config: OmniConfig, device: torch.device, dtype: torch.dtype) ->
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.02, generator=generator)
-            elif "norm" in name or name.endswith("layernorm.weight") or name.endswith("ln.weight"):
+            elif "norm" in name or name.endswith(("layernorm.weight", "ln.weight")):
                 p.fill_(1.0)
             else:
                 p.zero_()
-        for buffer in model.buffers():  # e.g. rotary frequencies: rebuilt by their modules' own init
-            if buffer.is_floating_point() and not torch.isfinite(buffer).all():
-                buffer.zero_()
-    _reset_rotary(model)
+        _restore_buffers(model, device)
     return model
 
 
-def _reset_rotary(model: torch.nn.Module) -> None:
-    """Rotary embeddings keep their frequencies in a non-persistent buffer that to_empty leaves
-    uninitialised: recompute them with the module's own init function."""
+def _restore_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """to_empty leaves buffers uninitialised: rotary frequencies are rebuilt by a fresh module of
+    the same class, position ids are ranges."""
     for module in model.modules():
-        if hasattr(module, "rope_init_fn") and hasattr(module, "inv_freq"):
-            inv_freq, scaling = module.rope_init_fn(module.config, module.inv_freq.device)
-            module.inv_freq.copy_(inv_freq)
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq = inv_freq
-            module.attention_scaling = scaling
+        if "inv_freq" in module._buffers:
+            with torch.device(device):
+                fresh = type(module)(module.config)
+            for name, value in fresh.named_buffers(recurse=False):
+                module._buffers[name] = value.to(module._buffers[name].dtype)
+            module.attention_scaling = fresh.attention_scaling
+        if "position_ids" in module._buffers:
+            ids = module._buffers["position_ids"]
+            ids.copy_(torch.arange(ids.shape[-1], device=ids.device).expand_as(ids))
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and not torch.isfinite(buffer).all():
+            raise RuntimeError(f"buffer {name} was left uninitialised by to_empty")
 
 
 def synthetic_batch(config: OmniConfig, batch: int, prompt: int, response: int, units: int, device, seed: int,
