@@ -300,6 +300,80 @@ def run(quick: bool, device: torch.device, steps: int, out_dir: Path, batch: int
             "shape": {"batch": batch, "prompt": prompt, "response": response, "units": units}, "rows": rows}
 
 
+# --- an estimate from counted work, for a session without a GPU ---------------------------------
+# Rates measured on an H100 of this workplace (the device tool's KINDS.md, 2026-11-13): a bf16
+# 8192^3 matrix product at 798 TFLOP/s and a device copy at 3.0 TB/s. These GEMMs are smaller and
+# thinner (896-wide decoder), so 60% of the matrix rate is assumed. torch's CTC recursion was
+# measured at 3.7 ms for 1200 frames (../shared/perf/h100-2026-11-24.md: alpha 1.15 + backward
+# 2.56 ms at (16,1200,6561,500)) and scales with the frames; omnifast's is estimated in
+# kernels/ctc.py (0.2-0.4 ms a direction at 1200 frames).
+GEMM_RATE, BANDWIDTH, GPU_BYTES = 0.6 * 798e12, 3.0e12, 80 * 2**30
+TORCH_CTC_S_PER_FRAME, OURS_CTC_S_PER_FRAME = 3.7e-3 / 1200, 0.6e-3 / 1200
+
+
+def estimate(batch: int, prompt: int, response: int, units: int) -> Dict:
+    """Step time, memory and largest batch of each implementation from counted FLOPs and bytes
+    (labelled an estimate everywhere it is shown)."""
+    config = OmniConfig.openomni_7b()
+    with torch.device("meta"):
+        model = OmniModel(config)
+    d, c = model.speech_decoder, config.decoder_config()
+    llm_layers = sum(p.numel() for p in model.llm.model.layers.parameters())
+    dec_layers = sum(p.numel() for p in d.decoder.layers.parameters())
+    moe = sum(p.numel() for p in d.moe.parameters())
+    weights = 2 * sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in d.parameters())
+    per_frame_activation = c.layers * (8 * c.width + 4 * c.intermediate) * 2  # bf16 tensors a layer keeps
+
+    def per_step(B, name, stage):
+        tokens, frames, rows = B * (prompt + response), B * max(c.upsample_factor * response, units), B * (response + 2)
+        head = 2 * frames * c.width * (c.units + 1)
+        decoder_fwd = 2 * dec_layers * frames + 2 * moe * rows + head  # the MoE runs on the response states
+        vocab = name == "OpenOmni recipe"
+        logits_bytes = frames * (c.units + 1) * (2 + 4 + 4)  # bf16 logits, fp32 log-probs and their gradient
+        gemm = 2 * llm_layers * tokens + (2 * tokens * config.hidden * 152064 if vocab else 0)
+        bytes_moved = 16 * trainable  # AdamW: bf16 parameter, gradient and two moments read and written
+        seconds, activations, transient = 0.0, frames * per_frame_activation, 0
+        if name == "omnifast":
+            passes_train, passes_fwd = 1, (1 if stage == "emotion-dpo" else 0)  # the reference, first epoch
+            seconds += OURS_CTC_S_PER_FRAME * frames / B * (2 if stage == "emotion-dpo" else 1)
+            bytes_moved += 3 * frames * (c.units + 1) * 2 * (passes_train + passes_fwd)
+        else:
+            passes_train, passes_fwd = (2, 2) if stage == "emotion-dpo" else (1, 0)
+            seconds += TORCH_CTC_S_PER_FRAME * frames / B * (passes_train + passes_fwd)
+            bytes_moved += 2 * logits_bytes * (passes_train + passes_fwd)
+            activations *= passes_train  # chosen and rejected graphs are both alive until backward
+            transient = logits_bytes * passes_train
+            if vocab:
+                gemm += 2 * frames * c.width * 151936 * (passes_train + passes_fwd)
+                transient += frames * 151936 * 2
+        gemm += 3 * decoder_fwd * passes_train + decoder_fwd * passes_fwd
+        seconds += gemm / GEMM_RATE + bytes_moved / BANDWIDTH
+        return seconds, weights + 6 * trainable + activations + transient, activations + transient
+
+    rows = []
+    for stage in STAGES:
+        for name in IMPLEMENTATIONS:
+            step_s, peak, per_batch = per_step(batch, name, stage)
+            per_record = per_batch / batch
+            rows.append({"stage": stage, "implementation": name, "batch": batch, "step_s": step_s,
+                         "response_tokens_per_s": batch * response / step_s, "units_per_s": batch * units / step_s,
+                         "peak_bytes": peak, "largest_batch": int((GPU_BYTES - weights - 6 * trainable) // per_record),
+                         "estimate": True})
+    for row in rows:
+        base = next(r for r in rows if r["stage"] == row["stage"] and r["implementation"] == "OpenOmni recipe")
+        row["speedup_vs_recipe"] = base["step_s"] / row["step_s"]
+        row["memory_vs_recipe"] = row["peak_bytes"] / base["peak_bytes"]
+        row["largest_batch_vs_recipe"] = row["largest_batch"] / base["largest_batch"]
+    return {"op": "train_step", "description": "ESTIMATE from counted FLOPs and bytes, not a measurement: " + __doc__,
+            "environment": {"gpu": "H100 (estimate, no GPU measurement)"}, "config": "openomni_7b (estimate)",
+            "dtype": "torch.bfloat16", "shape": {"batch": batch, "prompt": prompt, "response": response,
+                                                "units": units},
+            "assumptions": {"gemm_flops_per_s": GEMM_RATE, "bytes_per_s": BANDWIDTH, "gpu_bytes": GPU_BYTES,
+                            "torch_ctc_s_per_frame": TORCH_CTC_S_PER_FRAME,
+                            "omnifast_ctc_s_per_frame": OURS_CTC_S_PER_FRAME}, "rows": rows}
+
+
 def print_table(payload: Dict) -> None:
     print(f"\ntrain_step ({payload['config']}, {payload['dtype']}): median seconds per step, throughput, peak "
           f"memory, largest batch")
@@ -339,7 +413,6 @@ def plot(payload: Dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    import json
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="OmniConfig.tiny() on the CPU: a smoke run of the same code")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -349,11 +422,18 @@ def main(argv=None) -> int:
     parser.add_argument("--response", type=int, default=None, help="response tokens (default 80; quick 5)")
     parser.add_argument("--units", type=int, default=None, help="speech units per response (default 300; quick 12)")
     parser.add_argument("--no-batch-search", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--estimate", action="store_true",
+                        help="no GPU: the full-size figures estimated from counted FLOPs and bytes, labelled so")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # `omnifast bench all` passes it
     parser.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.estimate:
+        payload = estimate(args.batch or 8, args.prompt or 64, args.response or 80, args.units or 300)
+        print_table(payload)
+        print("ESTIMATE: counted FLOPs and bytes at measured H100 rates, not a measurement")
+        return _write(payload, Path(args.out), "train_step-estimate")
     if not args.quick and device.type != "cuda":
         print("omnifast bench train_step needs a GPU: OpenOmni's 7B model trains in bf16 on one. Run it with "
               "--device cuda on a GPU machine, or --quick for a CPU smoke run at tiny size.", file=sys.stderr)
@@ -366,7 +446,12 @@ def main(argv=None) -> int:
                   pick(args.prompt, 64, 6), pick(args.response, 80, 5), pick(args.units, 300, 12),
                   not args.no_batch_search)
     print_table(payload)
-    name = ("quick_" if quick else "") + "train_step" + ("-cuda" if device.type == "cuda" else "")
+    return _write(payload, out_dir, ("quick_" if quick else "") + "train_step" + ("-cuda" if device.type == "cuda" else ""))
+
+
+def _write(payload: Dict, out_dir: Path, name: str) -> int:
+    import json
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))

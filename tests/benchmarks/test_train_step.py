@@ -39,3 +39,13 @@ def test_the_full_run_needs_a_gpu(capsys):
         return
     assert train_step.main(["--device", "cpu"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_the_estimate_is_labelled_and_counts_the_dpo_passes(tmp_path, capsys):
+    assert train_step.main(["--estimate", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "train_step-estimate.json").read_text())
+    assert "ESTIMATE" in payload["description"] and all(row["estimate"] for row in payload["rows"])
+    step = {(r["stage"], r["implementation"]): r["step_s"] for r in payload["rows"]}
+    # four generator passes (two with their backward) against one: the recipe's DPO costs more
+    assert step[("emotion-dpo", "OpenOmni recipe")] > 1.5 * step[("emotion-dpo", "omnifast")]
+    assert "ESTIMATE" in capsys.readouterr().out
