@@ -76,22 +76,32 @@ def compile_spec(spec: dict, arch: int) -> Dict[str, object]:
     return {"kernel": describe(spec), "arch": f"sm_{arch}", **_resource_usage(compiled.asm["cubin"])}
 
 
-def compile_all(specs: List[dict], archs: List[int]) -> int:
-    """Compile every spec for every arch, print one row each; the number of failures."""
-    failures = 0
+def _compile_or_error(job):
+    spec, arch = job
+    try:
+        return compile_spec(spec, arch), None
+    except Exception as error:  # reported by the caller, every failure at once
+        return None, f"{describe(spec):100s} sm_{arch:<3d} FAILED: {type(error).__name__}: {error}"
+
+
+def compile_all(specs: List[dict], archs: List[int], workers: int = 0) -> int:
+    """Compile every spec for every arch (in ``workers`` processes; 0: one per CPU), print one
+    row each; the number of failures."""
+    from concurrent.futures import ProcessPoolExecutor
+    jobs = [(spec, arch) for spec in sorted(specs, key=describe) for arch in archs]
+    with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        results = list(pool.map(_compile_or_error, jobs, chunksize=4))
     print(f"{'kernel [pointer dtypes | constexprs | warps]':100s} {'arch':6s} {'regs':>5s} {'spill':>6s} "
           f"{'stack':>6s} {'smem':>6s}")
-    for spec in sorted(specs, key=describe):
-        for arch in archs:
-            try:
-                r = compile_spec(spec, arch)
-            except Exception as error:  # report every failure, then fail
-                failures += 1
-                print(f"{describe(spec):100s} sm_{arch:<3d} FAILED: {type(error).__name__}: {error}")
-                continue
-            print(f"{r['kernel']:100s} {r['arch']:6s} {r['registers']:5d} {r['spill_bytes']:6d} {r['stack']:6d} "
-                  f"{r['shared']:6d}")
-    print(f"compiled {len(specs) * len(archs) - failures} kernels, {failures} failed")
+    failures = 0
+    for r, error in results:
+        if error is not None:
+            failures += 1
+            print(error)
+            continue
+        print(f"{r['kernel']:100s} {r['arch']:6s} {r['registers']:5d} {r['spill_bytes']:6d} {r['stack']:6d} "
+              f"{r['shared']:6d}")
+    print(f"compiled {len(jobs) - failures} kernels, {failures} failed")
     return failures
 
 
