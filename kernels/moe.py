@@ -129,6 +129,14 @@ def _unpermute_backward_kernel(grad_ptr, y_ptr, position_ptr, weights_ptr, grad_
 
 
 @triton.jit
+def _through(index_ptr, rows, mine, INDEXED: tl.constexpr):
+    """The rows themselves, or the rows an index maps them to (a fused gather or scatter)."""
+    if INDEXED:
+        return tl.load(index_ptr + rows, mask=mine, other=0)
+    return rows
+
+
+@triton.jit
 def _grouped_mm_kernel(a_ptr, w_ptr, b_ptr, c_ptr, a_rows_ptr, c_rows_ptr, tile_expert_ptr, tile_row_ptr,
                        offsets_ptr, N, K, stride_we, stride_wn, stride_wk,
                        HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, C_ROWS: tl.constexpr,
@@ -142,12 +150,8 @@ def _grouped_mm_kernel(a_ptr, w_ptr, b_ptr, c_ptr, a_rows_ptr, c_rows_ptr, tile_
     if e >= 0:
         rows = tl.load(tile_row_ptr + tile) + tl.arange(0, BLOCK_M)
         mine = rows < tl.load(offsets_ptr + e + 1)
-        a_row = rows
-        if A_ROWS:
-            a_row = tl.load(a_rows_ptr + rows, mask=mine, other=0)
-        c_row = rows
-        if C_ROWS:
-            c_row = tl.load(c_rows_ptr + rows, mask=mine, other=0)
+        a_row = _through(a_rows_ptr, rows, mine, A_ROWS)
+        c_row = _through(c_rows_ptr, rows, mine, C_ROWS)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         w_e = w_ptr + e * stride_we
@@ -183,12 +187,8 @@ def _grouped_weight_grad_kernel(g_ptr, x_ptr, g_rows_ptr, x_rows_ptr, grad_w_ptr
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         mine = rows < end
-        g_row = rows
-        if G_ROWS:
-            g_row = tl.load(g_rows_ptr + rows, mask=mine, other=0)
-        x_row = rows
-        if X_ROWS:
-            x_row = tl.load(x_rows_ptr + rows, mask=mine, other=0)
+        g_row = _through(g_rows_ptr, rows, mine, G_ROWS)
+        x_row = _through(x_rows_ptr, rows, mine, X_ROWS)
         g = tl.load(g_ptr + g_row[:, None].to(tl.int64) * N + cols_n[None, :],
                     mask=mine[:, None] & (cols_n[None, :] < N), other=0.0)
         x = tl.load(x_ptr + x_row[:, None].to(tl.int64) * K + cols_k[None, :],

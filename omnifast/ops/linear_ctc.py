@@ -130,8 +130,11 @@ class Scorer:
             if grad_hidden is not None:
                 grad_hidden[:, t0:t0 + ct] = grad_logits @ self.weight
             if grad_weight is not None:
-                update = flat.t() @ rows.reshape(-1, rows.shape[-1])
-                grad_weight += update if update.dtype == self.acc else update.to(self.acc)
+                rows_flat = rows.reshape(-1, rows.shape[-1])
+                if mm == self.acc:
+                    grad_weight.addmm_(flat.t(), rows_flat)
+                else:  # a half-precision GEMM per chunk, summed over the chunks in float32
+                    grad_weight += (flat.t() @ rows_flat).to(self.acc)
             if grad_bias is not None:
                 grad_bias += flat.sum(0, dtype=self.acc)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(self.weight.dtype),
