@@ -36,7 +36,7 @@ clean:
 # The C++ kernels under AddressSanitizer and UndefinedBehaviorSanitizer (every finding fatal),
 # built beside the normal extension and loaded through OMNIFAST_EXTENSION, on the op tests of the
 # cpu backend with hypothesis' thorough profile.
-SANITIZED := build/sanitize/omnifast/_C$(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)
+SANITIZED := $(CURDIR)/build/sanitize/omnifast/_C$(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))" 2>/dev/null)
 test-sanitize: setup
 	OMNIFAST_SANITIZE=1 $(PY) setup.py -q build_ext --build-lib build/sanitize --build-temp build/sanitize-tmp
 	LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
