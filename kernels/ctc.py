@@ -6,34 +6,44 @@ through strides, so time-major (T, B, C) inputs and batch-first (B, t, V) chunks
 
 1. ``_emissions_kernel``, one program per (sequence, frame) row: the row's log-sum-exp (logits
    only) and the emissions of the 2L+1 extended-label states, x[label] - lse, into (B, T, S).
-2. ``_recursion_kernel``, one program per (sequence, direction): alpha forward or beta backward in
-   time. The 2L+1 states of a frame stay in registers; the shifted neighbours s-1, s-2 (s+1, s+2)
-   come from ``tl.gather`` within the program, so a step never round-trips through global memory,
-   and the next frame's emissions are loaded before the current step is computed. Modes: alpha and
-   beta concurrently (grid (B, 2)), alpha alone, or beta writing the occupancies over the
-   emissions as it goes (beta is never stored: one (B, T, S) buffer less).
-3. ``_occupancy_kernel``, parallel over rows: gamma = exp(alpha + beta - emission - log p).
+2. ``_split_kernel`` and 3. ``_join_kernel``: the recursion, met in the middle. A sequence of
+   ``frames`` frames is cut at m = ceil(frames / 2). The split runs alpha forward over [0, m)
+   and beta backward over [m, frames), one program each, side by side, storing their rows in
+   ONE (B, T, S) buffer (alpha's half and beta's half). The join computes log p where the
+   halves meet (alpha at m - 1 against what beta at m passes back; both programs get the same
+   value, bit for bit) and carries each direction on through the other's half, turning the
+   stored rows into occupancies gamma = exp(alpha + beta - emission - log p) written over the
+   emissions. Without a gradient only the two meeting rows are stored. In each program the
+   2L+1 states of a frame stay in registers; the neighbours s-1, s-2 (s+1, s+2) come from
+   ``tl.gather`` within the program, and the emissions (and the other half's rows) are loaded
+   two frames ahead of the step that needs them.
 4. ``_grad_kernel``, one program per row, run in the autograd backward with the upstream gradient
    folded into its coefficients: the row's base (softmax * coef for logits, 0 for log-probs) in one
    coalesced pass, then coef * gamma subtracted at the labels. No atomics: the states are sorted by
    label once per sequence, a segmented scan sums the occupancies of equal labels (the blank's
    included) and each label column is written once, so the result is deterministic.
 
-What changed against the first version (measured on an H100 at (16,1200,6561,500), see
-../shared/perf/h100-2026-11-24.md): there, one program per sequence (16 programs on 132 SMs) ran the
-recursion through global-memory rows behind a barrier every frame (alpha 1.86 ms) and wrote the
-whole (T, B, C) gradient from inside the sequential beta loop with atomics (7.73 ms). As torch's
-LossCTC.cu does, the gradient now is a separate, fully parallel pass; unlike it, the gradient waits
-for the backward (so the upstream gradient costs nothing extra and no (T, B, C) buffer lives between
-forward and backward), and no atomics are used.
+What we took from torch's ``LossCTC.cu`` and what we changed. torch runs alpha and beta as two
+kernels over the whole sequence, each a block per (sequence, tile of states) with a barrier and a
+round trip through global memory every frame, and computes the gradient in a separate parallel
+pass over (T, B, C): that split of the parallel gradient from the sequential recursion is what we
+kept. Against it: the states stay in registers; alpha and beta run side by side over half the
+frames each, so the dependent chain is T steps whichever outputs are wanted (torch: 2T; the first
+version of this file: 2T for fused linear-CTC, whose alpha then beta ran one after the other); one
+state buffer instead of alpha + beta (torch keeps both, (B, T, S) each); the gradient waits for
+the backward, so the upstream gradient costs nothing and no (T, B, C) buffer lives between forward
+and backward; and no atomics. The first version (measured on an H100 at (16,1200,6561,500),
+../shared/perf/h100-2026-11-24.md) wrote the gradient from inside the sequential beta loop, one
+program per sequence, 16 programs on 132 SMs: 7.73 ms of its 10.3 ms of kernels.
 
 Estimate for ctc_loss_with_logits at (B16, T1200, C6561, L500), fp32, H100 (3 TB/s measured):
-emissions read 504 MB of logits (~0.2 ms); the recursion does 1200 dependent steps of a
-1024-state vector per program (two ``tl.gather`` through shared memory, 3 exp + 1 log, one store
-that nothing waits on): ~150-300 ns a step, 0.2-0.4 ms with alpha and beta side by side; the
-occupancy pass moves 4 x 77 MB (~0.1 ms); the gradient reads 504 MB and writes 504 MB (~0.35 ms).
-About 1.0-1.2 ms of kernels against torch's 6.65 ms: unmeasured, no GPU was lent to this session.
-Accumulation is in float32 (float64 for float64). Contract: ``omnifast/ops/_reference.py``.
+emissions read 504 MB of logits (~0.2 ms); the recursion is 1200 dependent steps (600 in each
+launch) of a 1024-state vector in 8 warps: two ``tl.gather`` through shared memory, 3 exp + 1 log
+per state, stores nothing waits on. At 0.3-0.5 us a step that is 0.4-0.6 ms (at a pessimistic
+2 us a step, 2.4 ms); its buffers move 3 x 77 MB (~0.1 ms); the gradient reads and writes 504 MB
+(~0.35 ms). About 1.1-1.3 ms of kernels (3.1 ms pessimistic) against torch's 6.65 ms.
+Unmeasured: no GPU was lent to this session. Accumulation is in float32 (float64 for float64).
+Contract: ``omnifast/ops/_reference.py``.
 """
 from __future__ import annotations
 
@@ -103,97 +113,171 @@ def _emissions_kernel(x_ptr, stride_xb, stride_xt, lse_ptr, stride_lb, ext_ptr, 
 
 
 @triton.jit
-def _recursion_kernel(emit_ptr, alpha_ptr, beta_ptr, ll_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T, S_max,
-                      MODE: tl.constexpr, BLOCK_S: tl.constexpr):
-    """MODE 0: grid (B, 2), alpha (program 0) and beta (program 1) side by side, both stored.
-    MODE 1: grid (B,), alpha only. MODE 2: grid (B,), beta, writing the occupancies over the
-    emissions (needs alpha and log p; 0 for infeasible sequences). Alpha writes log p (B,)."""
+def _state_masks(ext_ptr, b, S_max, S, BLOCK_S: tl.constexpr):
+    """The states of sequence b: indices, validity (s < 2L+1), and the jumps: whether s may be
+    entered from s - 2 (alpha) and left for s + 2 (beta): label states whose label differs."""
+    s = tl.arange(0, BLOCK_S)
+    valid = s < S
+    label = tl.load(ext_ptr + b * S_max + s, mask=valid, other=-1)
+    before2 = tl.load(ext_ptr + b * S_max + s - 2, mask=valid & (s >= 2), other=-1)
+    after2 = tl.load(ext_ptr + b * S_max + s + 2, mask=s + 2 < S, other=-1)
+    jump_in = valid & (s % 2 == 1) & (s >= 2) & (label != before2)
+    jump_out = valid & (s % 2 == 1) & (s + 2 < S) & (after2 != label)
+    return s, valid, jump_in, jump_out
+
+
+@triton.jit
+def _alpha_step(a, e, s, valid, jump_in):
+    """alpha at frame t from alpha at t - 1 and the emissions e of frame t."""
+    step = tl.where(s >= 1, tl.gather(a, tl.maximum(s - 1, 0), 0), float("-inf"))
+    skip = tl.where(jump_in, tl.gather(a, tl.maximum(s - 2, 0), 0), float("-inf"))
+    return tl.where(valid, _logsumexp3(a, step, skip) + e, float("-inf"))
+
+
+@triton.jit
+def _beta_carry(beta, s, S, jump_out, BLOCK_S: tl.constexpr):
+    """What beta at frame t + 1 contributes to state s at frame t: beta at t before its emission."""
+    step = tl.where(s + 1 < S, tl.gather(beta, tl.minimum(s + 1, BLOCK_S - 1), 0), float("-inf"))
+    skip = tl.where(jump_out, tl.gather(beta, tl.minimum(s + 2, BLOCK_S - 1), 0), float("-inf"))
+    return _logsumexp3(beta, step, skip)
+
+
+@triton.jit
+def _row(buf_ptr, b, t, side, T, S_max, FULL: tl.constexpr):
+    """Where the recursion keeps frame t of sequence b: every frame (FULL, (B, T, S)) or only the
+    two meeting rows, alpha at m - 1 (side 0) and beta at m (side 1), in (B, 2, S)."""
+    if FULL:
+        return buf_ptr + (b.to(tl.int64) * T + t) * S_max
+    return buf_ptr + (b.to(tl.int64) * 2 + side) * S_max
+
+
+@triton.jit
+def _split_kernel(emit_ptr, buf_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T, S_max,
+                  FULL: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid (B, 2), the first half of the recursion: program 0 runs alpha forward over frames
+    [0, m), program 1 beta backward over [m, frames), m = ceil(frames / 2), side by side."""
     b = tl.program_id(0)
-    backward = (tl.program_id(1) == 1) | (MODE == 2)  # program_id(1) is 0 on a 1-D grid
+    backward = tl.program_id(1) == 1
+    frames = tl.load(in_len_ptr + b)
+    S = 2 * tl.load(tgt_len_ptr + b) + 1
+    s, valid, jump_in, jump_out = _state_masks(ext_ptr, b, S_max, S, BLOCK_S)
+    m = (frames + 1) // 2
+    emit = emit_ptr + b.to(tl.int64) * T * S_max
+    # Each step loads the emissions two frames ahead: a load has two steps' time to arrive.
+    if not backward:
+        if m > 0:
+            a = tl.load(emit + s, mask=valid & (s < 2), other=float("-inf"))
+            if FULL:
+                tl.store(_row(buf_ptr, b, 0, 0, T, S_max, FULL) + s, a, mask=valid)
+            e1 = tl.load(emit + S_max + s, mask=valid & _spread(1 < m, s), other=float("-inf"))
+            e2 = tl.load(emit + 2 * S_max + s, mask=valid & _spread(2 < m, s), other=float("-inf"))
+            for t in range(1, m):
+                e3 = tl.load(emit + (t + 2) * S_max + s, mask=valid & _spread(t + 2 < m, s), other=float("-inf"))
+                a = _alpha_step(a, e1, s, valid, jump_in)
+                if FULL:
+                    tl.store(_row(buf_ptr, b, t, 0, T, S_max, FULL) + s, a, mask=valid)
+                e1 = e2
+                e2 = e3
+            if not FULL:
+                tl.store(_row(buf_ptr, b, m - 1, 0, T, S_max, FULL) + s, a, mask=valid)
+    else:
+        if m < frames:
+            last = frames - 1
+            e = tl.load(emit + last * S_max + s, mask=valid, other=float("-inf"))
+            beta = tl.where(valid & (s >= S - 2), e, float("-inf"))
+            if FULL:
+                tl.store(_row(buf_ptr, b, last, 1, T, S_max, FULL) + s, beta, mask=valid)
+            e1 = tl.load(emit + (last - 1) * S_max + s, mask=valid & _spread(last - 1 >= m, s), other=float("-inf"))
+            e2 = tl.load(emit + (last - 2) * S_max + s, mask=valid & _spread(last - 2 >= m, s), other=float("-inf"))
+            for i in range(1, frames - m):
+                t = last - i
+                e3 = tl.load(emit + (t - 2) * S_max + s, mask=valid & _spread(t - 2 >= m, s), other=float("-inf"))
+                beta = tl.where(valid, _beta_carry(beta, s, S, jump_out, BLOCK_S) + e1, float("-inf"))
+                if FULL:
+                    tl.store(_row(buf_ptr, b, t, 1, T, S_max, FULL) + s, beta, mask=valid)
+                e1 = e2
+                e2 = e3
+            if not FULL:
+                tl.store(_row(buf_ptr, b, m, 1, T, S_max, FULL) + s, beta, mask=valid)
+
+
+@triton.jit
+def _occupancy(a, beta, e, ll):
+    """gamma = exp(alpha + beta - emission - log p), 0 where no path passes or p = 0."""
+    path = a + beta
+    gamma = tl.where(path == float("-inf"), 0.0, tl.exp(path - e - ll))
+    return tl.where(ll == float("-inf"), 0.0, gamma)
+
+
+@triton.jit
+def _join_kernel(emit_ptr, buf_ptr, ll_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T, S_max,
+                 GAMMA: tl.constexpr, BLOCK_S: tl.constexpr):
+    """After ``_split_kernel``: log p = logsumexp_s(alpha[m - 1, s] + carry[s]), carry being what
+    beta at m passes back (at m = frames: 0 on the last two states). Both programs of a sequence
+    compute it from the same rows with the same code, so they agree bit for bit; program 0 stores
+    it. GAMMA (grid (B, 2), buffers FULL): then alpha carries on over [m, frames) and beta over
+    [0, m), each turning the other's stored half into occupancies written over the emissions
+    (a program reads and writes only its own frames' emissions: no race). Else grid (B,)."""
+    b = tl.program_id(0)
+    backward = tl.program_id(1) == 1
     acc = emit_ptr.dtype.element_ty
     frames = tl.load(in_len_ptr + b)
     length = tl.load(tgt_len_ptr + b)
     S = 2 * length + 1
-    s = tl.arange(0, BLOCK_S)
-    valid = s < S
-    label = tl.load(ext_ptr + b * S_max + s, mask=valid, other=-1)
-    base = b.to(tl.int64) * T * S_max
+    s, valid, jump_in, jump_out = _state_masks(ext_ptr, b, S_max, S, BLOCK_S)
+    m = (frames + 1) // 2
+    has_beta = _spread(m < frames, s)
+    lo = tl.load(_row(buf_ptr, b, m - 1, 0, T, S_max, GAMMA) + s, mask=valid & _spread(frames > 0, s),
+                 other=float("-inf"))
+    hi = tl.load(_row(buf_ptr, b, m, 1, T, S_max, GAMMA) + s, mask=valid & has_beta, other=float("-inf"))
+    carry = tl.where(has_beta, _beta_carry(hi, s, S, jump_out, BLOCK_S),
+                     tl.where(s >= S - 2, 0.0, float("-inf")))
+    carry = tl.where(valid, carry, float("-inf"))
+    x = lo + carry
+    top = tl.max(x, 0)
+    top = tl.where(top > float("-inf"), top, 0.0)
+    ll = top + tl.log(tl.sum(tl.exp(x - top), 0))  # a NaN state makes the sum NaN: it propagates
+    ll = tl.where(frames > 0, ll, tl.where(length == 0, 0.0, float("-inf"))).to(acc)
     if not backward:
-        before2 = tl.load(ext_ptr + b * S_max + s - 2, mask=valid & (s >= 2), other=-1)
-        jump = valid & (s % 2 == 1) & (s >= 2) & (label != before2)  # may enter s from s - 2
-        e = tl.load(emit_ptr + base + s, mask=valid & (s < 2) & _spread(frames > 0, s), other=float("-inf"))
-        a = e
-        tl.store(alpha_ptr + base + s, a, mask=valid & _spread(frames > 0, s))
-        e = tl.load(emit_ptr + base + S_max + s, mask=valid & _spread(frames > 1, s), other=float("-inf"))
-        for t in range(1, frames):
-            e_next = tl.load(emit_ptr + base + (t + 1) * S_max + s, mask=valid & _spread(t + 1 < frames, s),
-                             other=float("-inf"))
-            step = tl.where(s >= 1, tl.gather(a, tl.maximum(s - 1, 0), 0), float("-inf"))
-            skip = tl.where(jump, tl.gather(a, tl.maximum(s - 2, 0), 0), float("-inf"))
-            a = tl.where(valid, _logsumexp3(a, step, skip) + e, float("-inf"))
-            tl.store(alpha_ptr + base + t * S_max + s, a, mask=valid)
-            e = e_next
-        end = tl.sum(tl.where(s == S - 1, a, 0.0), 0)  # a sum picks one state and keeps NaN (a max would not)
-        before = tl.where(S > 1, tl.sum(tl.where(s == S - 2, a, 0.0), 0), float("-inf"))
-        ll = _logsumexp3(end, before, float("-inf"))
-        ll = tl.where(frames > 0, ll, tl.where(length == 0, 0.0, float("-inf")))
-        tl.store(ll_ptr + b, ll.to(acc))
-    else:
-        after2 = tl.load(ext_ptr + b * S_max + s + 2, mask=s + 2 < S, other=-1)
-        jump = valid & (s % 2 == 1) & (s + 2 < S) & (after2 != label)  # may leave s for s + 2
-        ll = tl.zeros([], acc)
-        if MODE == 2:
-            ll = tl.load(ll_ptr + b)
-        last = frames - 1
-        present = valid & _spread(frames > 0, s)
-        e = tl.load(emit_ptr + base + last * S_max + s, mask=present, other=float("-inf"))
-        a = tl.full([BLOCK_S], float("-inf"), acc)
-        if MODE == 2:
-            a = tl.load(alpha_ptr + base + last * S_max + s, mask=present, other=float("-inf"))
-        beta = tl.where(s >= S - 2, e, float("-inf"))
-        for i in range(0, frames):
-            t = last - i
-            row = base + t * S_max
-            if i > 0:
-                step = tl.where(s + 1 < S, tl.gather(beta, tl.minimum(s + 1, BLOCK_S - 1), 0), float("-inf"))
-                skip = tl.where(jump, tl.gather(beta, tl.minimum(s + 2, BLOCK_S - 1), 0), float("-inf"))
-                beta = tl.where(valid, _logsumexp3(beta, step, skip) + e, float("-inf"))
-            earlier = valid & _spread(t >= 1, s)  # prefetch frame t - 1 before this frame's results are stored
-            e_next = tl.load(emit_ptr + row - S_max + s, mask=earlier, other=float("-inf"))
-            a_next = a
-            if MODE == 2:
-                a_next = tl.load(alpha_ptr + row - S_max + s, mask=earlier, other=float("-inf"))
-            if MODE == 2:
-                path = a + beta
-                occupancy = tl.where(path == float("-inf"), 0.0, tl.exp(path - e - ll))
-                occupancy = tl.where(ll == float("-inf"), 0.0, occupancy)
-                tl.store(emit_ptr + row + s, occupancy, mask=valid)
-            else:
-                tl.store(beta_ptr + row + s, beta, mask=valid)
-            e = e_next
-            a = a_next
-
-
-@triton.jit
-def _occupancy_kernel(emit_ptr, alpha_ptr, beta_ptr, ll_ptr, tgt_len_ptr, in_len_ptr, T, S_max,
-                      BLOCK_S: tl.constexpr):
-    """Row (b, t): gamma = exp(alpha + beta - emission - log p) over the emissions, 0 where no
-    path passes or the sequence is infeasible."""
-    row = tl.program_id(0)
-    b = row // T
-    t = row % T
-    if t < tl.load(in_len_ptr + b):
-        S = 2 * tl.load(tgt_len_ptr + b) + 1
-        ll = tl.load(ll_ptr + b)
-        offset = row.to(tl.int64) * S_max
-        for s0 in range(0, S, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = s < S
-            e = tl.load(emit_ptr + offset + s, mask=mask, other=0.0)
-            path = (tl.load(alpha_ptr + offset + s, mask=mask, other=float("-inf"))
-                    + tl.load(beta_ptr + offset + s, mask=mask, other=float("-inf")))
-            occupancy = tl.where((path == float("-inf")) | _spread(ll == float("-inf"), s), 0.0, tl.exp(path - e - ll))
-            tl.store(emit_ptr + offset + s, occupancy, mask=mask)
+        tl.store(ll_ptr + b, ll)
+    if GAMMA:
+        emit = emit_ptr + b.to(tl.int64) * T * S_max
+        if not backward:
+            a = lo
+            e1 = tl.load(emit + m * S_max + s, mask=valid & has_beta, other=float("-inf"))
+            o1 = hi
+            e2 = tl.load(emit + (m + 1) * S_max + s, mask=valid & _spread(m + 1 < frames, s), other=float("-inf"))
+            o2 = tl.load(_row(buf_ptr, b, m + 1, 1, T, S_max, GAMMA) + s, mask=valid & _spread(m + 1 < frames, s),
+                         other=float("-inf"))
+            for t in range(m, frames):
+                ahead = valid & _spread(t + 2 < frames, s)
+                e3 = tl.load(emit + (t + 2) * S_max + s, mask=ahead, other=float("-inf"))
+                o3 = tl.load(_row(buf_ptr, b, t + 2, 1, T, S_max, GAMMA) + s, mask=ahead, other=float("-inf"))
+                a = _alpha_step(a, e1, s, valid, jump_in)
+                tl.store(emit + t * S_max + s, _occupancy(a, o1, e1, ll), mask=valid)
+                e1 = e2
+                e2 = e3
+                o1 = o2
+                o2 = o3
+        else:
+            present = valid & _spread(m > 0, s)
+            e1 = tl.load(emit + (m - 1) * S_max + s, mask=present, other=float("-inf"))
+            o1 = lo
+            e2 = tl.load(emit + (m - 2) * S_max + s, mask=valid & _spread(m >= 2, s), other=float("-inf"))
+            o2 = tl.load(_row(buf_ptr, b, m - 2, 0, T, S_max, GAMMA) + s, mask=valid & _spread(m >= 2, s),
+                         other=float("-inf"))
+            for i in range(0, m):
+                t = m - 1 - i
+                behind = valid & _spread(t >= 2, s)
+                e3 = tl.load(emit + (t - 2) * S_max + s, mask=behind, other=float("-inf"))
+                o3 = tl.load(_row(buf_ptr, b, t - 2, 0, T, S_max, GAMMA) + s, mask=behind, other=float("-inf"))
+                beta = tl.where(valid, carry + e1, float("-inf"))
+                tl.store(emit + t * S_max + s, _occupancy(o1, beta, e1, ll), mask=valid)
+                carry = _beta_carry(beta, s, S, jump_out, BLOCK_S)
+                e1 = e2
+                e2 = e3
+                o1 = o2
+                o2 = o3
 
 
 @triton.jit
@@ -303,26 +387,23 @@ def emissions(x: torch.Tensor, lse: torch.Tensor, ext: torch.Tensor, target_leng
 
 
 def recursion(emit: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tensor, input_lengths: torch.Tensor,
-              mode: int, alpha: Optional[torch.Tensor] = None, ll: Optional[torch.Tensor] = None):
-    """Run ``_recursion_kernel``: mode 0 returns (alpha, beta, ll), mode 1 (alpha, ll), mode 2
-    turns ``emit`` into occupancies given (alpha, ll)."""
+              occupancy: bool) -> torch.Tensor:
+    """log p(y|x) (B,) from the state emissions (B, T, S); with ``occupancy`` the occupancies
+    overwrite ``emit``. Two launches, each of T/2 dependent steps with alpha and beta side by
+    side: ``_split_kernel`` (keeping every row in one (B, T, S) buffer, or without ``occupancy``
+    only the two rows where the halves meet) and ``_join_kernel``."""
     B, T, S_max = emit.shape
     block_s = _block(S_max, MAX_STATES)
-    if mode in (0, 1):
-        alpha = torch.empty_like(emit)
-        ll = torch.empty(B, dtype=emit.dtype, device=emit.device)
-    beta = torch.empty_like(emit) if mode == 0 else emit
-    if B:
-        launch(_recursion_kernel, (B, 2) if mode == 0 else (B,), emit, alpha, beta, ll, ext, target_lengths,
-               input_lengths, T, S_max, MODE=mode, BLOCK_S=block_s, num_warps=_state_warps(block_s))
-    return (alpha, beta, ll) if mode == 0 else (alpha, ll)
-
-
-def occupancies(emit, alpha, beta, ll, target_lengths, input_lengths) -> None:
-    B, T, S_max = emit.shape
-    if B and T:
-        launch(_occupancy_kernel, (B * T,), emit, alpha, beta, ll, target_lengths, input_lengths, T, S_max,
-               BLOCK_S=_block(S_max, ROW_STATES))
+    ll = torch.empty(B, dtype=emit.dtype, device=emit.device)
+    if B == 0:
+        return ll
+    buf = torch.empty(B, T if occupancy else 2, S_max, dtype=emit.dtype, device=emit.device)
+    warps = _state_warps(block_s)
+    launch(_split_kernel, (B, 2), emit, buf, ext, target_lengths, input_lengths, T, S_max, FULL=occupancy,
+           BLOCK_S=block_s, num_warps=warps)
+    launch(_join_kernel, (B, 2) if occupancy else (B,), emit, buf, ll, ext, target_lengths, input_lengths, T,
+           S_max, GAMMA=occupancy, BLOCK_S=block_s, num_warps=warps)
+    return ll
 
 
 def gradient_rows(x: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor, occ: torch.Tensor, order: torch.Tensor,
@@ -356,11 +437,9 @@ def ctc_forward(inputs: torch.Tensor, targets: torch.Tensor, input_lengths: torc
     emit = torch.empty(B, T, ext.shape[1], dtype=acc, device=inputs.device)
     # (T, B, C) viewed as (B, T, C) rows: stride(1) moves between sequences, stride(0) between frames
     emissions(inputs.transpose(0, 1), lse, ext, tgt_len, in_len, emit, 0, 1 if from_logits else 0)
+    ll = recursion(emit, ext, tgt_len, in_len, occupancy=want_grad)
     if not want_grad:
-        _, ll = recursion(emit, ext, tgt_len, in_len, mode=1)
         return ll, None
-    alpha, beta, ll = recursion(emit, ext, tgt_len, in_len, mode=0)
-    occupancies(emit, alpha, beta, ll, tgt_len, in_len)
     return ll, (lse, emit) + sorted_states(ext, target_lengths)
 
 

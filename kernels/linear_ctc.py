@@ -1,9 +1,9 @@
 """Fused linear-CTC's three building blocks on the kernels of ``ctc.py`` (the matmuls stay in
-torch): a chunk's log-sum-exp and state emissions, the recursion on given emissions (alpha, then
-beta writing the occupancies over the emissions: two (B, T, S) buffers, not three), and the
-chunk's gradient written over its logits. Chunks are (B, t, V), float32, or bf16/fp16 under
-autocast: the kernels read them in their own dtype and do the arithmetic in float32, so no float32
-copy of a half-precision chunk is made. Contracts: the functions of the same names in
+torch): a chunk's log-sum-exp and state emissions, the recursion on given emissions (met in the
+middle, the occupancies written over the emissions: two (B, T, S) buffers, T dependent steps for
+every target set at once), and the chunk's gradient written over its logits. Chunks are (B, t, V),
+float32, or bf16/fp16 under autocast: the kernels read them in their own dtype and do the
+arithmetic in float32, so no float32 copy of a half-precision chunk is made. Contracts: the functions of the same names in
 ``omnifast/ops/_reference.py``.
 
 Estimate per chunk on an H100 (B16 x 160 frames x V6562 fp32 = 67 MB of logits, measured copy rate
@@ -31,10 +31,7 @@ def chunk_emissions(logits, t0, input_lengths, exts, target_lengths, emissions_o
 def ctc_states(emissions_in, targets, input_lengths, target_lengths, blank, want_occupancy):
     ext = extended_labels(targets, target_lengths, blank)
     in_len, tgt_len = _int32(input_lengths, target_lengths)
-    alpha, ll = recursion(emissions_in, ext, tgt_len, in_len, mode=1)
-    if want_occupancy:
-        recursion(emissions_in, ext, tgt_len, in_len, mode=2, alpha=alpha, ll=ll)
-    return ll
+    return recursion(emissions_in, ext, tgt_len, in_len, occupancy=want_occupancy)
 
 
 def chunk_grad(logits, lse, t0, input_lengths, softmax_coef, exts, target_lengths, occupancies, coefs, poison):

@@ -65,14 +65,29 @@ def test_reference_matches_torch(p):
 
 # --- the kernels against the reference --------------------------------------------------------
 
+def assert_as_accurate(actual, reference, truth):
+    """float32 results held to the float64 truth, at float32's tolerances widened by twice the
+    float32 reference's own largest error (peaked distributions over many frames put even the
+    reference ~1e-5 off, and a kernel that adds in another order lands elsewhere in that band)."""
+    reference_error = (reference.double() - truth).nan_to_num(0.0, 0.0, 0.0).abs().max()
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(actual.double(), truth, equal_nan=True, rtol=tol["rtol"],
+                               atol=tol["atol"] + 2 * float(reference_error))
+
+
 def check_against_reference(p: Problem, backend: str, dtype: torch.dtype, from_logits: bool):
     p = p.with_dtype(dtype)
     for reduction in REDUCTIONS:
         for zero_infinity in (False, True):
             expected = ours(p, "torch", from_logits, reduction, zero_infinity)
             actual = ours(p, backend, from_logits, reduction, zero_infinity)
-            assert_close(actual[0], expected[0], dtype)
-            assert_close(actual[1], expected[1], dtype)
+            if dtype == torch.float64:
+                assert_close(actual[0], expected[0], dtype)
+                assert_close(actual[1], expected[1], dtype)
+                continue
+            truth = ours(p.with_dtype(torch.float64), "torch", from_logits, reduction, zero_infinity)
+            for a, e, t in zip(actual, expected, truth):
+                assert_as_accurate(a, e, t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -235,6 +250,19 @@ def test_log_likelihood(backend):
     with torch.no_grad():
         assert_close(omnifast.ctc_log_likelihood(p.logits.log_softmax(-1).to(d), p.targets.to(d), p.input_lengths,
                                                  p.target_lengths, backend=backend).cpu(), ll)
+
+
+def test_triton_loss_is_the_same_with_and_without_a_gradient():
+    """The recursion meets in the middle whether or not occupancies are wanted, and both
+    programs of a sequence compute log p from the same rows: the loss is bit for bit the same."""
+    p = make_problem(T=11, B=4, C=6, blank=0, target_lengths=[2, 3, 4, 0], input_lengths=[11, 8, 5, 1], seed=4)
+    d = device_for("triton")
+    args = (p.targets.to(d), p.input_lengths.to(d), p.target_lengths.to(d))
+    with torch.no_grad():
+        plain = omnifast.ctc_loss_with_logits(p.logits.to(d), *args, reduction="none", backend="triton")
+    tracked = omnifast.ctc_loss_with_logits(p.logits.to(d).requires_grad_(), *args, reduction="none",
+                                            backend="triton")
+    assert torch.equal(plain, tracked.detach())
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
