@@ -30,7 +30,8 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_bool, check_int, check_tensor, ctc_targets
 from ._dispatch import choose_backend, linear_ctc_kernels
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype, scale_gradients
-from .linear_ctc import Scorer, check_chunk_frames, check_linear_head, make_target_set, working_set_bytes
+from .linear_ctc import (Scorer, check_chunk_frames, check_linear_head, make_target_set, same_width,
+                         working_set_bytes)
 
 
 SPARSE_GROUP_ELEMENTS = 1 << 22  # CPU: pairs per group so that their logits stay ~16 MiB
@@ -103,7 +104,8 @@ def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, n
     """The sparse path, a group of pairs at a time: each pair's logits only for its own columns
     {blank} U chosen U rejected, scored as unnormalised log-probabilities (the per-frame
     normaliser cancels in the margin), through the same recursion and gradient kernels as the
-    fused linear-CTC (one launch of each per group, every pair of the group at once).
+    fused linear-CTC (one launch of each per group: every pair of the group, chosen and rejected
+    side by side).
     ``pair_terms(pairs, ll_w, ll_l)`` gives each pair's coefficients of -score and poison mask.
     Returns both scores (B,) and the gradients, in the dtypes of hidden, weight and bias."""
     acc = accumulation_dtype(hidden.dtype)
@@ -129,13 +131,18 @@ def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, n
             logits = torch.baddbmm(bias[columns][:, None, :], h, w_sub.transpose(1, 2))
         logits = logits.to(acc)
         lengths = input_lengths[pairs]
-        local = [make_target_set(t, s.lengths[pairs], 0) for t, s in zip(local_targets, sets)]
-        for target_set in local:
-            index = target_set.ext[:, None, :].expand(G, T, target_set.ext.shape[1])
-            target_set.states = logits.gather(2, index).contiguous()
-        lls = [kernels.ctc_states(s.states, s.targets, lengths, s.lengths, 0, want_grad) for s in local]
-        for score, ll in zip(scores, lls):
-            score[pairs] = ll
+        # Chosen and rejected as one batch of 2G sequences (targets padded to one width): one
+        # recursion over both sets, so a group costs T dependent steps, not 2T.
+        local = same_width([make_target_set(t, s.lengths[pairs], 0) for t, s in zip(local_targets, sets)], 0)
+        S_local = local[0].ext.shape[1]
+        index = torch.stack([s.ext for s in local])[:, :, None, :].expand(2, G, T, S_local)
+        states = logits.expand(2, G, T, K).gather(3, index)               # (2, G, T, S)
+        ll = kernels.ctc_states(states.view(2 * G, T, S_local), torch.cat([s.targets for s in local]),
+                                lengths.repeat(2), torch.cat([s.lengths for s in local]), 0, want_grad)
+        lls = ll.split(G)
+        for score, set_ll, target_set, set_states in zip(scores, lls, local, states):
+            score[pairs] = set_ll
+            target_set.states = set_states
         if not want_grad:
             continue
         coef_w, coef_l, poison = pair_terms(pairs, *lls)

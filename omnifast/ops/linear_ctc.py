@@ -67,6 +67,15 @@ def default_chunk_frames(batch: int, hidden: int, vocab: int, device: Optional[t
     return max(1, rows // batch)
 
 
+def same_width(sets: Sequence[TargetSet], blank: int) -> List[TargetSet]:
+    """The target sets with their targets padded (by ``blank``, past every length) to the widest,
+    so that their states stack into one (K, B, T, S) tensor."""
+    width = max(s.targets.shape[1] for s in sets)
+    return [s if s.targets.shape[1] == width else
+            make_target_set(F.pad(s.targets, (0, width - s.targets.shape[1]), value=blank), s.lengths, blank)
+            for s in sets]
+
+
 class Scorer:
     """Runs the two passes for a linear head over hidden (B, T, D) and some target sets.
 
@@ -79,7 +88,8 @@ class Scorer:
                  chunk_frames: Optional[int], backend: str):
         self.acc = accumulation_dtype(hidden.dtype)
         self.hidden, self.weight, self.bias = hidden, weight, bias
-        self.input_lengths, self.sets, self.blank = input_lengths, list(sets), blank
+        self.input_lengths, self.blank = input_lengths, blank
+        self.sets = same_width(sets, blank)
         B, T, D = hidden.shape
         self.chunk = chunk_frames or default_chunk_frames(B, D, weight.shape[0], hidden.device, hidden.element_size())
         self.kernels = linear_ctc_kernels(backend)
@@ -96,8 +106,9 @@ class Scorer:
     def log_likelihoods(self, want_occupancy: bool) -> List[torch.Tensor]:
         """Pass 1 and the recursion: log p(y|x) (B,) for each target set."""
         B, T, _ = self.hidden.shape
-        for target_set in self.sets:
-            target_set.states = torch.zeros(B, T, target_set.ext.shape[1], dtype=self.acc, device=self.hidden.device)
+        states = torch.zeros(len(self.sets), B, T, self.sets[0].ext.shape[1], dtype=self.acc, device=self.hidden.device)
+        for target_set, set_states in zip(self.sets, states):
+            target_set.states = set_states
         exts = [s.ext for s in self.sets]
         lengths = [s.lengths for s in self.sets]
         for t0, _, logits in self._chunks():
@@ -105,8 +116,11 @@ class Scorer:
                                                [s.states for s in self.sets])
             self.lse[:, t0:t0 + logits.shape[1]] = lse
             del logits  # the last chunk is not kept alive through the recursion
-        return [self.kernels.ctc_states(s.states, s.targets, self.input_lengths, s.lengths, self.blank,
-                                        want_occupancy) for s in self.sets]
+        # Every target set in one recursion (K * B sequences): T dependent steps, not K * T.
+        ll = self.kernels.ctc_states(states.view(-1, T, states.shape[-1]), torch.cat([s.targets for s in self.sets]),
+                                     self.input_lengths.repeat(len(self.sets)),
+                                     torch.cat([s.lengths for s in self.sets]), self.blank, want_occupancy)
+        return list(ll.split(B))
 
     def gradients(self, coefs: Sequence[torch.Tensor], poison: torch.Tensor, needs=(True, True, True)):
         """Pass 2: gradients of sum_k sum_b coefs[k][b] * (-log p_k(y_b|x_b)) w.r.t. hidden,
