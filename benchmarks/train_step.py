@@ -306,7 +306,8 @@ def run(quick: bool, device: torch.device, steps: int, out_dir: Path, batch: int
 # thinner (896-wide decoder), so 60% of the matrix rate is assumed. torch's CTC recursion was
 # measured at 3.7 ms for 1200 frames (../shared/perf/h100-2026-11-24.md: alpha 1.15 + backward
 # 2.56 ms at (16,1200,6561,500)) and scales with the frames; omnifast's is estimated in
-# kernels/ctc.py (0.2-0.4 ms a direction at 1200 frames).
+# kernels/ctc.py (0.4-0.6 ms for 1200 frames, alpha and beta met in the middle, chosen and
+# rejected in the same launch).
 GEMM_RATE, BANDWIDTH, GPU_BYTES = 0.6 * 798e12, 3.0e12, 80 * 2**30
 TORCH_CTC_S_PER_FRAME, OURS_CTC_S_PER_FRAME = 3.7e-3 / 1200, 0.6e-3 / 1200
 
@@ -336,7 +337,8 @@ def estimate(batch: int, prompt: int, response: int, units: int) -> Dict:
         seconds, activations, transient = 0.0, frames * per_frame_activation, 0
         if name == "omnifast":
             passes_train, passes_fwd = 1, (1 if stage == "emotion-dpo" else 0)  # the reference, first epoch
-            seconds += OURS_CTC_S_PER_FRAME * frames / B * (2 if stage == "emotion-dpo" else 1)
+            # the policy's chosen and rejected in one chain of T steps; the reference's (no grad) T/2
+            seconds += OURS_CTC_S_PER_FRAME * frames / B * (1.5 if stage == "emotion-dpo" else 1)
             bytes_moved += 3 * frames * (c.units + 1) * 2 * (passes_train + passes_fwd)
         else:
             passes_train, passes_fwd = (2, 2) if stage == "emotion-dpo" else (1, 0)
