@@ -1,10 +1,11 @@
 """The protocol every benchmark follows: implementations of a case run in one process,
 alternating, after warm-up; the median of repeated runs is reported with the ratio to the
 baseline (on CUDA each run timed with CUDA events); peak memory above the inputs is measured for
-each (case, implementation): on the CPU as peak RSS in a fresh subprocess (bounded in time), on
-CUDA as ``max_memory_allocated`` in this process. A comparator that fails on this build is
-dropped and its error recorded. Results go to a table on stdout,
-``benchmarks/results/<op>[-cuda].json`` and a PNG chart beside it."""
+each (case, implementation): on the CPU as peak RSS in a fresh subprocess (bounded in time, with
+glibc's mmap threshold fixed so that the peak follows the bytes live at once), on CUDA as
+``max_memory_allocated`` in this process. A comparator that fails on this build is dropped and
+its error recorded. Results go to a table on stdout, ``benchmarks/results/<op>[-cuda].json`` and
+a PNG chart beside it."""
 from __future__ import annotations
 
 import argparse
@@ -111,10 +112,13 @@ MEMORY_TIMEOUT_S = 300
 def peak_memory_subprocess(module: str, case: int, impl: str, device: str) -> Optional[int]:
     """Run ``python -m <module> --memory-of CASE IMPL`` and read the bytes it prints (None, with
     a note, if it takes longer than MEMORY_TIMEOUT_S)."""
+    # A fixed mmap threshold turns off glibc's sliding one, which after the first large free
+    # serves later blocks from a heap it rarely trims: the RSS peak then depends on the order of
+    # allocations (the same run read 69 or 134 MiB), not on the bytes live at once.
+    env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), **os.environ}
     try:
         out = subprocess.run([sys.executable, "-m", module, "--memory-of", str(case), impl, "--device", device],
-                             capture_output=True, text=True, check=True, env=os.environ.copy(),
-                             timeout=MEMORY_TIMEOUT_S).stdout
+                             capture_output=True, text=True, check=True, env=env, timeout=MEMORY_TIMEOUT_S).stdout
     except subprocess.TimeoutExpired:
         print(f"memory of {impl} not measured: over {MEMORY_TIMEOUT_S} s", file=sys.stderr)
         return None
