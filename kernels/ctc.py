@@ -47,7 +47,7 @@ Contract: ``omnifast/ops/_reference.py``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
@@ -55,7 +55,6 @@ import triton.language as tl
 
 from ._launch import launch
 
-NEG_INF = float("-inf")
 MAX_STATES = 16384  # 2L+1 held in one register tile by the recursion: targets up to 8191 units
 ROW_STATES = 1024   # the row kernels walk the states in tiles of this many
 

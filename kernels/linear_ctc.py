@@ -3,8 +3,8 @@ torch): a chunk's log-sum-exp and state emissions, the recursion on given emissi
 middle, the occupancies written over the emissions: two (B, T, S) buffers, T dependent steps for
 every target set at once), and the chunk's gradient written over its logits. Chunks are (B, t, V),
 float32, or bf16/fp16 under autocast: the kernels read them in their own dtype and do the
-arithmetic in float32, so no float32 copy of a half-precision chunk is made. Contracts: the functions of the same names in
-``omnifast/ops/_reference.py``.
+arithmetic in float32, so no float32 copy of a half-precision chunk is made. Contracts: the
+functions of the same names in ``omnifast/ops/_reference.py``.
 
 Estimate per chunk on an H100 (B16 x 160 frames x V6562 fp32 = 67 MB of logits, measured copy rate
 3 TB/s): emissions read the chunk once (~25 us), the gradient reads and writes it (~45 us), against
