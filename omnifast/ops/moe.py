@@ -263,9 +263,9 @@ def unpermute(y_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
 def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation: str = "relu") -> torch.Tensor:
     """The top-k expert layer on routed tokens: :func:`permute`, :func:`expert_mlp` and
     :func:`unpermute` in one, (N, H) -> (N, O), differentiable w.r.t. x, the weights and the
-    routing weights. On the triton backend the token rows are gathered inside the first grouped
+    routing weights. With the Triton grouped GEMM the token rows are gathered inside the first
     GEMM and the outputs scattered to token-major slots by the second (no permuted copy, a
-    contiguous combine); on the CPU the three ops run as they are."""
+    contiguous combine); with the other GPU engines and on the CPU the three ops run as they are."""
     if routing.backend != "triton":
         y = expert_mlp(permute(x, routing), routing.offsets, w1, b1, w2, b2, activation, backend=routing.backend)
         return unpermute(y, routing)
@@ -274,6 +274,9 @@ def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation
     N, k = routing.experts.shape
     with autocast_off(device):
         engine = gemm_engine(x, w1, w2, routing.offsets)
+        if not engine.fuses_gathers:  # see _moe_gemm: gather once, combine by gather
+            y = _GroupedMLP.apply(permute(x, routing), w1, b1, w2, b2, routing.offsets, None, 1, activation, engine)
+            return unpermute(y, routing)
         y_slots = _GroupedMLP.apply(x, w1, b1, w2, b2, routing.offsets, routing.order, k, activation, engine)
         identity = torch.arange(N * k, device=x.device)  # the slots are already in token-major order
         return _Unpermute.apply(y_slots, routing.weights.contiguous(), identity, k, "triton")
