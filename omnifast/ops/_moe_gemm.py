@@ -20,7 +20,8 @@ slot gradients by gather. Estimate, bf16 on an H100 at E64 top-8, N16384 H2048 F
 slots, 537 MB a pass over the slot rows): the GEMMs are 3.3 TFLOP, ~6 ms; the passes beside them
 (gather, combine, their backwards, the activation) move ~4 GB (~1.3 ms), ~1.2x the floor of the
 same GEMMs on pre-routed rows. Gathering inside each GEMM call, as these engines first did, moved
-~9 GB (~1.5x). At top-2 E8 N16384 H896 F3584: ~1.1x. Unmeasured: no GPU was lent.
+~9 GB (~1.5x). At top-2 E8 N16384 H896 F3584: ~1.7 GB, ~0.6 ms beside ~2.7 ms, ~1.2x (most
+of it the activation's passes over the 3584-wide rows). Unmeasured: no GPU was lent.
 
 ``gemm_engine`` picks one. ``_DenseMLP`` is the dense (OpenOmni) layer as two GEMMs over all
 experts at once, the gate weights folded in between.
