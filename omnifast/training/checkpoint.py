@@ -10,6 +10,7 @@ Writing is durable: each file is written and fsynced inside ``<name>.tmp``, the 
 fsynced, renamed to its final name (atomic) and its parent fsynced. A directory without the
 ``.tmp`` suffix is therefore complete even after a machine crash; old checkpoints are renamed to
 ``.deleting`` before they are removed, so a half-removed one is never taken for a checkpoint.
+What a killed write or removal leaves behind is swept by the next :func:`prune`.
 """
 from __future__ import annotations
 
@@ -79,8 +80,22 @@ def retire(directory: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+LEFTOVER_SUFFIXES = (".tmp", ".deleting")
+
+
 def complete_checkpoints(root: Path) -> List[Path]:
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".tmp", ".deleting")))
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(LEFTOVER_SUFFIXES))
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints under ``root``; also remove what an
+    interrupted write (``.tmp``) or removal (``.deleting``) left there. Call it only after a
+    write has finished, so that no ``.tmp`` in ``root`` is still being written."""
+    for old in complete_checkpoints(root)[:-keep]:
+        retire(old)
+    for leftover in root.glob("step-*"):
+        if leftover.name.endswith(LEFTOVER_SUFFIXES):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def read_tensors(path: Path) -> Dict[str, torch.Tensor]:

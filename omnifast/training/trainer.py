@@ -57,6 +57,10 @@ class TrainConfig:
         config = cls(**values)
         if isinstance(config.sft_weight, bool) or not isinstance(config.sft_weight, (int, float)) or config.sft_weight < 0:
             raise ValueError(f"sft_weight must be a number >= 0, got {config.sft_weight!r}")
+        for name in ("batch_size", "grad_accum", "save_every", "keep"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if config.trains is not None:
             from omnifast.models.omni import COMPONENTS
             config.trains = tuple(config.trains.split(",") if isinstance(config.trains, str) else config.trains)
@@ -214,8 +218,7 @@ class Trainer:
                                     {"trainable.safetensors": self._trainable_state(),
                                      "optimizer.safetensors": optimizer_tensors, "rng.safetensors": rng},
                                     {"state.json": state})
-        for old in checkpoint.complete_checkpoints(root)[:-self.config.keep]:
-            checkpoint.retire(old)
+        checkpoint.prune(root, self.config.keep)
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint. Nothing in it is unpickled; a file that

@@ -114,3 +114,18 @@ def test_nested_state_round_trips_through_json_and_tensors(tmp_path):
     assert torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
     with pytest.raises(TypeError, match="cannot store a object"):
         split_tensors({"x": object()}, "p", {})
+
+
+def test_what_a_killed_write_or_removal_left_is_swept_by_the_next_save(data, tmp_path):  # noqa: F811
+    assert train(data, tmp_path, "--max-steps", 2) == 0
+    root = tmp_path / "checkpoints"
+    (root / "step-00000001.deleting").mkdir()  # killed inside retire(), after its rename
+    (root / "step-00000003.tmp").mkdir()  # killed inside a write
+    assert train(data, tmp_path, "--max-steps", 4, "--resume") == 0
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+
+
+@pytest.mark.parametrize("option, value", [("--keep", 0), ("--save-every", 0), ("--batch-size", -1)])
+def test_counts_below_one_are_refused(data, tmp_path, option, value):  # noqa: F811
+    with pytest.raises(ValueError, match=f"{option[2:].replace('-', '_')} must be an integer >= 1"):
+        train(data, tmp_path, option, value)
