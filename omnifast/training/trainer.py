@@ -251,6 +251,8 @@ class Trainer:
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{found}: does not match this run ({type(error).__name__}: {error})") from error
         self._resumed = True
+        if self.rank == 0:  # a kill inside the last save's removal would otherwise outlive a run with no save left
+            checkpoint.prune(found.parent, self.config.keep)
         metrics = self.out_dir / "metrics.jsonl"
         if metrics.is_file() and self.rank == 0:  # drop what the interrupted run logged past the checkpoint
             kept = [json.dumps(r) for r in read_metrics(metrics) if r["step"] <= self.step]

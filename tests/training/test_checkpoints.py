@@ -129,3 +129,11 @@ def test_what_a_killed_write_or_removal_left_is_swept_by_the_next_save(data, tmp
 def test_counts_below_one_are_refused(data, tmp_path, option, value):  # noqa: F811
     with pytest.raises(ValueError, match=f"{option[2:].replace('-', '_')} must be an integer >= 1"):
         train(data, tmp_path, option, value)
+
+
+def test_resuming_a_finished_run_sweeps_what_its_last_save_left(data, tmp_path):  # noqa: F811
+    assert train(data, tmp_path, "--max-steps", 4) == 0
+    root = tmp_path / "checkpoints"
+    (root / "step-00000002.deleting").mkdir()  # killed inside the final save's retire()
+    assert train(data, tmp_path, "--max-steps", 4, "--resume") == 0
+    assert not list(root.glob("*.deleting"))
