@@ -113,10 +113,11 @@ def test_triton_matches_unfused_recipe(p):
         check(p, "triton", **options)
 
 
-@pytest.mark.parametrize("group_elements", [1 << 22, 1])
+@pytest.mark.parametrize("group_elements", [1 << 22, 2 * 14 * 12, 1])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_and_dense_paths_agree(backend, group_elements, monkeypatch):
-    monkeypatch.setattr(ctc_dpo, "SPARSE_GROUP_ELEMENTS", group_elements)  # 1: one pair per group
+    # T x K = 14 x 12 logits a pair: one group of 3 pairs, groups of 2 and 1, one pair per group
+    monkeypatch.setattr(ctc_dpo, "SPARSE_GROUP_ELEMENTS", group_elements)
     p = make_pairs(3, 14, 6, 40, [4, 6, 0], [5, 2, 3], [14, 12, 9], seed=2, dtype=torch.float32)
     dense, dense_grads = run(ours, p, backend=backend, sparse=False)
     sparse, sparse_grads = run(ours, p, backend=backend, sparse=True, exact_rewards=True)
