@@ -16,6 +16,16 @@ Two ways to the same loss:
   T x V x D, the gradient scattered into those rows of the weight. The individual rewards need
   the normaliser; they are reported only with ``exact_rewards=True`` (one extra no-grad
   full-vocabulary pass), while margins, accuracy and the loss are always exact.
+
+Estimate, sparse, B16 T1200 D896 V6562 L500 (K = 1001 columns a pair) in fp32 on an H100,
+against the logits-once torch recipe's 27.3 ms (../shared/perf/h100-2026-11-24.md): three groups
+of pairs (160 MiB each, see ``_sparse_group``), each one recursion launch of 1200 dependent steps
+at ~1.0 us (1.55 us at the bound; kernels/ctc.py says where both come from): 3.6 ms (5.6 ms); the
+three batched GEMMs per pair, 103 GFLOP at the ~44 TFLOP/s torch's own fp32 GEMMs ran at: 2.3 ms;
+gathers, the recursion's buffers and the gradient rows ~0.3 ms. About 6.2 ms (8.2 ms): ~4.4x
+(3.3x) at ~1/9 of the recipe's 1923 MiB. Four groups of 128 MiB, as before, would have been
+~3.6x (2.7x). Dense: the fused linear-CTC passes with both sets in one recursion (four GEMMs,
+~20.5 ms, + ~2 ms) against the recipe's 27.3 ms: ~1.2x. Unmeasured: no GPU was lent.
 """
 from __future__ import annotations
 
@@ -30,8 +40,8 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_bool, check_int, check_tensor, ctc_targets
 from ._dispatch import choose_backend, linear_ctc_kernels
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype, scale_gradients
-from .linear_ctc import (Scorer, check_chunk_frames, check_linear_head, make_target_set, same_width,
-                         working_set_bytes)
+from .linear_ctc import (Scorer, check_chunk_frames, check_linear_head, label_columns, make_target_set,
+                         same_width, working_set_bytes)
 
 
 SPARSE_GROUP_ELEMENTS = 1 << 22  # CPU: pairs per group so that their logits stay ~16 MiB
@@ -64,30 +74,6 @@ def _dense_forward(hidden, weight, bias, input_lengths, sets, blank, chunk_frame
         coef_w, coef_l, poison = pair_terms(torch.arange(ll_w.numel(), device=ll_w.device), ll_w, ll_l)
         grads = scorer.gradients([coef_w, coef_l], poison.contiguous(), needs)
     return (ll_w, ll_l), grads
-
-
-def _pair_columns(blank, sets, pairs):
-    """For the given pairs, the columns {blank} U chosen U rejected of each pair (blank first,
-    then the labels in increasing order, padded with blank to the widest possible count so that
-    nothing is read back to the host), and each set's targets as positions among them. Returns
-    (G, K) columns and one (G, W) local-target tensor per set."""
-    never = torch.iinfo(torch.long).max  # sorts after every label: padding
-    keys = [torch.full((pairs.numel(), 1), -1, dtype=torch.long, device=pairs.device)]  # -1: the blank
-    for s in sets:
-        width = s.targets.shape[1]
-        valid = torch.arange(width, device=pairs.device) < s.lengths[pairs][:, None]
-        keys.append(torch.where(valid, s.targets[pairs], never))
-    keys, _ = torch.sort(torch.cat(keys, 1), dim=1)
-    K = keys.shape[1]
-    first = torch.ones_like(keys, dtype=torch.bool)
-    first[:, 1:] = keys[:, 1:] != keys[:, :-1]
-    slot = torch.where(first, torch.cumsum(first, 1) - 1, K)  # repeats go to a discarded column K
-    distinct = torch.full((keys.shape[0], K + 1), never, dtype=torch.long, device=keys.device)
-    distinct.scatter_(1, slot, keys)
-    distinct = distinct[:, :K].contiguous()
-    columns = torch.where((distinct == -1) | (distinct == never), blank, distinct)
-    local = [torch.searchsorted(distinct, s.targets[pairs].contiguous()).clamp(max=K - 1) for s in sets]
-    return columns, local
 
 
 def _sparse_group(B: int, T: int, K: int, S: int, D: int, device: torch.device, itemsize: int) -> int:
@@ -127,7 +113,7 @@ def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, n
     for start in range(0, B, group):
         stop = min(B, start + group)
         pairs = torch.arange(start, stop, device=hidden.device)
-        columns, local_targets = _pair_columns(blank, sets, pairs)
+        columns, local_targets = label_columns(blank, sets, pairs)
         G = columns.shape[0]
         w_sub = weight[columns]                                        # (G, K, D)
         h = hidden[start:stop]                                         # (G, T, D), a view

@@ -1,11 +1,29 @@
 """Fused linear + CTC: the loss of ``ctc_loss(log_softmax(hidden @ weight.T + bias))`` without
 ever holding the (B, T, V) logits.
 
-Two passes over chunks of frames. Pass 1 computes each chunk's logits, their log-sum-exp and
-the emissions of the 2L+1 label states; the alpha/beta recursion then runs on (B, T, 2L+1)
-only and leaves the state occupancies gamma in place of the emissions. Pass 2 recomputes each
-chunk's logits, turns them into softmax - gamma (scaled) and accumulates the gradients of the
-hidden states, the weight and the bias. Extra memory: one chunk of logits plus B x T x (2L+1).
+Pass 1 computes each chunk's logits, their log-sum-exp and the emissions of the 2L+1 label
+states; the alpha/beta recursion then runs on (B, T, 2L+1) only and leaves the state
+occupancies gamma in place of the emissions. The gradient of a row of logits is
+coef * (softmax - gamma summed at the row's labels), and the coefficients of the mean and sum
+reductions are known before the recursion, so for them pass 1 also turns each chunk into
+coef * softmax and runs its two gradient GEMMs; the labels' part waits for gamma and costs a
+(T, 1 + W) block per sequence against its own rows of the weight (``Scorer.one_pass``). That is
+the three full-size GEMMs of the unfused recipe and no more, as Liger's fused linear
+cross-entropy does for its loss; only ``reduction="none"`` (the weights arrive with the
+backward) and CTC-DPO's dense path (the weights depend on both sets' log p) run a pass 2 that
+recomputes each chunk's logits and turns them into the whole gradient (``Scorer.gradients``).
+Extra memory: one chunk of logits plus B x T x (2L+1).
+
+Estimate, B16 T1200 D896 V6562 L500 on an H100, from the issue's own measurements: torch's
+fp32 recipe took 22.1 ms, of which its CTC and softmax ~6.65 ms, so its three GEMMs (677 GFLOP)
+ran at ~44 TFLOP/s. Here: the same three GEMMs (~15.4 ms), the labels' blocks (501 of 6562
+columns: ~35 GFLOP as batched GEMMs, ~0.8 ms), passes over the logits chunks (emissions read,
+softmax read + write: ~1.5 GB, ~0.5 ms) and the recursion (1200 dependent steps at ~1.0 us,
+1.55 us at the first kernel's measured rate: 1.2-1.9 ms): ~18-18.6 ms, ~1.2x torch in fp32 (two
+passes with the recomputed GEMM: ~22.5 ms, ~1.0x). In bf16 (torch: 11.7 ms, its GEMMs ~4.5 ms of it,
+~150 TFLOP/s) the recursion becomes the larger part: ~6.5 ms, ~1.8x, at that GEMM rate; ~3.8 ms,
+~3x, if the GEMMs reach 400 TFLOP/s.
+Unmeasured: no GPU was lent to this session.
 
 The same machinery scores several target sets against one emission sequence (CTC-DPO's chosen
 and rejected units): their emissions come from the same chunk of logits.
@@ -76,6 +94,41 @@ def same_width(sets: Sequence[TargetSet], blank: int) -> List[TargetSet]:
             for s in sets]
 
 
+def label_columns(blank, sets, rows):
+    """For the given rows (sequences), the columns {blank} U the labels of every set (blank
+    first, then the labels in increasing order, padded with blank to the widest possible count so
+    that nothing is read back to the host), and each set's targets as positions among them.
+    Returns (G, K) columns and one (G, W) local-target tensor per set."""
+    never = torch.iinfo(torch.long).max  # sorts after every label: padding
+    keys = [torch.full((rows.numel(), 1), -1, dtype=torch.long, device=rows.device)]  # -1: the blank
+    for s in sets:
+        width = s.targets.shape[1]
+        valid = torch.arange(width, device=rows.device) < s.lengths[rows][:, None]
+        keys.append(torch.where(valid, s.targets[rows], never))
+    keys, _ = torch.sort(torch.cat(keys, 1), dim=1)
+    K = keys.shape[1]
+    first = torch.ones_like(keys, dtype=torch.bool)
+    first[:, 1:] = keys[:, 1:] != keys[:, :-1]
+    slot = torch.where(first, torch.cumsum(first, 1) - 1, K)  # repeats go to a discarded column K
+    distinct = torch.full((keys.shape[0], K + 1), never, dtype=torch.long, device=keys.device)
+    distinct.scatter_(1, slot, keys)
+    distinct = distinct[:, :K].contiguous()
+    columns = torch.where((distinct == -1) | (distinct == never), blank, distinct)
+    local = [torch.searchsorted(distinct, s.targets[rows].contiguous()).clamp(max=K - 1) for s in sets]
+    return columns, local
+
+
+def feasible_by_length(target_set: TargetSet, input_lengths: torch.Tensor) -> torch.Tensor:
+    """Whether each sequence has frames enough for its targets: L, plus a blank between each two
+    equal neighbours. For finite inputs this is exactly where log p(y|x) > -inf."""
+    targets, lengths = target_set.targets, target_set.lengths
+    if targets.shape[1] < 2:
+        return input_lengths >= lengths
+    inside = torch.arange(1, targets.shape[1], device=targets.device) < lengths[:, None]
+    repeats = ((targets[:, 1:] == targets[:, :-1]) & inside).sum(1)
+    return input_lengths >= lengths + repeats
+
+
 class Scorer:
     """Runs the two passes for a linear head over hidden (B, T, D) and some target sets.
 
@@ -122,13 +175,28 @@ class Scorer:
                                      torch.cat([s.lengths for s in self.sets]), self.blank, want_occupancy)
         return list(ll.split(B))
 
+    def _accumulate(self, grad_logits, rows, t0, grad_hidden, grad_weight, grad_bias) -> None:
+        """Add one chunk's logits gradient (B, ct, V), in the matmul dtype, into the gradients
+        of hidden (its frames written), weight and bias (float32 accumulators)."""
+        ct = grad_logits.shape[1]
+        flat = grad_logits.reshape(-1, grad_logits.shape[-1])
+        if grad_hidden is not None:
+            grad_hidden[:, t0:t0 + ct] = grad_logits @ self.weight
+        if grad_weight is not None:
+            rows_flat = rows.reshape(-1, rows.shape[-1])
+            if grad_logits.dtype == self.acc:
+                grad_weight.addmm_(flat.t(), rows_flat)
+            else:  # a half-precision GEMM per chunk, summed over the chunks in float32
+                grad_weight += (flat.t() @ rows_flat).to(self.acc)
+        if grad_bias is not None:
+            grad_bias += flat.sum(0, dtype=self.acc)
+
     def gradients(self, coefs: Sequence[torch.Tensor], poison: torch.Tensor, needs=(True, True, True)):
         """Pass 2: gradients of sum_k sum_b coefs[k][b] * (-log p_k(y_b|x_b)) w.r.t. hidden,
         weight and bias (None where not needed), in their own dtypes; sequences in ``poison``
         get NaN. The weight and bias gradients accumulate over the chunks in float32."""
         coefs = [c.to(self.acc).contiguous() for c in coefs]
         softmax_coef = torch.stack(coefs).sum(0).contiguous()
-        mm = self.hidden.dtype
         grad_hidden = torch.empty_like(self.hidden) if needs[0] else None
         grad_weight = torch.zeros_like(self.weight, dtype=self.acc) if needs[1] else None
         grad_bias = torch.zeros_like(self.bias, dtype=self.acc) if needs[2] and self.bias is not None else None
@@ -139,20 +207,79 @@ class Scorer:
             ct = logits.shape[1]
             self.kernels.chunk_grad(logits, self.lse[:, t0:t0 + ct].contiguous(), t0, self.input_lengths,
                                     softmax_coef, exts, lengths, states, coefs, poison)
-            grad_logits = logits.to(mm)  # the gradient now fills the chunk
-            flat = grad_logits.reshape(-1, grad_logits.shape[-1])
-            if grad_hidden is not None:
-                grad_hidden[:, t0:t0 + ct] = grad_logits @ self.weight
-            if grad_weight is not None:
-                rows_flat = rows.reshape(-1, rows.shape[-1])
-                if mm == self.acc:
-                    grad_weight.addmm_(flat.t(), rows_flat)
-                else:  # a half-precision GEMM per chunk, summed over the chunks in float32
-                    grad_weight += (flat.t() @ rows_flat).to(self.acc)
-            if grad_bias is not None:
-                grad_bias += flat.sum(0, dtype=self.acc)
+            self._accumulate(logits.to(self.hidden.dtype), rows, t0, grad_hidden, grad_weight, grad_bias)
         return (grad_hidden, None if grad_weight is None else grad_weight.to(self.weight.dtype),
                 None if grad_bias is None else grad_bias.to(self.bias.dtype))
+
+    def one_pass(self, coef: torch.Tensor, needs=(True, True, True)):
+        """Pass 1 with the gradient formed on the way, for one target set whose coefficients of
+        -log p are known before the recursion (the mean and sum reductions).
+
+        A row's logits gradient is coef * softmax minus coef * (summed occupancy) at the row's
+        labels. Each chunk's logits give their emissions and then become coef * softmax, whose
+        two GEMMs are the dense part of every gradient; after the recursion what is left is the
+        labels' part, a (T, 1 + W) block per sequence multiplied against its own rows of the
+        weight (as sparse CTC-DPO does), (1 + W) / V of a full GEMM. Three full-size GEMMs, as
+        the unfused recipe runs, where pass 1 + pass 2 run four. Returns log p (B,) and the
+        gradients (hidden, weight, bias) in the accumulation dtype, None where not needed;
+        infeasible sequences are not poisoned here."""
+        (target_set,) = self.sets
+        B, T, D = self.hidden.shape
+        device, acc, mm = self.hidden.device, self.acc, self.hidden.dtype
+        coef = coef.to(acc).contiguous()
+        grad_hidden = torch.empty(B, T, D, dtype=acc, device=device) if needs[0] else None
+        grad_weight = torch.zeros_like(self.weight, dtype=acc) if needs[1] else None
+        grad_bias = torch.zeros_like(self.bias, dtype=acc) if needs[2] and self.bias is not None else None
+        states = torch.zeros(B, T, target_set.ext.shape[1], dtype=acc, device=device)
+        target_set.states = states
+        no_labels = make_target_set(target_set.targets[:, :0], torch.zeros_like(target_set.lengths), self.blank)
+        no_occupancy = torch.zeros(B, T, 1, dtype=acc, device=device)
+        zero = torch.zeros(B, dtype=acc, device=device)
+        no_poison = torch.zeros(B, dtype=torch.bool, device=device)
+        for t0, rows, logits in self._chunks():
+            ct = logits.shape[1]
+            self.lse[:, t0:t0 + ct] = self.kernels.chunk_emissions(logits, t0, self.input_lengths, [target_set.ext],
+                                                                   [target_set.lengths], [states])
+            # coef * softmax over the chunk (a blank-only target set with zero weight leaves
+            # nothing else), rows past an input length 0
+            self.kernels.chunk_grad(logits, self.lse[:, t0:t0 + ct].contiguous(), t0, self.input_lengths, coef,
+                                    [no_labels.ext], [no_labels.lengths], [no_occupancy], [zero], no_poison)
+            self._accumulate(logits.to(mm), rows, t0, grad_hidden, grad_weight, grad_bias)
+            del logits
+        ll = self.kernels.ctc_states(states, target_set.targets, self.input_lengths, target_set.lengths, self.blank,
+                                     True)
+        K = 1 + target_set.targets.shape[1]
+        group = _label_group(B, T, K, D, device, self.hidden.element_size())
+        unnormalised = torch.full((group, T), float("inf"), dtype=acc, device=device)  # exp(0 - inf) = 0
+        for start in range(0, B, group):
+            stop = min(B, start + group)
+            columns, (local_targets,) = label_columns(self.blank, [target_set], torch.arange(start, stop, device=device))
+            local = make_target_set(local_targets, target_set.lengths[start:stop], 0)
+            G = stop - start
+            block = torch.zeros(G, T, K, dtype=acc, device=device)
+            self.kernels.chunk_grad(block, unnormalised[:G], 0, self.input_lengths[start:stop], zero[:G], [local.ext],
+                                    [local.lengths], [states[start:stop]], [coef[start:stop]], no_poison[:G])
+            block = block.to(mm)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] += torch.bmm(block, self.weight[columns])
+            if grad_weight is not None:
+                update = torch.bmm(block.transpose(1, 2), self.hidden[start:stop]).flatten(0, 1)
+                grad_weight.index_add_(0, columns.flatten(), update.to(acc))
+            if grad_bias is not None:
+                grad_bias.index_add_(0, columns.flatten(), block.sum(1, dtype=acc).flatten())
+        return ll, (grad_hidden, grad_weight, grad_bias)
+
+
+def _label_group(B: int, T: int, K: int, D: int, device: torch.device, itemsize: int) -> int:
+    """Sequences per block of the labels' gradient part: ~16 MiB of (T, K) blocks on a CPU; on a
+    GPU the blocks, their weight rows and their GEMM outputs within the chunk budget. Evened out."""
+    if device.type != "cuda":
+        group = max(1, CHUNK_ELEMENTS // max(1, T * K))
+    else:
+        per_sequence = T * K * (4 + itemsize) + K * D * (4 + 2 * itemsize) + T * D * itemsize
+        group = max(1, working_set_bytes(device, GPU_CHUNK_BYTES) // per_sequence)
+    group = min(group, max(B, 1))
+    return -(-max(B, 1) // -(-max(B, 1) // group))
 
 
 def check_linear_head(hidden, weight, bias):
@@ -185,21 +312,35 @@ class _LinearCTCFunction(torch.autograd.Function):
         target_set = make_target_set(targets, target_lengths, blank)
         scorer = Scorer(hidden, weight, bias, input_lengths, [target_set], blank, chunk_frames, backend)
         needs = tuple(ctx.needs_input_grad[:3])
-        (ll,) = scorer.log_likelihoods(want_occupancy=any(needs))
+        ctx.reduction, ctx.zero_infinity, ctx.needs = reduction, zero_infinity, needs
+        weights = reduction_weights(target_lengths, reduction, scorer.acc)
+        if any(needs) and reduction != "none":  # the coefficients are known: one pass
+            coef = weights
+            if zero_infinity:
+                coef = coef.masked_fill(~feasible_by_length(target_set, input_lengths), 0.0)
+            ll, grads = scorer.one_pass(coef, needs)
+            infeasible = ll == float("-inf")
+            if zero_infinity:
+                # Infeasible only by its values (-inf or NaN inputs) yet weighted in the pass:
+                # redo the gradient the two-pass way. Never for finite inputs.
+                if bool((infeasible & (coef != 0)).any()):
+                    grads = _pass2(scorer, weights, infeasible, zero_infinity, needs)
+                    grads = tuple(None if g is None else g.to(scorer.acc) for g in grads)
+            else:
+                grads = _poisoned(grads, infeasible, input_lengths)
+            ctx.grads = tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
+        else:
+            (ll,) = scorer.log_likelihoods(want_occupancy=any(needs))
+            infeasible = ll == float("-inf")
         nll = -ll
-        infeasible = ll == float("-inf")
         if zero_infinity:
             nll = nll.masked_fill(infeasible, 0.0)
-        ctx.reduction, ctx.zero_infinity, ctx.needs = reduction, zero_infinity, needs
         ctx.infeasible = infeasible
-        if not any(needs):
-            return nll if reduction == "none" else (nll * reduction_weights(target_lengths, reduction, nll.dtype)).sum()
-        if reduction == "none":  # per-sequence weights arrive with the backward: pass 2 waits
-            ctx.scorer = scorer
+        if reduction == "none":
+            if any(needs):  # per-sequence weights arrive with the backward: pass 2 waits
+                ctx.scorer = scorer
             return nll
-        weights = reduction_weights(target_lengths, reduction, nll.dtype)
-        ctx.grads = _pass2(scorer, weights, infeasible, zero_infinity, needs)
-        return (nll * weights).sum()
+        return (nll * weights.to(nll.dtype)).sum()
 
     @staticmethod
     @once_differentiable
@@ -210,6 +351,20 @@ class _LinearCTCFunction(torch.autograd.Function):
             del ctx.scorer
             return grads + none
         return scale_gradients(ctx.grads, grad_loss) + none
+
+
+def _poisoned(grads, infeasible, input_lengths):
+    """NaN where an infeasible sequence (zero_infinity off) reaches a gradient: its frames'
+    rows of the hidden gradient, and all of the weight's and bias' when it has any frame."""
+    grad_hidden, grad_weight, grad_bias = grads
+    nan = float("nan")
+    if grad_hidden is not None:
+        live = torch.arange(grad_hidden.shape[1], device=infeasible.device)[None, :] < input_lengths[:, None]
+        grad_hidden = torch.where((infeasible[:, None] & live)[..., None], nan, grad_hidden)
+    reaches = (infeasible & (input_lengths > 0)).any()
+    grad_weight = None if grad_weight is None else torch.where(reaches, nan, grad_weight)
+    grad_bias = None if grad_bias is None else torch.where(reaches, nan, grad_bias)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def _pass2(scorer: Scorer, coef, infeasible, zero_infinity, needs):
@@ -237,8 +392,8 @@ def linear_ctc_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         chunk_frames: frames per chunk (default: from the device, :func:`default_chunk_frames`).
         backend: ``"torch"`` | ``"cpu"`` | ``"triton"``; default by device.
 
-    The gradient is formed during the forward (reductions mean/sum); under ``torch.no_grad()``
-    only pass 1 runs.
+    The gradient is formed during the forward (reductions mean/sum: in pass 1 itself, see the
+    module docstring); under ``torch.no_grad()`` only pass 1 runs, without its GEMMs.
     """
     check_linear_head(hidden, weight, bias)
     B, T, _ = hidden.shape

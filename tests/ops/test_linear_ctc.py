@@ -141,6 +141,53 @@ def test_no_grad_runs_only_the_first_pass(monkeypatch):
     torch.testing.assert_close(loss, unfused(*problem, "mean", False))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mean_and_sum_form_the_gradient_in_one_pass(backend, reduction, monkeypatch):
+    """Their coefficients are known before the recursion: no pass 2 (no recomputed GEMM)."""
+    from omnifast.ops import linear_ctc
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pass 2 ran")
+    monkeypatch.setattr(linear_ctc.Scorer, "gradients", forbidden)
+    problem = make_head_problem(3, 7, 4, 6, [2, 3, 0], [7, 5, 3], seed=10, dtype=torch.float32)
+    for zero_infinity in (False, True):
+        expected = value_and_grads(unfused, *problem, reduction, zero_infinity)
+        assert_all_close(value_and_grads(fused(backend, 3), *problem, reduction, zero_infinity), expected,
+                         torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_label_blocks_one_sequence_at_a_time(backend, monkeypatch):
+    from omnifast.ops import linear_ctc
+    monkeypatch.setattr(linear_ctc, "CHUNK_ELEMENTS", 1)  # a (T, 1 + W) block of one sequence each
+    problem = make_head_problem(3, 8, 4, 7, [3, 1, 2], [8, 4, 6], seed=11, dtype=torch.float32)
+    expected = value_and_grads(unfused, *problem, "mean", False)
+    assert_all_close(value_and_grads(fused(backend, 3), *problem, "mean", False), expected, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_a_sequence_infeasible_by_its_values_is_zeroed(backend):
+    """A -inf bias on the one label of sequence 0 makes it impossible although its frames
+    suffice: the one pass weighted it, so its gradient is redone, and zero_infinity zeroes it.
+    (F.ctc_loss gives NaN gradients at a -inf log-probability, pytorch#52241: the comparison is
+    the two-pass path, reduction "none" weighted as "mean" weights.)"""
+    hidden, weight, bias, targets, input_lengths, lengths = make_head_problem(2, 5, 3, 5, [1, 2], [5, 5], seed=12,
+                                                                              dtype=torch.float32)
+    targets[0, 0], targets[1, :2] = 0, torch.tensor([1, 2])
+    bias[0] = float("-inf")
+    problem = (hidden, weight, bias, targets, input_lengths, lengths)
+
+    def two_pass(*args):
+        per_sequence = fused(backend, 2)(*args[:6], "none", True)
+        return (per_sequence / (2 * lengths.to(per_sequence.device).clamp(min=1))).sum()
+    two_pass.backend = backend
+    expected = value_and_grads(two_pass, *problem)
+    actual = value_and_grads(fused(backend, 2), *problem, "mean", True)
+    assert_all_close(actual, expected, torch.float32)
+    assert torch.isfinite(actual[1]).all() and (actual[1][0] == 0).all()
+
+
 def test_linear_ctc_head_is_a_linear_layer():
     linear = torch.nn.Linear(8, 11)
     head = omnifast.nn.LinearCTCHead(8, 10)
