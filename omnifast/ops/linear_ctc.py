@@ -271,13 +271,15 @@ class Scorer:
 
 
 def _label_group(B: int, T: int, K: int, D: int, device: torch.device, itemsize: int) -> int:
-    """Sequences per block of the labels' gradient part: ~16 MiB of (T, K) blocks on a CPU; on a
-    GPU the blocks, their weight rows and their GEMM outputs within the chunk budget. Evened out."""
+    """Sequences per block of the labels' gradient part, within a quarter of a logits chunk's
+    budget (the blocks, their weight rows and their GEMM outputs live beside the whole gradient
+    and the occupancies, at the op's fullest moment): ~4 MiB of (T, K) blocks on a CPU, 16 MiB of
+    everything on a GPU. Evened out."""
     if device.type != "cuda":
-        group = max(1, CHUNK_ELEMENTS // max(1, T * K))
+        group = max(1, CHUNK_ELEMENTS // 4 // max(1, T * K))
     else:
         per_sequence = T * K * (4 + itemsize) + K * D * (4 + 2 * itemsize) + T * D * itemsize
-        group = max(1, working_set_bytes(device, GPU_CHUNK_BYTES) // per_sequence)
+        group = max(1, working_set_bytes(device, GPU_CHUNK_BYTES // 4) // per_sequence)
     group = min(group, max(B, 1))
     return -(-max(B, 1) // -(-max(B, 1) // group))
 
@@ -358,12 +360,13 @@ def _poisoned(grads, infeasible, input_lengths):
     rows of the hidden gradient, and all of the weight's and bias' when it has any frame."""
     grad_hidden, grad_weight, grad_bias = grads
     nan = float("nan")
-    if grad_hidden is not None:
+    if grad_hidden is not None:  # in place: a copy of the whole gradient would raise the op's peak
         live = torch.arange(grad_hidden.shape[1], device=infeasible.device)[None, :] < input_lengths[:, None]
-        grad_hidden = torch.where((infeasible[:, None] & live)[..., None], nan, grad_hidden)
-    reaches = (infeasible & (input_lengths > 0)).any()
-    grad_weight = None if grad_weight is None else torch.where(reaches, nan, grad_weight)
-    grad_bias = None if grad_bias is None else torch.where(reaches, nan, grad_bias)
+        grad_hidden.masked_fill_((infeasible[:, None] & live)[..., None], nan)
+    reaches = (infeasible & (input_lengths > 0)).any()  # stays on the device: no host sync
+    for grad in (grad_weight, grad_bias):
+        if grad is not None:
+            grad.masked_fill_(reaches, nan)
     return grad_hidden, grad_weight, grad_bias
 
 
