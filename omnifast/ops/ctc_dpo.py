@@ -40,8 +40,8 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_bool, check_int, check_tensor, ctc_targets
 from ._dispatch import choose_backend, linear_ctc_kernels
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype, scale_gradients
-from .linear_ctc import (Scorer, check_chunk_frames, check_linear_head, label_columns, make_target_set,
-                         same_width, working_set_bytes)
+from .linear_ctc import (Scorer, check_chunk_frames, check_linear_head, even_groups, label_columns,
+                         make_target_set, same_width, working_set_bytes)
 
 
 SPARSE_GROUP_ELEMENTS = 1 << 22  # CPU: pairs per group so that their logits stay ~16 MiB
@@ -106,10 +106,7 @@ def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, n
     scores = [torch.empty(B, dtype=acc, device=hidden.device) for _ in sets]
     K = 1 + sum(s.targets.shape[1] for s in sets)
     S = max(s.ext.shape[1] for s in sets)
-    group = _sparse_group(B, T, K, S, D, hidden.device, hidden.element_size())
-    groups = -(-B // group)
-    if groups:  # as many groups, evened out: 17 pairs by at most 8 go 6, 6, 5, not 8, 8, 1
-        group = -(-B // groups)
+    group = even_groups(B, _sparse_group(B, T, K, S, D, hidden.device, hidden.element_size()))
     for start in range(0, B, group):
         stop = min(B, start + group)
         pairs = torch.arange(start, stop, device=hidden.device)

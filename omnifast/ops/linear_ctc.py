@@ -280,8 +280,14 @@ def _label_group(B: int, T: int, K: int, D: int, device: torch.device, itemsize:
     else:
         per_sequence = T * K * (4 + itemsize) + K * D * (4 + 2 * itemsize) + T * D * itemsize
         group = max(1, working_set_bytes(device, GPU_CHUNK_BYTES // 4) // per_sequence)
-    group = min(group, max(B, 1))
-    return -(-max(B, 1) // -(-max(B, 1) // group))
+    return even_groups(B, group)
+
+
+def even_groups(count: int, most: int) -> int:
+    """The group size that cuts ``count`` items into as few groups of at most ``most`` as can
+    be, evened out: 17 by at most 8 go 6, 6, 5, not 8, 8, 1 (no items: 1)."""
+    groups = -(-count // most)
+    return -(-count // groups) if groups else 1
 
 
 def check_linear_head(hidden, weight, bias):
