@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.omnifast-installed
 SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test test-sanitize bench clean
+.PHONY: setup demo test test-sanitize bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,13 @@ test: setup
 
 bench: setup
 	$(PY) -m omnifast.cli bench all
+
+# On a GPU machine whose image has torch, triton, transformers, pytest and hypothesis: install
+# omnifast there and check every GPU claim in under 8 minutes (results in $OUT, or gpu_check/).
+GPU_CHECK_OUT ?= $(or $(OUT),gpu_check)
+gpu-check:
+	python3 -m pip install -q --no-build-isolation --no-deps -e .
+	python3 -m omnifast.cli bench gpu-check --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf build *.egg-info omnifast/_C*.so .venv

@@ -245,10 +245,12 @@ def peak_step_memory(trainer: Trainer, make_batch, device) -> Optional[int]:
     return torch.cuda.max_memory_allocated(device)
 
 
-def largest_batch(trainer: Trainer, batch_for, device, cap: int) -> int:
-    """Double the batch until a step runs out of memory (or reaches ``cap``); the last that ran."""
+def largest_batch(trainer: Trainer, batch_for, device, cap: int, seconds: Optional[float] = None) -> int:
+    """Double the batch until a step runs out of memory (or reaches ``cap``, or the search has
+    taken ``seconds``); the last that ran."""
     fitted, size = 0, 1
-    while size <= cap:
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while size <= cap and (deadline is None or time.monotonic() < deadline):
         try:
             trainer.train_step([batch_for(size, 30_000 + size)])
             synchronize(device)
@@ -263,7 +265,8 @@ def largest_batch(trainer: Trainer, batch_for, device, cap: int) -> int:
 
 
 def run(quick: bool, device: torch.device, steps: int, out_dir: Path, batch: int, prompt: int, response: int,
-        units: int, batch_search: bool, implementations=IMPLEMENTATIONS) -> Dict:
+        units: int, batch_search: bool, implementations=IMPLEMENTATIONS,
+        search_seconds: Optional[float] = None) -> Dict:
     config = OmniConfig.tiny() if quick else OmniConfig.openomni_7b()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(config, device, dtype)
@@ -282,7 +285,7 @@ def run(quick: bool, device: torch.device, steps: int, out_dir: Path, batch: int
                    "peak_bytes": peak_step_memory(trainer, make_batch, device)}
             if batch_search:
                 row["largest_batch"] = largest_batch(trainer, lambda size, seed: make_batch(seed, size), device,
-                                                     cap=8 if quick else 4096)
+                                                     cap=8 if quick else 4096, seconds=search_seconds)
             rows.append(row)
             print(f"done: {stage} {name}", file=sys.stderr)
             del trainer

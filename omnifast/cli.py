@@ -7,13 +7,14 @@ import importlib
 import sys
 
 BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe", "speech_decoder", "train_step")
+CHECKS = ("gpu-check",)  # not part of `bench all`
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="omnifast", description="omnifast: kernels for omni-modal LLM training")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="benchmark an op family against the reference ops")
-    bench.add_argument("op", choices=BENCHMARKS + ("all",))
+    bench.add_argument("op", choices=BENCHMARKS + CHECKS + ("all",))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark script")
     demo = commands.add_parser("demo", help="the main job: a tiny omni model trained through the five stages on a "
                                "synthetic corpus, evaluated, with a report in --out")
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
                   "at tiny size on the CPU)", file=sys.stderr)
             ops = tuple(op for op in ops if op != "train_step")
     for op in ops:
-        status = importlib.import_module(f"omnifast.benchmarks.{op}").main(args.rest)
+        status = importlib.import_module(f"omnifast.benchmarks.{op.replace('-', '_')}").main(args.rest)
         if status:
             return status
     return 0

@@ -26,6 +26,8 @@ settings.register_profile("omnifast", deadline=None, max_examples=40, derandomiz
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", deadline=None, max_examples=400,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("gpu-check", deadline=None, max_examples=8, derandomize=True,  # make gpu-check
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "omnifast"))
 
 # Import the Triton kernels now, while TRITON_INTERPRET=1 is set: @triton.jit decides at import
