@@ -332,19 +332,16 @@ def reference_logps(hidden, weight, bias, chosen, rejected, input_lengths, chose
 
 
 class ReferenceLogpCache:
-    """Reference log-likelihoods keyed by example id, kept in one tensor file.
+    """Reference log-likelihoods of (chosen, rejected) keyed by example id: the one place the
+    frozen reference's values live. ``build`` runs a reference over the data once; later epochs
+    ``lookup`` the values. ``path`` (optional) is a safetensors file, read without running code
+    and written durably (temporary file, fsync, rename), so a crash never leaves a torn cache."""
 
-    ``build`` runs a frozen reference over the data once; later epochs ``lookup`` the values.
-    Saving writes and fsyncs a temporary file and renames it, so a crash never leaves a torn
-    cache; loading never unpickles code (``weights_only``)."""
-
-    def __init__(self, path: str):
-        self.path = str(path)
+    def __init__(self, path: Optional[str] = None):
+        self.path = None if path is None else str(path)
         self.values: Dict[str, Tuple[float, float]] = {}
-        if os.path.exists(self.path):
-            stored = torch.load(self.path, weights_only=True)
-            self.values = {key: (float(w), float(l)) for key, w, l in
-                           zip(stored["ids"], stored["chosen"].tolist(), stored["rejected"].tolist())}
+        if self.path is not None and os.path.exists(self.path):
+            self.update_from(load_reference_file(self.path))
 
     def __len__(self) -> int:
         return len(self.values)
@@ -356,6 +353,12 @@ class ReferenceLogpCache:
         for key, w, l in zip(ids, chosen.tolist(), rejected.tolist()):
             self.values[str(key)] = (w, l)
 
+    def update_from(self, values: Dict[str, Tuple[float, float]]) -> None:
+        for key, pair in values.items():
+            if len(pair) != 2 or not all(isinstance(v, float) and v == v and abs(v) != float("inf") for v in pair):
+                raise ValueError(f"reference log-likelihoods of {key!r} must be two finite numbers, got {pair!r}")
+            self.values[str(key)] = (float(pair[0]), float(pair[1]))
+
     def lookup(self, ids: Sequence, device=None, dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
         missing = [key for key in ids if str(key) not in self.values]
         if missing:
@@ -363,21 +366,23 @@ class ReferenceLogpCache:
         pairs = torch.tensor([self.values[str(key)] for key in ids], dtype=dtype, device=device)
         return pairs[:, 0], pairs[:, 1]
 
-    def save(self) -> None:
+    def tensors(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+        """(tensors, metadata) of a safetensors file holding the values."""
+        import json
         ids = list(self.values)
-        payload = {"ids": ids, "chosen": torch.tensor([self.values[k][0] for k in ids], dtype=torch.float64),
-                   "rejected": torch.tensor([self.values[k][1] for k in ids], dtype=torch.float64)}
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "wb") as handle:  # durable: the data reaches the disk before the rename does
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        pairs = torch.tensor([self.values[k] for k in ids], dtype=torch.float64).reshape(-1, 2)
+        return {"chosen": pairs[:, 0].contiguous(), "rejected": pairs[:, 1].contiguous()}, {"ids": json.dumps(ids)}
+
+    def save(self, path: Optional[str] = None) -> None:
+        from safetensors.torch import save
+
+        from omnifast.durable import write_durably
+        target = path or self.path
+        if target is None:
+            raise ValueError("this ReferenceLogpCache has no path to save to")
+        tensors, metadata = self.tensors()
+        write_durably(target, lambda handle: handle.write(save(tensors, metadata)))
+
 
     @classmethod
     def build(cls, path: str, batches: Iterable[dict], weight, bias, **options) -> "ReferenceLogpCache":
@@ -395,3 +400,19 @@ class ReferenceLogpCache:
             cache.add(batch["ids"], w, l)
         cache.save()
         return cache
+
+
+def load_reference_file(path) -> Dict[str, Tuple[float, float]]:
+    """The values of a file written by :meth:`ReferenceLogpCache.save` (ValueError if it is not one)."""
+    import json
+
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            ids = json.loads((handle.metadata() or {})["ids"])
+            chosen, rejected = handle.get_tensor("chosen").tolist(), handle.get_tensor("rejected").tolist()
+    except Exception as error:  # safetensors raises its own types for a forged or truncated file
+        raise ValueError(f"{path}: not a reference log-likelihood file ({type(error).__name__}: {error})") from None
+    if not (isinstance(ids, list) and len(ids) == len(chosen) == len(rejected)):
+        raise ValueError(f"{path}: its ids and values do not match")
+    return {str(k): (w, l) for k, w, l in zip(ids, chosen, rejected)}

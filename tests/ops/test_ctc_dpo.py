@@ -190,7 +190,7 @@ def test_gradcheck(backend, options):
 
 def test_reference_cache_round_trip(tmp_path):
     p = make_pairs(3, 9, 5, 8, [3, 2, 4], [2, 4, 1], [9, 8, 9], seed=7)
-    path = tmp_path / "ref.pt"
+    path = tmp_path / "ref.safetensors"
     batch = dict(ids=["a", "b", "c"], hidden=p["hidden"], chosen=p["chosen"], rejected=p["rejected"],
                  input_lengths=p["input_lengths"], chosen_lengths=p["chosen_lengths"],
                  rejected_lengths=p["rejected_lengths"])

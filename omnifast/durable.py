@@ -1,0 +1,34 @@
+"""Files that survive a crash: written to a temporary name, flushed to disk, renamed over the final
+name (atomic), and the folder flushed after the rename. A reader sees the old file or the new one,
+never half of either; after a machine crash a file that has its final name has all its data."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, IO
+
+def fsync_path(path) -> None:
+    """Flush a file's or a folder's data and metadata to disk."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path, write: Callable[[IO[bytes]], None]) -> Path:
+    """``write(handle)`` into ``path + ".tmp"``, fsync, rename to ``path``, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    return path
+
+
+def write_json_durably(path, value) -> Path:
+    return write_durably(path, lambda handle: handle.write(json.dumps(value).encode()))
