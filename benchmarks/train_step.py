@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from omnifast.models import OmniConfig, OmniModel, response_states
 from omnifast.nn.speech_decoder import uniform_upsample
 from omnifast.training import Trainer, TrainConfig
+from omnifast.training.losses import MODEL_INPUTS
 
 from ._harness import RESULTS, environment
 
@@ -168,45 +169,41 @@ def _rlsiat(module, queries, context, context_mask, groups):
     return module.norm(queries)
 
 
-class OpenOmniRecipeTrainer(Trainer):
-    """The same trainer and step; only the loss is computed the OpenOmni way."""
-
-    vocab_logits = True
-
-    def _loss(self, batch):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values", "speech_features")}
+def openomni_recipe_loss(vocab_logits: bool):
+    """The stage loss computed the OpenOmni way, as a ``Trainer`` loss hook (the same trainer and
+    step run it)."""
+    def loss(trainer: Trainer, batch) -> torch.Tensor:
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
         with torch.no_grad():
-            hidden = self.model(**inputs, text_loss=False).hidden_states
-            if self.vocab_logits:  # the frozen LLM's own forward forms its text logits (labels given)
-                del_me = self.model.llm.lm_head(hidden)
+            hidden = trainer.model(**inputs, text_loss=False).hidden_states
+            if vocab_logits:  # the frozen LLM's own forward forms its text logits (labels given)
+                del_me = trainer.model.llm.lm_head(hidden)
                 del del_me
         states, tokens, mask = response_states(hidden, batch["labels"])
-        decoder, units = self.model.speech_decoder, batch["units"]
-        if self.stage.loss == "speech":
-            nll = openomni_generator_nll(decoder, states, tokens, mask, units, self.vocab_logits)
+        decoder, units = trainer.model.speech_decoder, batch["units"]
+        if trainer.stage.loss == "speech":
+            nll = openomni_generator_nll(decoder, states, tokens, mask, units, vocab_logits)
             return nll.sum() / (units.shape[0] * units.shape[1])
         rejected = batch["rejected_units"]
         per_unit = 1.0 / units.shape[1]
-        win = -openomni_generator_nll(decoder, states, tokens, mask, units, self.vocab_logits) * per_unit
-        lose = -openomni_generator_nll(decoder, states, tokens, mask, rejected, self.vocab_logits) * per_unit
+        win = -openomni_generator_nll(decoder, states, tokens, mask, units, vocab_logits) * per_unit
+        lose = -openomni_generator_nll(decoder, states, tokens, mask, rejected, vocab_logits) * per_unit
         with torch.no_grad():
-            win_ref = -openomni_generator_nll(self.reference, states, tokens, mask, units, self.vocab_logits) * per_unit
-            lose_ref = -openomni_generator_nll(self.reference, states, tokens, mask, rejected, self.vocab_logits) * per_unit
+            reference = trainer.reference
+            win_ref = -openomni_generator_nll(reference, states, tokens, mask, units, vocab_logits) * per_unit
+            lose_ref = -openomni_generator_nll(reference, states, tokens, mask, rejected, vocab_logits) * per_unit
         logits = (win - lose) - (win_ref - lose_ref)
-        return -F.logsigmoid(self.config.beta * logits).mean()
+        return -F.logsigmoid(trainer.config.beta * logits).mean()
+    return loss
 
 
-class _NoVocabLogits(OpenOmniRecipeTrainer):
-    vocab_logits = False
-
-
-TRAINERS = {"omnifast": Trainer, "OpenOmni recipe": OpenOmniRecipeTrainer,
-            "OpenOmni recipe, no vocab logits": _NoVocabLogits}
+LOSSES = {"omnifast": None, "OpenOmni recipe": openomni_recipe_loss(True),
+          "OpenOmni recipe, no vocab logits": openomni_recipe_loss(False)}
 
 
 def make_trainer(name: str, model: OmniModel, stage: str, device, out_dir: Path) -> Trainer:
     config = TrainConfig(stage=stage, max_steps=10 ** 6, progress=False, bf16="on" if device.type == "cuda" else "off")
-    return TRAINERS[name](model, None, [], config, out_dir, device=str(device))
+    return Trainer(model, None, [], config, out_dir, device=str(device), loss_fn=LOSSES[name])
 
 
 def synchronize(device) -> None:

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe", "speech_decoder", "train_step")
+BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe", "speech_decoder", "train_step", "loader", "data_scale")
 CHECKS = ("gpu-check",)  # not part of `bench all`
 
 

@@ -94,7 +94,7 @@ class _Studio:
     """Writes each (text, voice, style) clip and each picture once; returns paths relative to the corpus."""
 
     def __init__(self, root: Path):
-        from omnifast.training.data import write_audio
+        from omnifast.audio import write_audio
         self.root, self.speaker, self.write_audio = root, Speaker(), write_audio
         (root / "audio").mkdir(parents=True, exist_ok=True)
         (root / "images").mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,15 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from omnifast.models import OmniModel, OmniProcessor, response_states
-from omnifast.training.data import ConversationDataset, collate_batch, load_records, read_audio, write_audio
+from omnifast.audio import read_audio, write_audio
+from omnifast.training.data import load_records as _load_records
+from omnifast.training.loader import ConversationDataset, collate_batch
 from omnifast.training.evaluate import answer_accuracy, generate_answers, references
 from omnifast.training.stages import BY_NAME
 
@@ -153,13 +155,16 @@ def train_style_classifier(vocoder, clips, count: int, style, seed: int):
 
 
 def evaluate_demo(out: Path, files: Dict[str, Path], stage_dirs: Dict[str, Path], vocoder, clips, size, seed: int,
-                  progress: bool = True) -> Dict:
+                  progress: bool = True, media_root: Optional[Path] = None) -> Dict:
     from tqdm.auto import tqdm
     results: Dict[str, object] = {}
     wav_dir = out / "wavs"
     wav_dir.mkdir(parents=True, exist_ok=True)
     neutral = vocoder.style_for(emotion="neutral")
     bar = tqdm(total=6, desc="evaluation", disable=not progress)
+
+    def load_records(path, stage):  # the records name media in the corpus folder
+        return _load_records(path, stage, media_roots=[media_root] if media_root else [])
 
     # ASR with the stage-1 model
     asr_model, processor = load(stage_dirs["s2t"])
@@ -184,7 +189,7 @@ def evaluate_demo(out: Path, files: Dict[str, Path], stage_dirs: Dict[str, Path]
     results["t2s_cer"] = cer([s["text"] for s in spoken], heard)
     real = asr_records[:len(spoken)]
     results["t2s_ceiling_cer"] = cer(references(real), transcribe(
-        asr_model, processor, [round_trip(vocoder, read_audio(r.speech[0]), neutral) for r in real]))
+        asr_model, processor, [round_trip(vocoder, read_audio(r.speech[0], vocoder.sampling_rate)[0], neutral) for r in real]))
     results["t2s_examples"] = [{"prompt": s["prompt"], "said": s["text"], "heard": h, "units": s["units"]}
                                for s, h in zip(spoken[:5], heard)]
     results.update(streaming_latency(final, processor, t2s))

@@ -17,7 +17,8 @@ import torch
 
 from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
 from omnifast.nn.speech_decoder import SpeechDecoderConfig
-from omnifast.training.data import load_records, read_audio
+from omnifast.audio import read_audio
+from omnifast.training.data import load_records
 from omnifast.training.stages import LLM_PRETRAIN, STAGES
 from omnifast.training.trainer import Trainer, TrainConfig
 
@@ -108,7 +109,7 @@ def run_demo(out_dir="demo_out", cache_dir=".cache", quick: bool = False, seed: 
         vocoder, tokenizer_report, clips = train_tokenizer(corpus, size, out / "tokenizer", seed, progress)
 
     def encode(path):
-        return vocoder.tokenizer.encode(read_audio(Path(path)))[0].tolist()
+        return vocoder.tokenizer.encode(read_audio(Path(path), vocoder.tokenizer.config.sampling_rate)[0])[0].tolist()
 
     data = out / "data"
     with timer("units"):
@@ -124,7 +125,8 @@ def run_demo(out_dir="demo_out", cache_dir=".cache", quick: bool = False, seed: 
     stage_dirs = {}
     for stage in (LLM_PRETRAIN,) + STAGES:
         with timer(f"stage {stage.index}"):
-            records = load_records(files[stage.name], stage, config.speech_decoder["units"])
+            records = load_records(files[stage.name], stage, config.speech_decoder["units"], media_roots=[corpus],
+                                   audio_seconds=config.audio_seconds, sampling_rate=config.sampling_rate)
             options = TrainConfig(stage=stage.name, lr=LEARNING_RATES[stage.name], epochs=10 ** 6,
                                   max_steps=size.steps[stage.name], batch_size=size.batch_size, save_every=10 ** 6,
                                   keep=1, seed=seed, progress=progress, warmup_ratio=0.1,
@@ -132,7 +134,7 @@ def run_demo(out_dir="demo_out", cache_dir=".cache", quick: bool = False, seed: 
             stage_dirs[stage.name] = Trainer(model, processor, records, options,
                                              out / "train" / f"{stage.index}-{stage.name}").train()
     with timer("evaluation"):
-        results = evaluation.evaluate_demo(out, files, stage_dirs, vocoder, clips, size, seed, progress)
+        results = evaluation.evaluate_demo(out, files, stage_dirs, vocoder, clips, size, seed, progress, corpus)
     results["tokenizer"] = tokenizer_report["evaluation"]
     results["seconds"] = {**timer.seconds, "total": time.perf_counter() - started}
     results["size"] = size.name

@@ -72,8 +72,8 @@ class Speaker:
             lib.espeak_Synchronize()
             samples = np.concatenate(chunks).astype(np.float32) / 32768.0 if chunks else np.zeros(0, np.float32)
         if native_rate != self.sampling_rate:
-            import librosa
-            samples = librosa.resample(samples, orig_sr=native_rate, target_sr=self.sampling_rate)
+            from omnifast.audio import resample
+            samples = resample(samples, native_rate, self.sampling_rate)
         return samples.astype(np.float32)
 
 

@@ -232,14 +232,19 @@ class OmniModel(nn.Module):
                                                                          device=taken[0][0].device)
 
     # ---- saving and loading -------------------------------------------------------------------
-    def save_pretrained(self, path, processor=None) -> None:
+    def save_pretrained(self, path, processor=None, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """``omnifast_config.json`` + ``model.safetensors`` (+ the tokenizer), each written to a
-        temporary name and renamed, so an interrupted save never leaves a half-written file."""
-        from safetensors.torch import save_model
+        temporary name and renamed, so an interrupted save never leaves a half-written file.
+        ``state_dict``: the whole state to write instead of this module's own (e.g. gathered from
+        FSDP shards)."""
+        from safetensors.torch import save_file, save_model
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_model(self, str(tmp))
+        if state_dict is None:
+            save_model(self, str(tmp))
+        else:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
         tmp.replace(path / WEIGHTS_NAME)
         tmp = path / (CONFIG_NAME + ".tmp")
         self.config.save(tmp)

@@ -75,16 +75,24 @@ class OmniProcessor:
         return self.image_processor(images=arrays, return_tensors="pt")["pixel_values"]
 
     def audio_to_features(self, audios: Sequence, sampling_rate: Optional[int] = None) -> torch.Tensor:
+        """Whisper log-mel features of clips sampled at ``sampling_rate`` (default: the model's
+        rate): each mixed to mono (the mean of its channels, given as (frames, channels) or
+        (channels, frames) with at most 8 channels) and resampled to the model's rate."""
+        from omnifast.audio import resample, to_mono
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
-        if rate != self.sampling_rate:
-            raise ValueError(f"audio must be sampled at {self.sampling_rate} Hz, got sampling_rate={rate}")
+        if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+            raise ValueError(f"sampling_rate must be a positive integer number of Hz, got {rate!r}")
         waves = []
         for i, audio in enumerate(audios):
             wave = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
-            if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating):
-                raise ValueError(f"audios[{i}] must be 1-D float samples at {self.sampling_rate} Hz (mono), "
-                                 f"got shape {wave.shape} and dtype {wave.dtype}")
-            waves.append(wave.astype(np.float32))
+            if not np.issubdtype(wave.dtype, np.floating):
+                raise ValueError(f"audios[{i}] must hold float samples in [-1, 1], got dtype {wave.dtype}")
+            if wave.ndim == 2 and wave.shape[0] <= 8 < wave.shape[1]:
+                wave = wave.T  # (channels, frames)
+            if wave.ndim not in (1, 2) or (wave.ndim == 2 and wave.shape[1] > 8):
+                raise ValueError(f"audios[{i}] must be (frames,) or (frames, channels) with at most 8 channels, "
+                                 f"got shape {wave.shape}")
+            waves.append(resample(to_mono(wave), rate, self.sampling_rate))
         return self.feature_extractor(waves, sampling_rate=self.sampling_rate, return_tensors="pt")["input_features"]
 
     # ---- text --------------------------------------------------------------------------------

@@ -115,8 +115,8 @@ class SpeechTokenizer(nn.Module):
         if given != rate:
             if not resample:
                 raise ValueError(f"audio must be sampled at {rate} Hz, got {given} Hz; pass resample=True to resample it")
-            import librosa
-            wave = librosa.resample(wave.astype(np.float32), orig_sr=given, target_sr=rate)
+            from omnifast.audio import resample
+            wave = resample(wave, given, rate)
         if wave.shape[0] < HOP * DOWNSAMPLE:
             raise ValueError(f"audio is empty or shorter than one unit ({HOP * DOWNSAMPLE} samples at {rate} Hz), "
                              f"got {wave.shape[0]} samples")

@@ -21,9 +21,10 @@ from .tokenizer import SpeechTokenizer, SpeechTokenizerConfig
 from .vocoder import UnitVocoder
 
 
-def load_corpus(directory) -> List[Dict]:
-    """Records with their samples loaded (``wave``); every problem reported at once."""
-    from omnifast.training.data import read_audio
+def load_corpus(directory, sampling_rate: int = 16000) -> List[Dict]:
+    """Records with their samples loaded (``wave``: mono, resampled to ``sampling_rate``); every
+    problem reported at once."""
+    from omnifast.audio import AudioError, read_audio
     directory = Path(directory)
     meta = directory / "metadata.json"
     if not meta.is_file():
@@ -38,7 +39,10 @@ def load_corpus(directory) -> List[Dict]:
         if not path.is_file():
             problems.append(f"{meta}: record {i}: audio: missing file {path}")
             continue
-        records.append({**row, "wave": read_audio(path)})
+        try:
+            records.append({**row, "wave": read_audio(path, sampling_rate)[0]})
+        except AudioError as error:
+            problems.append(f"{meta}: record {i}: audio: {error}")
     if problems:
         raise ValueError(f"{len(problems)} problem(s) in the corpus:\n" + "\n".join(problems))
     return records

@@ -1,8 +1,12 @@
-"""Training: the five OpenOmni stages as data, the data format, one trainer, evaluation."""
+"""Training: the five OpenOmni stages as data, the data format and its loader, one trainer,
+evaluation."""
 from .checkpoint import CheckpointError
-from .data import ConversationDataset, DataError, Record, load_records
+from .config import TrainConfig
+from .data import DataError, Record, RecordFile, load_records
+from .loader import ConversationDataset, MicroBatches
 from .stages import STAGES, Stage, get_stage
-from .trainer import Trainer, TrainConfig, latest_checkpoint, read_metrics
+from .trainer import Trainer, latest_checkpoint, read_metrics
 
-__all__ = ["STAGES", "Stage", "get_stage", "Record", "DataError", "load_records", "ConversationDataset",
-           "Trainer", "TrainConfig", "latest_checkpoint", "read_metrics", "CheckpointError"]
+__all__ = ["STAGES", "Stage", "get_stage", "Record", "RecordFile", "DataError", "load_records",
+           "ConversationDataset", "MicroBatches", "Trainer", "TrainConfig", "latest_checkpoint", "read_metrics",
+           "CheckpointError"]

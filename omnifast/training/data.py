@@ -1,31 +1,44 @@
-"""OpenOmni / LLaVA JSON data: every record validated before training starts (all problems
-reported at once), then encoded by the ``OmniProcessor`` and padded per batch.
+"""OpenOmni / LLaVA records: read from a JSON list or JSON Lines file in bounded memory, every
+record and every media file it names validated before training starts (all problems reported at
+once), then read back one record at a time by its byte offset.
 
-A record: ``id``, ``conversations`` (turns with ``from`` human/gpt and ``value``), optional
-``image`` (a path, or a list of paths, one per ``<image>``), optional ``speech`` (a path or a list,
-one per ``<speech>``), optional ``tgt_units`` / ``re_tgt_units`` (space-separated unit ids),
-optional ``emotion``. Paths are relative to the JSON file's folder. Audio: 16-bit PCM or float
-WAV files, or ``.npy`` float arrays.
+A record: ``id``, ``conversations`` (turns with ``from`` human/gpt/system and ``value``),
+optional ``image`` (a path, or a list of paths, one per ``<image>``), optional ``speech`` (a
+path or a list, one per ``<speech>``; any format ``omnifast.audio`` reads, at any rate),
+optional ``tgt_units`` / ``re_tgt_units`` (space-separated unit ids, or a list), optional
+``emotion``. Paths are relative to the data file's folder, and must stay inside it (or inside
+another allowed media root).
+
+Only the offsets and a few integers per record stay in memory (about 30 bytes a record), so a
+data set of millions of records costs tens of MB per process, and each DataLoader worker reads
+just the records it is given.
 """
 from __future__ import annotations
 
+import codecs
+from array import array
+import functools
+import hashlib
 import json
-import wave
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from omnifast.models.config import IMAGE_TOKEN, SPEECH_TOKEN
-from omnifast.models.processor import IGNORE_INDEX, OmniProcessor, collate
 
 from .stages import Stage
 
+MAX_PROBLEMS = 200           # problems listed in a DataError (the rest are counted)
+MAX_RECORD_BYTES = 64 << 20  # a record larger than this is reported rather than buffered
+READ_BYTES = 8 << 20
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+
 
 class DataError(ValueError):
-    """Everything wrong with a data file, one line per problem."""
+    """Everything wrong with a data file, one line per problem (file, record, field, what)."""
 
 
 @dataclass
@@ -39,6 +52,8 @@ class Record:
     emotion: Optional[str] = None
 
 
+# --- one record ---------------------------------------------------------------------------------
+
 def _paths(value) -> List[str]:
     if value is None:
         return []
@@ -47,135 +62,355 @@ def _paths(value) -> List[str]:
 
 def _units(text) -> List[int]:
     if isinstance(text, list):
-        return [int(u) for u in text]
+        if not all(isinstance(u, int) and not isinstance(u, bool) for u in text):
+            raise ValueError("not integers")
+        return list(text)
     return [int(u) for u in str(text).split()]
 
 
-def load_records(path, stage: Stage, unit_vocab: Optional[int] = None) -> List[Record]:
-    """Read and validate a data file for ``stage``; raise :class:`DataError` listing every bad
-    record (file, record id, field, what is wrong)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: the data file does not exist")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not JSON ({error})") from None
-    if not isinstance(raw, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
-    root, problems, records = path.parent, [], []
-    for i, item in enumerate(raw):
-        rid = str(item.get("id", f"#{i}")) if isinstance(item, dict) else f"#{i}"
-
-        def bad(field_name: str, what: str) -> None:
-            problems.append(f"{path}: record {rid}: {field_name}: {what}")
-
-        if not isinstance(item, dict):
-            bad("record", "not a JSON object")
-            continue
-        if "id" not in item:
-            bad("id", "missing")
-        turns = item.get("conversations")
-        if not isinstance(turns, list) or not turns or not all(
-                isinstance(t, dict) and t.get("from") in ("human", "gpt", "system") and isinstance(t.get("value"), str)
-                for t in turns):
-            bad("conversations", "must be a non-empty list of {from: human|gpt, value: text}")
-            continue
-        text = "".join(t["value"] for t in turns)
-        record = Record(rid, turns, emotion=item.get("emotion"))
-        for key, token, target in (("image", IMAGE_TOKEN, record.images), ("speech", SPEECH_TOKEN, record.speech)):
-            files = _paths(item.get(key))
-            if text.count(token) != len(files):
-                bad(key, f"{text.count(token)} {token} placeholders but {len(files)} files")
-            for name in files:
-                file = root / name
-                if not file.is_file():
-                    bad(key, f"missing file {file}")
-                target.append(file)
-        for key in ("tgt_units", "re_tgt_units"):
-            if key not in item:
-                continue
-            try:
-                units = _units(item[key])
-            except (TypeError, ValueError):
-                bad(key, f"unparsable units {str(item[key])[:40]!r}: expected space-separated integers")
-                continue
-            if not units:
-                bad(key, "empty")
-            elif unit_vocab is not None and (min(units) < 0 or max(units) >= unit_vocab):
-                bad(key, f"unit out of range [0, {unit_vocab}): {min(units)}..{max(units)}")
-            setattr(record, key, units)
-        for key in stage.requires:
-            if key not in item or item[key] in (None, "", []):
-                bad(key, f"required by stage {stage.name!r} but missing")
-        if not any(t["from"] == "gpt" for t in turns):
-            bad("conversations", "no gpt turn to learn from")
-        records.append(record)
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in the data:\n" + "\n".join(problems))
-    if not records:
-        raise DataError(f"{path}: no records")
-    return records
+@dataclass(frozen=True)
+class RecordRules:
+    """What a record must satisfy: the stage's required fields, the unit vocabulary, the folders
+    media may come from and the longest clip the model's speech window takes."""
+    stage: Stage
+    unit_vocab: Optional[int] = None
+    media_roots: Tuple[Path, ...] = ()
+    audio_seconds: Optional[float] = None
 
 
-def read_audio(path: Path) -> np.ndarray:
-    """Mono float32 samples of a WAV (16-bit PCM or 32-bit float) or ``.npy`` file."""
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.float32)
-    with wave.open(str(path)) as handle:
-        frames = handle.readframes(handle.getnframes())
-        width, channels = handle.getsampwidth(), handle.getnchannels()
-    samples = np.frombuffer(frames, dtype={2: np.int16, 4: np.int32}[width]).astype(np.float32)
-    samples /= {2: 32768.0, 4: 2147483648.0}[width]
-    return samples.reshape(-1, channels).mean(1) if channels > 1 else samples
-
-
-def write_audio(path: Path, samples: np.ndarray, sampling_rate: int = 16000) -> None:
-    """Mono float samples in [-1, 1] -> a 16-bit PCM WAV file (written to a temporary name, then renamed)."""
-    path = Path(path)
-    pcm = (np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
-    tmp = path.with_name(path.name + ".tmp")
-    with wave.open(str(tmp), "wb") as handle:
-        handle.setnchannels(1)
-        handle.setsampwidth(2)
-        handle.setframerate(sampling_rate)
-        handle.writeframes(pcm.tobytes())
-    tmp.replace(path)
-
-
-class ConversationDataset(torch.utils.data.Dataset):
-    """Records encoded on access: the processor's input_ids / labels / media, plus units."""
-
-    def __init__(self, records: Sequence[Record], processor: OmniProcessor):
-        self.records, self.processor = list(records), processor
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> Dict[str, object]:
-        from PIL import Image
-        record = self.records[index]
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in record.images]
-        audios = [read_audio(p) for p in record.speech]
-        item = self.processor.encode_conversation(record.conversations, images, audios)
-        item["id"] = record.id
-        item["tgt_units"] = record.tgt_units
-        item["re_tgt_units"] = record.re_tgt_units
-        return item
-
-
-def pad_units(rows: Sequence[Optional[List[int]]]) -> Optional[torch.Tensor]:
-    if any(row is None for row in rows):
+def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Optional[Record]:
+    """A :class:`Record` from one decoded JSON value; every problem goes to ``bad(field, what)``
+    (no file is opened here)."""
+    if not isinstance(item, dict):
+        bad("record", "not a JSON object")
         return None
-    out = torch.full((len(rows), max(len(r) for r in rows)), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row)
+    if "id" not in item:
+        bad("id", "missing")
+    elif not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool):
+        bad("id", f"must be a string or an integer, got {type(item['id']).__name__}")
+    turns = item.get("conversations")
+    if not isinstance(turns, list) or not turns or not all(
+            isinstance(t, dict) and t.get("from") in ("human", "gpt", "system") and isinstance(t.get("value"), str)
+            for t in turns):
+        bad("conversations", "must be a non-empty list of {from: human|gpt|system, value: text}")
+        return None
+    text = "".join(t["value"] for t in turns)
+    emotion = item.get("emotion")
+    if emotion is not None and not isinstance(emotion, str):
+        bad("emotion", f"must be text, got {type(emotion).__name__}")
+    record = Record(str(item.get("id", f"#{position}")), turns, emotion=emotion)
+    for key, token, target in (("image", IMAGE_TOKEN, record.images), ("speech", SPEECH_TOKEN, record.speech)):
+        value = item.get(key)
+        if value is not None and not (isinstance(value, str) or (isinstance(value, list)
+                                                                 and all(isinstance(v, str) for v in value))):
+            bad(key, "must be a path or a list of paths")
+            continue
+        files = _paths(value)
+        if text.count(token) != len(files):
+            bad(key, f"{text.count(token)} {token} placeholders but {len(files)} files")
+        for name in files:
+            file = (root / name).resolve()
+            if not any(file.is_relative_to(allowed) for allowed in rules.media_roots):
+                bad(key, f"{name} is outside the data folder {root} (allow its folder with --media-root)")
+                continue
+            target.append(file)
+    for key in ("tgt_units", "re_tgt_units"):
+        if key not in item:
+            continue
+        try:
+            units = _units(item[key])
+        except (TypeError, ValueError):
+            bad(key, f"unparsable units {str(item[key])[:40]!r}: expected space-separated integers")
+            continue
+        if not units:
+            bad(key, "empty")
+        elif rules.unit_vocab is not None and (min(units) < 0 or max(units) >= rules.unit_vocab):
+            bad(key, f"unit out of range [0, {rules.unit_vocab}): {min(units)}..{max(units)}")
+        setattr(record, key, units)
+    for key in rules.stage.requires:
+        if key not in item or item[key] in (None, "", []):
+            bad(key, f"required by stage {rules.stage.name!r} but missing")
+    if not any(t["from"] == "gpt" for t in turns):
+        bad("conversations", "no gpt turn to learn from")
+    return record
+
+
+# --- media files ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=65536)
+def image_problem(path: Path) -> Optional[str]:
+    """Why an image file cannot be used (None if it can): unreadable, truncated or empty."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            kind = image.format
+            if kind == "PNG":
+                image.verify()  # every chunk's CRC: a truncated or corrupted file fails here
+            else:
+                image.load()
+    except FileNotFoundError:
+        return f"missing file {path}"
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+        return f"{path}: not a readable image ({type(error).__name__}: {error})"
+    if width < 1 or height < 1:
+        return f"{path}: empty image ({width}x{height})"
+    return None
+
+
+@functools.lru_cache(maxsize=65536)
+def audio_problem(path: Path, audio_seconds: Optional[float], rate: Optional[int]) -> Optional[str]:
+    """Why an audio file cannot be used: unreadable or unsupported (from its header), or longer
+    than the model's speech window (which would cut it)."""
+    from omnifast.audio import AudioError, audio_info
+    if not path.is_file():
+        return f"missing file {path}"
+    try:
+        info = audio_info(path, verify_end=True)
+    except AudioError as error:
+        return str(error)
+    seconds = info.seconds if info.rate is not None else (info.frames / rate if rate else None)
+    if audio_seconds is not None and seconds is not None and seconds > audio_seconds:
+        return (f"{path}: {seconds:.2f} s of audio is longer than the model's {audio_seconds:g} s speech window "
+                f"(it would be cut)")
+    return None
+
+
+def media_problems(record: Record, rules: RecordRules, rate: Optional[int] = None) -> List[Tuple[str, str]]:
+    out = [("image", p) for p in map(image_problem, record.images) if p]
+    out += [("speech", p) for p in (audio_problem(f, rules.audio_seconds, rate) for f in record.speech) if p]
     return out
 
 
-def collate_batch(items: Sequence[Dict[str, object]], pad_id: int) -> Dict[str, object]:
-    batch = collate(items, pad_id)
-    batch["ids"] = [item["id"] for item in items]
-    batch["units"] = pad_units([item["tgt_units"] for item in items])
-    batch["rejected_units"] = pad_units([item["re_tgt_units"] for item in items])
-    return batch
+# --- the file: JSON list or JSON Lines, scanned in bounded memory ----------------------------------
+
+def _scan(path: Path) -> Iterator[Tuple[int, int, object]]:
+    """(byte offset, byte length, decoded value) of every record, read in 8 MiB blocks: JSON Lines
+    for a ``.jsonl`` / ``.ndjson`` file, else a JSON list; a DataError for anything else."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
+    if not head:
+        raise DataError(f"{path}: empty file")
+    if path.suffix.lower() in JSON_LINES_SUFFIXES:
+        yield from _scan_lines(path)
+    elif head[:1] == b"[":
+        yield from _scan_list(path)
+    elif head[:1] == b"{":
+        raise DataError(f"{path}: expected a JSON list of records, got a JSON object (a file of one record per "
+                        f"line must end in {' or '.join(JSON_LINES_SUFFIXES)})")
+    else:
+        raise DataError(f"{path}: not JSON: expected a JSON list of records, got {head[:20]!r}")
+
+
+def _scan_lines(path: Path) -> Iterator[Tuple[int, int, object]]:
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            stripped = line.strip()
+            if stripped:
+                try:
+                    value = json.loads(stripped)
+                except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                    raise DataError(f"{path}: line {number}: not JSON ({error})") from None
+                yield offset, len(line), value
+            offset += len(line)
+
+
+def _scan_list(path: Path) -> Iterator[Tuple[int, int, object]]:
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    text, base, position, ascii_text, done = "", 0, 0, True, False  # base: byte offset of text[0]
+    with open(path, "rb") as handle:
+        def more() -> bool:
+            nonlocal text, base, position, ascii_text, done
+            if done:
+                return False
+            block = handle.read(READ_BYTES)
+            done = not block
+            if base == 0 and not text and block.startswith(codecs.BOM_UTF8):
+                block, base = block[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+            if position:  # drop what is consumed
+                base += position if ascii_text else len(text[:position].encode())
+                text, position = text[position:], 0
+            try:
+                text += utf8.decode(block, final=done)
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}: not UTF-8 text ({error})") from None
+            ascii_text = text.isascii()
+            return True
+
+        def byte_at(index: int) -> int:
+            return base + (index if ascii_text else len(text[:index].encode()))
+
+        def skip_space() -> Optional[str]:
+            nonlocal position
+            while True:
+                while position < len(text) and text[position] in " \t\r\n":
+                    position += 1
+                if position < len(text):
+                    return text[position]
+                if not more():
+                    return None
+
+        more()
+        skip_space()
+        position += 1  # the opening "["
+        if skip_space() == "]":
+            return
+        while True:
+            if skip_space() is None:
+                raise DataError(f"{path}: not JSON: the list is not closed")
+            start = position
+            while True:
+                try:
+                    value, end = decoder.raw_decode(text, start)
+                    break
+                except json.JSONDecodeError as error:
+                    if byte_at(len(text)) - byte_at(start) > MAX_RECORD_BYTES or not more():
+                        raise DataError(f"{path}: not JSON at byte {byte_at(error.pos)} ({error.msg})") from None
+                    start = position  # more() may have moved the text
+            first, last = byte_at(start), byte_at(end)
+            position = end
+            yield first, last - first, value
+            after = skip_space()
+            if after == ",":
+                position += 1
+            elif after == "]":
+                return
+            elif after is None:
+                raise DataError(f"{path}: not JSON: the list is not closed")
+            else:
+                raise DataError(f"{path}: not JSON at byte {byte_at(position)}: expected ',' or ']' after a record")
+
+
+class RecordFile(Sequence):
+    """The validated records of one data file, read back by index (a Sequence of
+    :class:`Record`). Holds byte offsets and per-record sizes, never the records; safe to send
+    to DataLoader workers (each opens the file itself)."""
+
+    def __init__(self, path: Path, rules: RecordRules, offsets, lengths, response_chars, units, fingerprint: str):
+        self.path, self.root, self.rules, self.fingerprint = path, path.resolve().parent, rules, fingerprint
+        self.offsets, self.lengths = offsets, lengths
+        self.response_chars, self.units = response_chars, units  # for length bucketing
+        self._handle = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record index {index} out of range for {len(self)} records")
+        if self._handle is None:
+            self._handle = open(self.path, "rb")
+        self._handle.seek(int(self.offsets[index]))
+        value = json.loads(self._handle.read(int(self.lengths[index])))
+
+        def bad(field_name, what):
+            raise DataError(f"{self.path}: record #{index}: {field_name}: {what} (the file changed after it "
+                            f"was checked)")
+        return parse_record(value, index, self.root, self.rules, bad)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_handle": None}
+
+    def __del__(self):
+        if getattr(self, "_handle", None) is not None:
+            self._handle.close()
+
+
+def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_roots: Sequence = (),
+                 audio_seconds: Optional[float] = None, sampling_rate: Optional[int] = None) -> RecordFile:
+    """Read and validate a data file (a JSON list of records, or JSON Lines) for ``stage``: every
+    field, every media file's header (audio: format, rate, channels, length against
+    ``audio_seconds``; images: format, size, integrity), duplicate ids. Raise :class:`DataError`
+    listing every problem (file, record id, field, what is wrong) before anything trains.
+    ``media_roots``: folders besides the data file's own that media may come from."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: the data file does not exist")
+    root = path.resolve().parent
+    rules = RecordRules(stage, unit_vocab, (root,) + tuple(Path(r).resolve() for r in media_roots), audio_seconds)
+    problems: List[str] = []
+    counted = 0
+    offsets, lengths, response_chars, units, hashes = (array("q") for _ in range(5))  # 8 bytes a value
+    media = hashlib.sha256()
+    for position, (offset, length, item) in enumerate(_scan(path)):
+        rid = str(item.get("id", f"#{position}")) if isinstance(item, dict) else f"#{position}"
+
+        def bad(field_name: str, what: str) -> None:
+            nonlocal counted
+            counted += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(f"{path}: record {rid}: {field_name}: {what}")
+
+        record = parse_record(item, position, root, rules, bad)
+        if record is not None:
+            for field_name, what in media_problems(record, rules, sampling_rate):
+                bad(field_name, what)
+            _hash_media(media, record)
+            answer = [t["value"] for t in record.conversations if t["from"] == "gpt"]
+            response_chars.append(len(answer[-1]) if answer else 0)
+            units.append(max(len(record.tgt_units or ()), len(record.re_tgt_units or ())))
+            hashes.append(hash(record.id))
+        offsets.append(offset)
+        lengths.append(length)
+    if len(hashes) and len(np.unique(np.frombuffer(hashes, dtype=np.int64))) < len(hashes):
+        for rid in _duplicate_ids(path, hashes):
+            bad_id = f"{path}: record {rid}: id: appears more than once (records are keyed by id)"
+            counted += 1
+            if len(problems) < MAX_PROBLEMS:
+                problems.append(bad_id)
+    if problems:
+        more = f"\n... and {counted - len(problems)} more" if counted > len(problems) else ""
+        raise DataError(f"{counted} problem(s) in the data:\n" + "\n".join(problems) + more)
+    if not offsets:
+        raise DataError(f"{path}: no records")
+    as_array = functools.partial(np.frombuffer, dtype=np.int64)
+    content = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(READ_BYTES), b""):
+            content.update(block)
+    return RecordFile(path, rules, as_array(offsets), as_array(lengths), as_array(response_chars), as_array(units),
+                      f"{content.hexdigest()}-{media.hexdigest()}")
+
+
+def _hash_media(digest, record: Record) -> None:
+    """Each media file's path, size and modification time, so that an edited file changes the
+    data's fingerprint."""
+    for path in record.images + record.speech:
+        try:
+            info = os.stat(path)
+            digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
+        except OSError:
+            digest.update(f"{path}\0missing\0".encode())
+
+
+def data_fingerprint(records: Sequence[Record]) -> str:
+    """A digest of the records and of the media files they name (size and modification time):
+    equal for the same data, different after any edit."""
+    if isinstance(records, RecordFile):
+        return records.fingerprint
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record.id, record.conversations, [str(p) for p in record.images],
+                                  [str(p) for p in record.speech], record.tgt_units, record.re_tgt_units,
+                                  record.emotion]).encode())
+        _hash_media(digest, record)
+    return digest.hexdigest()
+
+
+def _duplicate_ids(path: Path, hashes) -> List[str]:
+    """The ids that occur more than once (found again by a second pass over the file)."""
+    values, counts = np.unique(np.frombuffer(hashes, dtype=np.int64), return_counts=True)
+    suspects, seen, repeated = set(values[counts > 1].tolist()), set(), []
+    for _, _, item in _scan(path):
+        rid = str(item.get("id")) if isinstance(item, dict) else None
+        if rid is not None and hash(rid) in suspects:
+            if rid in seen and rid not in repeated:
+                repeated.append(rid)
+            seen.add(rid)
+    return repeated

@@ -11,7 +11,8 @@ import torch
 
 from omnifast.models import OmniModel, OmniProcessor, response_states
 
-from .data import ConversationDataset, Record, collate_batch
+from .data import Record
+from .loader import ConversationDataset, collate_batch, load_audio, load_image
 from .stages import get_stage
 
 
@@ -25,7 +26,6 @@ def generate_answers(model: OmniModel, processor: OmniProcessor, records: Sequen
     """Greedy answers to each record's conversation up to (not including) its last gpt turn."""
     from PIL import Image
     import numpy as np
-    from .data import read_audio
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     answers = []
     model.eval()
@@ -33,8 +33,8 @@ def generate_answers(model: OmniModel, processor: OmniProcessor, records: Sequen
         last = max(i for i, t in enumerate(record.conversations) if t["from"] == "gpt")
         prompt = record.conversations[:last]
         text = "".join(t["value"] for t in prompt)
-        images = [np.asarray(Image.open(p).convert("RGB")) for p in record.images][:text.count("<image>")]
-        audios = [read_audio(p) for p in record.speech][:text.count("<speech>")]
+        images = [load_image(p, record) for p in record.images][:text.count("<image>")]
+        audios = [load_audio(p, record, processor.sampling_rate) for p in record.speech][:text.count("<speech>")]
         item = processor.encode_conversation(prompt, images, audios, add_generation_prompt=True)
         out = model.generate(item["input_ids"], item["pixel_values"], item["speech_features"],
                              max_new_tokens=max_new_tokens, eos_token_id=eos, tokenizer=processor.tokenizer)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -13,9 +12,10 @@ import torch
 from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
 from omnifast.models.omni import CONFIG_NAME
 
-from .data import load_records
-from .stages import BY_NAME, STAGES, get_stage
-from .trainer import Trainer, TrainConfig, check_model_for_stage, latest_checkpoint
+from .config import TrainConfig, option_fields
+from .data import RecordFile, load_records
+from .stages import BY_NAME, STAGES, Stage, get_stage
+from .trainer import Trainer, check_model_for_stage, latest_checkpoint
 
 PRESETS = ("tiny",)
 
@@ -32,6 +32,14 @@ def load_model(spec: str, seed: int = 0) -> Tuple[OmniModel, OmniProcessor]:
                          f"{path} has no {CONFIG_NAME}")
     model = OmniModel.from_pretrained(path)
     return model, OmniProcessor.from_pretrained(path, model.config)
+
+
+def records_for(model: OmniModel, path, stage: Stage, media_roots=()) -> RecordFile:
+    """A data file validated for ``stage`` and this model: its unit vocabulary, its speech window
+    and its sampling rate (for the length of ``.npy`` clips)."""
+    config = model.config
+    return load_records(path, stage, (config.speech_decoder or {}).get("units"), media_roots=media_roots,
+                        audio_seconds=config.audio_seconds, sampling_rate=config.sampling_rate)
 
 
 def _read_config_file(path) -> Dict:
@@ -60,28 +68,32 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--config", default=None, help="JSON or YAML file of training options (below)")
     parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    parser.add_argument("--allow-changed-run", action="store_true",
+                        help="with --resume: continue even though options or data differ from the checkpoint's "
+                        "(the new ones apply from its step on)")
+    parser.add_argument("--media-root", action="append", default=[], metavar="DIR",
+                        help="a folder media paths may point into besides the data file's own (repeatable)")
     defaults = TrainConfig(stage="s2t")
-    for f in fields(TrainConfig):
-        if f.name in ("stage",):
-            continue
+    kinds = {"trains": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float, "weight_decay": float,
+             "beta": float, "sft_weight": float, "bf16": str}
+    for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default: {value})")
         else:
-            kind = {"trains": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float, "weight_decay": float,
-                    "beta": float, "sft_weight": float, "bf16": str}.get(f.name, int)
-            fallback = {"max_steps": "all epochs"}.get(f.name, "the stage's")
-            parser.add_argument(flag, type=kind, default=None,
+            fallback = {"max_steps": "all epochs", "workers": "4 on CUDA, 0 on the CPU"}.get(f.name, "the stage's")
+            parser.add_argument(flag, type=kinds.get(f.name, int), default=None,
+                                choices=("auto", "on", "off") if f.name == "bf16" else None,
                                 help=f"(default: {fallback})" if value is None else f"(default: {value})")
 
 
 def _options(args) -> Dict:
     options = _read_config_file(args.config)
-    for f in fields(TrainConfig):
+    for f in option_fields():
         value = getattr(args, f.name, None)
-        if f.name != "stage" and value is not None:
+        if value is not None:
             options[f.name] = value
     return options
 
@@ -94,8 +106,7 @@ def train_command(args) -> int:
     files = {s.name: (data / f"{s.name}.json" if args.all else data) for s in stages}
     out_dirs = {s.name: (Path(args.out) / f"{s.index}-{s.name}" if args.all else Path(args.out)) for s in stages}
     model, processor = load_model(args.model, options.get("seed", 0))
-    units = (model.config.speech_decoder or {}).get("units")
-    records = {s.name: load_records(files[s.name], s, units) for s in stages}  # every data error, up front
+    records = {s.name: records_for(model, files[s.name], s, args.media_root) for s in stages}  # every data error, up front
     check_model_for_stage(model, stages[0])
     if args.resume and not args.all and latest_checkpoint(out_dirs[stages[0].name]) is None:
         raise FileNotFoundError(f"--resume: {out_dirs[stages[0].name] / 'checkpoints'} holds no complete checkpoint")
@@ -108,7 +119,7 @@ def train_command(args) -> int:
             model, processor = load_model(str(model_dir))
         trainer = Trainer(model, processor, records[stage.name], TrainConfig.from_dict({**options, "stage": stage.name}), out)
         if args.resume and latest_checkpoint(out) is not None:
-            trainer.resume()
+            trainer.resume(allow_changes=args.allow_changed_run)
         model_dir, model = trainer.train(), None
     return 0
 
@@ -119,13 +130,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="held-out records in the stage's JSON format")
     parser.add_argument("--reference", default=None, help="emotion-dpo: the reference (stage-4) model directory")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    parser.add_argument("--media-root", action="append", default=[], metavar="DIR",
+                        help="a folder media paths may point into besides the data file's own (repeatable)")
 
 
 def eval_command(args) -> int:
     from .evaluate import evaluate
     stage = get_stage(args.stage)
     model, processor = load_model(args.model)
-    records = load_records(args.data, stage, (model.config.speech_decoder or {}).get("units"))
+    records = records_for(model, args.data, stage, args.media_root)
     reference = load_model(args.reference)[0] if args.reference else None
     metrics = evaluate(stage.name, model, processor, records, reference)
     print(json.dumps(metrics, indent=2))

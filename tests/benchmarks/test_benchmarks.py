@@ -28,3 +28,14 @@ def test_quick_benchmark_writes_json_and_png(op, tmp_path, capsys, monkeypatch):
     assert "speed-up" in capsys.readouterr().out
     if op == "speech_decoder":
         assert payload["extras"]["streaming real-time factor"] > 0 and payload["extras"]["streaming units"] > 0
+
+
+def test_quick_loader_and_data_scale_benchmarks_write_their_tables(tmp_path, capsys):
+    assert cli.main(["bench", "loader", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quick_loader.json").read_text())["rows"]
+    assert [r["workers"] for r in rows] == [0, 2]
+    assert all(r["records_per_s"] > 0 and 0 <= r["wait_share"] <= 1 for r in rows)
+    assert cli.main(["bench", "data_scale", "--records", "3000", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quick_data_scale.json").read_text())["rows"]
+    assert [r["records"] for r in rows] == [3000, 3000] and all(r["peak_bytes"] > 0 for r in rows)
+    assert "waiting" in capsys.readouterr().out

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from omnifast.demo import corpus as demo_corpus
-from omnifast.training.data import load_records, read_audio
+from omnifast.audio import read_audio
+from omnifast.training.data import load_records
 from omnifast.training.stages import BY_NAME
 
 
@@ -31,7 +32,7 @@ def test_units_are_filled_from_clips(built, tmp_path):
     lengths = {}
 
     def encode(path):
-        lengths[path.name] = read_audio(path).size // 640
+        lengths[path.name] = read_audio(path, 16000)[0].size // 640
         return [7] * lengths[path.name]
 
     path = demo_corpus.with_units(built, "emotion-dpo", encode, tmp_path, limit=5)
@@ -78,7 +79,7 @@ def test_corpus_styles_differ_on_the_audio(built):
     clips = [c for c in rows(built, "tokenizer/metadata.json") if c["voice"] == demo_corpus.UNIT_VOICE]
     text = next(c["text"] for c in clips if c["emotion"] == "sad" and
                 sum(d["text"] == c["text"] for d in clips) == 4)
-    audio = {c["emotion"]: read_audio(built / "tokenizer" / c["audio"]) for c in clips if c["text"] == text}
+    audio = {c["emotion"]: read_audio(built / "tokenizer" / c["audio"], 16000)[0] for c in clips if c["text"] == text}
     pitch = {style: mean_pitch(wave) for style, wave in audio.items()}
     assert pitch["happy"] > pitch["neutral"] > pitch["sad"], pitch
     assert audio["sad"].size == max(w.size for w in audio.values())

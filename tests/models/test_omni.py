@@ -162,6 +162,24 @@ def test_openomni_7b_on_the_meta_device():
     assert OmniConfig.from_dict(OmniConfig.openomni_7b().to_dict()) == OmniConfig.openomni_7b()
 
 
+def test_audio_is_mixed_to_mono_and_resampled_to_the_models_rate(tiny):
+    """Stereo (either layout) is the mean of its channels; another rate is resampled (soxr)."""
+    from omnifast.audio import resample
+    _, processor = tiny
+    speech = [{"from": "human", "value": "<speech>"}]
+    mono = processor.encode_conversation(speech, audios=[WAVE])["speech_features"]
+    other = (np.random.default_rng(2).standard_normal(12000) * 0.1).astype(np.float32)
+    mixed = processor.encode_conversation(speech, audios=[(WAVE + other) / 2])["speech_features"]
+    for stereo in (np.stack([WAVE, other], 1), np.stack([WAVE, other])):
+        torch.testing.assert_close(processor.encode_conversation(speech, audios=[stereo])["speech_features"], mixed)
+    at_8k = resample(WAVE, 16000, 8000)
+    torch.testing.assert_close(processor.encode_conversation(speech, audios=[at_8k], sampling_rate=8000)
+                               ["speech_features"],
+                               processor.encode_conversation(speech, audios=[resample(at_8k, 8000, 16000)])
+                               ["speech_features"])
+    assert mono.shape == mixed.shape
+
+
 def test_bad_input(tiny, tmp_path):
     model, processor = tiny
     ask = [{"from": "human", "value": "<image> <image>"}]
@@ -170,12 +188,12 @@ def test_bad_input(tiny, tmp_path):
     with pytest.raises(ValueError, match="0 <speech> placeholders but 1 audios"):
         processor.encode_conversation([{"from": "human", "value": "hi"}], audios=[WAVE])
     speech = [{"from": "human", "value": "<speech>"}]
-    with pytest.raises(ValueError, match="16000 Hz"):
-        processor.encode_conversation(speech, audios=[np.stack([WAVE, WAVE])])
-    with pytest.raises(ValueError, match="16000 Hz"):
+    with pytest.raises(ValueError, match=r"audios\[0\] must be \(frames,\) or \(frames, channels\)"):
+        processor.encode_conversation(speech, audios=[np.stack([WAVE, WAVE])[None]])
+    with pytest.raises(ValueError, match=r"audios\[0\] must hold float samples"):
         processor.encode_conversation(speech, audios=[(WAVE * 1000).astype(np.int16)])
-    with pytest.raises(ValueError, match="sampled at 16000 Hz"):
-        processor.encode_conversation(speech, audios=[WAVE], sampling_rate=8000)
+    with pytest.raises(ValueError, match="sampling_rate must be a positive integer"):
+        processor.encode_conversation(speech, audios=[WAVE], sampling_rate=0)
     with pytest.raises(ValueError, match=r"images\[0\]"):
         processor.encode_conversation([{"from": "human", "value": "<image>"}], [IMAGE[..., 0]])
     with pytest.raises(ValueError, match="image placeholder positions"):

@@ -121,7 +121,7 @@ def test_what_a_killed_write_or_removal_left_is_swept_by_the_next_save(data, tmp
     root = tmp_path / "checkpoints"
     (root / "step-00000001.deleting").mkdir()  # killed inside retire(), after its rename
     (root / "step-00000003.tmp").mkdir()  # killed inside a write
-    assert train(data, tmp_path, "--max-steps", 4, "--resume") == 0
+    assert train(data, tmp_path, "--max-steps", 4, "--resume", "--allow-changed-run") == 0
     assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
 
 

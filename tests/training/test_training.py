@@ -131,12 +131,14 @@ def test_killed_at_random_moments_a_run_resumes_to_the_same_weights_bit_for_bit(
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 2  # kept the last 2
 
 
-def test_two_gloo_processes_killed_and_resumed_match_an_uninterrupted_pair_bit_for_bit(data, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_killed_and_resumed_match_an_uninterrupted_pair_bit_for_bit(data, tmp_path, sharding):
     common = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "omnifast.cli", "train", "--stage",
               "speech-gen", "--model", "tiny", "--data", str(data / "speech-gen.json"), "--max-steps", "24",
-              "--epochs", "24", "--save-every", "4", "--batch-size", "1", "--no-progress"]
+              "--epochs", "24", "--save-every", "4", "--batch-size", "1", "--no-progress", *sharding]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    port = lambda n: ["--master_port", str(29600 + n)]  # noqa: E731
+    base = 29600 + 10 * bool(sharding)
+    port = lambda n: ["--master_port", str(base + n)]  # noqa: E731
     run = subprocess.run([sys.executable, *common[:4], *port(0), *common[4:], "--out", str(tmp_path / "straight")],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -148,18 +150,30 @@ def test_two_gloo_processes_killed_and_resumed_match_an_uninterrupted_pair_bit_f
     assert_same_weights_bit_for_bit(tmp_path / "straight", tmp_path / "killed")
 
 
-def test_two_gloo_processes_match_one_with_the_same_global_batch(data, tmp_path):
+def test_one_process_ddp_and_fsdp_train_alike_and_save_a_whole_model(data, tmp_path):
+    """Six steps with the same global batch: one process with batch 2, and two gloo processes
+    with batch 1 under DDP and under FSDP2 give the same losses (float32 tolerance), and each
+    final model reloads with from_pretrained to the same weights."""
     common = ["train", "--stage", "speech-gen", "--model", "tiny", "--data", str(data / "speech-gen.json"),
-              "--max-steps", "4", "--epochs", "4", "--save-every", "100", "--no-progress"]
+              "--max-steps", "6", "--epochs", "6", "--save-every", "3", "--no-progress"]
     assert cli.main(common + ["--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29533", "-m", "omnifast.cli", *common, "--batch-size", "1", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    one = [row["loss"] for row in read_metrics(tmp_path / "one" / "metrics.jsonl")]
-    two = [row["loss"] for row in read_metrics(tmp_path / "two" / "metrics.jsonl")]
-    np.testing.assert_allclose(two, one, rtol=1e-4)
+    for port, (name, extra) in enumerate((("ddp", []), ("fsdp", ["--fsdp"]))):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(29533 + port), "-m", "omnifast.cli", *common, *extra, "--batch-size", "1",
+                              "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    losses = {name: [row["loss"] for row in read_metrics(tmp_path / name / "metrics.jsonl")]
+              for name in ("one", "ddp", "fsdp")}
+    assert len(losses["one"]) == 6
+    np.testing.assert_allclose(losses["ddp"], losses["one"], rtol=1e-5)
+    np.testing.assert_allclose(losses["fsdp"], losses["one"], rtol=1e-5)
+    one = OmniModel.from_pretrained(tmp_path / "one" / "model").state_dict()
+    for name in ("ddp", "fsdp"):
+        other = OmniModel.from_pretrained(tmp_path / name / "model").state_dict()
+        assert other.keys() == one.keys()
+        for key in one:
+            torch.testing.assert_close(other[key], one[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
 
 
 def bad_data(tmp_path: Path, rows) -> Path:

@@ -1,0 +1,103 @@
+"""The options of a training run (``omnifast train --help`` lists them; ``--config`` reads them
+from YAML or JSON), each checked for type, finiteness and range before any work."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Optional, Tuple
+
+from omnifast.ops._checks import check_known_keys
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    lr: Optional[float] = None             # None: the stage's default
+    warmup_ratio: Optional[float] = None   # share of the steps spent warming up, in [0, 1]
+    epochs: Optional[int] = None
+    batch_size: int = 2                    # records per process and micro-batch
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    max_steps: Optional[int] = None
+    save_every: int = 50
+    keep: int = 2                          # checkpoints kept
+    seed: int = 0
+    beta: float = 0.1                      # CTC-DPO temperature
+    sft_weight: float = 0.0                # CTC-DPO: weight of the chosen units' CTC NLL (per unit) added
+    bf16: str = "auto"                     # "auto": on CUDA devices that support it; "on" / "off"
+    fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
+    trains: Optional[Tuple[str, ...]] = None  # components to train instead of the stage's own
+    workers: Optional[int] = None          # DataLoader worker processes; None: 4 on CUDA, 0 on the CPU
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: Dict) -> "TrainConfig":
+        check_known_keys("training option", values, cls)
+        return cls(**values).validate()
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+    def validate(self) -> "TrainConfig":
+        """Every option checked (TypeError for a wrong type, ValueError for a value out of range),
+        naming the option; ``trains`` normalised to a tuple."""
+        _number("lr", self.lr, optional=True, positive=True)
+        _number("warmup_ratio", self.warmup_ratio, optional=True, low=0.0, high=1.0)
+        _number("max_grad_norm", self.max_grad_norm, positive=True)
+        _number("weight_decay", self.weight_decay, low=0.0)
+        _number("beta", self.beta, positive=True)
+        _number("sft_weight", self.sft_weight, low=0.0)
+        for name in ("epochs", "max_steps"):
+            _integer(name, getattr(self, name), low=1, optional=True)
+        for name in ("batch_size", "grad_accum", "save_every", "keep"):
+            _integer(name, getattr(self, name), low=1)
+        _integer("seed", self.seed, low=0, high=2**63 - 1)
+        _integer("workers", self.workers, low=0, optional=True)
+        for name in ("fsdp", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ValueError(f"bf16 must be one of auto, on, off, got {self.bf16!r}")
+        if self.trains is not None:
+            from omnifast.models.omni import COMPONENTS
+            names = self.trains.split(",") if isinstance(self.trains, str) else self.trains
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"trains must be a comma-separated string or a list of component names, "
+                                f"got {self.trains!r}")
+            self.trains = tuple(n.strip() for n in names)
+            unknown = [c for c in self.trains if c not in COMPONENTS]
+            if unknown or not self.trains:
+                raise ValueError(f"trains: unknown components {unknown}; the components are {', '.join(COMPONENTS)}")
+        return self
+
+
+def _number(name: str, value, *, optional: bool = False, positive: bool = False, low: Optional[float] = None,
+            high: Optional[float] = None) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be a number >= {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be a number <= {high:g}, got {value!r}")
+
+
+def _integer(name: str, value, *, low: int, high: Optional[int] = None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+
+
+def option_fields():
+    """The options the CLI exposes (everything but ``stage``)."""
+    return [f for f in fields(TrainConfig) if f.name != "stage"]
