@@ -33,7 +33,6 @@ Run ``python -m omnifast.benchmarks.train_step`` (or ``omnifast bench train_step
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -41,18 +40,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from omnifast.models import OmniConfig, OmniModel, response_states
-from omnifast.nn.speech_decoder import uniform_upsample
-from omnifast.training import Trainer, TrainConfig
-from omnifast.training.losses import MODEL_INPUTS
+from omnifast.models import OmniConfig, OmniModel
+from omnifast.training import Trainer, TrainConfig, get_stage
 
 from ._harness import RESULTS, environment
+from .openomni_recipe import OpenOmniRecipeLoss
 
 IMPLEMENTATIONS = ("omnifast", "OpenOmni recipe", "OpenOmni recipe, no vocab logits")
 STAGES = ("speech-gen", "emotion-dpo")
-TEXT_VOCAB_HEAD = 151936  # Qwen2ForCausalLM's vocabulary: OpenOmni's decoder forms these logits per frame
 
 
 def build_model(config: OmniConfig, device: torch.device, dtype: torch.dtype) -> OmniModel:
@@ -117,93 +113,12 @@ def synthetic_batch(config: OmniConfig, batch: int, prompt: int, response: int, 
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
 
-def openomni_generator_nll(decoder, states, tokens, mask, units, vocab_logits: bool) -> torch.Tensor:
-    """Per-sequence CTC NLL of ``units`` (B, U) computed as OpenOmni's ``SpeechGeneratorCTC`` does,
-    on the weights of an omnifast ``SpeechDecoder`` (the same function: the test suite checks the
-    losses agree)."""
-    c = decoder.config
-    B, N, _ = states.shape
-    n = mask.sum(1)
-    pos = torch.arange(N + 2, device=states.device)
-    sos, task = decoder.specials.weight.to(states.dtype)
-    context = F.pad(states, (0, 0, 1, 1))
-    context = torch.where((pos == 0)[None, :, None], sos, context)
-    context = torch.where((pos[None] == n[:, None] + 1)[..., None], task, context)
-    context = context * (pos[None] <= n[:, None] + 1)[..., None].to(context.dtype)
-    moe = decoder.moe  # MoE.forward: the gate, every expert's output stacked, the weighted sum
-    gate = torch.softmax(F.linear(context.float(), moe.gate.weight.float(), moe.gate.bias.float()), -1)
-    experts = torch.stack([F.linear(F.relu(F.linear(context, moe.w1[e], moe.b1[e])), moe.w2[e], moe.b2[e])
-                           for e in range(c.experts)], dim=-2)
-    expanded = (gate.to(experts.dtype)[..., None] * experts).sum(-2)
-    expanded = expanded.reshape(B, (N + 2) * c.split_tokens, c.width)
-    context_mask = torch.arange((N + 2) * c.split_tokens, device=states.device)[None] < (n[:, None] + 2) * c.split_tokens
-    queries = decoder.decoder.embed_tokens(tokens.masked_fill(~mask, 0))
-    fused = _rlsiat(decoder.text_guided, queries, expanded.to(queries.dtype), context_mask,
-                    (pos.repeat_interleave(c.split_tokens) - 1)[None] if c.fusion_causal else None)
-    unit_lengths = torch.full((B,), units.shape[1], device=states.device)
-    frames, lengths = uniform_upsample(fused, n, c.upsample_factor, unit_lengths)
-    hidden = decoder._run_decoder(frames, lengths)
-    if vocab_logits:  # Qwen2ForCausalLM forms its text logits on every frame; OpenOmni drops them
-        wasted = F.linear(hidden, decoder.decoder.embed_tokens.weight.new_zeros(TEXT_VOCAB_HEAD, c.width))
-        del wasted
-    log_probs = F.log_softmax(decoder.head(hidden).float(), dim=-1).transpose(0, 1)
-    return F.ctc_loss(log_probs, units, lengths, unit_lengths, blank=c.units, reduction="none", zero_infinity=True)
-
-
-def _rlsiat(module, queries, context, context_mask, groups):
-    """OpenOmni's RLSIAT: per layer, cross-attention with an explicit einsum, masked softmax and
-    einsum (``CrossAttention``), then the feed-forward, both residual; then a LayerNorm."""
-    mask = context_mask[:, None, :]
-    if groups is not None:
-        mask = mask & (groups[:, None, :] <= torch.arange(queries.shape[1], device=queries.device)[None, :, None])
-    for layer in module.layers:
-        a = layer.attn
-        B, Nq, _ = queries.shape
-        q = a.to_q(a.norm_query(queries)) * a.head_dim ** -0.5
-        k, v = a.to_kv(a.norm_context(context)).chunk(2, dim=-1)
-        q, k, v = (t.view(B, t.shape[1], a.heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
-        sim = torch.einsum("bhid,bhjd->bhij", q, k).masked_fill(~mask[:, None], float("-inf"))
-        out = torch.einsum("bhij,bhjd->bhid", sim.softmax(-1), v)
-        queries = queries + a.to_out(out.transpose(1, 2).reshape(B, Nq, -1))
-        queries = queries + layer.ff(queries)
-    return module.norm(queries)
-
-
-def openomni_recipe_loss(vocab_logits: bool):
-    """The stage loss computed the OpenOmni way, as a ``Trainer`` loss hook (the same trainer and
-    step run it)."""
-    def loss(trainer: Trainer, batch) -> torch.Tensor:
-        inputs = {k: batch[k] for k in MODEL_INPUTS}
-        with torch.no_grad():
-            hidden = trainer.model(**inputs, text_loss=False).hidden_states
-            if vocab_logits:  # the frozen LLM's own forward forms its text logits (labels given)
-                del_me = trainer.model.llm.lm_head(hidden)
-                del del_me
-        states, tokens, mask = response_states(hidden, batch["labels"])
-        decoder, units = trainer.model.speech_decoder, batch["units"]
-        if trainer.stage.loss == "speech":
-            nll = openomni_generator_nll(decoder, states, tokens, mask, units, vocab_logits)
-            return nll.sum() / (units.shape[0] * units.shape[1])
-        rejected = batch["rejected_units"]
-        per_unit = 1.0 / units.shape[1]
-        win = -openomni_generator_nll(decoder, states, tokens, mask, units, vocab_logits) * per_unit
-        lose = -openomni_generator_nll(decoder, states, tokens, mask, rejected, vocab_logits) * per_unit
-        with torch.no_grad():
-            reference = trainer.reference
-            win_ref = -openomni_generator_nll(reference, states, tokens, mask, units, vocab_logits) * per_unit
-            lose_ref = -openomni_generator_nll(reference, states, tokens, mask, rejected, vocab_logits) * per_unit
-        logits = (win - lose) - (win_ref - lose_ref)
-        return -F.logsigmoid(trainer.config.beta * logits).mean()
-    return loss
-
-
-LOSSES = {"omnifast": None, "OpenOmni recipe": openomni_recipe_loss(True),
-          "OpenOmni recipe, no vocab logits": openomni_recipe_loss(False)}
-
-
 def make_trainer(name: str, model: OmniModel, stage: str, device, out_dir: Path) -> Trainer:
     config = TrainConfig(stage=stage, max_steps=10 ** 6, progress=False, bf16="on" if device.type == "cuda" else "off")
-    return Trainer(model, None, [], config, out_dir, device=str(device), loss_fn=LOSSES[name])
+    loss = None if name == "omnifast" else OpenOmniRecipeLoss(model, get_stage(stage), config.beta,
+                                                              vocab_logits=name == "OpenOmni recipe",
+                                                              blank_media=False, checkpointing=False)
+    return Trainer(model, None, [], config, out_dir, device=str(device), loss=loss)
 
 
 def synchronize(device) -> None:

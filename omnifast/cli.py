@@ -26,6 +26,9 @@ def main(argv=None) -> int:
     from omnifast.training import run
     train = commands.add_parser("train", help="run a training stage (or all five)")
     run.add_train_arguments(train)
+    cache = commands.add_parser("cache", help="run the frozen front once over a speech stage's data and keep "
+                                "the states its speech decoder reads (and the reference's log-likelihoods)")
+    run.add_cache_arguments(cache)
     evaluate = commands.add_parser("eval", help="evaluate a stage's model on held-out records")
     run.add_eval_arguments(evaluate)
     from omnifast.speech import train as tokenizer_training
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
         return run.train_command(args)
     if args.command == "eval":
         return run.eval_command(args)
+    if args.command == "cache":
+        return run.cache_command(args)
     if args.command == "demo":
         from omnifast.demo import espeak_available
         from omnifast.demo.run import run_demo

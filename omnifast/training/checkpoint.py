@@ -41,16 +41,17 @@ def _step(name: str) -> None:
         STEP_HOOK(name)
 
 
-def write_checkpoint(final: Path, tensor_files: Dict[str, Dict[str, torch.Tensor]], json_files: Dict[str, object]) -> None:
-    """Write ``final`` durably: every file into ``final.tmp`` and fsynced, the directory fsynced,
-    renamed, the parent fsynced."""
+def write_checkpoint(final: Path, tensor_files: Dict[str, Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]],
+                     json_files: Dict[str, object]) -> None:
+    """Write ``final`` durably: every file (safetensors: tensors and metadata; JSON) into
+    ``final.tmp`` and fsynced, the directory fsynced, renamed, the parent fsynced."""
     from safetensors.torch import save_file
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, tensors in tensor_files.items():
+    for name, (tensors, metadata) in tensor_files.items():
         _step(f"write {name}")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name), metadata)
         fsync_path(tmp / name)
     for name, value in json_files.items():
         _step(f"write {name}")
@@ -233,7 +234,7 @@ class RunState:
     scheduler: Dict
     rng_tensors: Dict[str, torch.Tensor]
     rng_values: Dict[str, object]
-    ref_cache: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    references: Dict[str, Tuple[float, float]] = field(default_factory=dict)
     changed: List[str] = field(default_factory=list)
 
 
@@ -309,12 +310,16 @@ def read_run_state(found: Path, spec: RunSpec) -> RunState:
     if not isinstance(state["rng"], list) or len(state["rng"]) != spec.world:
         raise CheckpointError(f"{state_path}: holds no random generator state for each of {spec.world} processes")
     mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{spec.rank}.")}
-    ref_cache = {}
-    for key, value in (state.get("ref_cache") or {}).items():
-        if not (isinstance(value, list) and len(value) == 2 and all(_finite_number(v) for v in value)):
-            raise CheckpointError(f"{state_path}: reference log-likelihoods of record {key!r} are not two finite numbers")
-        ref_cache[key] = tuple(value)
-    return RunState(step, weights, optimizer, scheduler, mine, state["rng"][spec.rank], ref_cache, changed)
+    references = {}
+    if (found / "reference.safetensors").is_file():
+        from omnifast.ops.ctc_dpo import load_reference_file
+        try:
+            references = load_reference_file(found / "reference.safetensors")
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
+        if not all(_finite_number(v) for pair in references.values() for v in pair):
+            raise CheckpointError(f"{found / 'reference.safetensors'}: holds NaN or infinite log-likelihoods")
+    return RunState(step, weights, optimizer, scheduler, mine, state["rng"][spec.rank], references, changed)
 
 
 def _check_optimizer(where: Path, optimizer, spec: RunSpec, step: int, apply_new: bool) -> None:

@@ -28,6 +28,7 @@ class TrainConfig:
     bf16: str = "auto"                     # "auto": on CUDA devices that support it; "on" / "off"
     fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
     trains: Optional[Tuple[str, ...]] = None  # components to train instead of the stage's own
+    speech_prob: float = 0.5               # records with spoken alternatives: the chance an epoch speaks them
     workers: Optional[int] = None          # DataLoader worker processes; None: 4 on CUDA, 0 on the CPU
     progress: bool = True
 
@@ -48,6 +49,7 @@ class TrainConfig:
         _number("weight_decay", self.weight_decay, low=0.0)
         _number("beta", self.beta, positive=True)
         _number("sft_weight", self.sft_weight, low=0.0)
+        _number("speech_prob", self.speech_prob, low=0.0, high=1.0)
         for name in ("epochs", "max_steps"):
             _integer(name, getattr(self, name), low=1, optional=True)
         for name in ("batch_size", "grad_accum", "save_every", "keep"):

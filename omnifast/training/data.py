@@ -4,7 +4,9 @@ once), then read back one record at a time by its byte offset.
 
 A record: ``id``, ``conversations`` (turns with ``from`` human/gpt/system and ``value``),
 optional ``image`` (a path, or a list of paths, one per ``<image>``), optional ``speech`` (a
-path or a list, one per ``<speech>``; any format ``omnifast.audio`` reads, at any rate),
+path or a list, one per ``<speech>``; any format ``omnifast.audio`` reads, at any rate; or, as in
+OpenOmni's data, one per human turn with no ``<speech>`` in the text: the spoken versions of the
+written questions, ``"none"`` for a turn without one),
 optional ``tgt_units`` / ``re_tgt_units`` (space-separated unit ids, or a list), optional
 ``emotion``. Paths are relative to the data file's folder, and must stay inside it (or inside
 another allowed media root).
@@ -50,6 +52,7 @@ class Record:
     tgt_units: Optional[List[int]] = None
     re_tgt_units: Optional[List[int]] = None
     emotion: Optional[str] = None
+    spoken: List[Optional[Path]] = field(default_factory=list)  # per human turn: its spoken version (or None)
 
 
 # --- one record ---------------------------------------------------------------------------------
@@ -99,7 +102,28 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
     if emotion is not None and not isinstance(emotion, str):
         bad("emotion", f"must be text, got {type(emotion).__name__}")
     record = Record(str(item.get("id", f"#{position}")), turns, emotion=emotion)
+    humans = sum(t["from"] == "human" for t in turns)
+    speech_files = item.get("speech")
+    alternatives = bool(speech_files and text.count(SPEECH_TOKEN) == 0 and isinstance(speech_files, (str, list))
+                        and len(_paths(speech_files)) == humans)
+    if alternatives:
+        # OpenOmni's layout: one clip per human turn, the spoken alternative of its written text
+        # ("none" marks a turn without one); which a step sees is drawn per (seed, epoch, record)
+        for name in _paths(speech_files):
+            if not isinstance(name, str):
+                bad("speech", "must be a path or a list of paths")
+            elif "none" in name:
+                record.spoken.append(None)
+            else:
+                file = (root / name).resolve()
+                if not any(file.is_relative_to(allowed) for allowed in rules.media_roots):
+                    bad("speech", f"{name} is outside the data folder {root} (allow its folder with --media-root)")
+                record.spoken.append(file)
+        if not any(record.spoken):  # every turn "none": a written record
+            record.spoken = []
     for key, token, target in (("image", IMAGE_TOKEN, record.images), ("speech", SPEECH_TOKEN, record.speech)):
+        if key == "speech" and alternatives:
+            continue
         value = item.get(key)
         if value is not None and not (isinstance(value, str) or (isinstance(value, list)
                                                                  and all(isinstance(v, str) for v in value))):
@@ -178,7 +202,8 @@ def audio_problem(path: Path, audio_seconds: Optional[float], rate: Optional[int
 
 def media_problems(record: Record, rules: RecordRules, rate: Optional[int] = None) -> List[Tuple[str, str]]:
     out = [("image", p) for p in map(image_problem, record.images) if p]
-    out += [("speech", p) for p in (audio_problem(f, rules.audio_seconds, rate) for f in record.speech) if p]
+    clips = record.speech + [f for f in record.spoken if f is not None]
+    out += [("speech", p) for p in (audio_problem(f, rules.audio_seconds, rate) for f in clips) if p]
     return out
 
 
@@ -381,7 +406,7 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
 def _hash_media(digest, record: Record) -> None:
     """Each media file's path, size and modification time, so that an edited file changes the
     data's fingerprint."""
-    for path in record.images + record.speech:
+    for path in record.images + record.speech + [f for f in record.spoken if f is not None]:
         try:
             info = os.stat(path)
             digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
@@ -398,7 +423,7 @@ def data_fingerprint(records: Sequence[Record]) -> str:
     for record in records:
         digest.update(json.dumps([record.id, record.conversations, [str(p) for p in record.images],
                                   [str(p) for p in record.speech], record.tgt_units, record.re_tgt_units,
-                                  record.emotion]).encode())
+                                  record.emotion, [str(p) for p in record.spoken]]).encode())
         _hash_media(digest, record)
     return digest.hexdigest()
 

@@ -3,8 +3,8 @@ model's and optimizer's state gathered whole (for checkpoints and ``save_pretrai
 back shard by shard.
 
 FSDP2 (``fully_shard``) shards what trains: every transformer block of a trained component is its
-own unit, the speech decoder (whose DPO methods run outside the model's forward) another, and the
-model the root; frozen components are ignored by FSDP and stay whole on every rank. On CUDA with
+own unit and the loss module (whose forward runs the whole step) the root; frozen components are
+ignored by FSDP and stay whole on every rank. On CUDA with
 bf16 the blocks compute in bf16 and reduce gradients in float32 (``MixedPrecisionPolicy``).
 State moves through ``torch.distributed.checkpoint.state_dict``: gathered whole on rank 0 and
 written by it, read by every rank and sharded by FSDP on load, so a checkpoint is the same file
@@ -17,9 +17,6 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 from torch import nn
-
-SHARDED_METHODS = {"speech_decoder": ("dpo_loss", "reference_logps")}
-
 
 def init() -> Tuple[int, int]:
     """(rank, world size); the process group is started under torchrun (nccl on CUDA, else gloo)."""
@@ -36,38 +33,35 @@ def blocks(component: nn.Module) -> Iterable[nn.Module]:
             yield from module
 
 
-def shard(model: nn.Module, trains: Iterable[str], bf16_on_cuda: bool) -> nn.Module:
-    """FSDP2 over ``model`` in place (see the module docstring); returns it."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+def shard(root: nn.Module, model: nn.Module, trains: Iterable[str], bf16_on_cuda: bool) -> nn.Module:
+    """FSDP2 in place: every block of each trained component of ``model`` its own unit, ``root``
+    (the loss module, whose forward runs the whole step) the root unit, frozen parameters left
+    whole (see the module docstring); returns ``root``."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from omnifast.models.omni import COMPONENTS
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_on_cuda \
         else MixedPrecisionPolicy()
     trains = set(trains)
     frozen = {p for name in COMPONENTS if name not in trains and getattr(model, name, None) is not None
-              for p in getattr(model, name).parameters()}
+              for p in getattr(model, name).parameters()} & set(root.parameters())
     for name in sorted(trains):
-        component = getattr(model, name)
-        for block in blocks(component):
+        for block in blocks(getattr(model, name)):
             fully_shard(block, mp_policy=policy)
-        if name in SHARDED_METHODS:
-            fully_shard(component, mp_policy=policy)
-            for method in SHARDED_METHODS[name]:
-                register_fsdp_forward_method(component, method)
-    fully_shard(model, mp_policy=policy, ignored_params=frozen)
-    return model
+    fully_shard(root, mp_policy=policy, ignored_params=frozen)
+    return root
 
 
-def wrap(model: nn.Module, trains: Iterable[str], world: int, fsdp: bool, device: torch.device,
+def wrap(root: nn.Module, model: nn.Module, trains: Iterable[str], world: int, fsdp: bool, device: torch.device,
          bf16: bool) -> nn.Module:
-    """The module the training step calls: the model itself (one process, or sharded in place
-    with FSDP2), or a DistributedDataParallel around it."""
+    """The module the training step calls: ``root`` itself (one process, or sharded in place with
+    FSDP2), or a DistributedDataParallel around it."""
     if world == 1:
-        return model
+        return root
     if fsdp:
-        return shard(model, trains, bf16 and device.type == "cuda")
+        return shard(root, model, trains, bf16 and device.type == "cuda")
     from torch.nn.parallel import DistributedDataParallel
     # batches without images leave the vision side unused: let DDP skip what got no gradient
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+    return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True)
 
 

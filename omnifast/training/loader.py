@@ -10,35 +10,73 @@ changes nothing (a DataLoader returns its batches in order).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from omnifast.models.config import IMAGE_TOKEN, SPEECH_TOKEN
 from omnifast.models.processor import IGNORE_INDEX, OmniProcessor, collate
 
 from .data import DataError, Record
 
 
-class ConversationDataset(torch.utils.data.Dataset):
-    """Records encoded on access: the processor's input_ids / labels / media, plus units."""
+SPOKEN_INSTRUCTION = "Please answer the questions in the user's input speech."  # OpenOmni's (English) prompt
 
-    def __init__(self, records: Sequence[Record], processor: OmniProcessor):
-        self.records, self.processor = records, processor
+
+def spoken_choice(seed: int, epoch: int, record_id: str, speech_prob: float) -> bool:
+    """Whether epoch ``epoch`` presents a record's questions spoken (a record with spoken
+    alternatives): a coin of probability ``speech_prob`` that depends on (seed, epoch, record)
+    alone, so every process, worker and resumed run draws the same."""
+    digest = hashlib.sha256(f"{seed}/{epoch}/{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < speech_prob
+
+
+def conversation_of(record: Record, spoken: bool):
+    """(turns, audio paths) of a record, its human turns replaced by their spoken versions
+    (``<speech>`` and the instruction to answer it, the turn's ``<image>`` kept) when ``spoken``."""
+    if not spoken or not record.spoken:
+        return record.conversations, list(record.speech)
+    turns, audios, human = [], [], 0
+    for turn in record.conversations:
+        if turn["from"] == "human":
+            clip = record.spoken[human]
+            human += 1
+            if clip is not None:
+                images = "".join(f"{IMAGE_TOKEN}\n" for _ in range(turn["value"].count(IMAGE_TOKEN)))
+                turn = {**turn, "value": f"{images}{SPEECH_TOKEN}\n{SPOKEN_INSTRUCTION}"}
+                audios.append(clip)
+        turns.append(turn)
+    return turns, audios
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Records encoded on access: the processor's input_ids / labels / media, plus units. A key
+    is a record index, or (index, epoch) (the epoch decides a record's spoken or written form)."""
+
+    def __init__(self, records: Sequence[Record], processor: OmniProcessor, seed: int = 0, speech_prob: float = 0.5):
+        self.records, self.processor, self.seed, self.speech_prob = records, processor, seed, speech_prob
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Dict[str, object]:
+    def spoken(self, record: Record, epoch: int) -> bool:
+        return bool(record.spoken) and spoken_choice(self.seed, epoch, record.id, self.speech_prob)
+
+    def __getitem__(self, key) -> Dict[str, object]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
         record = self.records[index]
+        return self.encode(record, self.spoken(record, epoch))
+
+    def encode(self, record: Record, spoken: bool) -> Dict[str, object]:
+        turns, clips = conversation_of(record, spoken)
         images = [load_image(path, record, "image") for path in record.images]
-        audios = [load_audio(path, record, self.processor.sampling_rate) for path in record.speech]
-        item = self.processor.encode_conversation(record.conversations, images, audios)
-        item["id"] = record.id
-        item["tgt_units"] = record.tgt_units
-        item["re_tgt_units"] = record.re_tgt_units
+        audios = [load_audio(path, record, self.processor.sampling_rate) for path in clips]
+        item = self.processor.encode_conversation(turns, images, audios)
+        item.update(id=record.id, tgt_units=record.tgt_units, re_tgt_units=record.re_tgt_units, spoken=spoken)
         return item
 
 
@@ -97,10 +135,12 @@ class MicroBatches(torch.utils.data.Sampler):
         chunk = self._order[index * self.global_batch:(index + 1) * self.global_batch]
         return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        """(record index, epoch) keys of each micro-batch."""
         micro = self.start
         while self.stop is None or micro < self.stop:
-            yield self.indices(micro)
+            epoch = micro // self.per_epoch
+            yield [(index, epoch) for index in self.indices(micro)]
             micro += 1
 
     def __len__(self) -> int:
@@ -119,15 +159,17 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def make_loader(dataset: ConversationDataset, batches: MicroBatches, workers: int,
-                device: torch.device) -> torch.utils.data.DataLoader:
+def make_loader(dataset, batches: MicroBatches, workers: int, device: torch.device,
+                collate_fn=None) -> torch.utils.data.DataLoader:
     """A DataLoader over ``batches``: ``workers`` processes (each builds whole micro-batches, two
-    ahead of the step), memory pinned for a CUDA device."""
+    ahead of the step), memory pinned for a CUDA device. ``collate_fn`` defaults to padding
+    encoded conversations (:func:`collate_batch`)."""
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used in forked workers
-    pad_id = dataset.processor.tokenizer.pad_token_id
+    if collate_fn is None:
+        collate_fn = _Collate(dataset.processor.tokenizer.pad_token_id)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, collate_fn=_Collate(pad_id),
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
         worker_init_fn=_worker_init if workers else None)
 

@@ -1,43 +1,81 @@
-"""Each stage's loss on a micro-batch: next-token cross-entropy (stages 1-3), the speech
-decoder's loss on the frozen LLM's response states (stage 4), CTC-DPO against the frozen
-reference decoder's log-likelihoods (stage 5)."""
+"""Each stage's loss on a micro-batch, as a module (what DDP and FSDP wrap, so the whole loss runs
+inside one forward): next-token cross-entropy (stages 1-3), the speech decoder's loss on the
+frozen LLM's response states (stage 4), CTC-DPO against the frozen reference decoder's
+log-likelihoods (stage 5). ``CachedStageLoss`` is stages 4 and 5 on states read from a state
+cache: it holds only the speech decoder."""
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
+from torch import nn
 
-from omnifast.models import response_states
+from omnifast.models import OmniModel, response_states
+from omnifast.ops import ReferenceLogpCache
+
+from .cache import reference_key
+from .stages import Stage
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "speech_features")
 
 
-def stage_loss(trainer, batch: Dict[str, object]) -> torch.Tensor:
-    """The loss of ``trainer.stage`` on ``batch`` (a collated micro-batch on the device)."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS}
-    if trainer.stage.loss == "text":
-        return trainer.wrapped(**inputs).text_loss
-    if trainer.stage.loss == "speech":
-        return trainer.wrapped(**inputs, units=batch["units"], text_loss=False).speech_loss
-    with torch.no_grad():
-        hidden = trainer.wrapped(**inputs, text_loss=False).hidden_states
-    states, tokens, mask = response_states(hidden, batch["labels"])
-    ref_chosen, ref_rejected = reference_logps(trainer, batch, states, tokens, mask)
-    out = trainer.model.speech_decoder.dpo_loss(states, tokens, batch["units"], batch["rejected_units"], ref_chosen,
-                                                ref_rejected, beta=trainer.config.beta, hidden_mask=mask,
-                                                text_mask=mask, sft_weight=trainer.config.sft_weight)
-    return out.loss
+class StageLoss(nn.Module):
+    """``forward(batch) -> loss`` of ``stage`` for ``model``. Stage 5 reads the reference's
+    log-likelihoods from ``references`` and computes those it lacks with ``reference`` (the
+    frozen decoder the stage starts from), once per record."""
+
+    def __init__(self, model: OmniModel, stage: Stage, beta: float = 0.1, sft_weight: float = 0.0,
+                 references: Optional[ReferenceLogpCache] = None, reference: Optional[nn.Module] = None):
+        super().__init__()
+        self.model, self.stage, self.beta, self.sft_weight = model, stage, beta, sft_weight
+        self.references = references
+        self._reference: List[nn.Module] = [reference] if reference is not None else []  # not a submodule
+
+    def forward(self, batch: Dict[str, object]) -> torch.Tensor:
+        inputs = {k: batch[k] for k in MODEL_INPUTS}
+        if self.stage.loss == "text":
+            return self.model(**inputs).text_loss
+        if self.stage.loss == "speech":
+            return self.model(**inputs, units=batch["units"], text_loss=False).speech_loss
+        with torch.no_grad():
+            hidden = self.model(**inputs, text_loss=False).hidden_states
+        states, tokens, mask = response_states(hidden, batch["labels"])
+        ref_chosen, ref_rejected = self.reference_logps(batch, states, tokens, mask)
+        return dpo_loss(self.model.speech_decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, self.beta,
+                        self.sft_weight)
+
+    def reference_logps(self, batch, states, tokens, mask):
+        keys = [reference_key(rid, spoken) for rid, spoken in zip(batch["ids"], batch.get("spoken") or
+                                                                   [False] * len(batch["ids"]))]
+        missing = [i for i, key in enumerate(keys) if key not in self.references]
+        if missing:
+            chosen, rejected = self._reference[0].reference_logps(states, tokens, batch["units"],
+                                                                  batch["rejected_units"], hidden_mask=mask,
+                                                                  text_mask=mask)
+            self.references.add([keys[i] for i in missing], chosen[missing], rejected[missing])
+        return self.references.lookup(keys, device=states.device)
 
 
-def reference_logps(trainer, batch, states, tokens, mask):
-    """The frozen reference's log-likelihoods of each record's chosen and rejected units,
-    computed the first time a record is seen and kept in ``trainer.ref_cache``."""
-    cache = trainer.ref_cache
-    missing = [i for i, rid in enumerate(batch["ids"]) if rid not in cache]
-    if missing:
-        chosen, rejected = trainer.reference.reference_logps(states, tokens, batch["units"], batch["rejected_units"],
-                                                             hidden_mask=mask, text_mask=mask)
-        for i in missing:
-            cache[batch["ids"][i]] = (chosen[i].item(), rejected[i].item())
-    values = torch.tensor([cache[rid] for rid in batch["ids"]], device=states.device, dtype=torch.float32)
-    return values[:, 0], values[:, 1]
+def dpo_loss(decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, beta, sft_weight) -> torch.Tensor:
+    return decoder.dpo_loss(states, tokens, batch["units"], batch["rejected_units"], ref_chosen, ref_rejected,
+                            beta=beta, hidden_mask=mask, text_mask=mask, sft_weight=sft_weight).loss
+
+
+class CachedStageLoss(nn.Module):
+    """Stages 4 and 5 on a batch of cached states (``cache.collate_cached``): the same decoder
+    calls as :class:`StageLoss` after the frozen front, without it."""
+
+    def __init__(self, decoder: nn.Module, stage: Stage, beta: float = 0.1, sft_weight: float = 0.0,
+                 references: Optional[ReferenceLogpCache] = None):
+        super().__init__()
+        self.decoder, self.stage, self.beta, self.sft_weight, self.references = decoder, stage, beta, sft_weight, \
+            references
+
+    def forward(self, batch: Dict[str, object]) -> torch.Tensor:
+        states, tokens, mask = batch["states"], batch["tokens"], batch["mask"]
+        if self.stage.loss == "speech":
+            return self.decoder(states, tokens, mask, mask, batch["units"]).loss
+        keys = [reference_key(rid, spoken) for rid, spoken in zip(batch["ids"], batch["spoken"])]
+        ref_chosen, ref_rejected = self.references.lookup(keys, device=states.device)
+        return dpo_loss(self.decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, self.beta,
+                        self.sft_weight)

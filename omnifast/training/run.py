@@ -73,9 +73,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "(the new ones apply from its step on)")
     parser.add_argument("--media-root", action="append", default=[], metavar="DIR",
                         help="a folder media paths may point into besides the data file's own (repeatable)")
+    parser.add_argument("--state-cache", default=None, metavar="DIR",
+                        help="speech stages: train from the frozen front's states cached in DIR (built there when "
+                        "missing; with --all, one folder per speech stage inside it)")
     defaults = TrainConfig(stage="s2t")
     kinds = {"trains": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float, "weight_decay": float,
-             "beta": float, "sft_weight": float, "bf16": str}
+             "beta": float, "sft_weight": float, "speech_prob": float, "bf16": str}
     for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
@@ -117,7 +120,13 @@ def train_command(args) -> int:
             continue
         if model is None:  # each stage starts from the previous stage's output
             model, processor = load_model(str(model_dir))
-        trainer = Trainer(model, processor, records[stage.name], TrainConfig.from_dict({**options, "stage": stage.name}), out)
+        cache = None
+        if args.state_cache and stage.loss in ("speech", "dpo"):
+            cache = Path(args.state_cache) / stage.name if args.all else Path(args.state_cache)
+        elif args.state_cache and not args.all:
+            raise ValueError(f"--state-cache serves the speech stages (speech-gen, emotion-dpo), not {stage.name!r}")
+        trainer = Trainer(model, processor, records[stage.name], TrainConfig.from_dict({**options, "stage": stage.name}),
+                          out, state_cache=cache)
         if args.resume and latest_checkpoint(out) is not None:
             trainer.resume(allow_changes=args.allow_changed_run)
         model_dir, model = trainer.train(), None
@@ -144,4 +153,38 @@ def eval_command(args) -> int:
     print(json.dumps(metrics, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=["speech-gen", "emotion-dpo"], required=True)
+    parser.add_argument("--model", default="tiny", help="'tiny' or a directory written by save_pretrained")
+    parser.add_argument("--data", required=True, help="the stage's data file")
+    parser.add_argument("--out", required=True, help="the cache folder (a killed build continues there)")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="the precision the training will run in (default: auto, bf16 on CUDA)")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="LLM tokens per batch (default 8192)")
+    parser.add_argument("--seed", type=int, default=0, help="--model tiny: the seed it is built with")
+    parser.add_argument("--media-root", action="append", default=[], metavar="DIR",
+                        help="a folder media paths may point into besides the data file's own (repeatable)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def cache_command(args) -> int:
+    from . import distributed
+    from .cache import build_cache
+    if args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be an integer >= 1, got {args.max_tokens}")
+    stage = get_stage(args.stage)
+    model, processor = load_model(args.model, args.seed)
+    records = records_for(model, args.data, stage, args.media_root)
+    check_model_for_stage(model, stage)
+    rank, world = distributed.init()
+    device = torch.device("cuda", int(__import__("os").environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    cache = build_cache(args.out, model, processor, records, stage, bf16=bf16, device=device,
+                        max_tokens=args.max_tokens, progress=not args.no_progress, rank=rank, world=world)
+    if rank == 0:
+        print(f"state cache: {cache.path} ({len(cache.index['shards'])} shards, {cache.index['records']} records)")
     return 0

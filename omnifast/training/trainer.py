@@ -17,12 +17,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from omnifast.models import OmniModel, OmniProcessor
+from omnifast.ops import ReferenceLogpCache
 
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .data import Record, data_fingerprint
 from .loader import ConversationDataset, MicroBatches, default_workers, make_loader
-from .losses import stage_loss
+from .cache import CachedDataset, StateCache, build_cache, collate_cached
+from .cache import fingerprint as cache_fingerprint
+from .losses import CachedStageLoss, StageLoss
 from .stages import Stage, get_stage
 
 
@@ -53,35 +56,52 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-LossFn = Callable[["Trainer", Dict[str, object]], torch.Tensor]
-
-
 class Trainer:
     """``Trainer(model, processor, records, config, out_dir).train()`` runs one stage and returns
-    the directory of the saved model. ``loss_fn(trainer, batch) -> scalar`` replaces the stage's
-    own loss (``losses.stage_loss``), e.g. to time another recipe through the same step."""
+    the directory of the saved model.
+
+    ``state_cache`` (stages 4 and 5): a :class:`StateCache` of these records, or a folder where
+    one is built if missing; then only the speech decoder goes to the device and each step reads
+    the frozen front's states (and the reference's log-likelihoods) from the cache. ``loss``: a
+    module ``forward(batch) -> scalar`` to train instead of the stage's own (``losses.StageLoss``),
+    e.g. to time another recipe through the same step."""
 
     def __init__(self, model: OmniModel, processor: Optional[OmniProcessor], records: Sequence[Record],
-                 config: TrainConfig, out_dir, device: Optional[str] = None, loss_fn: Optional[LossFn] = None):
+                 config: TrainConfig, out_dir, device: Optional[str] = None, loss: Optional[torch.nn.Module] = None,
+                 state_cache=None):
         config = TrainConfig.from_dict(config.to_dict())
         self.stage = get_stage(config.stage)
         self.trains = config.trains or self.stage.trains
         check_model_for_stage(model, self.stage, self.trains)
         self.config, self.processor, self.out_dir = config, processor, Path(out_dir)
-        self.loss_fn = loss_fn or stage_loss
         self.rank, self.world = distributed.init()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         self.bf16 = config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda"
                                             and torch.cuda.is_bf16_supported())
-        self.model = model.to(self.device)
+        self.model = model
         self.model.freeze(except_=self.trains)
-        self.dataset = ConversationDataset(records, processor) if processor is not None else None
-        self.reference = None
-        if self.stage.loss == "dpo":  # the frozen stage-4 decoder this stage starts from
-            self.reference = copy.deepcopy(model.speech_decoder).requires_grad_(False).eval()
-        self.wrapped = distributed.wrap(self.model, self.trains, self.world, config.fsdp, self.device, self.bf16)
+        self.references = ReferenceLogpCache() if self.stage.loss == "dpo" else None
+        self.state_cache = None
+        if state_cache is not None:
+            self.state_cache = self._open_cache(state_cache, records)
+            model.speech_decoder.to(self.device)  # the frozen front stays where it is, off the device
+            self.references = self.state_cache.references
+            self.dataset = CachedDataset(records, self.state_cache, config.seed, config.speech_prob)
+            self.loss_module = loss or CachedStageLoss(model.speech_decoder, self.stage, config.beta,
+                                                       config.sft_weight, self.references)
+        else:
+            model.to(self.device)
+            self.dataset = ConversationDataset(records, processor, config.seed, config.speech_prob) \
+                if processor is not None else None
+            reference = None
+            if self.stage.loss == "dpo":  # the frozen stage-4 decoder this stage starts from
+                reference = copy.deepcopy(model.speech_decoder).requires_grad_(False).eval()
+            self.loss_module = loss or StageLoss(model, self.stage, config.beta, config.sft_weight, self.references,
+                                                 reference)
+        self.wrapped = distributed.wrap(self.loss_module, self.model, self.trains, self.world, config.fsdp,
+                                        self.device, self.bf16)
         # after wrapping: FSDP2 replaces the parameters it shards
         lr = config.lr if config.lr is not None else self.stage.lr
         groups = []
@@ -98,9 +118,20 @@ class Trainer:
         warmup = config.warmup_ratio if config.warmup_ratio is not None else self.stage.warmup_ratio
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(self.total_steps, warmup))
         self.step = 0
-        self.ref_cache: Dict[str, tuple] = {}
         self.workers = config.workers if config.workers is not None else default_workers(self.device)
         self._resumed = False
+
+    def _open_cache(self, state_cache, records) -> StateCache:
+        if self.stage.loss not in ("speech", "dpo"):
+            raise ValueError(f"state_cache serves the speech stages (speech-gen, emotion-dpo), not {self.stage.name!r}")
+        if set(self.trains) != {"speech_decoder"}:
+            raise ValueError(f"state_cache: the cached states are the frozen front's, but this run trains "
+                             f"{', '.join(self.trains)}")
+        if isinstance(state_cache, StateCache):
+            expected = cache_fingerprint(self.model, self.processor, self.stage, records, self.bf16)
+            return StateCache.open(state_cache.path, expected, records)
+        return build_cache(state_cache, self.model, self.processor, records, self.stage, bf16=self.bf16,
+                           device=self.device, progress=self.config.progress, rank=self.rank, world=self.world)
 
     # ---- data -------------------------------------------------------------------------------
     def micro_batches(self, start: int, stop: Optional[int] = None) -> MicroBatches:
@@ -113,12 +144,12 @@ class Trainer:
 
     # ---- losses -----------------------------------------------------------------------------
     def loss(self, batch: Dict[str, object]) -> torch.Tensor:
-        """This stage's loss on one micro-batch (or ``loss_fn``'s)."""
-        return self.loss_fn(self, batch)
+        """This stage's loss on one micro-batch (the loss module's, through DDP or FSDP)."""
+        return self.wrapped(batch)
 
     # ---- checkpoints -------------------------------------------------------------------------
     SHAPING_OPTIONS = ("lr", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm", "weight_decay",
-                       "max_steps", "seed", "beta", "sft_weight", "bf16", "fsdp", "trains")
+                       "max_steps", "seed", "beta", "sft_weight", "speech_prob", "bf16", "fsdp", "trains")
 
     def fingerprint(self) -> Dict[str, object]:
         """What shapes this run: the stage, every option that changes its numbers, the data."""
@@ -155,12 +186,14 @@ class Trainer:
                  "fingerprint": self.fingerprint(),
                  "optimizer": checkpoint.split_tensors(optimizer, "optimizer", tensors),
                  "scheduler": checkpoint.split_tensors(self.scheduler.state_dict(), "scheduler", tensors),
-                 "ref_cache": self.ref_cache or None, "rng": [values for _, values in rng]}
+                 "rng": [values for _, values in rng]}
         rng_tensors = {f"rank{r}.{key}": value for r, (ranked, _) in enumerate(rng) for key, value in ranked.items()}
         root = self.out_dir / "checkpoints"
-        checkpoint.write_checkpoint(root / f"step-{self.step:08d}",
-                                    {"trainable.safetensors": weights, "optimizer.safetensors": tensors,
-                                     "rng.safetensors": rng_tensors}, {"state.json": state})
+        files = {"trainable.safetensors": (weights, None), "optimizer.safetensors": (tensors, None),
+                 "rng.safetensors": (rng_tensors, None)}
+        if self.references is not None and self.state_cache is None:  # computed by this run: kept with it
+            files["reference.safetensors"] = self.references.tensors()
+        checkpoint.write_checkpoint(root / f"step-{self.step:08d}", files, {"state.json": state})
         checkpoint.prune(root, self.config.keep)
 
     def resume(self, allow_changes: bool = False) -> None:
@@ -177,7 +210,8 @@ class Trainer:
         self.scheduler.load_state_dict(restored.scheduler)
         self.step = restored.step
         checkpoint.set_rng_state(restored.rng_tensors, restored.rng_values, found / "rng.safetensors")
-        self.ref_cache = restored.ref_cache
+        if restored.references and self.state_cache is None:
+            self.references.update_from(restored.references)
         self._resumed = True
         if self.rank == 0:  # a kill inside the last save's removal would otherwise outlive a run with no save left
             checkpoint.prune(found.parent, self.config.keep)
@@ -200,7 +234,7 @@ class Trainer:
         self.wrapped.train()
         accum = self.config.grad_accum
         loader = make_loader(self.dataset, self.micro_batches(self.step * accum, self.total_steps * accum),
-                             self.workers, self.device)
+                             self.workers, self.device, collate_cached if self.state_cache is not None else None)
         batches = iter(loader)
         self.data_wait_s = 0.0
         while self.step < self.total_steps:
@@ -210,7 +244,7 @@ class Trainer:
                 micro.append(self._to_device(next(batches)))
             waited = time.perf_counter() - start
             self.data_wait_s += waited
-            tokens = sum(int(batch["attention_mask"].sum()) for batch in micro)
+            tokens = sum(int(batch["attention_mask" if "attention_mask" in batch else "mask"].sum()) for batch in micro)
             loss_value = distributed.mean(self.train_step(micro), self.world, self.device)
             lr = self.scheduler.get_last_lr()[0]
             seconds = time.perf_counter() - start

@@ -5,7 +5,7 @@ import json
 import torch
 
 from omnifast import cli
-from omnifast.benchmarks import train_step
+from omnifast.benchmarks import openomni_recipe, train_step
 from omnifast.models import OmniConfig, response_states
 
 
@@ -30,7 +30,7 @@ def test_the_openomni_recipe_computes_omnifasts_loss():
     states, tokens, mask = response_states(hidden, batch["labels"])
     ours = model.speech_decoder(states, tokens, mask, mask, batch["units"]).loss
     for vocab_logits in (True, False):
-        nll = train_step.openomni_generator_nll(model.speech_decoder, states, tokens, mask, batch["units"], vocab_logits)
+        nll = openomni_recipe.openomni_generator_nll(model.speech_decoder, states, tokens, mask, batch["units"], vocab_logits)
         torch.testing.assert_close((nll.sum() / batch["units"].numel()).double(), ours.double(), atol=1e-5, rtol=1e-5)
 
 

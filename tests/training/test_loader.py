@@ -71,11 +71,13 @@ def test_micro_batches_depend_on_seed_epoch_and_step_alone():
     one = MicroBatches(23, 6, seed=3, stop=12)
     two = [MicroBatches(23, 3, seed=3, rank=r, world=2, stop=12) for r in range(2)]
     for micro, batch in enumerate(one):
-        assert batch == two[0].indices(micro) + two[1].indices(micro)
+        assert [index for index, _ in batch] == two[0].indices(micro) + two[1].indices(micro)
+        assert {epoch for _, epoch in batch} == {micro // one.per_epoch}
     epoch = [i for micro in range(one.per_epoch) for i in one.indices(micro)]
     assert sorted(epoch) == list(range(23))
     assert one.indices(one.per_epoch) != one.indices(0)  # a new permutation each epoch
-    assert list(MicroBatches(23, 6, seed=3, start=5, stop=9)) == [one.indices(m) for m in range(5, 9)]
+    assert [[i for i, _ in b] for b in MicroBatches(23, 6, seed=3, start=5, stop=9)] == [one.indices(m)
+                                                                                         for m in range(5, 9)]
     assert list(MicroBatches(23, 6, seed=4, stop=2)) != list(MicroBatches(23, 6, seed=3, stop=2))
 
 
