@@ -374,13 +374,12 @@ def part_headline(out: Path, dry_run: bool, budget_s: float) -> None:
 def part_train_step(out: Path, dry_run: bool, budget_s: float) -> None:
     from . import train_step
     device = _device(dry_run)
-    payload = train_step.run(quick=dry_run, device=device, steps=2 if dry_run else 5, out_dir=out / "scratch",
-                             batch=2 if dry_run else 8, prompt=6 if dry_run else 64, response=5 if dry_run else 80,
-                             units=12 if dry_run else 300, batch_search=True,
-                             search_seconds=(budget_s * 0.6) / (len(train_step.STAGES) * len(train_step.IMPLEMENTATIONS)))
+    cases = len(train_step.STAGES) * len(train_step.IMPLEMENTATIONS)
+    shape = {"prompt": 6, "response": 5, "units": 12} if dry_run else {"prompt": 64, "response": 60, "units": 300}
+    shape["search_s"] = budget_s * 0.4 / cases
+    payload = train_step.run("tiny" if dry_run else "openomni_7b", device, steps=1 if dry_run else 3,
+                             batch=2 if dry_run else 8, records=8 if dry_run else 16, shape=shape, memory=False)
     _write_json(out / "train_step.json", payload)
-    import shutil
-    shutil.rmtree(out / "scratch", ignore_errors=True)
 
 
 def part_profile(out: Path, dry_run: bool, budget_s: float) -> None:
@@ -500,13 +499,14 @@ def summary_markdown(out: Path, runs: Dict[str, Dict[str, object]], dry_run: boo
     step = load("train_step")
     if step:
         lines += ["", f"## train_step ({step['config']})", "",
-                  "| stage | implementation | step s | vs recipe | units/s | peak GiB | largest batch |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| stage | implementation | setting | step s | vs recipe | whole run vs recipe | units/s | peak GiB | "
+                  "memory vs recipe | largest batch |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in step["rows"]:
             peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"
-            lines.append(f"| {r['stage']} | {r['implementation']} | {r['step_s']:.4f} | "
-                         f"{r['speedup_vs_recipe']:.2f}x | {r['units_per_s']:.0f} | {peak} | "
-                         f"{r.get('largest_batch', '-')} |")
+            lines.append(f"| {r['stage']} | {r['implementation']} | {r['setting']} | {r['step_s']:.4f} | "
+                         f"{_cell(r.get('speedup_vs_recipe'), '.2f')}x | "
+                         f"{_cell(r.get('whole_run_speedup_vs_recipe'), '.2f')}x | {r['units_per_s']:.0f} | {peak} | "
+                         f"{_cell(r.get('memory_vs_recipe'), '.2f')} | {r.get('largest_batch') or '-'} |")
     profile_payload = load("profile")
     if profile_payload:
         lines += ["", "## profile (top kernels; the whole tables are in profile.txt)", "",

@@ -60,7 +60,7 @@ def openomni_generator_nll(decoder, states, tokens, mask, units, vocab_logits: b
                     (pos.repeat_interleave(c.split_tokens) - 1)[None] if c.fusion_causal else None)
     unit_lengths = torch.full((B,), units.shape[1], device=states.device)
     frames, lengths = uniform_upsample(fused, n, c.upsample_factor, unit_lengths)
-    hidden = decoder._run_decoder(frames, lengths)
+    hidden = decoder.run_decoder(frames, lengths)
     if vocab_logits:  # Qwen2ForCausalLM forms its text logits on every frame; OpenOmni drops them
         wasted = F.linear(hidden, decoder.decoder.embed_tokens.weight.new_zeros(TEXT_VOCAB_HEAD, c.width))
         del wasted
@@ -98,7 +98,8 @@ class OpenOmniRecipeLoss(nn.Module):
         self.model, self.stage, self.beta = model, stage, beta
         self.vocab_logits, self.blank_media = vocab_logits, blank_media
         if checkpointing:
-            model.speech_decoder.decoder.gradient_checkpointing_enable()
+            decoder = model.speech_decoder.decoder
+            (getattr(decoder, "activation_checkpointing_enable", None) or decoder.gradient_checkpointing_enable)()
         reference = copy.deepcopy(model.speech_decoder).requires_grad_(False).eval() if stage.loss == "dpo" else None
         self._reference = [reference]  # not a submodule
 

@@ -1,54 +1,90 @@
-"""The headline figure: one training step of OpenOmni's speech stages, at OpenOmni's sizes.
+"""The headline figure: a training step of OpenOmni's speech stages, omnifast against OpenOmni's
+recipe as it ships, both through the same ``Trainer`` (its optimizer, clipping, autocast), on the
+same random weights (nothing is downloaded).
 
-Stage 4 (speech-gen: frozen Qwen2.5-7B, trained speech decoder) and stage 5 (emotion-dpo: CTC-DPO
-against a frozen reference), each run through the same ``Trainer.train_step`` that ``omnifast
-train`` runs (bf16 autocast, AdamW, gradient clipping, frozen parts frozen), on
-``OmniConfig.openomni_7b()`` built on the meta device and materialised on the GPU in bf16 with
-random weights (nothing is downloaded). Two implementations of the loss, on the same weights:
+Stage 4 (speech-gen) and stage 5 (emotion-dpo), each with three implementations:
+* ``omnifast, state cache``: the state cache built once (timed), then the steady-state step reads
+  each record's frozen states and reference log-likelihoods from it; only the decoder trains.
+* ``omnifast, no cache``: omnifast's own step with the frozen LLM run every step.
+* ``OpenOmni recipe as shipped``: ``openomni_recipe.OpenOmniRecipeLoss``: blank-input encoders per
+  record, the LLM's and the decoder's vocabulary logits, gradient checkpointing, the loop MoE,
+  einsum cross-attention, full logits and ``F.ctc_loss``, four-pass DPO.
+Each at two batch settings: OpenOmni's own (1 record x 4 accumulation steps) and an equal batch of
+``--batch`` records. Reported: the optimizer step's median time, units/s, the whole run over
+OpenOmni's epochs (2 for stage 4, 3 for stage 5) from the measured step and cache build, the
+memory, and on a GPU the largest batch (doubling until out of memory).
 
-* ``omnifast``: the trainer's own loss (``OmniModel`` + ``SpeechDecoder``: MoE, fused linear-CTC,
-  single-pass CTC-DPO with the reference's values computed once per record; every step here
-  brings new records, so the reference runs every step, as in a first epoch).
-* ``OpenOmni recipe``: the loss as OpenOmni's code computes it, each piece after
-  ``openomni/model/speech_generator_ctc/speech_generator.py`` (``SpeechGeneratorCTC.forward``):
-  the dense ``MoE`` as a Python loop that stacks every expert's output, the ``RLSIAT`` text-guided
-  module with its einsum attention, uniform upsampling, the decoder called as a
-  ``Qwen2ForCausalLM`` whose text-vocabulary logits (151,936 per frame) are formed and dropped,
-  full (B, T, V) unit logits -> ``log_softmax`` in float32 -> ``F.ctc_loss`` (sum over the units);
-  and the DPO after ``openomni/model/language_model/llava_her_qwen.py`` (``forward`` with
-  ``tune_speech_generator_dpo``): the policy generator scores chosen and rejected in two passes,
-  a deep-copied reference generator in two more, and the frozen 7B LLM's forward forms its own
-  text logits, which the recipe also keeps.
-* ``OpenOmni recipe, no vocab logits``: the same without the two unused text-vocabulary heads, a
-  conservative baseline: what is left to beat is the kernels' own work.
-
-Reported per stage and implementation: step time (median of CUDA-event-timed steps after
-warm-up), response tokens/s and speech units/s, peak memory of a step, and the largest batch that
-fits (doubling until out of memory, then the last that fitted). Written to
-``benchmarks/results/train_step-cuda.json`` with a chart. The full run needs a GPU and says so;
-``--quick`` runs the same code with ``OmniConfig.tiny()`` on the CPU (the test suite does).
-
+Configurations: ``--quick``, ``OmniConfig.tiny()`` (a smoke run of the same code; the suite runs
+it); on the CPU by default ``small_config()``, OpenOmni's structure at small size with OpenOmni's
+proportions (see its docstring); on a GPU ``OmniConfig.openomni_7b()`` in bf16. Memory on a GPU is
+``max_memory_allocated``; on the CPU, where the frozen front cannot leave "the device", it is the
+step's working set (peak RSS of a fresh process above what it held before the first step, the
+optimizer state included) plus the bytes of the weights the implementation keeps on the device
+(counted: the decoder alone from the cache; the whole model otherwise).
+``--estimate`` prints the GPU figures estimated from counted work (``train_step_estimate.py``).
 Run ``python -m omnifast.benchmarks.train_step`` (or ``omnifast bench train_step``).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from omnifast.models import OmniConfig, OmniModel
-from omnifast.training import Trainer, TrainConfig, get_stage
+from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
+from omnifast.nn.speech_decoder import SpeechDecoderConfig
+from omnifast.training import MicroBatches, Trainer, TrainConfig, get_stage, load_records
+from omnifast.training.cache import build_cache, collate_cached
+from omnifast.training.loader import collate_batch
 
+from . import train_step_estimate
 from ._harness import RESULTS, environment
 from .openomni_recipe import OpenOmniRecipeLoss
 
-IMPLEMENTATIONS = ("omnifast", "OpenOmni recipe", "OpenOmni recipe, no vocab logits")
-STAGES = ("speech-gen", "emotion-dpo")
+IMPLEMENTATIONS = train_step_estimate.IMPLEMENTATIONS
+STAGES = train_step_estimate.STAGES
+EPOCHS = train_step_estimate.EPOCHS
+SETTINGS = ("1 x 4", "equal batch")
+
+
+def small_config() -> OmniConfig:
+    """OpenOmni's structure at small size: its decoder at a quarter of its width (24 layers, 224
+    wide, 4 experts, 12x upsampling, 6561 units, the 151,936-word text embedding), encoders of
+    OpenOmni's token counts (577 image patches, 1500 speech frames) at small width, and an LLM
+    (8 layers, 1024 wide) whose forward costs about what the decoder's step does, as the 7B LLM's
+    does against OpenOmni's decoder at these lengths."""
+    decoder = SpeechDecoderConfig(llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14,
+                                  kv_heads=2, intermediate=1216)
+    return OmniConfig(
+        llm=dict(vocab_size=151936, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
+                 tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=336, patch_size=14, projection_dim=128),
+        speech=dict(num_mel_bins=128, d_model=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=512,
+                    decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256, max_source_positions=1500,
+                    vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3),
+        speech_decoder=asdict(decoder), speech_stack=5, speech_projector_hidden=256, image_size=336,
+        audio_seconds=30, image_token_id=259, speech_token_id=260)
+
+
+def config_named(name: str) -> OmniConfig:
+    if name == "tiny":
+        return OmniConfig.tiny()
+    if name == "small":
+        return small_config()
+    config = OmniConfig.openomni_7b()
+    config.image_token_id, config.speech_token_id = 259, 260  # the byte tokenizer's placeholders
+    return config
 
 
 def build_model(config: OmniConfig, device: torch.device, dtype: torch.dtype) -> OmniModel:
@@ -93,32 +129,41 @@ def _restore_buffers(model: torch.nn.Module, device: torch.device) -> None:
             raise RuntimeError(f"buffer {name} was left uninitialised by to_empty")
 
 
-def synthetic_batch(config: OmniConfig, batch: int, prompt: int, response: int, units: int, device, seed: int,
-                    dpo: bool) -> Dict[str, object]:
-    """A batch of text-only records: ``prompt`` + ``response`` tokens (labels on the response),
-    ``units`` target units (and rejected units for DPO), fresh record ids every call."""
-    gen = torch.Generator().manual_seed(seed)
-    vocab = min(config.llm["vocab_size"], 100_000)
-    ids = torch.randint(0, vocab, (batch, prompt + response), generator=gen)
-    for special in (config.image_token_id, config.speech_token_id):
-        ids[ids == special] = special + 1
-    labels = ids.clone()
-    labels[:, :prompt] = -100
-    unit_vocab = config.decoder_config().units
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": None,
-           "speech_features": None, "units": torch.randint(0, unit_vocab, (batch, units), generator=gen),
-           "ids": [f"{seed}-{b}" for b in range(batch)]}
-    if dpo:
-        out["rejected_units"] = torch.randint(0, unit_vocab, (batch, units), generator=gen)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+def write_records(path: Path, count: int, prompt: int, response: int, units: int, unit_vocab: int) -> Path:
+    """Text-only speech records: a ``prompt``-character question, a ``response``-character answer
+    (one byte token each), ``units`` chosen and rejected units."""
+    generator = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    rows = []
+    for i in range(count):
+        text = "".join(letters[j] for j in torch.randint(0, len(letters), (prompt + response,), generator=generator))
+        chosen, rejected = (torch.randint(0, unit_vocab, (units,), generator=generator).tolist() for _ in range(2))
+        rows.append({"id": f"r{i}", "tgt_units": chosen, "re_tgt_units": rejected,
+                     "conversations": [{"from": "human", "value": text[:prompt]},
+                                       {"from": "gpt", "value": text[prompt:]}]})
+    path.write_text(json.dumps(rows))
+    return path
 
 
-def make_trainer(name: str, model: OmniModel, stage: str, device, out_dir: Path) -> Trainer:
-    config = TrainConfig(stage=stage, max_steps=10 ** 6, progress=False, bf16="on" if device.type == "cuda" else "off")
-    loss = None if name == "omnifast" else OpenOmniRecipeLoss(model, get_stage(stage), config.beta,
-                                                              vocab_logits=name == "OpenOmni recipe",
-                                                              blank_media=False, checkpointing=False)
-    return Trainer(model, None, [], config, out_dir, device=str(device), loss=loss)
+def make_trainer(name: str, model: OmniModel, processor, records, stage: str, setting: str, batch: int, device,
+                 out_dir: Path, cache: Optional[Path]) -> Trainer:
+    size, accum = (1, 4) if setting == "1 x 4" else (batch, 1)
+    config = TrainConfig(stage=stage, batch_size=size, grad_accum=accum, max_steps=10 ** 6, progress=False,
+                         bf16="on" if device.type == "cuda" else "off")
+    if name == "omnifast, state cache":
+        return Trainer(model, processor, records, config, out_dir, device=str(device), state_cache=cache)
+    loss = None if name == "omnifast, no cache" else OpenOmniRecipeLoss(model, get_stage(stage), config.beta)
+    return Trainer(model, processor, records, config, out_dir, device=str(device), loss=loss)
+
+
+def step_batches(trainer: Trainer, start: int) -> List[Dict[str, object]]:
+    """The micro-batches of one optimizer step, from the trainer's own data set, on its device."""
+    accum = trainer.config.grad_accum
+    sampler = MicroBatches(len(trainer.dataset), trainer.config.batch_size, 0, start=start * accum,
+                           stop=(start + 1) * accum)
+    pad = trainer.processor.tokenizer.pad_token_id
+    collate = collate_cached if trainer.state_cache is not None else (lambda items: collate_batch(items, pad))
+    return [trainer._to_device(collate([trainer.dataset[key] for key in keys])) for keys in sampler]
 
 
 def synchronize(device) -> None:
@@ -126,255 +171,268 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(trainer: Trainer, make_batch, steps: int, warmup: int, device) -> List[float]:
+def time_steps(trainer: Trainer, steps: int, warmup: int, device) -> List[float]:
     for i in range(warmup):
-        trainer.train_step([make_batch(10_000 + i)])
+        trainer.train_step(step_batches(trainer, i))
     synchronize(device)
     times = []
     for i in range(steps):
-        batch = make_batch(i)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            trainer.train_step([batch])
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            start_s = time.perf_counter()
-            trainer.train_step([batch])
-            times.append(time.perf_counter() - start_s)
+        batches = step_batches(trainer, warmup + i)
+        start = time.perf_counter()
+        trainer.train_step(batches)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
     return times
 
 
-def peak_step_memory(trainer: Trainer, make_batch, device) -> Optional[int]:
+def largest_batch(trainer: Trainer, device, cap: int, seconds: Optional[float] = None) -> Optional[int]:
+    """On a GPU: double the records of a step until it runs out of memory (or ``cap``, or the
+    search has taken ``seconds``); the last that ran."""
     if device.type != "cuda":
         return None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    trainer.train_step([make_batch(20_000)])
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
-
-
-def largest_batch(trainer: Trainer, batch_for, device, cap: int, seconds: Optional[float] = None) -> int:
-    """Double the batch until a step runs out of memory (or reaches ``cap``, or the search has
-    taken ``seconds``); the last that ran."""
     fitted, size = 0, 1
     deadline = None if seconds is None else time.monotonic() + seconds
-    while size <= cap and (deadline is None or time.monotonic() < deadline):
+    while size <= min(cap, len(trainer.dataset)) and (deadline is None or time.monotonic() < deadline):
+        trainer.config.batch_size, trainer.config.grad_accum = size, 1
         try:
-            trainer.train_step([batch_for(size, 30_000 + size)])
+            trainer.train_step(step_batches(trainer, 0))
             synchronize(device)
         except torch.cuda.OutOfMemoryError:
             break
         finally:
             trainer.optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
         fitted, size = size, size * 2
     return fitted
 
 
-def run(quick: bool, device: torch.device, steps: int, out_dir: Path, batch: int, prompt: int, response: int,
-        units: int, batch_search: bool, implementations=IMPLEMENTATIONS,
-        search_seconds: Optional[float] = None) -> Dict:
-    config = OmniConfig.tiny() if quick else OmniConfig.openomni_7b()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(config, device, dtype)
+def device_weight_bytes(name: str, model: OmniModel, stage: str) -> int:
+    """Bytes of the weights an implementation keeps on the device besides its step's working set."""
+    def nbytes(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+    if name == "omnifast, state cache":
+        return nbytes(model.speech_decoder)
+    return nbytes(model) + (nbytes(model.speech_decoder) if stage == "emotion-dpo" else 0)  # + the reference copy
+
+
+class Bench:
+    """One stage's model, processor, records and state cache; every case starts from the same
+    decoder weights (restored after each)."""
+
+    def __init__(self, config_name: str, device: torch.device, stage: str, records: int, shape: Dict[str, int],
+                 scratch: Path):
+        self.device, self.stage = device, stage
+        config = config_named(config_name)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = build_model(config, device, dtype)
+        self.processor = OmniProcessor(build_tiny_tokenizer(), config)
+        data = scratch / f"{stage}.json"
+        if not data.is_file():
+            write_records(data, records, shape["prompt"], shape["response"], shape["units"],
+                          config.decoder_config().units)
+        self.records = load_records(data, get_stage(stage), config.decoder_config().units)
+        self.cache, self.build_s = scratch / f"cache-{stage}", None
+        self.decoder_state = {k: v.clone() for k, v in self.model.speech_decoder.state_dict().items()}
+
+    def build_cache(self) -> None:
+        if not (self.cache / "index.json").is_file():
+            start = time.perf_counter()
+            build_cache(self.cache, self.model, self.processor, self.records, get_stage(self.stage),
+                        bf16=self.device.type == "cuda", device=self.device, progress=False)
+            synchronize(self.device)
+            self.build_s = time.perf_counter() - start
+
+    def trainer(self, name: str, setting: str, batch: int, out_dir: Path) -> Trainer:
+        self.model.speech_decoder.load_state_dict(self.decoder_state)
+        decoder = self.model.speech_decoder.decoder
+        (getattr(decoder, "activation_checkpointing_disable", None) or decoder.gradient_checkpointing_disable)()
+        if name == "omnifast, state cache":
+            self.build_cache()
+        return make_trainer(name, self.model, self.processor, self.records, self.stage, setting, batch, self.device,
+                            out_dir, self.cache)
+
+
+def measure_case(bench: Bench, name: str, setting: str, batch: int, steps: int, shape: Dict[str, int],
+                 out_dir: Path) -> Dict:
+    device = bench.device
+    trainer = bench.trainer(name, setting, batch, out_dir)
+    times = time_steps(trainer, steps, warmup=1, device=device)
+    row = {"stage": bench.stage, "implementation": name, "setting": setting, "step_s": statistics.median(times),
+           "steps": len(times), "records_per_step": trainer.config.batch_size * trainer.config.grad_accum,
+           "cache_build_s": bench.build_s if name == "omnifast, state cache" else None,
+           "device_weight_bytes": device_weight_bytes(name, bench.model, bench.stage)}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer.train_step(step_batches(trainer, 0))
+        row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        if setting == "equal batch":
+            row["largest_batch"] = largest_batch(trainer, device, cap=4096, seconds=shape.get("search_s"))
+    del trainer
+    return row
+
+
+def _working_set(trainer: Trainer) -> int:
+    """Peak RSS growth over the first optimizer step (activations, gradients, optimizer state)."""
+    from ._harness import peak_memory_here
+    batches = step_batches(trainer, 0)
+    return peak_memory_here(lambda: trainer.train_step(batches), torch.device("cpu"))
+
+
+def memory_subprocess(args: List[str]) -> Optional[int]:
+    env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), **__import__("os").environ}
+    try:
+        out = subprocess.run([sys.executable, "-m", "omnifast.benchmarks.train_step", *args], capture_output=True,
+                             text=True, check=True, env=env, timeout=900).stdout
+    except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as error:
+        print(f"memory not measured: {error}", file=sys.stderr)
+        return None
+    return int(out.strip().splitlines()[-1])
+
+
+def run(config_name: str, device: torch.device, steps: int, batch: int, records: int, shape: Dict[str, int],
+        memory: bool = True, implementations=IMPLEMENTATIONS) -> Dict:
     rows = []
-    for stage in STAGES:
-        dpo = stage == "emotion-dpo"
-        for name in implementations:
-            trainer = make_trainer(name, model, stage, device, out_dir / "scratch")
-
-            def make_batch(seed, size=batch):
-                return synthetic_batch(config, size, prompt, response, units, device, seed, dpo)
-            times = time_steps(trainer, make_batch, steps, warmup=1 if quick else 2, device=device)
-            step_s = statistics.median(times)
-            row = {"stage": stage, "implementation": name, "batch": batch, "step_s": step_s, "steps": len(times),
-                   "response_tokens_per_s": batch * response / step_s, "units_per_s": batch * units / step_s,
-                   "peak_bytes": peak_step_memory(trainer, make_batch, device)}
-            if batch_search:
-                row["largest_batch"] = largest_batch(trainer, lambda size, seed: make_batch(seed, size), device,
-                                                     cap=8 if quick else 4096, seconds=search_seconds)
-            rows.append(row)
-            print(f"done: {stage} {name}", file=sys.stderr)
-            del trainer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        for stage in STAGES:
+            bench = Bench(config_name, device, stage, records, shape, scratch)
+            for name in implementations:
+                for setting in SETTINGS:
+                    row = measure_case(bench, name, setting, batch, steps, shape, scratch / "out")
+                    if device.type == "cpu" and memory and setting == "equal batch":
+                        working = memory_subprocess(["--memory-of", stage, name, setting, "--config", config_name,
+                                                     "--batch", str(batch), "--records", str(records),
+                                                     "--scratch", str(scratch), "--shape", json.dumps(shape)])
+                        row["step_working_bytes"] = working
+                        if working is not None:
+                            row["peak_bytes"] = working + row["device_weight_bytes"]
+                    rows.append(row)
+                    print(f"done: {stage} {name} {setting}", file=sys.stderr)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            del bench
     for row in rows:
-        base = next(r for r in rows if r["stage"] == row["stage"] and r["implementation"] == "OpenOmni recipe")
-        row["speedup_vs_recipe"] = base["step_s"] / row["step_s"]
-        if row.get("peak_bytes") and base.get("peak_bytes"):
-            row["memory_vs_recipe"] = row["peak_bytes"] / base["peak_bytes"]
-        if row.get("largest_batch") and base.get("largest_batch"):
-            row["largest_batch_vs_recipe"] = row["largest_batch"] / base["largest_batch"]
-    return {"op": "train_step", "description": __doc__, "environment": environment(device),
-            "config": "tiny" if quick else "openomni_7b", "dtype": str(dtype),
-            "shape": {"batch": batch, "prompt": prompt, "response": response, "units": units}, "rows": rows}
-
-
-# --- an estimate from counted work, for a session without a GPU ---------------------------------
-# Rates measured on an H100 of this workplace (the device tool's KINDS.md, 2026-11-13): a bf16
-# 8192^3 matrix product at 798 TFLOP/s and a device copy at 3.0 TB/s. These GEMMs are smaller and
-# thinner (896-wide decoder), so 60% of the matrix rate is assumed. torch's CTC recursion was
-# measured at 3.7 ms for 1200 frames (../shared/perf/h100-2026-11-24.md: alpha 1.15 + backward
-# 2.56 ms at (16,1200,6561,500)) and scales with the frames; omnifast's is estimated in
-# kernels/ctc.py (0.4-0.6 ms for 1200 frames, alpha and beta met in the middle, chosen and
-# rejected in the same launch).
-GEMM_RATE, BANDWIDTH, GPU_BYTES = 0.6 * 798e12, 3.0e12, 80 * 2**30
-TORCH_CTC_S_PER_FRAME, OURS_CTC_S_PER_FRAME = 3.7e-3 / 1200, 0.6e-3 / 1200
-
-
-def estimate(batch: int, prompt: int, response: int, units: int) -> Dict:
-    """Step time, memory and largest batch of each implementation from counted FLOPs and bytes
-    (labelled an estimate everywhere it is shown)."""
-    config = OmniConfig.openomni_7b()
-    with torch.device("meta"):
-        model = OmniModel(config)
-    d, c = model.speech_decoder, config.decoder_config()
-    llm_layers = sum(p.numel() for p in model.llm.model.layers.parameters())
-    dec_layers = sum(p.numel() for p in d.decoder.layers.parameters())
-    moe = sum(p.numel() for p in d.moe.parameters())
-    weights = 2 * sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in d.parameters())
-    per_frame_activation = c.layers * (8 * c.width + 4 * c.intermediate) * 2  # bf16 tensors a layer keeps
-
-    def per_step(B, name, stage):
-        tokens, frames, rows = B * (prompt + response), B * max(c.upsample_factor * response, units), B * (response + 2)
-        head = 2 * frames * c.width * (c.units + 1)
-        decoder_fwd = 2 * dec_layers * frames + 2 * moe * rows + head  # the MoE runs on the response states
-        vocab = name == "OpenOmni recipe"
-        logits_bytes = frames * (c.units + 1) * (2 + 4 + 4)  # bf16 logits, fp32 log-probs and their gradient
-        gemm = 2 * llm_layers * tokens + (2 * tokens * config.hidden * 152064 if vocab else 0)
-        bytes_moved = 16 * trainable  # AdamW: bf16 parameter, gradient and two moments read and written
-        seconds, activations, transient = 0.0, frames * per_frame_activation, 0
-        if name == "omnifast":
-            passes_train, passes_fwd = 1, (1 if stage == "emotion-dpo" else 0)  # the reference, first epoch
-            # the policy's chosen and rejected in one chain of T steps; the reference's (no grad) T/2
-            seconds += OURS_CTC_S_PER_FRAME * frames / B * (1.5 if stage == "emotion-dpo" else 1)
-            bytes_moved += 3 * frames * (c.units + 1) * 2 * (passes_train + passes_fwd)
-        else:
-            passes_train, passes_fwd = (2, 2) if stage == "emotion-dpo" else (1, 0)
-            seconds += TORCH_CTC_S_PER_FRAME * frames / B * (passes_train + passes_fwd)
-            bytes_moved += 2 * logits_bytes * (passes_train + passes_fwd)
-            activations *= passes_train  # chosen and rejected graphs are both alive until backward
-            transient = logits_bytes * passes_train
-            if vocab:
-                gemm += 2 * frames * c.width * 151936 * (passes_train + passes_fwd)
-                transient += frames * 151936 * 2
-        gemm += 3 * decoder_fwd * passes_train + decoder_fwd * passes_fwd
-        seconds += gemm / GEMM_RATE + bytes_moved / BANDWIDTH
-        return seconds, weights + 6 * trainable + activations + transient, activations + transient
-
-    rows = []
-    for stage in STAGES:
-        for name in IMPLEMENTATIONS:
-            step_s, peak, per_batch = per_step(batch, name, stage)
-            per_record = per_batch / batch
-            rows.append({"stage": stage, "implementation": name, "batch": batch, "step_s": step_s,
-                         "response_tokens_per_s": batch * response / step_s, "units_per_s": batch * units / step_s,
-                         "peak_bytes": peak, "largest_batch": int((GPU_BYTES - weights - 6 * trainable) // per_record),
-                         "estimate": True})
+        row["units_per_s"] = row["records_per_step"] * shape["units"] / row["step_s"]
+        steps_per_run = EPOCHS[row["stage"]] * math.ceil(records / row["records_per_step"])
+        row["whole_run_s"] = steps_per_run * row["step_s"] + (row["cache_build_s"] or 0.0)
     for row in rows:
-        base = next(r for r in rows if r["stage"] == row["stage"] and r["implementation"] == "OpenOmni recipe")
-        row["speedup_vs_recipe"] = base["step_s"] / row["step_s"]
-        row["memory_vs_recipe"] = row["peak_bytes"] / base["peak_bytes"]
-        row["largest_batch_vs_recipe"] = row["largest_batch"] / base["largest_batch"]
-    return {"op": "train_step", "description": "ESTIMATE from counted FLOPs and bytes, not a measurement: " + __doc__,
-            "environment": {"gpu": "H100 (estimate, no GPU measurement)"}, "config": "openomni_7b (estimate)",
-            "dtype": "torch.bfloat16", "shape": {"batch": batch, "prompt": prompt, "response": response,
-                                                "units": units},
-            "assumptions": {"gemm_flops_per_s": GEMM_RATE, "bytes_per_s": BANDWIDTH, "gpu_bytes": GPU_BYTES,
-                            "torch_ctc_s_per_frame": TORCH_CTC_S_PER_FRAME,
-                            "omnifast_ctc_s_per_frame": OURS_CTC_S_PER_FRAME}, "rows": rows}
+        for base_name, key in ((IMPLEMENTATIONS[2], "vs_recipe"), (IMPLEMENTATIONS[1], "vs_no_cache")):
+            base = next((r for r in rows if r["stage"] == row["stage"] and r["setting"] == row["setting"]
+                         and r["implementation"] == base_name), None)
+            if base is None:
+                continue
+            row[f"speedup_{key}"] = base["step_s"] / row["step_s"]
+            row[f"whole_run_speedup_{key}"] = base["whole_run_s"] / row["whole_run_s"]
+            if row.get("peak_bytes") and base.get("peak_bytes"):
+                row[f"memory_{key}"] = row["peak_bytes"] / base["peak_bytes"]
+            if row.get("largest_batch") and base.get("largest_batch"):
+                row[f"largest_batch_{key}"] = row["largest_batch"] / base["largest_batch"]
+    return {"op": "train_step", "description": __doc__, "environment": environment(device), "config": config_name,
+            "dtype": "torch.bfloat16" if device.type == "cuda" else "torch.float32", "batch": batch,
+            "records": records, "shape": shape, "rows": rows}
 
 
 def print_table(payload: Dict) -> None:
-    print(f"\ntrain_step ({payload['config']}, {payload['dtype']}): median seconds per step, throughput, peak "
-          f"memory, largest batch")
-    header = (f"{'stage':12s} {'implementation':34s} {'step s':>9s} {'vs recipe':>9s} {'tokens/s':>10s} "
-              f"{'units/s':>10s} {'peak GiB':>9s} {'max batch':>9s}")
+    estimate = "ESTIMATE " if "ESTIMATE" in payload["description"][:20] else ""
+    print(f"\n{estimate}train_step ({payload['config']}, {payload['dtype']}): optimizer step, whole run over "
+          f"OpenOmni's epochs, memory")
+    header = (f"{'stage':12s} {'implementation':28s} {'setting':12s} {'step s':>9s} {'vs recipe':>9s} "
+              f"{'vs no cache':>11s} {'units/s':>9s} {'run vs recipe':>13s} {'GiB':>7s} {'mem vs recipe':>13s} "
+              f"{'max batch':>9s}")
     print(header)
     print("-" * len(header))
     for r in payload["rows"]:
-        peak = f"{r['peak_bytes'] / 2**30:9.2f}" if r.get("peak_bytes") else f"{'-':>9s}"
-        fits = f"{r['largest_batch']:9d}" if r.get("largest_batch") else f"{'-':>9s}"
-        print(f"{r['stage']:12s} {r['implementation']:34s} {r['step_s']:9.4f} {r['speedup_vs_recipe']:8.2f}x "
-              f"{r['response_tokens_per_s']:10.1f} {r['units_per_s']:10.1f} {peak} {fits}")
+        def cell(key, fmt, width):
+            value = r.get(key)
+            return f"{value:{width}{fmt}}" if value is not None else f"{'-':>{width}s}"
+        peak = r.get("peak_bytes")
+        print(f"{r['stage']:12s} {r['implementation']:28s} {r.get('setting', '-'):12s} {r['step_s']:9.4f} "
+              f"{cell('speedup_vs_recipe', '.2f', 8)}x {cell('speedup_vs_no_cache', '.2f', 10)}x "
+              f"{r['units_per_s']:9.0f} {cell('whole_run_speedup_vs_recipe', '.2f', 12)}x "
+              f"{(peak / 2**30 if peak else 0):7.2f} {cell('memory_vs_recipe', '.2f', 13)} "
+              f"{cell('largest_batch', 'd', 9)}")
 
 
-def plot(payload: Dict, path: Path) -> None:
-    import matplotlib
+def plot(payload: Dict, path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = [r for r in payload["rows"] if r.get("setting", "equal batch") == "equal batch"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    names = list(dict.fromkeys(r["implementation"] for r in payload["rows"]))
+    names = list(dict.fromkeys(r["implementation"] for r in rows))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
-        rows = [r for r in payload["rows"] if r["implementation"] == name]
-        xs = [j + i * width for j in range(len(rows))]
-        axes[0].bar(xs, [r["units_per_s"] for r in rows], width, label=name)
-        axes[1].bar(xs, [(r.get("peak_bytes") or 0) / 2**30 for r in rows], width, label=name)
-        axes[2].bar(xs, [r.get("largest_batch") or 0 for r in rows], width, label=name)
-    for axis, title in zip(axes, ("speech units / s", "peak GiB per step", "largest batch")):
+        mine = [r for r in rows if r["implementation"] == name]
+        xs = [j + i * width for j in range(len(mine))]
+        axes[0].bar(xs, [r["units_per_s"] for r in mine], width, label=name)
+        axes[1].bar(xs, [(r.get("peak_bytes") or 0) / 2**30 for r in mine], width, label=name)
+        axes[2].bar(xs, [r["whole_run_s"] / 3600 for r in mine], width, label=name)
+    for axis, title in zip(axes, ("speech units / s", "peak GiB", "whole run, hours")):
         axis.set_xticks([j + 0.4 - width / 2 for j in range(len(STAGES))])
         axis.set_xticklabels(STAGES)
         axis.set_title(title)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"one training step, {payload['config']} ({payload['environment'].get('gpu', 'CPU')})")
+    fig.suptitle(f"training step, {payload['config']} ({payload['environment'].get('gpu', 'CPU')})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="OmniConfig.tiny() on the CPU: a smoke run of the same code")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per implementation (default 10; quick 2)")
-    parser.add_argument("--batch", type=int, default=None, help="records per step (default 8; quick 2)")
-    parser.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 64; quick 6)")
-    parser.add_argument("--response", type=int, default=None, help="response tokens (default 80; quick 5)")
-    parser.add_argument("--units", type=int, default=None, help="speech units per response (default 300; quick 12)")
-    parser.add_argument("--no-batch-search", action="store_true", help="skip the largest-batch search")
+    parser.add_argument("--config", choices=("tiny", "small", "openomni_7b"), default=None,
+                        help="default: openomni_7b on a GPU, small on the CPU, tiny with --quick")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per case (default 5; quick 1)")
+    parser.add_argument("--batch", type=int, default=None, help="records of the equal-batch setting (default 8; CPU 4)")
+    parser.add_argument("--records", type=int, default=None, help="records in the data set (default 32; quick 8)")
     parser.add_argument("--estimate", action="store_true",
-                        help="no GPU: the full-size figures estimated from counted FLOPs and bytes, labelled so")
+                        help="no GPU: the 7B figures estimated from counted FLOPs and bytes, labelled so")
+    parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # `omnifast bench all` passes it
-    parser.add_argument("--no-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-of", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.estimate:
-        payload = estimate(args.batch or 8, args.prompt or 64, args.response or 80, args.units or 300)
+        payload = train_step_estimate.estimate()
+        payload["fits_24gb"] = train_step_estimate.fits_24gb()
         print_table(payload)
         print("ESTIMATE: counted FLOPs and bytes at measured H100 rates, not a measurement")
         return _write(payload, Path(args.out), "train_step-estimate")
-    if not args.quick and device.type != "cuda":
-        print("omnifast bench train_step needs a GPU: OpenOmni's 7B model trains in bf16 on one. Run it with "
-              "--device cuda on a GPU machine, or --quick for a CPU smoke run at tiny size.", file=sys.stderr)
-        return 2
-    quick = args.quick
-    pick = lambda value, full, small: value if value is not None else (small if quick else full)  # noqa: E731
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = run(quick, device, pick(args.steps or args.repeats, 10, 2), out_dir, pick(args.batch, 8, 2),
-                  pick(args.prompt, 64, 6), pick(args.response, 80, 5), pick(args.units, 300, 12),
-                  not args.no_batch_search)
+    config_name = args.config or ("tiny" if args.quick else "openomni_7b" if device.type == "cuda" else "small")
+    tiny = config_name == "tiny"
+    shape = {"prompt": 6, "response": 5, "units": 12} if tiny else {"prompt": 64, "response": 60, "units": 300}
+    batch = args.batch or (2 if tiny else 8 if device.type == "cuda" else 4)
+    records = args.records or (8 if tiny else 32)
+    if args.memory_of:  # a child process: one case's working set
+        stage, name, setting = args.memory_of
+        bench = Bench(config_name, device, stage, records, json.loads(args.shape), Path(args.scratch))
+        print(_working_set(bench.trainer(name, setting, batch, Path(args.scratch) / "out")))
+        return 0
+    payload = run(config_name, device, args.steps or args.repeats or (1 if tiny else 5), batch, records, shape,
+                  memory=not args.no_memory)
     print_table(payload)
-    return _write(payload, out_dir, ("quick_" if quick else "") + "train_step" + ("-cuda" if device.type == "cuda" else ""))
+    name = ("quick_" if args.quick else "") + "train_step" + ("-cuda" if device.type == "cuda" else "")
+    return _write(payload, Path(args.out), name)
 
 
 def _write(payload: Dict, out_dir: Path, name: str) -> int:
-    import json
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
-    plot(payload, path.with_suffix(".png"))
-    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    drawn = plot(payload, path.with_suffix(".png"))
+    print(f"\nwrote {path}" + (f" and {path.with_suffix('.png')}" if drawn else ""))
     return 0
 
 

@@ -11,6 +11,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from omnifast.nn.packing import run_packed, unpack
 from omnifast.nn.speech_decoder import SpeechDecoder
 from omnifast.ops.decode import sample_top_k_top_p
 from omnifast.ops.linear_cross_entropy import linear_cross_entropy
@@ -141,16 +142,29 @@ class OmniModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
                 speech_features: Optional[torch.Tensor] = None, units: Optional[torch.Tensor] = None,
-                unit_lengths: Optional[torch.Tensor] = None, text_loss: bool = True, **_) -> OmniOutput:
+                unit_lengths: Optional[torch.Tensor] = None, text_loss: bool = True,
+                lengths: Optional[torch.Tensor] = None, **_) -> OmniOutput:
         """Text loss (next token, labels -100 ignored) and, with target ``units`` (B, U), the
         speech decoder's loss on the LLM's hidden states at the response positions (labels !=
-        -100). A frozen LLM runs under no_grad. ``text_loss=False`` skips the text loss."""
+        -100). A frozen LLM runs under no_grad. ``text_loss=False`` skips the text loss.
+
+        Packed: ``input_ids`` and ``labels`` (1, sum lengths) hold the records end to end and
+        ``lengths`` (B,) their lengths; each attends within itself, its positions restart, and
+        the losses equal those of the padded batch (``hidden_states`` comes back padded)."""
         llm_frozen = not any(p.requires_grad for p in self.llm.parameters()) and not any(
             p.requires_grad for m in (self.vision, self.speech, self.image_projector, self.speech_projector)
             for p in m.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not llm_frozen):
             embeds = self.embed(input_ids, pixel_values, speech_features)
-            hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+            if lengths is None:
+                hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        use_cache=False).last_hidden_state
+            else:
+                if input_ids.shape[0] != 1 or int(lengths.sum()) != input_ids.shape[1]:
+                    raise ValueError(f"packed input_ids must be (1, sum of lengths = {int(lengths.sum())}), got "
+                                     f"{tuple(input_ids.shape)}")
+                # a record's first label is always -100 (its system turn), so no target crosses a boundary
+                hidden = run_packed(self.llm.model, embeds[0], lengths)[None]
             want_text, text_loss = text_loss, None
             if want_text and labels is not None and (labels[:, 1:] != IGNORE_INDEX).any():
                 text_loss = linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]),
@@ -162,9 +176,15 @@ class OmniModel(nn.Module):
                 raise ValueError("units were given but this model has no speech decoder")
             if labels is None:
                 raise ValueError("the speech loss needs labels: the response positions are labels != -100")
+            if lengths is not None:
+                labels = unpack(labels[0] - IGNORE_INDEX, lengths) + IGNORE_INDEX  # padded with IGNORE_INDEX
+            hidden = unpack(hidden[0], lengths) if lengths is not None else hidden
+            lengths = None  # hidden is padded from here on
             states, tokens, mask = response_states(hidden, labels)
             speech_loss = self.speech_decoder(states, tokens, mask, mask, units, unit_lengths).loss
         losses = [loss for loss in (text_loss, speech_loss) if loss is not None]
+        if lengths is not None:
+            hidden = unpack(hidden[0], lengths)
         return OmniOutput(sum(losses) if losses else None, text_loss, speech_loss, hidden)
 
     # ---- generation ---------------------------------------------------------------------------

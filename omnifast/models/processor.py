@@ -107,20 +107,13 @@ class OmniProcessor:
                 ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         return ids
 
-    def encode_conversation(self, conversation: Sequence[Dict[str, str]], images: Sequence = (),
-                            audios: Sequence = (), *, sampling_rate: Optional[int] = None,
-                            add_generation_prompt: bool = False) -> Dict[str, Optional[torch.Tensor]]:
-        """One conversation (a list of turns ``{"from": "human"|"gpt", "value": text}`` or
-        ``{"role", "content"}``) -> input_ids, labels (S,), pixel_values, speech_features."""
+    def tokenize(self, conversation: Sequence[Dict[str, str]], add_generation_prompt: bool = False):
+        """(input_ids, labels) of a conversation as lists, its media placeholders expanded; no
+        media is read."""
         turns = [(ROLES.get(t.get("from", t.get("role"))), t.get("value", t.get("content"))) for t in conversation]
         for i, (role, text) in enumerate(turns):
             if role is None or not isinstance(text, str):
                 raise ValueError(f"conversation turn {i} needs a known 'from'/'role' and a text 'value'/'content'")
-        text = "".join(t for _, t in turns)
-        for token, media, name in ((IMAGE_TOKEN, images, "images"), (SPEECH_TOKEN, audios, "audios")):
-            if text.count(token) != len(media):
-                raise ValueError(f"the conversation has {text.count(token)} {token} placeholders but "
-                                 f"{len(media)} {name} were given")
         if turns and turns[0][0] != "system":
             turns = [("system", self.system_prompt)] + turns
         ids, labels = [], []
@@ -134,6 +127,19 @@ class OmniProcessor:
         if add_generation_prompt:
             prompt = self._ids("<|im_start|>assistant\n")
             ids, labels = ids + prompt, labels + [IGNORE_INDEX] * len(prompt)
+        return ids, labels
+
+    def encode_conversation(self, conversation: Sequence[Dict[str, str]], images: Sequence = (),
+                            audios: Sequence = (), *, sampling_rate: Optional[int] = None,
+                            add_generation_prompt: bool = False) -> Dict[str, Optional[torch.Tensor]]:
+        """One conversation (a list of turns ``{"from": "human"|"gpt", "value": text}`` or
+        ``{"role", "content"}``) -> input_ids, labels (S,), pixel_values, speech_features."""
+        ids, labels = self.tokenize(conversation, add_generation_prompt)
+        text = "".join(t.get("value", t.get("content")) for t in conversation)
+        for token, media, name in ((IMAGE_TOKEN, images, "images"), (SPEECH_TOKEN, audios, "audios")):
+            if text.count(token) != len(media):
+                raise ValueError(f"the conversation has {text.count(token)} {token} placeholders but "
+                                 f"{len(media)} {name} were given")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "pixel_values": self.images_to_pixels(images) if len(images) else None,
                 "speech_features": self.audio_to_features(audios, sampling_rate) if len(audios) else None}

@@ -36,6 +36,7 @@ from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
 from .heads import CTCDPOLoss, LinearCTCHead
 from .moe import MoE
+from .packing import pack, run_packed, unpack
 from .text_guided import TextGuidedModule
 
 IGNORE_INDEX = -100
@@ -151,6 +152,7 @@ class SpeechDecoder(nn.Module):
         if not isinstance(config, SpeechDecoderConfig):
             raise TypeError(f"config must be a SpeechDecoderConfig, got {type(config).__name__}")
         self.config, self.mode = config, check_choice("mode", mode, ("nar", "ar"))
+        self.packing = False  # run the decoder layers over packed records (no padded frames); same results
         c = config
         self.specials = nn.Embedding(2, c.llm_hidden)  # sos, task: around the LLM states
         self.moe = MoE(c.llm_hidden, c.width * c.split_tokens, c.width * c.split_tokens, experts=c.experts,
@@ -217,7 +219,12 @@ class SpeechDecoder(nn.Module):
         context = torch.where((pos == 0)[None, :, None], sos, context)
         context = torch.where((pos[None] == n + 1)[..., None], task, context)
         context = context * (pos[None] <= n + 1)[..., None].to(context.dtype)
-        expanded = self._expand(context)  # (B, (N + 2) * S, width)
+        if self.packing:  # the MoE on the real rows only (row by row: the same numbers)
+            rows = n[:, 0] + 2
+            expanded = self._expand(pack(context, rows)[None])[0].reshape(-1, S * self.config.width)
+            expanded = unpack(expanded, rows, N + 2).reshape(B, (N + 2) * S, self.config.width)
+        else:
+            expanded = self._expand(context)  # (B, (N + 2) * S, width)
         context_mask = torch.arange((N + 2) * S, device=hidden.device)[None] < (n + 2) * S
         groups = None
         if self.config.fusion_causal:  # sos -> -1 (seen by all), LLM state j -> j, task -> n (seen by none)
@@ -226,7 +233,9 @@ class SpeechDecoder(nn.Module):
         queries = self.decoder.embed_tokens(tokens)
         return self.text_guided(queries, expanded.to(queries.dtype), context_mask, groups), text_lengths
 
-    def _run_decoder(self, embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def run_decoder(self, embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The Qwen2 decoder layers over ``embeds`` (B, T, width), the first ``lengths[b]`` positions
+        of each row real (causal, or bidirectional over the real positions)."""
         B, T, _ = embeds.shape
         valid = torch.arange(T, device=embeds.device)[None] < lengths[:, None]
         if self.config.causal:
@@ -234,7 +243,16 @@ class SpeechDecoder(nn.Module):
         else:  # a prepared mask skips transformers' causal one: every frame sees every real frame
             mask = {"full_attention": valid[:, None, None, :].expand(B, 1, T, T)}
         positions = torch.arange(T, device=embeds.device)[None].expand(B, -1)
-        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                            use_cache=False).last_hidden_state
+
+    def decode(self, embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """:meth:`run_decoder`, or with ``packing`` the same over the records packed end to end
+        (each attending within itself), returned right-padded with zeros."""
+        if not self.packing:
+            return self.run_decoder(embeds, lengths)
+        packed = run_packed(self.decoder, pack(embeds, lengths), lengths, self.config.causal)
+        return unpack(packed, lengths, embeds.shape[1])
 
     # ---- NAR ----------------------------------------------------------------------------------
     def frame_states(self, hidden, text_tokens, hidden_mask=None, text_mask=None,
@@ -242,7 +260,7 @@ class SpeechDecoder(nn.Module):
         """NAR decoder outputs (B, T, width) over the upsampled text, and the frame counts (B,)."""
         fused, text_lengths = self.fuse_text(hidden, text_tokens, hidden_mask, text_mask)
         frames, frame_lengths = uniform_upsample(fused, text_lengths, self.config.upsample_factor, min_frames)
-        return self._run_decoder(frames, frame_lengths), frame_lengths
+        return self.decode(frames, frame_lengths), frame_lengths
 
     def forward(self, hidden, text_tokens, hidden_mask=None, text_mask=None, units=None,
                 unit_lengths=None) -> SpeechDecoderOutput:
@@ -375,7 +393,7 @@ class SpeechDecoder(nn.Module):
             raise ValueError("the AR decoder's forward needs target units (use generate to sample)")
         units, unit_lengths = self._check_units("units", units, unit_lengths, hidden.shape[0])
         seq, total = self._ar_inputs(fused, text_lengths, units, unit_lengths)
-        states = self._run_decoder(seq, total)
+        states = self.decode(seq, total)
         # position task + k predicts unit k (k < U) and then eos (= units)
         p = torch.arange(seq.shape[1], device=seq.device)[None]
         k = p - (text_lengths[:, None] + 1)

@@ -29,6 +29,11 @@ class TrainConfig:
     fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
     trains: Optional[Tuple[str, ...]] = None  # components to train instead of the stage's own
     speech_prob: float = 0.5               # records with spoken alternatives: the chance an epoch speaks them
+    max_tokens: Optional[int] = None       # per process and micro-batch instead of batch_size: LLM tokens
+                                           # (stages 1-3) or decoder frames (4-5), length-bucketed
+    packing: bool = False                  # records end to end, each attending within itself: no padding
+    activation_checkpointing: str = "off"  # "selective": recompute the elementwise parts; "full": every layer
+    compile: bool = False                  # torch.compile each transformer block of what trains
     workers: Optional[int] = None          # DataLoader worker processes; None: 4 on CUDA, 0 on the CPU
     progress: bool = True
 
@@ -56,7 +61,11 @@ class TrainConfig:
             _integer(name, getattr(self, name), low=1)
         _integer("seed", self.seed, low=0, high=2**63 - 1)
         _integer("workers", self.workers, low=0, optional=True)
-        for name in ("fsdp", "progress"):
+        _integer("max_tokens", self.max_tokens, low=1, optional=True)
+        if self.activation_checkpointing not in ("off", "selective", "full"):
+            raise ValueError(f"activation_checkpointing must be one of off, selective, full, got "
+                             f"{self.activation_checkpointing!r}")
+        for name in ("fsdp", "progress", "packing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bf16 not in ("auto", "on", "off"):

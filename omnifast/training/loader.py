@@ -148,6 +148,124 @@ class MicroBatches(torch.utils.data.Sampler):
             raise TypeError("an endless MicroBatches has no length")
         return max(0, self.stop - self.start)
 
+    def count(self, epoch: int) -> int:
+        """Micro-batches in epoch ``epoch``."""
+        return self.per_epoch
+
+    def total(self, epochs: int) -> int:
+        return sum(self.count(e) for e in range(epochs))
+
+
+class TokenBudgetBatches(MicroBatches):
+    """Micro-batches of at most ``max_tokens`` per process instead of a fixed size: each epoch's
+    seeded permutation is cut into windows of ``window`` records, each window sorted by cost (the
+    records of a micro-batch have similar lengths, so little is padded) and dealt in that order to
+    the least-loaded rank, a global batch closing when the next record would take that rank past
+    ``max_tokens`` (so every rank's share is within one record's cost of the others'); the global
+    batches of an epoch are shuffled (seeded) so that long and short ones interleave. Everything
+    is a function of (seed, epoch, step), the records' costs and the number of processes."""
+
+    def __init__(self, costs: Sequence[int], max_tokens: int, seed: int, rank: int = 0, world: int = 1,
+                 start: int = 0, stop: Optional[int] = None, window: int = 4096):
+        self.costs = np.asarray(costs, dtype=np.int64)
+        too_long = np.flatnonzero(self.costs > max_tokens)
+        if too_long.size:
+            raise ValueError(f"max_tokens={max_tokens} is smaller than record #{int(too_long[0])}'s "
+                             f"{int(self.costs[too_long[0]])} tokens ({too_long.size} records are longer)")
+        self.records, self.max_tokens, self.seed, self.rank, self.world = len(self.costs), max_tokens, seed, rank, world
+        self.window, self.start, self.stop = window, start, stop
+        self._plans: Dict[int, List[List[List[int]]]] = {}
+        self._counts: Dict[int, int] = {}
+        self.per_epoch = None
+
+    def plan(self, epoch: int) -> List[List[List[int]]]:
+        """Epoch ``epoch``'s global batches, each as one list of record indices per rank."""
+        if epoch not in self._plans:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.records, generator=generator).numpy()
+            batches = []
+            for start in range(0, self.records, self.window):
+                window = order[start:start + self.window]
+                window = window[np.argsort(self.costs[window], kind="stable")]
+                ranks, loads = [[] for _ in range(self.world)], [0] * self.world
+                for index in window.tolist():  # ascending cost: each to the least-loaded rank
+                    cost = int(self.costs[index])
+                    r = min(range(self.world), key=lambda k: (loads[k], k))
+                    if loads[r] + cost > self.max_tokens:
+                        batches.append(ranks)
+                        ranks, loads = [[] for _ in range(self.world)], [0] * self.world
+                        r = 0
+                    ranks[r].append(index)
+                    loads[r] += cost
+                if any(ranks):
+                    batches.append(ranks)
+            shuffle = torch.randperm(len(batches), generator=generator).tolist()
+            self._plans = {epoch: [batches[i] for i in shuffle]}  # one epoch kept at a time
+            self._counts[epoch] = len(batches)
+        return self._plans[epoch]
+
+    def _deal(self, indices: List[int]) -> List[List[int]]:
+        ranks, loads = [[] for _ in range(self.world)], [0] * self.world
+        for index in sorted(indices, key=lambda i: -int(self.costs[i])):
+            r = min(range(self.world), key=lambda k: (loads[k], k))
+            ranks[r].append(index)
+            loads[r] += int(self.costs[index])
+        return ranks
+
+    def count(self, epoch: int) -> int:
+        if epoch not in self._counts:
+            self.plan(epoch)
+        return self._counts[epoch]
+
+    def locate(self, micro: int):
+        epoch = 0
+        while micro >= self.count(epoch):
+            micro -= self.count(epoch)
+            epoch += 1
+        return epoch, micro
+
+    def indices(self, micro: int) -> List[int]:
+        epoch, index = self.locate(micro)
+        return sorted(self.plan(epoch)[index][self.rank])
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        micro = self.start
+        epoch, index = self.locate(micro)
+        while self.stop is None or micro < self.stop:
+            plan = self.plan(epoch)
+            if index >= len(plan):
+                epoch, index = epoch + 1, 0
+                continue
+            yield [(i, epoch) for i in sorted(plan[index][self.rank])]
+            index += 1
+            micro += 1
+
+
+def record_costs(records: Sequence[Record], processor: OmniProcessor, frames_factor: Optional[int]) -> np.ndarray:
+    """Each record's cost in a token budget: its LLM tokens, or with ``frames_factor`` (the speech
+    stages) its decoder frames, max(factor x response tokens, its longest unit sequence)."""
+    costs = np.zeros(len(records), dtype=np.int64)
+    for i in range(len(records)):
+        record = records[i]
+        ids, labels = processor.tokenize(record.conversations)
+        if frames_factor is None:
+            costs[i] = len(ids)
+        else:
+            response = sum(label != IGNORE_INDEX for label in labels)
+            costs[i] = max(frames_factor * response, len(record.tgt_units or ()), len(record.re_tgt_units or ()))
+    return costs
+
+
+def collate_packed(items: Sequence[Dict[str, object]], pad_id: int) -> Dict[str, object]:
+    """Encoded conversations end to end: input_ids and labels (1, sum lengths) and ``lengths``
+    (B,), with the media and units of :func:`collate_batch`."""
+    batch = collate_batch(items, pad_id)
+    lengths = batch["attention_mask"].sum(1)
+    keep = batch["attention_mask"].bool()
+    batch.update(input_ids=batch["input_ids"][keep][None], labels=batch["labels"][keep][None], lengths=lengths,
+                 attention_mask=None)
+    return batch
+
 
 def default_workers(device: torch.device) -> int:
     """4 worker processes feeding a GPU (fewer on a machine with fewer cores); none on the CPU,
@@ -159,15 +277,15 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def make_loader(dataset, batches: MicroBatches, workers: int, device: torch.device,
-                collate_fn=None) -> torch.utils.data.DataLoader:
+def make_loader(dataset, batches: MicroBatches, workers: int, device: torch.device, collate_fn=None,
+                packed: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over ``batches``: ``workers`` processes (each builds whole micro-batches, two
     ahead of the step), memory pinned for a CUDA device. ``collate_fn`` defaults to padding
     encoded conversations (:func:`collate_batch`)."""
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer is used in forked workers
     if collate_fn is None:
-        collate_fn = _Collate(dataset.processor.tokenizer.pad_token_id)
+        collate_fn = _Collate(dataset.processor.tokenizer.pad_token_id, packed)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
@@ -177,8 +295,8 @@ def make_loader(dataset, batches: MicroBatches, workers: int, device: torch.devi
 class _Collate:
     """A picklable collate function (workers receive it)."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, packed: bool = False):
+        self.pad_id, self.packed = pad_id, packed
 
     def __call__(self, items):
-        return collate_batch(items, self.pad_id)
+        return (collate_packed if self.packed else collate_batch)(items, self.pad_id)

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from omnifast.models import OmniModel, response_states
+from omnifast.models.processor import IGNORE_INDEX
+from omnifast.nn.packing import unpack
 from omnifast.ops import ReferenceLogpCache
 
 from .cache import reference_key
@@ -33,13 +35,17 @@ class StageLoss(nn.Module):
 
     def forward(self, batch: Dict[str, object]) -> torch.Tensor:
         inputs = {k: batch[k] for k in MODEL_INPUTS}
+        inputs["lengths"] = batch.get("lengths")  # a packed batch
         if self.stage.loss == "text":
             return self.model(**inputs).text_loss
         if self.stage.loss == "speech":
             return self.model(**inputs, units=batch["units"], text_loss=False).speech_loss
         with torch.no_grad():
-            hidden = self.model(**inputs, text_loss=False).hidden_states
-        states, tokens, mask = response_states(hidden, batch["labels"])
+            hidden = self.model(**inputs, text_loss=False).hidden_states  # padded, packed or not
+        labels = batch["labels"]
+        if inputs["lengths"] is not None:
+            labels = unpack(labels[0] - IGNORE_INDEX, inputs["lengths"]) + IGNORE_INDEX
+        states, tokens, mask = response_states(hidden, labels)
         ref_chosen, ref_rejected = self.reference_logps(batch, states, tokens, mask)
         return dpo_loss(self.model.speech_decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, self.beta,
                         self.sft_weight)

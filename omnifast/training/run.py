@@ -78,7 +78,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "missing; with --all, one folder per speech stage inside it)")
     defaults = TrainConfig(stage="s2t")
     kinds = {"trains": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float, "weight_decay": float,
-             "beta": float, "sft_weight": float, "speech_prob": float, "bf16": str}
+             "beta": float, "sft_weight": float, "speech_prob": float, "bf16": str,
+             "activation_checkpointing": str}
     for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
@@ -86,9 +87,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default: {value})")
         else:
-            fallback = {"max_steps": "all epochs", "workers": "4 on CUDA, 0 on the CPU"}.get(f.name, "the stage's")
+            fallback = {"max_steps": "all epochs", "workers": "4 on CUDA, 0 on the CPU",
+                        "max_tokens": "--batch-size records"}.get(f.name, "the stage's")
             parser.add_argument(flag, type=kinds.get(f.name, int), default=None,
-                                choices=("auto", "on", "off") if f.name == "bf16" else None,
+                                choices={"bf16": ("auto", "on", "off"),
+                                         "activation_checkpointing": ("off", "selective", "full")}.get(f.name),
                                 help=f"(default: {fallback})" if value is None else f"(default: {value})")
 
 

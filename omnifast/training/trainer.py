@@ -22,9 +22,10 @@ from omnifast.ops import ReferenceLogpCache
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .data import Record, data_fingerprint
-from .loader import ConversationDataset, MicroBatches, default_workers, make_loader
+from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
 from .cache import CachedDataset, StateCache, build_cache, collate_cached
 from .cache import fingerprint as cache_fingerprint
+from .layers import apply_layer_options
 from .losses import CachedStageLoss, StageLoss
 from .stages import Stage, get_stage
 
@@ -48,6 +49,14 @@ def cosine_schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
             return (step + 1) / (warmup + 1)
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     return factor
+
+
+def tokens_in(batch: Dict[str, object]) -> int:
+    """The real (unpadded) tokens of a micro-batch: LLM tokens, or the response states of a cached one."""
+    for key in ("lengths", "attention_mask", "mask"):
+        if batch.get(key) is not None:
+            return int(batch[key].sum())
+    return 0
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
@@ -100,6 +109,9 @@ class Trainer:
                 reference = copy.deepcopy(model.speech_decoder).requires_grad_(False).eval()
             self.loss_module = loss or StageLoss(model, self.stage, config.beta, config.sft_weight, self.references,
                                                  reference)
+        if model.speech_decoder is not None:
+            model.speech_decoder.packing = config.packing
+        apply_layer_options(model, self.trains, config.activation_checkpointing, config.compile)
         self.wrapped = distributed.wrap(self.loss_module, self.model, self.trains, self.world, config.fsdp,
                                         self.device, self.bf16)
         # after wrapping: FSDP2 replaces the parameters it shards
@@ -110,10 +122,11 @@ class Trainer:
             groups.append({"params": params, "lr": self.stage.component_lr.get(component, lr), "name": component})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         epochs = config.epochs if config.epochs is not None else self.stage.epochs
-        records_count = len(records)
-        self.global_batch = config.batch_size * self.world
-        self.batches_per_epoch = math.ceil(records_count / self.global_batch) if records_count else 0
-        total = math.ceil(epochs * self.batches_per_epoch / config.grad_accum)
+        self.costs = None
+        if config.max_tokens is not None:
+            factor = model.speech_decoder.config.upsample_factor if self.stage.loss in ("speech", "dpo") else None
+            self.costs = record_costs(records, processor, factor)
+        total = math.ceil(self.micro_batches(0).total(epochs) / config.grad_accum) if len(records) else 0
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         warmup = config.warmup_ratio if config.warmup_ratio is not None else self.stage.warmup_ratio
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(self.total_steps, warmup))
@@ -135,6 +148,11 @@ class Trainer:
 
     # ---- data -------------------------------------------------------------------------------
     def micro_batches(self, start: int, stop: Optional[int] = None) -> MicroBatches:
+        """This rank's micro-batches ``start`` to ``stop``: ``batch_size`` records, or with
+        ``max_tokens`` a token budget over length-bucketed records."""
+        if self.costs is not None:
+            return TokenBudgetBatches(self.costs, self.config.max_tokens, self.config.seed, self.rank, self.world,
+                                      start, stop)
         return MicroBatches(len(self.dataset), self.config.batch_size, self.config.seed, self.rank, self.world,
                             start, stop)
 
@@ -149,7 +167,8 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     SHAPING_OPTIONS = ("lr", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm", "weight_decay",
-                       "max_steps", "seed", "beta", "sft_weight", "speech_prob", "bf16", "fsdp", "trains")
+                       "max_steps", "seed", "beta", "sft_weight", "speech_prob", "max_tokens", "bf16", "fsdp",
+                       "trains")
 
     def fingerprint(self) -> Dict[str, object]:
         """What shapes this run: the stage, every option that changes its numbers, the data."""
@@ -234,7 +253,8 @@ class Trainer:
         self.wrapped.train()
         accum = self.config.grad_accum
         loader = make_loader(self.dataset, self.micro_batches(self.step * accum, self.total_steps * accum),
-                             self.workers, self.device, collate_cached if self.state_cache is not None else None)
+                             self.workers, self.device, collate_cached if self.state_cache is not None else None,
+                             packed=self.config.packing)
         batches = iter(loader)
         self.data_wait_s = 0.0
         while self.step < self.total_steps:
@@ -244,7 +264,7 @@ class Trainer:
                 micro.append(self._to_device(next(batches)))
             waited = time.perf_counter() - start
             self.data_wait_s += waited
-            tokens = sum(int(batch["attention_mask" if "attention_mask" in batch else "mask"].sum()) for batch in micro)
+            tokens = sum(tokens_in(batch) for batch in micro)
             loss_value = distributed.mean(self.train_step(micro), self.world, self.device)
             lr = self.scheduler.get_last_lr()[0]
             seconds = time.perf_counter() - start

@@ -39,3 +39,13 @@ def test_quick_loader_and_data_scale_benchmarks_write_their_tables(tmp_path, cap
     rows = json.loads((tmp_path / "quick_data_scale.json").read_text())["rows"]
     assert [r["records"] for r in rows] == [3000, 3000] and all(r["peak_bytes"] > 0 for r in rows)
     assert "waiting" in capsys.readouterr().out
+
+
+def test_quick_length_spread_compares_padded_and_packed(tmp_path, capsys):
+    assert cli.main(["bench", "length_spread", "--quick", "--cases", "padded,bucketed,packed", "--no-memory",
+                     "--out", str(tmp_path)]) == 0
+    rows = {r["case"]: r for r in json.loads((tmp_path / "quick_length_spread.json").read_text())["rows"]}
+    assert rows["packed"]["padding_fraction"] == 0 < rows["bucketed"]["padding_fraction"] < \
+        rows["padded"]["padding_fraction"]
+    assert all(r["units_per_s"] > 0 for r in rows.values())
+    assert "vs padded" in capsys.readouterr().out
