@@ -3,7 +3,7 @@ batches against length-bucketed token budgets and packing, eager or compiled, wi
 activation checkpointing.
 
 Response lengths are drawn log-normal (median 60 tokens, sigma ``--sigma``, default 0.65,
-clipped to 8-240), the decoder's frames 12x that and the units 10x; each record's frozen states
+clipped to 8-160), the decoder's frames 12x that and the units 10x; each record's frozen states
 come from the state cache's layout (random here: the step after the cache is the decoder's
 alone). The cases:
 * ``padded``: random batches of a fixed number of records, padded to the longest (the step as
@@ -52,7 +52,7 @@ def decoder_config(quick: bool) -> SpeechDecoderConfig:
 
 def lengths(records: int, sigma: float, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return np.clip(np.round(rng.lognormal(np.log(60), sigma, records)), 8, 240).astype(np.int64)
+    return np.clip(np.round(rng.lognormal(np.log(60), sigma, records)), 8, 160).astype(np.int64)
 
 
 class Records:
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny decoder, few records")
     parser.add_argument("--sigma", type=float, default=0.65, help="log-normal spread of the lengths (default 0.65)")
     parser.add_argument("--records", type=int, default=None, help="records (default 96; quick 24)")
-    parser.add_argument("--batch", type=int, default=6, help="records per padded batch (default 6)")
+    parser.add_argument("--batch", type=int, default=4, help="records per padded batch (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 6; quick 2)")
     parser.add_argument("--memory-gib", type=float, default=8.0, help="memory the largest budget must fit")
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of the cases")

@@ -92,7 +92,8 @@ class OmniConfig:
     @classmethod
     def openomni_7b(cls) -> "OmniConfig":
         """OpenOmni: Qwen2.5-7B-Instruct, CLIP-ViT-L/14-336 (layer -2), Whisper-large-v3 encoder
-        (128 mel bins), mlp2x_gelu image projector, 5-frame speech projector, its speech decoder."""
+        (128 mel bins), mlp2x_gelu image projector, 5-frame speech projector, its speech decoder
+        exactly as it computes (``SpeechDecoderConfig.openomni()``; it cannot stream)."""
         return cls(
             llm=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
@@ -103,7 +104,7 @@ class OmniConfig:
             speech=dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
                         encoder_ffn_dim=5120, decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120,
                         max_source_positions=1500, vocab_size=51866),
-            speech_decoder=asdict(SpeechDecoderConfig(llm_hidden=3584)),
+            speech_decoder=asdict(SpeechDecoderConfig.openomni(llm_hidden=3584)),
             speech_stack=5, speech_projector_hidden=2048, image_size=336, audio_seconds=30)
 
     # ---- JSON ----------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
+from omnifast.constants import IGNORE_INDEX
+
 from omnifast.nn.packing import run_packed, unpack
 from omnifast.nn.speech_decoder import SpeechDecoder
 from omnifast.ops.decode import sample_top_k_top_p
@@ -18,7 +20,6 @@ from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
 from .config import OmniConfig
 
-IGNORE_INDEX = -100
 COMPONENTS = ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder")
 CONFIG_NAME, WEIGHTS_NAME = "omnifast_config.json", "model.safetensors"
 

@@ -14,9 +14,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from omnifast.constants import IGNORE_INDEX
+
 from .config import IMAGE_TOKEN, SPEECH_TOKEN, OmniConfig
 
-IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, SPEECH_TOKEN]
 _PLACEHOLDER = re.compile(f"({re.escape(IMAGE_TOKEN)}|{re.escape(SPEECH_TOKEN)})")

@@ -93,7 +93,8 @@ class _Route(torch.autograd.Function):
 def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = None, *,
           gate_bias: Optional[torch.Tensor] = None, normalize: bool = True,
           backend: Optional[str] = None) -> Routing:
-    """Route tokens ``x`` (N, H) with a linear gate (E, H): float32 softmax, top-k with stable
+    """Route tokens ``x`` (N, H) with a linear gate (E, H): float32 softmax (float64 for a float64
+    dense layer), top-k with stable
     tie-breaking (the lower expert index wins), optional renormalisation of the k weights, the
     per-expert counts and the permutation that sorts slots by expert, the Switch load-balancing
     loss E * sum_i f_i P_i (f_i counted over N x k slots) and the router z-loss
@@ -109,8 +110,11 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = Non
         if not 1 <= top_k <= E:
             raise ValueError(f"top_k must be None (dense) or in [1, {E}] (the number of experts), got {top_k}")
     backend = choose_backend(x.device, backend)
-    with autocast_off(x.device.type):  # the router runs in float32 whatever autocast says
-        logits = F.linear(x.float(), gate_weight.float(), None if gate_bias is None else gate_bias.float())
+    # the router runs in float32 whatever autocast says (float64 inputs stay float64: dense only,
+    # which has no kernel of its own)
+    acc = torch.float64 if x.dtype == torch.float64 and top_k is None else torch.float32
+    with autocast_off(x.device.type):
+        logits = F.linear(x.to(acc), gate_weight.to(acc), None if gate_bias is None else gate_bias.to(acc))
     if top_k is None:
         probs, lse = torch.softmax(logits, -1), torch.logsumexp(logits, -1)
         experts = torch.arange(E, device=x.device).expand(N, E)

@@ -75,9 +75,10 @@ def processor_digest(processor: OmniProcessor) -> str:
 
 
 def fingerprint(model: OmniModel, processor: OmniProcessor, stage: Stage, records: Sequence[Record],
-                bf16: bool, speech_prob_used: bool = True) -> Dict[str, object]:
+                bf16: bool, dpo_normalization: str = "sum") -> Dict[str, object]:
     """Everything a cache's contents depend on (see the module docstring)."""
     out = {"version": VERSION, "stage": stage.name, "bf16": bool(bf16),
+           "dpo_normalization": dpo_normalization if stage.loss == "dpo" else None,
            "model_config": json.loads(json.dumps(model.config.to_dict())),
            "processor": processor_digest(processor), "data": data_fingerprint(records)}
     out.update({f"weights.{name}": module_digest(getattr(model, name)) for name in FRONT})
@@ -94,7 +95,7 @@ def differences(saved: Dict[str, object], current: Dict[str, object]) -> List[st
         if saved.get(key) != current.get(key):
             if key.startswith("weights.") and key != "weights.reference":
                 out.append(f"the frozen {key[len('weights.'):]} weights")
-            elif key in ("stage", "bf16", "version"):
+            elif key in ("stage", "bf16", "version", "dpo_normalization"):
                 out.append(f"{key} ({saved.get(key)!r} in the cache, {current.get(key)!r} here)")
             else:
                 out.append(names.get(key, key))
@@ -166,7 +167,7 @@ class _ShardWriter:
 
 def build_cache(path, model: OmniModel, processor: OmniProcessor, records: Sequence[Record], stage: Stage, *,
                 bf16: bool = False, device: Optional[torch.device] = None, max_tokens: int = 8192,
-                progress: bool = True, rank: int = 0, world: int = 1) -> "StateCache":
+                progress: bool = True, rank: int = 0, world: int = 1, dpo_normalization: str = "sum") -> "StateCache":
     """Build (or finish building) the state cache of ``records`` for ``stage`` at ``path`` and
     return it opened. An existing complete cache is returned as it is if it fits, refused if not."""
     from tqdm.auto import tqdm
@@ -174,7 +175,7 @@ def build_cache(path, model: OmniModel, processor: OmniProcessor, records: Seque
     if stage.loss not in ("speech", "dpo"):
         raise ValueError(f"a state cache serves the speech stages (speech-gen, emotion-dpo), not {stage.name!r}")
     path = Path(path)
-    expected = fingerprint(model, processor, stage, records, bf16)
+    expected = fingerprint(model, processor, stage, records, bf16, dpo_normalization)
     if (path / INDEX).is_file():
         return StateCache.open(path, expected, records)
     path.mkdir(parents=True, exist_ok=True)
@@ -205,7 +206,7 @@ def build_cache(path, model: OmniModel, processor: OmniProcessor, records: Seque
             block = [(p, v, dataset.encode(records[p], bool(v))) for p, v in todo[start:start + 512]]
             block.sort(key=lambda entry: entry[2]["input_ids"].numel())
             for batch_entries in _token_batches(block, max_tokens):
-                for row in _run(model, decoder, batch_entries, processor, device, dpo):
+                for row in _run(model, decoder, batch_entries, processor, device, dpo, dpo_normalization):
                     writer.add(row)
                 bar.update(len(batch_entries))
     writer.flush()
@@ -236,7 +237,8 @@ def _token_batches(block, max_tokens: int):
         yield batch
 
 
-def _run(model: OmniModel, decoder, entries, processor: OmniProcessor, device, dpo: bool) -> List[_Row]:
+def _run(model: OmniModel, decoder, entries, processor: OmniProcessor, device, dpo: bool,
+         dpo_normalization: str = "sum") -> List[_Row]:
     batch = collate_batch([item for _, _, item in entries], processor.tokenizer.pad_token_id)
     inputs = {k: (batch[k].to(device) if batch[k] is not None else None)
               for k in ("input_ids", "attention_mask", "labels", "pixel_values", "speech_features")}
@@ -247,7 +249,7 @@ def _run(model: OmniModel, decoder, entries, processor: OmniProcessor, device, d
     if dpo:
         chosen, rejected = decoder.reference_logps(states, tokens, batch["units"].to(device),
                                                    batch["rejected_units"].to(device), hidden_mask=mask,
-                                                   text_mask=mask)
+                                                   text_mask=mask, normalization=dpo_normalization)
         references = list(zip(chosen.double().tolist(), rejected.double().tolist()))
     return [_Row(p, v, states[i, :counts[i]].cpu().clone(), tokens[i, :counts[i]].cpu().clone(), references[i])
             for i, (p, v, _) in enumerate(entries)]

@@ -25,6 +25,7 @@ class TrainConfig:
     seed: int = 0
     beta: float = 0.1                      # CTC-DPO temperature
     sft_weight: float = 0.0                # CTC-DPO: weight of the chosen units' CTC NLL (per unit) added
+    dpo_normalization: str = "sum"         # DPO log-likelihoods: "sum", "length" or "openomni" (omnifast.ops.dpo)
     bf16: str = "auto"                     # "auto": on CUDA devices that support it; "on" / "off"
     fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
     trains: Optional[Tuple[str, ...]] = None  # components to train instead of the stage's own
@@ -68,6 +69,12 @@ class TrainConfig:
         for name in ("fsdp", "progress", "packing", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        from omnifast.ops.dpo import check_normalization
+        try:
+            check_normalization(self.dpo_normalization)
+        except ValueError:
+            raise ValueError(f"dpo_normalization must be one of sum, length, openomni, got "
+                             f"{self.dpo_normalization!r}") from None
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be one of auto, on, off, got {self.bf16!r}")
         if self.trains is not None:

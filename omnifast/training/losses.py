@@ -27,9 +27,11 @@ class StageLoss(nn.Module):
     frozen decoder the stage starts from), once per record."""
 
     def __init__(self, model: OmniModel, stage: Stage, beta: float = 0.1, sft_weight: float = 0.0,
-                 references: Optional[ReferenceLogpCache] = None, reference: Optional[nn.Module] = None):
+                 references: Optional[ReferenceLogpCache] = None, reference: Optional[nn.Module] = None,
+                 dpo_normalization: str = "sum"):
         super().__init__()
         self.model, self.stage, self.beta, self.sft_weight = model, stage, beta, sft_weight
+        self.dpo_normalization = dpo_normalization
         self.references = references
         self._reference: List[nn.Module] = [reference] if reference is not None else []  # not a submodule
 
@@ -48,7 +50,7 @@ class StageLoss(nn.Module):
         states, tokens, mask = response_states(hidden, labels)
         ref_chosen, ref_rejected = self.reference_logps(batch, states, tokens, mask)
         return dpo_loss(self.model.speech_decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, self.beta,
-                        self.sft_weight)
+                        self.sft_weight, self.dpo_normalization)
 
     def reference_logps(self, batch, states, tokens, mask):
         keys = [reference_key(rid, spoken) for rid, spoken in zip(batch["ids"], batch.get("spoken") or
@@ -57,14 +59,16 @@ class StageLoss(nn.Module):
         if missing:
             chosen, rejected = self._reference[0].reference_logps(states, tokens, batch["units"],
                                                                   batch["rejected_units"], hidden_mask=mask,
-                                                                  text_mask=mask)
+                                                                  text_mask=mask, normalization=self.dpo_normalization)
             self.references.add([keys[i] for i in missing], chosen[missing], rejected[missing])
         return self.references.lookup(keys, device=states.device)
 
 
-def dpo_loss(decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, beta, sft_weight) -> torch.Tensor:
+def dpo_loss(decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, beta, sft_weight,
+             normalization) -> torch.Tensor:
     return decoder.dpo_loss(states, tokens, batch["units"], batch["rejected_units"], ref_chosen, ref_rejected,
-                            beta=beta, hidden_mask=mask, text_mask=mask, sft_weight=sft_weight).loss
+                            beta=beta, hidden_mask=mask, text_mask=mask, sft_weight=sft_weight,
+                            normalization=normalization).loss
 
 
 class CachedStageLoss(nn.Module):
@@ -72,10 +76,11 @@ class CachedStageLoss(nn.Module):
     calls as :class:`StageLoss` after the frozen front, without it."""
 
     def __init__(self, decoder: nn.Module, stage: Stage, beta: float = 0.1, sft_weight: float = 0.0,
-                 references: Optional[ReferenceLogpCache] = None):
+                 references: Optional[ReferenceLogpCache] = None, dpo_normalization: str = "sum"):
         super().__init__()
         self.decoder, self.stage, self.beta, self.sft_weight, self.references = decoder, stage, beta, sft_weight, \
             references
+        self.dpo_normalization = dpo_normalization
 
     def forward(self, batch: Dict[str, object]) -> torch.Tensor:
         states, tokens, mask = batch["states"], batch["tokens"], batch["mask"]
@@ -84,4 +89,4 @@ class CachedStageLoss(nn.Module):
         keys = [reference_key(rid, spoken) for rid, spoken in zip(batch["ids"], batch["spoken"])]
         ref_chosen, ref_rejected = self.references.lookup(keys, device=states.device)
         return dpo_loss(self.decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, self.beta,
-                        self.sft_weight)
+                        self.sft_weight, self.dpo_normalization)

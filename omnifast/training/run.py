@@ -79,7 +79,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig(stage="s2t")
     kinds = {"trains": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float, "weight_decay": float,
              "beta": float, "sft_weight": float, "speech_prob": float, "bf16": str,
-             "activation_checkpointing": str}
+             "activation_checkpointing": str, "dpo_normalization": str}
     for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
@@ -91,7 +91,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "max_tokens": "--batch-size records"}.get(f.name, "the stage's")
             parser.add_argument(flag, type=kinds.get(f.name, int), default=None,
                                 choices={"bf16": ("auto", "on", "off"),
-                                         "activation_checkpointing": ("off", "selective", "full")}.get(f.name),
+                                         "activation_checkpointing": ("off", "selective", "full"),
+                                         "dpo_normalization": ("sum", "length", "openomni")}.get(f.name),
                                 help=f"(default: {fallback})" if value is None else f"(default: {value})")
 
 
@@ -167,6 +168,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="the precision the training will run in (default: auto, bf16 on CUDA)")
     parser.add_argument("--max-tokens", type=int, default=8192, help="LLM tokens per batch (default 8192)")
+    parser.add_argument("--dpo-normalization", choices=("sum", "length", "openomni"), default="sum",
+                        help="emotion-dpo: how the training will normalise log-likelihoods (default: sum)")
     parser.add_argument("--seed", type=int, default=0, help="--model tiny: the seed it is built with")
     parser.add_argument("--media-root", action="append", default=[], metavar="DIR",
                         help="a folder media paths may point into besides the data file's own (repeatable)")
@@ -187,7 +190,8 @@ def cache_command(args) -> int:
         else torch.device("cpu")
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
     cache = build_cache(args.out, model, processor, records, stage, bf16=bf16, device=device,
-                        max_tokens=args.max_tokens, progress=not args.no_progress, rank=rank, world=world)
+                        max_tokens=args.max_tokens, progress=not args.no_progress, rank=rank, world=world,
+                        dpo_normalization=args.dpo_normalization)
     if rank == 0:
         print(f"state cache: {cache.path} ({len(cache.index['shards'])} shards, {cache.index['records']} records)")
     return 0

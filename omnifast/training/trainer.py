@@ -34,9 +34,6 @@ def check_model_for_stage(model: OmniModel, stage: Stage, trains=None) -> None:
     for component in trains or stage.trains:
         if getattr(model, component, None) is None:
             raise ValueError(f"stage {stage.name!r} trains {component}, which this model does not have")
-    if stage.loss == "dpo" and model.speech_decoder.mode != "nar":
-        raise ValueError(f"stage {stage.name!r} needs a NAR (CTC) speech decoder, the model's is "
-                         f"{model.speech_decoder.mode!r}")
 
 
 def cosine_schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
@@ -99,7 +96,7 @@ class Trainer:
             self.references = self.state_cache.references
             self.dataset = CachedDataset(records, self.state_cache, config.seed, config.speech_prob)
             self.loss_module = loss or CachedStageLoss(model.speech_decoder, self.stage, config.beta,
-                                                       config.sft_weight, self.references)
+                                                       config.sft_weight, self.references, config.dpo_normalization)
         else:
             model.to(self.device)
             self.dataset = ConversationDataset(records, processor, config.seed, config.speech_prob) \
@@ -108,7 +105,7 @@ class Trainer:
             if self.stage.loss == "dpo":  # the frozen stage-4 decoder this stage starts from
                 reference = copy.deepcopy(model.speech_decoder).requires_grad_(False).eval()
             self.loss_module = loss or StageLoss(model, self.stage, config.beta, config.sft_weight, self.references,
-                                                 reference)
+                                                 reference, config.dpo_normalization)
         if model.speech_decoder is not None:
             model.speech_decoder.packing = config.packing
         apply_layer_options(model, self.trains, config.activation_checkpointing, config.compile)
@@ -141,10 +138,12 @@ class Trainer:
             raise ValueError(f"state_cache: the cached states are the frozen front's, but this run trains "
                              f"{', '.join(self.trains)}")
         if isinstance(state_cache, StateCache):
-            expected = cache_fingerprint(self.model, self.processor, self.stage, records, self.bf16)
+            expected = cache_fingerprint(self.model, self.processor, self.stage, records, self.bf16,
+                                         self.config.dpo_normalization)
             return StateCache.open(state_cache.path, expected, records)
         return build_cache(state_cache, self.model, self.processor, records, self.stage, bf16=self.bf16,
-                           device=self.device, progress=self.config.progress, rank=self.rank, world=self.world)
+                           device=self.device, progress=self.config.progress, rank=self.rank, world=self.world,
+                           dpo_normalization=self.config.dpo_normalization)
 
     # ---- data -------------------------------------------------------------------------------
     def micro_batches(self, start: int, stop: Optional[int] = None) -> MicroBatches:
@@ -167,8 +166,8 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     SHAPING_OPTIONS = ("lr", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm", "weight_decay",
-                       "max_steps", "seed", "beta", "sft_weight", "speech_prob", "max_tokens", "bf16", "fsdp",
-                       "trains")
+                       "max_steps", "seed", "beta", "sft_weight", "dpo_normalization", "speech_prob", "max_tokens",
+                       "bf16", "fsdp", "trains")
 
     def fingerprint(self) -> Dict[str, object]:
         """What shapes this run: the stage, every option that changes its numbers, the data."""

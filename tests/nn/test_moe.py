@@ -152,20 +152,39 @@ def test_one_expert_is_a_dense_mlp():
     torch.testing.assert_close(moe(x).output, mlp(x))
 
 
-def test_openomni_expert_stack_and_token_split():
-    H, F_, E = 8, 16, 4
-    gate = torch.nn.Linear(H, E, bias=False)
-    experts = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(H, F_), torch.nn.ReLU(), torch.nn.Linear(F_, F_))
-                                  for _ in range(E))
-    state = {"gate.weight": gate.weight, **{f"experts.{k}": v for k, v in experts.state_dict().items()}}
-    moe = MoE(H, F_, F_, experts=E, top_k=None, split_tokens=4)
-    moe.load_openomni_state_dict(state)
-    x = torch.randn(2, 5, H)
-    probs = torch.softmax(gate(x), -1)
-    expected = sum(probs[..., e:e + 1] * experts[e](x) for e in range(E))
-    out = moe(x).output
-    assert out.shape == (2, 20, F_ // 4)
-    torch.testing.assert_close(out, expected.reshape(2, 20, F_ // 4), **TOL[torch.float32])
+class OpenOmniMoE(torch.nn.Module):
+    """OpenOmni's MoE as its code defines it: ``gate.fc`` (with a bias), ``experts.{e}.fc1`` /
+    ``fc2``, every expert's output weighted by the softmax gate, then split into 4 interleaved
+    tokens (``rearrange('b n (d1 d2) -> b (n d2) d1', d2=4)``)."""
+
+    def __init__(self, hidden, out, experts):
+        super().__init__()
+        self.gate = torch.nn.Module()
+        self.gate.fc = torch.nn.Linear(hidden, experts)
+        self.experts = torch.nn.ModuleList(torch.nn.Module() for _ in range(experts))
+        for expert in self.experts:
+            expert.fc1, expert.fc2 = torch.nn.Linear(hidden, out), torch.nn.Linear(out, out)
+
+    def forward(self, x):
+        scores = torch.softmax(self.gate.fc(x), -1)
+        outs = torch.stack([e.fc2(torch.relu(e.fc1(x))) for e in self.experts], -2)
+        y = (scores[..., None] * outs).sum(-2)
+        B, N, O = y.shape
+        return y.view(B, N, O // 4, 4).transpose(2, 3).reshape(B, N * 4, O // 4)
+
+
+def test_openomni_moe_loads_by_its_real_keys_and_interleaves_its_split():
+    torch.manual_seed(0)
+    theirs = OpenOmniMoE(8, 16, 4).double()
+    moe = MoE(8, 16, 16, experts=4, top_k=None, split_tokens=4, gate_bias=True).double()
+    moe.load_openomni_state_dict({f"input_proj.{k}": v for k, v in theirs.state_dict().items()}, prefix="input_proj.")
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(moe(x).output, theirs(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="gate_bias=True"):
+        MoE(8, 16, 16, experts=4, top_k=None, split_tokens=4).load_openomni_state_dict(theirs.state_dict())
+    old_layout = {"gate.weight": torch.zeros(4, 8), **{f"experts.{e}.0.weight": torch.zeros(16, 8) for e in range(4)}}
+    with pytest.raises(KeyError, match="gate.fc.weight, gate.fc.bias, experts.0.fc1.weight"):
+        moe.load_openomni_state_dict(old_layout)
 
 
 def test_state_dict_round_trip_is_exact():
