@@ -41,6 +41,7 @@ from typing import Dict, List, Optional
 import torch
 
 from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
+from omnifast.models.omni import rebuild_buffers
 from omnifast.nn.speech_decoder import SpeechDecoderConfig
 from omnifast.training import MicroBatches, Trainer, TrainConfig, get_stage, load_records
 from omnifast.training.cache import build_cache, collate_cached
@@ -107,26 +108,8 @@ def build_model(config: OmniConfig, device: torch.device, dtype: torch.dtype) ->
                 p.fill_(1.0)
             else:
                 p.zero_()
-        _restore_buffers(model, device)
+        rebuild_buffers(model, device)
     return model
-
-
-def _restore_buffers(model: torch.nn.Module, device: torch.device) -> None:
-    """to_empty leaves buffers uninitialised: rotary frequencies are rebuilt by a fresh module of
-    the same class, position ids are ranges."""
-    for module in model.modules():
-        if "inv_freq" in module._buffers:
-            with torch.device(device):
-                fresh = type(module)(module.config)
-            for name, value in fresh.named_buffers(recurse=False):
-                module._buffers[name] = value.to(module._buffers[name].dtype)
-            module.attention_scaling = fresh.attention_scaling
-        if "position_ids" in module._buffers:
-            ids = module._buffers["position_ids"]
-            ids.copy_(torch.arange(ids.shape[-1], device=ids.device).expand_as(ids))
-    for name, buffer in model.named_buffers():
-        if buffer.is_floating_point() and not torch.isfinite(buffer).all():
-            raise RuntimeError(f"buffer {name} was left uninitialised by to_empty")
 
 
 def write_records(path: Path, count: int, prompt: int, response: int, units: int, unit_vocab: int) -> Path:

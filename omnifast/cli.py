@@ -6,8 +6,8 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "moe", "speech_decoder", "train_step", "length_spread", "loader",
-              "data_scale")
+BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "ar_dpo", "moe", "speech_decoder", "openomni_patch", "train_step",
+              "length_spread", "loader", "data_scale")
 CHECKS = ("gpu-check",)  # not part of `bench all`
 
 

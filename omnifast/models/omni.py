@@ -284,6 +284,12 @@ class OmniModel(nn.Module):
         return model
 
     @classmethod
+    def from_openomni(cls, path, config: Optional[OmniConfig] = None) -> "OmniModel":
+        """An OpenOmni checkpoint folder, read by key name (see ``omnifast/models/openomni.py``)."""
+        from .openomni import load_openomni
+        return load_openomni(path, config)
+
+    @classmethod
     def from_components(cls, llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None,
                         **overrides) -> "OmniModel":
         """Build from local Hugging Face checkpoint directories (``Qwen2ForCausalLM``, a CLIP or
@@ -327,6 +333,25 @@ class OmniModel(nn.Module):
         model.speech_decoder = decoder_model if decoder_model is not None else (
             None if combined.speech_decoder is None else SpeechDecoder(combined.decoder_config(), combined.speech_decoder_mode))
         return model
+
+
+def rebuild_buffers(model: nn.Module, device) -> None:
+    """Give the buffers a state dict does not hold (rotary frequencies, position ids) their values,
+    after a model was built on the meta device (or with ``to_empty``): the rotary modules are
+    rebuilt from their config, position ids are ranges."""
+    for module in model.modules():
+        if "inv_freq" in module._buffers:
+            with torch.device(device):
+                fresh = type(module)(module.config)
+            for name, value in fresh.named_buffers(recurse=False):
+                module._buffers[name] = value.to(device)
+            module.attention_scaling = fresh.attention_scaling
+        if "position_ids" in module._buffers:
+            ids = module._buffers["position_ids"]
+            module._buffers["position_ids"] = torch.arange(ids.shape[-1], device=device).expand(ids.shape).clone()
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta or (buffer.is_floating_point() and not torch.isfinite(buffer).all()):
+            raise RuntimeError(f"buffer {name} was left without a value")
 
 
 def _vision_classes(vision_type: str):

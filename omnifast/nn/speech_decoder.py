@@ -300,8 +300,9 @@ class SpeechDecoder(nn.Module):
                                  prefix: str = "", **kwargs) -> "SpeechDecoder":
         """A NAR decoder holding OpenOmni's speech-generator weights (``SpeechGeneratorCTC``, see
         ``omnifast/nn/openomni.py``); ``prefix``: the generator's key prefix in a whole-model
-        checkpoint (e.g. ``"model.speech_generator."``)."""
+        checkpoint (e.g. ``"model.speech_generator."``). The decoder takes the checkpoint's dtype."""
         from .openomni import speech_generator_state_dict
-        model = SpeechDecoder(config, "nar", **kwargs)
-        model.load_state_dict(speech_generator_state_dict(state_dict, config, prefix))
+        converted = speech_generator_state_dict(state_dict, config, prefix)
+        model = SpeechDecoder(config, "nar", **kwargs).to(converted["head.weight"].dtype)  # the checkpoint's dtype
+        model.load_state_dict(converted)
         return model

@@ -12,6 +12,8 @@ EXPECTED = {
     "ctc_dpo": {"torch", "omnifast (sparse)", "torch -norm", "omnifast (dense) -norm"},
     "moe": {"NaiveMoE", "omnifast.nn.MoE", "matmul lower bound"},
     "speech_decoder": {"OpenOmni-style", "omnifast SpeechDecoder"},
+    "ar_dpo": {"OpenOmni four-pass", "omnifast"},
+    "openomni_patch": {"OpenOmni", "OpenOmni + omnifast.patch"},
 }
 
 

@@ -1,0 +1,128 @@
+"""An OpenOmni checkpoint folder read into an ``OmniModel`` by key name (OpenOmni's own loader
+maps by position), every key accounted for.
+
+The folder is what OpenOmni's training saves (``transformers``' ``save_pretrained`` of its
+``LlavaHerQwen`` model): ``config.json`` and the weights as safetensors (one file or shards with
+``model.safetensors.index.json``) or ``pytorch_model.bin`` (read with ``weights_only``). Its keys:
+
+* ``model.embed_tokens``, ``model.layers.*``, ``model.norm``, ``lm_head``: the Qwen2 LLM;
+* ``model.mm_projector.{0,2}``: the image projector (mlp2x_gelu);
+* ``model.vision_tower.vision_tower.*``: the CLIP vision tower (``CLIPVisionModel``);
+* ``model.speech_encoder.*``: Whisper's encoder in openai-whisper's names (``conv1``,
+  ``positional_embedding``, ``blocks.{i}.attn.query`` ..., ``ln_post``), renamed to
+  ``transformers``' ``WhisperEncoder``;
+* ``model.speech_projector.linear{1,2}``: the frame-stacking speech projector;
+* ``model.speech_generator.*``: the CTC speech generator (``omnifast/nn/openomni.py``);
+* ``model.copy_speech_generator.*``: its DPO reference, which omnifast keeps as a cache of
+  log-likelihoods instead; skipped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from omnifast.nn.openomni import speech_generator_state_dict
+
+SKIPPED = ("model.copy_speech_generator.",)
+WHISPER_BLOCK = {"attn_ln": "self_attn_layer_norm", "attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
+                 "attn.value": "self_attn.v_proj", "attn.out": "self_attn.out_proj", "mlp_ln": "final_layer_norm",
+                 "mlp.0": "fc1", "mlp.2": "fc2"}
+
+
+def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _whisper_name(key: str) -> Optional[str]:
+    """openai-whisper encoder name -> transformers ``WhisperEncoder`` name."""
+    if key == "positional_embedding":
+        return "embed_positions.weight"
+    if key.startswith(("conv1.", "conv2.")):
+        return key
+    if key.startswith("ln_post."):
+        return "layer_norm." + key[len("ln_post."):]
+    if key.startswith("blocks."):
+        _, index, rest = key.split(".", 2)
+        for theirs, ours in WHISPER_BLOCK.items():
+            if rest.startswith(theirs + "."):
+                return f"layers.{index}.{ours}.{rest[len(theirs) + 1:]}"
+    return None
+
+
+def openomni_to_omnifast(state: Dict[str, torch.Tensor], config) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """(omnifast ``OmniModel`` state dict, OpenOmni keys that map to nothing)."""
+    out: Dict[str, torch.Tensor] = {}
+    unused: List[str] = []
+    generator = {k: v for k, v in state.items() if k.startswith("model.speech_generator.")}
+    if generator and config.speech_decoder is not None:
+        decoder = speech_generator_state_dict(generator, config.decoder_config(), "model.speech_generator.")
+        out.update({f"speech_decoder.{k}": v for k, v in decoder.items()})
+    for key, value in state.items():
+        if key.startswith(SKIPPED) or key in generator:
+            continue
+        if key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")) or key.startswith("lm_head."):
+            out[f"llm.{key}"] = value
+        elif key.startswith("model.mm_projector."):
+            out["image_projector." + key[len("model.mm_projector."):]] = value
+        elif key.startswith("model.vision_tower.vision_tower."):
+            out["vision." + key[len("model.vision_tower.vision_tower."):]] = value
+        elif key.startswith("model.speech_projector.linear"):
+            index = {"1": "0", "2": "2"}[key[len("model.speech_projector.linear")]]
+            out[f"speech_projector.net.{index}." + key.split(".", 3)[3]] = value
+        elif key.startswith("model.speech_encoder.") and _whisper_name(key[len("model.speech_encoder."):]):
+            out["speech." + _whisper_name(key[len("model.speech_encoder."):])] = value
+        else:
+            unused.append(key)
+    return out, unused
+
+
+def load_openomni(path, config=None):
+    """``OmniModel.from_openomni``: see the module docstring. ``config``: the model's sizes
+    (default: ``OmniConfig.openomni_7b()`` with the folder's ``config.json`` LLM settings).
+    Built on the meta device and given the checkpoint's tensors (in their dtype), so nothing is
+    initialised twice. Raises ``ValueError`` naming every missing, unexpected or misshapen key."""
+    from .config import OmniConfig
+    from .omni import OmniModel, rebuild_buffers
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not an OpenOmni checkpoint folder")
+    if config is None:
+        config = OmniConfig.openomni_7b()
+        config_file = folder / "config.json"
+        if config_file.is_file():
+            settings = json.loads(config_file.read_text())
+            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                        "num_key_value_heads", "rms_norm_eps", "max_position_embeddings"):
+                if key in settings:
+                    config.llm[key] = settings[key]
+    mapped, unused = openomni_to_omnifast(read_weights(folder), config)
+    with torch.device("meta"):
+        model = OmniModel(config)
+    expected = model.state_dict()
+    problems = []
+    if unused:
+        problems.append(f"unexpected keys: {', '.join(unused)}")
+    missing = sorted(k for k in expected if k not in mapped)
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    wrong = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(expected[k].shape)} here"
+             for k, v in mapped.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        problems.append(f"mismatched shapes: {'; '.join(wrong)}")
+    if problems:
+        raise ValueError(f"{folder}: not loadable as this OpenOmni model: " + " | ".join(problems))
+    model.load_state_dict(mapped, assign=True)
+    rebuild_buffers(model, torch.device("cpu"))
+    return model
