@@ -38,7 +38,12 @@ moe_route(const at::Tensor& logits_in, int64_t top_k, bool normalize) {
       for (int64_t e = 0; e < E; ++e) top = std::max(top, row[e]);
       float total = 0.f;
       for (int64_t e = 0; e < E; ++e) total += (p[n * E + e] = std::exp(row[e] - top));
-      for (int64_t e = 0; e < E; ++e) remaining[e] = (p[n * E + e] /= total);
+      // NaN (a NaN or infinite logit makes the whole row NaN) ranks below every probability and
+      // above a chosen expert, so a NaN row still picks k distinct experts, the lowest first
+      for (int64_t e = 0; e < E; ++e) {
+        const float prob = (p[n * E + e] /= total);
+        remaining[e] = std::isnan(prob) ? -1.f : prob;
+      }
       l[n] = top + std::log(total);
       float chosen = 0.f;
       for (int64_t j = 0; j < k; ++j) {
@@ -47,8 +52,8 @@ moe_route(const at::Tensor& logits_in, int64_t top_k, bool normalize) {
           if (remaining[e] > remaining[best]) best = e;  // strict: ties keep the lower index
         }
         ex[n * k + j] = best;
-        chosen += (w[n * k + j] = remaining[best]);
-        remaining[best] = -1.f;  // below every probability
+        chosen += (w[n * k + j] = p[n * E + best]);
+        remaining[best] = -2.f;  // below every probability and every NaN
       }
       if (normalize) {
         for (int64_t j = 0; j < k; ++j) w[n * k + j] /= chosen;

@@ -47,17 +47,18 @@ def _route_kernel(logits_ptr, probs_ptr, weights_ptr, experts_ptr, lse_ptr, N, E
     probs = unnormalised / total[:, None]
     tl.store(probs_ptr + rows[:, None] * E + cols[None, :], probs, mask=mask)
     tl.store(lse_ptr + rows, top + tl.log(total), mask=row_ok)
-    # padded columns and NaN lose to every probability, so a row of NaN still picks an expert in
-    # range (its weights stay NaN and carry the NaN to the output)
-    remaining = tl.where(mask & (probs == probs), probs, -1.0)
+    # NaN ranks below every probability and above a chosen expert (-2), padded columns below all
+    # (-3): a row of NaN still picks k distinct experts in range, the lowest first (its weights
+    # stay NaN and carry the NaN to the output)
+    remaining = tl.where(mask, tl.where(probs == probs, probs, -1.0), -3.0)
     chosen = tl.zeros([BLOCK_N], tl.float32)
     for j in tl.static_range(TOP_K):
         best = tl.argmax(remaining, 1, tie_break_left=True)
         hit = cols[None, :] == best[:, None]
-        chosen += tl.sum(tl.where(hit, remaining, 0.0), 1)
+        chosen += tl.sum(tl.where(hit, probs, 0.0), 1)
         tl.store(experts_ptr + rows * TOP_K + j, best.to(tl.int64), mask=row_ok)
         tl.store(weights_ptr + rows * TOP_K + j, tl.sum(tl.where(hit, probs, 0.0), 1), mask=row_ok)
-        remaining = tl.where(hit, -1.0, remaining)
+        remaining = tl.where(hit, -2.0, remaining)
     if NORMALIZE:
         for j in tl.static_range(TOP_K):
             w = tl.load(weights_ptr + rows * TOP_K + j, mask=row_ok, other=0.0)

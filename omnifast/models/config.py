@@ -12,6 +12,34 @@ from omnifast.nn.speech_decoder import SpeechDecoderConfig
 from omnifast.ops._checks import check_known_keys
 
 IMAGE_TOKEN, SPEECH_TOKEN = "<image>", "<speech>"
+# keyword arguments of a transformers config that only say where it came from
+_PROVENANCE = ("self", "kwargs", "transformers_version", "architectures")
+
+
+def component_config_class(name: str, vision_type: str = "clip"):
+    import transformers
+    if name == "llm":
+        return transformers.Qwen2Config
+    if name == "speech":
+        return transformers.WhisperConfig
+    return transformers.SiglipVisionConfig if vision_type == "siglip" else transformers.CLIPVisionConfig
+
+
+def allowed_component_keys(config_class) -> set:
+    """The explicit keyword arguments of a transformers config class: its architecture's settings
+    (nothing that names code to load or an attention implementation to fetch)."""
+    import inspect
+    return set(inspect.signature(config_class.__init__).parameters) - set(_PROVENANCE)
+
+
+def check_component_keys(name: str, values, config_class) -> None:
+    if not isinstance(values, dict):
+        raise TypeError(f"OmniConfig.{name} must be a dict of {config_class.__name__} settings, got "
+                        f"{type(values).__name__}")
+    unknown = sorted(set(values) - allowed_component_keys(config_class))
+    if unknown:
+        raise ValueError(f"OmniConfig.{name}: {', '.join(unknown)} are not {config_class.__name__} settings "
+                         f"omnifast accepts (the architecture's keyword arguments only)")
 
 
 @dataclass
@@ -54,6 +82,8 @@ class OmniConfig:
         return SpeechDecoderConfig.from_dict({**self.speech_decoder, "llm_hidden": self.hidden})
 
     def validate(self) -> "OmniConfig":
+        for name in ("llm", "vision", "speech"):
+            check_component_keys(name, getattr(self, name), component_config_class(name, self.vision_type))
         if self.speech["max_source_positions"] % self.speech_stack:
             raise ValueError(f"speech_stack={self.speech_stack} must divide the speech encoder's "
                              f"max_source_positions={self.speech['max_source_positions']}")

@@ -300,11 +300,11 @@ class OmniModel(nn.Module):
         for name, directory in dirs.items():
             if not (Path(directory) / "config.json").is_file():
                 raise FileNotFoundError(f"{name}={directory} has no config.json: not a Hugging Face checkpoint directory")
-        llm_config = AutoConfig.from_pretrained(llm, local_files_only=True)
-        vision_config = AutoConfig.from_pretrained(vision, local_files_only=True)
+        llm_config = AutoConfig.from_pretrained(llm, local_files_only=True, trust_remote_code=False)
+        vision_config = AutoConfig.from_pretrained(vision, local_files_only=True, trust_remote_code=False)
         vision_type = "siglip" if "siglip" in vision_config.model_type else "clip"
         vision_config = getattr(vision_config, "vision_config", vision_config)
-        speech_config = AutoConfig.from_pretrained(speech, local_files_only=True)
+        speech_config = AutoConfig.from_pretrained(speech, local_files_only=True, trust_remote_code=False)
         base = config or OmniConfig.openomni_7b()
         decoder_dict = None
         decoder_model = None
@@ -376,11 +376,11 @@ def response_states(hidden: torch.Tensor, labels: torch.Tensor):
 
 
 def _config_kwargs(config) -> Dict:
-    values = config.to_dict()
-    for key in ("architectures", "transformers_version", "model_type", "_name_or_path", "torch_dtype", "dtype",
-                "auto_map", "id2label", "label2id"):
-        values.pop(key, None)
-    return values
+    """A local component's config as OmniConfig settings: its architecture's keyword arguments
+    only (an ``auto_map``, an attention implementation or anything else is left behind)."""
+    from .config import allowed_component_keys
+    allowed = allowed_component_keys(type(config)) - {"dtype", "id2label", "label2id"}
+    return {k: v for k, v in config.to_dict().items() if k in allowed}
 
 
 def save_speech_decoder(decoder: SpeechDecoder, path) -> None:

@@ -164,7 +164,8 @@ class OmniProcessor:
     @classmethod
     def from_pretrained(cls, path, config: OmniConfig) -> "OmniProcessor":
         from transformers import AutoTokenizer
-        return cls(AutoTokenizer.from_pretrained(str(Path(path)), local_files_only=True), config)
+        return cls(AutoTokenizer.from_pretrained(str(Path(path)), local_files_only=True, trust_remote_code=False),
+                   config)
 
 
 def _image_processor(config: OmniConfig):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from omnifast.ops import moe as moe_ops
-from omnifast.ops._checks import check_choice, check_tensor
+from omnifast.ops._checks import check_choice, check_number, check_tensor
 from omnifast.ops._dispatch import BACKENDS
 
 
@@ -45,8 +45,9 @@ class _MoEBase(torch.nn.Module):
         check_choice("activation", activation, moe_ops.ACTIVATIONS)
         if out % split_tokens:
             raise ValueError(f"split_tokens={split_tokens} must divide the output size {out}")
-        if jitter < 0:
-            raise ValueError(f"jitter must be >= 0, got {jitter}")
+        check_number("jitter", jitter, low=0.0, high=1.0)
+        check_number("balance_weight", balance_weight, low=0.0)
+        check_number("z_weight", z_weight, low=0.0)
         if backend is not None:
             check_choice("backend", backend, BACKENDS)
         self.backend = backend
@@ -85,7 +86,7 @@ class _MoEBase(torch.nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_tensor("x", x, floating=True)
-        if x.shape[-1] != self.hidden:
+        if x.dim() == 0 or x.shape[-1] != self.hidden:
             raise ValueError(f"x must end in the hidden size {self.hidden}, got shape {tuple(x.shape)}")
 
     def _routing(self, flat: torch.Tensor, backend: Optional[str]) -> moe_ops.Routing:

@@ -6,8 +6,9 @@ arguments into the one canonical form every backend takes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -23,7 +24,14 @@ def check_tensor(name: str, value, *, floating: bool = False, integer: bool = Fa
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
     if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
         raise TypeError(f"{name} must hold integers, got {value.dtype}")
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device: it holds no values")
     return value
+
+
+def check_same_device(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if value.device != other.device:
+        raise ValueError(f"{name} is on {value.device} but {other_name} is on {other.device}")
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> str:
@@ -46,6 +54,22 @@ def check_known_keys(what: str, values, cls) -> None:
         raise ValueError(f"unknown {what} keys: {sorted(unknown)}")
 
 
+def check_number(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
+                 positive: bool = False) -> float:
+    """A finite real number (not a bool) in range: TypeError or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be a number >= {low:g}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be a number <= {high:g}, got {value!r}")
+    return value
+
+
 def check_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -59,6 +83,9 @@ def _lengths(name: str, value: Lengths, device: torch.device) -> torch.Tensor:
     items = [value] if isinstance(value, int) else value
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise TypeError(f"{name} must be a tensor or a sequence of ints, got {value!r}")
+    out_of_range = [v for v in items if not 0 <= v < 2**63]
+    if out_of_range:
+        raise ValueError(f"{name} must be in [0, 2**63), got {out_of_range[0]!r}")
     return torch.tensor(items, dtype=torch.long, device=device)
 
 

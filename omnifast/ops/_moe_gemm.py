@@ -215,7 +215,7 @@ class _DenseMLP(torch.autograd.Function):
         act = _activate(pre, activation)
         gate = probs.to(act.dtype)[:, :, None]
         w2_all = w2.permute(1, 0, 2).reshape(O, -1)  # (O, E * F)
-        y = F.linear((act * gate).reshape(N, -1), w2_all)
+        y = F.linear((act * gate).reshape(N, E * act.shape[-1]), w2_all)
         if b2 is not None:
             y += probs.to(y.dtype) @ b2
         ctx.save_for_backward(x, probs, w1, w2, b2, act if activation == "relu" else pre)
@@ -232,7 +232,7 @@ class _DenseMLP(torch.autograd.Function):
         w2_all = w2.permute(1, 0, 2).reshape(O, -1)
         grad_scaled = (grad_y @ w2_all).view(N, E, F_)
         grad_probs = (act.float() * grad_scaled.float()).sum(-1)
-        grad_w2 = (grad_y.t() @ (act * gate).reshape(N, -1)).view(O, E, F_).permute(1, 0, 2).contiguous()
+        grad_w2 = (grad_y.t() @ (act * gate).reshape(N, E * F_)).view(O, E, F_).permute(1, 0, 2).contiguous()
         grad_b2 = None
         if b2 is not None:
             grad_probs += grad_y.float() @ b2.float().t()

@@ -113,7 +113,11 @@ def ctc_nll_and_grad(
     x = log_probs.to(acc)
     lp = torch.log_softmax(x, -1) if from_logits else x
     alpha, beta, lpe, ext, ll = ctc_alpha_beta(lp, targets, input_lengths, target_lengths, blank)
-    nll = -ll
+    frames = torch.arange(lp.shape[0], device=lp.device)[:, None] < input_lengths
+    # a log-probability of +inf is no probability: the sequence's loss and gradient are NaN, as
+    # the kernels' log-sum-exp (inf - inf) makes them
+    poisoned = ((lp == float("inf")) & frames[..., None]).any(-1).any(0)
+    nll = torch.where(poisoned, float("nan"), -ll)
     infeasible = torch.isinf(nll)
     if zero_infinity:
         nll = nll.masked_fill(infeasible, 0.0)
@@ -125,7 +129,7 @@ def ctc_nll_and_grad(
     if from_logits:  # chain rule through log_softmax
         grad = grad - torch.exp(lp) * grad.sum(-1, keepdim=True)
     grad = torch.where(infeasible[None, :, None], 0.0 if zero_infinity else float("nan"), grad)
-    frames = torch.arange(lp.shape[0], device=lp.device)[:, None] < input_lengths
+    grad = torch.where(poisoned[None, :, None], float("nan"), grad)
     grad = torch.where(frames[..., None], grad, 0.0) * grad_scale.to(acc)[None, :, None]
     return nll, grad.to(log_probs.dtype)
 
@@ -198,7 +202,7 @@ def moe_route(logits: torch.Tensor, top_k: int, normalize: bool):
 
 def moe_unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.Tensor], top_k: int) -> torch.Tensor:
     """out[n] = sum_j weights[n, j] * y[position[n * top_k + j]] (weights 1 when None), by gather."""
-    gathered = y[position].view(position.numel() // top_k, top_k, -1)
+    gathered = y[position].view(position.numel() // top_k, top_k, y.shape[-1])
     if weights is None:
         return gathered.sum(1)
     return torch.einsum("nk,nko->no", weights.to(gathered.dtype), gathered)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_bool, check_int, check_tensor, ctc_targets
+from ._checks import check_bool, check_int, check_number, check_tensor, ctc_targets
 from ._dispatch import choose_backend, linear_ctc_kernels
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype, scale_gradients
 from .linear_ctc import (Scorer, check_chunk_frames, check_linear_head, even_groups, label_columns,
@@ -259,10 +259,8 @@ def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     B, T, _ = hidden.shape
     V = weight.shape[0]
     blank = V - 1 if blank is None else check_int("blank", blank)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-        raise ValueError(f"beta must be a number > 0, got {beta!r}")
-    if isinstance(sft_weight, bool) or not isinstance(sft_weight, (int, float)) or sft_weight < 0:
-        raise ValueError(f"sft_weight must be a number >= 0, got {sft_weight!r}")
+    check_number("beta", beta, positive=True)
+    check_number("sft_weight", sft_weight, low=0.0)
     for name, flag in (("length_normalize", length_normalize), ("zero_infinity", zero_infinity),
                        ("exact_rewards", exact_rewards)):
         check_bool(name, flag)
@@ -322,6 +320,9 @@ def reference_logps(hidden, weight, bias, chosen, rejected, input_lengths, chose
                                               device=hidden.device, name="hidden", targets_name=prefix,
                                               lengths_name=f"{prefix}_lengths")
         sets.append(make_target_set(padded, lengths, blank))
+    if B == 0:  # an empty batch: empty log-likelihoods
+        empty = hidden.new_zeros(0, dtype=accumulation_dtype(hidden.dtype))
+        return empty, empty.clone()
     device = hidden.device.type
     hidden, weight, bias = cast_all(matmul_dtype(device, hidden, weight, bias), (hidden, weight, bias))
     with autocast_off(device):

@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import torch
 
-from ._checks import Lengths, _lengths, check_bool, check_int, check_tensor
+from ._checks import Lengths, _lengths, check_bool, check_int, check_number, check_tensor
 
 
 def ctc_greedy_decode(log_probs_or_logits: torch.Tensor, lengths: Optional[Lengths] = None, blank: int = 0, *,
@@ -57,10 +57,8 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
         raise ValueError(f"logits must be 1-D and non-empty, got shape {tuple(logits.shape)}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0, got {top_k!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_number("top_p", top_p, positive=True, high=1.0)
+    check_number("temperature", temperature, positive=True)
     probs, classes = torch.softmax(logits.float() / temperature, -1).sort(descending=True, stable=True)
     keep = (probs.cumsum(0) - probs) < top_p
     if top_k:

@@ -57,6 +57,9 @@ def dpo_from_logps(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, r
     """DPO of already-normalised log-likelihoods (see :func:`normalize`); ``sft_nll`` (a scalar,
     e.g. the chosen units' NLL per unit) is added with ``sft_weight``. Gradients flow to the
     policy values."""
+    from ._checks import check_number
+    check_number("beta", beta, positive=True)
+    check_number("sft_weight", sft_weight, low=0.0)
     chosen_rewards = beta * (policy_chosen - ref_chosen.to(policy_chosen))
     rejected_rewards = beta * (policy_rejected - ref_rejected.to(policy_rejected))
     margins = chosen_rewards - rejected_rewards

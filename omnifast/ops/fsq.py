@@ -7,6 +7,7 @@ C++, Triton); the backward recomputes tanh from the input instead of saving it.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -21,6 +22,8 @@ def check_levels(levels: Sequence[int]) -> Tuple[int, ...]:
     levels = tuple(levels)
     if not levels or not all(isinstance(l, int) and not isinstance(l, bool) and l >= 2 for l in levels):
         raise ValueError(f"levels must be a non-empty sequence of ints >= 2, got {levels!r}")
+    if math.prod(levels) > 2**63:
+        raise ValueError(f"levels give a codebook of {math.prod(levels)} codes; indices are int64, so at most 2**63")
     return levels
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_int, check_tensor
+from ._checks import check_int, check_same_device, check_tensor
 from . import _reference
 from ._dispatch import choose_backend, moe_kernels
 from ._moe_gemm import _DenseMLP, _GroupedMLP, _activate, _activate_backward, gemm_engine
@@ -105,6 +105,12 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = Non
         raise ValueError(f"x must be (N, H) and gate_weight (E, H) with the same H, got {tuple(x.shape)} "
                          f"and {tuple(gate_weight.shape)}")
     E, N = gate_weight.shape[0], x.shape[0]
+    check_same_device("gate_weight", gate_weight, "x", x)
+    if gate_bias is not None:
+        check_tensor("gate_bias", gate_bias, floating=True)
+        check_same_device("gate_bias", gate_bias, "x", x)
+        if tuple(gate_bias.shape) != (E,):
+            raise ValueError(f"gate_bias must be ({E},), one value per expert, got shape {tuple(gate_bias.shape)}")
     if top_k is not None:
         check_int("top_k", top_k)
         if not 1 <= top_k <= E:
