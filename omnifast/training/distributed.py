@@ -26,6 +26,13 @@ def init() -> Tuple[int, int]:
     return (torch.distributed.get_rank() if world > 1 else 0), world
 
 
+def shutdown() -> None:
+    """End the process group, if one was started: left to interpreter exit, its communication
+    threads can still be running when the peers close their connections, and the process aborts."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def blocks(component: nn.Module) -> Iterable[nn.Module]:
     """The repeated transformer blocks of a component (the children of each ``layers`` list)."""
     for name, module in component.named_modules():
