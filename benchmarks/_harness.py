@@ -4,8 +4,8 @@ baseline (on CUDA each run timed with CUDA events); peak memory above the inputs
 each (case, implementation): on the CPU as peak RSS in a fresh subprocess (bounded in time, with
 glibc's mmap threshold fixed so that the peak follows the bytes live at once), on CUDA as
 ``max_memory_allocated`` in this process. A comparator that fails on this build is dropped and
-its error recorded. Results go to a table on stdout, ``benchmarks/results/<op>[-cuda].json`` and
-a PNG chart beside it."""
+its error recorded. Results go to a table on stdout, ``<out>/<op>[-cuda].json`` (``--out``,
+default ``bench-results/`` in the current directory) and a PNG chart beside it."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where results go unless --out says otherwise: a folder in the current directory, never the
+# package's sources (the figures committed with omnifast were written with --out benchmarks/results)
+RESULTS = Path("bench-results")
 
 
 def synchronize(device: torch.device) -> None:

@@ -47,7 +47,7 @@ def decoder_config(quick: bool) -> SpeechDecoderConfig:
     if quick:
         return SpeechDecoderConfig.tiny(upsample_factor=12)
     return SpeechDecoderConfig(llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14,
-                               kv_heads=2, intermediate=1216)  # benchmarks/train_step.small_config()'s decoder
+                               kv_heads=2, intermediate=1216)  # OmniConfig.small()'s decoder
 
 
 def lengths(records: int, sigma: float, seed: int = 0) -> np.ndarray:

@@ -15,8 +15,8 @@ OpenOmni's epochs (2 for stage 4, 3 for stage 5) from the measured step and cach
 memory, and on a GPU the largest batch (doubling until out of memory).
 
 Configurations: ``--quick``, ``OmniConfig.tiny()`` (a smoke run of the same code; the suite runs
-it); on the CPU by default ``small_config()``, OpenOmni's structure at small size with OpenOmni's
-proportions (see its docstring); on a GPU ``OmniConfig.openomni_7b()`` in bf16. Memory on a GPU is
+it); on the CPU by default ``OmniConfig.small()``, OpenOmni's structure at small size with
+OpenOmni's proportions (see its docstring); on a GPU ``OmniConfig.openomni_7b()`` in bf16. Memory on a GPU is
 ``max_memory_allocated``; on the CPU, where the frozen front cannot leave "the device", it is the
 step's working set (peak RSS of a fresh process above what it held before the first step, the
 optimizer state included) plus the bytes of the weights the implementation keeps on the device
@@ -42,7 +42,6 @@ import torch
 
 from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
 from omnifast.models.omni import rebuild_buffers
-from omnifast.nn.speech_decoder import SpeechDecoderConfig
 from omnifast.training import MicroBatches, Trainer, TrainConfig, get_stage, load_records
 from omnifast.training.cache import build_cache, collate_cached
 from omnifast.training.loader import collate_batch
@@ -57,32 +56,11 @@ EPOCHS = train_step_estimate.EPOCHS
 SETTINGS = ("1 x 4", "equal batch")
 
 
-def small_config() -> OmniConfig:
-    """OpenOmni's structure at small size: its decoder at a quarter of its width (24 layers, 224
-    wide, 4 experts, 12x upsampling, 6561 units, the 151,936-word text embedding), encoders of
-    OpenOmni's token counts (577 image patches, 1500 speech frames) at small width, and an LLM
-    (8 layers, 1024 wide) whose forward costs about what the decoder's step does, as the 7B LLM's
-    does against OpenOmni's decoder at these lengths."""
-    decoder = SpeechDecoderConfig(llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14,
-                                  kv_heads=2, intermediate=1216)
-    return OmniConfig(
-        llm=dict(vocab_size=151936, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
-                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
-                 tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                    image_size=336, patch_size=14, projection_dim=128),
-        speech=dict(num_mel_bins=128, d_model=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=512,
-                    decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256, max_source_positions=1500,
-                    vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3),
-        speech_decoder=asdict(decoder), speech_stack=5, speech_projector_hidden=256, image_size=336,
-        audio_seconds=30, image_token_id=259, speech_token_id=260)
-
-
 def config_named(name: str) -> OmniConfig:
     if name == "tiny":
         return OmniConfig.tiny()
     if name == "small":
-        return small_config()
+        return OmniConfig.small()
     config = OmniConfig.openomni_7b()
     config.image_token_id, config.speech_token_id = 259, 260  # the byte tokenizer's placeholders
     return config
@@ -326,14 +304,15 @@ def print_table(payload: Dict) -> None:
     print(header)
     print("-" * len(header))
     for r in payload["rows"]:
-        def cell(key, fmt, width):
+        def cell(key, fmt, width, unit=""):
             value = r.get(key)
-            return f"{value:{width}{fmt}}" if value is not None else f"{'-':>{width}s}"
+            return f"{value:{width}{fmt}}{unit}" if value is not None else f"{'-':>{width + len(unit)}s}"
         peak = r.get("peak_bytes")
+        gib = f"{peak / 2**30:7.2f}" if peak else f"{'-':>7s}"
         print(f"{r['stage']:12s} {r['implementation']:28s} {r.get('setting', '-'):12s} {r['step_s']:9.4f} "
-              f"{cell('speedup_vs_recipe', '.2f', 8)}x {cell('speedup_vs_no_cache', '.2f', 10)}x "
-              f"{r['units_per_s']:9.0f} {cell('whole_run_speedup_vs_recipe', '.2f', 12)}x "
-              f"{(peak / 2**30 if peak else 0):7.2f} {cell('memory_vs_recipe', '.2f', 13)} "
+              f"{cell('speedup_vs_recipe', '.2f', 8, 'x')} {cell('speedup_vs_no_cache', '.2f', 10, 'x')} "
+              f"{r['units_per_s']:9.0f} {cell('whole_run_speedup_vs_recipe', '.2f', 12, 'x')} "
+              f"{gib} {cell('memory_vs_recipe', '.2f', 13)} "
               f"{cell('largest_batch', 'd', 9)}")
 
 

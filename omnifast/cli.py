@@ -1,5 +1,9 @@
-"""The ``omnifast`` command: ``omnifast train``, ``omnifast eval``, ``omnifast bench``,
-``omnifast demo``."""
+"""The ``omnifast`` command: ``omnifast train``, ``cache``, ``eval``, ``chat``, ``bench``,
+``tokenizer`` and ``demo``.
+
+``main(argv)`` raises (for use from Python); the console command (``console``) prints a user's
+error (bad data, a bad checkpoint or cache, a bad option, a missing file) as one message and
+exits 2, with the traceback only under ``omnifast --debug ...``."""
 from __future__ import annotations
 
 import argparse
@@ -7,12 +11,21 @@ import importlib
 import sys
 
 BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "ar_dpo", "moe", "speech_decoder", "openomni_patch", "train_step",
-              "length_spread", "loader", "data_scale")
-CHECKS = ("gpu-check",)  # not part of `bench all`
+              "length_spread", "loader", "data_scale", "save_load")
+CHECKS = ("gpu-check", "demo_time")  # not part of `bench all`
 
 
 def main(argv=None) -> int:
+    try:
+        return _run(argv)
+    finally:
+        from omnifast.training import distributed
+        distributed.shutdown()
+
+
+def _run(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="omnifast", description="omnifast: kernels for omni-modal LLM training")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="benchmark an op family against the reference ops")
     bench.add_argument("op", choices=BENCHMARKS + CHECKS + ("all",))
@@ -32,6 +45,10 @@ def main(argv=None) -> int:
     run.add_cache_arguments(cache)
     evaluate = commands.add_parser("eval", help="evaluate a stage's model on held-out records")
     run.add_eval_arguments(evaluate)
+    from omnifast import chat
+    talk = commands.add_parser("chat", help="ask a trained model a written or spoken question; its answer printed "
+                               "and spoken into a WAV file")
+    chat.add_arguments(talk)
     from omnifast.speech import train as tokenizer_training
     tokenizer = commands.add_parser("tokenizer", help="train a speech tokenizer and unit vocoder")
     tokenizer_training.add_arguments(tokenizer)
@@ -44,6 +61,8 @@ def main(argv=None) -> int:
         return run.eval_command(args)
     if args.command == "cache":
         return run.cache_command(args)
+    if args.command == "chat":
+        return chat.chat_command(args)
     if args.command == "demo":
         from omnifast.demo import espeak_available
         from omnifast.demo.run import run_demo
@@ -68,5 +87,29 @@ def main(argv=None) -> int:
     return 0
 
 
+def user_errors():
+    """The exceptions that mean a user's input is wrong rather than omnifast."""
+    from omnifast.audio import AudioError
+    from omnifast.training import CheckpointError, DataError
+    from omnifast.training.cache import CacheError
+    return (DataError, CheckpointError, CacheError, AudioError, ValueError, TypeError, FileNotFoundError,
+            NotADirectoryError, PermissionError)
+
+
+def console(argv=None) -> int:
+    """The ``omnifast`` console command: :func:`main`, a user's error printed as one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("omnifast: interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as error:
+        if "--debug" in argv:
+            raise
+        print(f"omnifast: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -30,5 +30,17 @@ def write_durably(path, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+def save_durably(path, save: Callable[[str], None]) -> Path:
+    """``save(name)`` writes a file by name (a library's writer); it is written as ``path +
+    ".tmp"``, flushed, and renamed to ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save(str(tmp))
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    return path
+
+
 def write_json_durably(path, value) -> Path:
     return write_durably(path, lambda handle: handle.write(json.dumps(value).encode()))

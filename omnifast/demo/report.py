@@ -10,6 +10,19 @@ from typing import Dict, List, Tuple
 from omnifast.training.trainer import read_metrics
 
 
+SMOKE_NOTE = ("**A smoke run** (`--quick`): every stage trained for a few steps, to show the whole pipeline runs "
+              "end to end in minutes. Its figures say nothing about what the model can learn, so no target is "
+              "judged here; `omnifast demo` (about 8 minutes on 2 cores) trains long enough for that.")
+
+
+def code(text: str) -> str:
+    """Text as inline markdown code on one line: newlines shown as spaces, backticks and pipes
+    that would end the code span or a table cell escaped."""
+    flat = " ".join(str(text).split()) or " "
+    fence = "``" if "`" in flat else "`"
+    return f"{fence} {flat.replace('|', chr(92) + '|')} {fence}"
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
@@ -101,7 +114,10 @@ def write_report(out: Path, r: Dict, stage_dirs: Dict[str, Path]) -> Path:
              "by this run on held-out records (see `metrics.json`).", "",
              "| what | paper analogue | measured | chance / reference |", "| --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(r)]
-    lines += ["", "## Targets", ""] + [f"- {t}" for t in targets(r)]
+    if r["size"] == "quick":
+        lines += ["", SMOKE_NOTE]
+    else:
+        lines += ["", "## Targets", ""] + [f"- {t}" for t in targets(r)]
     tok = r["tokenizer"]
     lines += ["", "## The speech tokenizer", "",
               f"- CER of its CTC head on held-out corpus clips: {_pct(tok.get('cer', float('nan')))}",
@@ -110,9 +126,9 @@ def write_report(out: Path, r: Dict, stage_dirs: Dict[str, Path]) -> Path:
               f"- voice read from the units alone: {_pct(tok['voice']['from_units'])}, from the style vector: "
               f"{_pct(tok['voice']['from_style'])} (chance {_pct(tok['voice']['chance'])})",
               "", "## Examples", "", "ASR (stage 1), held-out captions:", ""]
-    lines += [f"- `{e['reference']}` -> `{e['heard']}`" for e in r["asr_examples"]]
+    lines += [f"- {code(e['reference'])} -> {code(e['heard'])}" for e in r["asr_examples"]]
     lines += ["", "Spoken answers (the final model's text, and what the stage-1 ASR heard in its speech):", ""]
-    lines += [f"- `{e['prompt']}` -> said `{e['said']}` ({e['units']} units) -> heard `{e['heard']}`"
+    lines += [f"- {code(e['prompt'])} -> said {code(e['said'])} ({e['units']} units) -> heard {code(e['heard'])}"
               for e in r["t2s_examples"]]
     lines += ["", f"Predicted styles of the dialogue answers: before DPO {r['emotion_before_predicted']}, "
               f"after DPO {r['emotion_after_predicted']}.", "",
@@ -120,6 +136,10 @@ def write_report(out: Path, r: Dict, stage_dirs: Dict[str, Path]) -> Path:
               "`<emotion>-after-dpo.wav`).", "", "## Loss curves", "", f"![losses]({losses})", "",
               "## Results against chance", "", f"![results]({results})", "", "## Time", ""]
     lines += [f"- {name}: {seconds:.0f} s" for name, seconds in r["seconds"].items()]
+    final = stage_dirs.get("emotion-dpo")
+    if final is not None:
+        lines += ["", "## Talk to it", "", "```", f"omnifast chat --model {final} --vocoder {out / 'tokenizer'} "
+                  "--text 'what colour is the sun' --stream --out answer.wav", "```"]
     (out / "metrics.json").write_text(json.dumps(r, indent=2, default=str))
     report = out / "report.md"
     tmp = out / "report.md.tmp"

@@ -87,6 +87,10 @@ class OmniConfig:
         if self.speech["max_source_positions"] % self.speech_stack:
             raise ValueError(f"speech_stack={self.speech_stack} must divide the speech encoder's "
                              f"max_source_positions={self.speech['max_source_positions']}")
+        if 2 * self.speech["max_source_positions"] * 160 != self.audio_seconds * self.sampling_rate:
+            raise ValueError(f"audio_seconds={self.audio_seconds} at {self.sampling_rate} Hz must be the speech "
+                             f"encoder's window: max_source_positions={self.speech['max_source_positions']} positions "
+                             f"are {self.speech['max_source_positions'] / 50:g} s of Whisper features (160-sample hop)")
         if self.image_size % self.vision["patch_size"] or self.vision.get("image_size", self.image_size) != self.image_size:
             raise ValueError(f"image_size={self.image_size} must be the vision tower's and a multiple of its patch size")
         if self.speech_decoder is not None and self.speech_decoder.get("llm_hidden", self.hidden) != self.hidden:
@@ -118,6 +122,29 @@ class OmniConfig:
                                                            intermediate=128)),
             speech_stack=5, speech_projector_hidden=128, image_size=32, audio_seconds=1,
             image_token_id=259, speech_token_id=260)  # in omnifast.models.build_tiny_tokenizer()
+
+    @classmethod
+    def small(cls) -> "OmniConfig":
+        """OpenOmni's structure at a size a CPU trains: its decoder at a quarter of its width (24
+        layers, 224 wide, 4 experts, 12x upsampling, 6561 units, the 151,936-word text
+        embedding), encoders of OpenOmni's token counts (577 image patches, 1500 speech frames) at
+        small width, and an LLM (8 layers, 1024 wide) whose forward costs about what the decoder's
+        step does, as the 7B LLM's does against OpenOmni's decoder. The byte tokenizer's
+        placeholder ids (``build_tiny_tokenizer``)."""
+        decoder = SpeechDecoderConfig(llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14,
+                                      kv_heads=2, intermediate=1216)
+        return cls(
+            llm=dict(vocab_size=151936, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
+                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+            vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=336, patch_size=14, projection_dim=128),
+            speech=dict(num_mel_bins=128, d_model=128, encoder_layers=2, encoder_attention_heads=4,
+                        encoder_ffn_dim=512, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256,
+                        max_source_positions=1500, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=3),
+            speech_decoder=asdict(decoder), speech_stack=5, speech_projector_hidden=256, image_size=336,
+            audio_seconds=30, image_token_id=259, speech_token_id=260)
 
     @classmethod
     def openomni_7b(cls) -> "OmniConfig":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -18,10 +18,11 @@ from omnifast.nn.speech_decoder import SpeechDecoder
 from omnifast.ops.decode import sample_top_k_top_p
 from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
-from .config import OmniConfig
+from .config import IMAGE_TOKEN, SPEECH_TOKEN, OmniConfig
+from .weights import load_weights, save_weights, weight_files
 
 COMPONENTS = ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder")
-CONFIG_NAME, WEIGHTS_NAME = "omnifast_config.json", "model.safetensors"
+CONFIG_NAME = "omnifast_config.json"
 
 
 @dataclass
@@ -30,6 +31,16 @@ class OmniOutput:
     text_loss: Optional[torch.Tensor]
     speech_loss: Optional[torch.Tensor]
     hidden_states: torch.Tensor          # (B, S, H) last LLM layer
+
+
+@dataclass
+class AnswerEvent:
+    """One step of a streamed answer: a text token as it is chosen, or the speech units that
+    became final, with the seconds since the answer began."""
+    kind: str                      # "token" or "units"
+    seconds: float
+    token: Optional[int] = None
+    units: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -189,20 +200,29 @@ class OmniModel(nn.Module):
         return OmniOutput(sum(losses) if losses else None, text_loss, speech_loss, hidden)
 
     # ---- generation ---------------------------------------------------------------------------
+    @property
+    def streams_speech(self) -> bool:
+        """Whether the speech decoder makes units while the text is written: a NAR decoder with
+        causal attention and causal text fusion (OpenOmni's fusion sees all the text first)."""
+        d = self.speech_decoder
+        return d is not None and d.mode == "nar" and d.config.causal and d.config.fusion_causal
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *, max_new_tokens: int = 64,
-                 eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
-                 temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4, tokenizer=None,
-                 generator: Optional[torch.Generator] = None,
-                 forced_tokens: Optional[List[int]] = None) -> GenerateOutput:
-        """Generate the answer to one prompt (input_ids (S,) or (1, S)) with the LLM's KV cache;
-        with ``speak=True`` the speech decoder streams units while the text is written
-        (``unit_chunk`` tokens at a time). Returns text, token ids, units and latencies.
-        ``forced_tokens``: emit these tokens instead of choosing (same work per token: for timing
-        the speech path independently of what the model would have written)."""
+    def stream_answer(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *,
+                      max_new_tokens: int = 64, eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0,
+                      top_p: float = 1.0, temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4,
+                      generator: Optional[torch.Generator] = None,
+                      forced_tokens: Optional[List[int]] = None) -> Iterator[AnswerEvent]:
+        """The answer to one prompt (input_ids (S,) or (1, S)) as it is made: an ``AnswerEvent``
+        for each text token, and with ``speak=True`` events for the speech units: where the
+        decoder streams (:attr:`streams_speech`) the units that became final every
+        ``unit_chunk`` tokens, otherwise all of them once the text is done. The LLM and the
+        speech decoder keep their KV caches. ``forced_tokens``: emit these tokens instead of
+        choosing (the same work per token: for timing the speech path apart from what the model
+        would write)."""
         from transformers.cache_utils import DynamicCache
-        if speak and (self.speech_decoder is None or self.speech_decoder.mode != "nar"):
-            raise ValueError("speak=True needs a NAR speech decoder")
+        if speak and self.speech_decoder is None:
+            raise ValueError("speak=True needs a model with a speech decoder")
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]
         if ids.shape[0] != 1:
             raise ValueError(f"generate takes one prompt, got a batch of {ids.shape[0]}")
@@ -210,16 +230,21 @@ class OmniModel(nn.Module):
         cache = DynamicCache(config=self.llm.config)
         hidden = self.llm.model(inputs_embeds=self.embed(ids, pixel_values, speech_features), past_key_values=cache,
                                 use_cache=True).last_hidden_state[:, -1]
-        out = GenerateOutput("", [])
         pending: List[tuple] = []
-        stream = self.speech_decoder.stream(self._chunks(pending)) if speak else None
+        streaming = speak and self.streams_speech
+        stream = self.speech_decoder.stream(self._chunks(pending)) if streaming else None
 
-        def feed(final: bool):
+        def spoken(final: bool):
+            if not streaming:
+                if final and pending:
+                    states, tokens = next(self._chunks(pending))
+                    yield AnswerEvent("units", time.perf_counter() - start,
+                                      units=self.speech_decoder.generate(states, tokens)[0])
+                return
             while pending and (final or len(pending) >= unit_chunk):
                 units = next(stream)
-                if units and out.first_unit_s is None:
-                    out.first_unit_s = time.perf_counter() - start
-                out.units += units
+                if units:
+                    yield AnswerEvent("units", time.perf_counter() - start, units=units)
 
         for position in range(max_new_tokens if forced_tokens is None else len(forced_tokens)):
             logits = self.llm.lm_head(hidden)[0].float()
@@ -227,18 +252,36 @@ class OmniModel(nn.Module):
                 token = int(forced_tokens[position])
             else:
                 token = int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
-            if out.first_token_s is None:
-                out.first_token_s = time.perf_counter() - start
+            yield AnswerEvent("token", time.perf_counter() - start, token=token)
             step = torch.tensor([[token]], device=ids.device)
             hidden = self.llm.model(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            out.token_ids.append(token)
             if speak:  # the state of a response token is the one computed when it is the input
                 pending.append((hidden[0], token))
-                feed(final=False)
+                yield from spoken(final=False)
             if token == eos_token_id:
                 break
         if speak:
-            feed(final=True)
+            yield from spoken(final=True)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *, max_new_tokens: int = 64,
+                 eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
+                 temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4, tokenizer=None,
+                 generator: Optional[torch.Generator] = None,
+                 forced_tokens: Optional[List[int]] = None) -> GenerateOutput:
+        """The whole of :meth:`stream_answer`: text, token ids, units and latencies."""
+        start = time.perf_counter()
+        out = GenerateOutput("", [])
+        for event in self.stream_answer(input_ids, pixel_values, speech_features, max_new_tokens=max_new_tokens,
+                                        eos_token_id=eos_token_id, greedy=greedy, top_k=top_k, top_p=top_p,
+                                        temperature=temperature, speak=speak, unit_chunk=unit_chunk,
+                                        generator=generator, forced_tokens=forced_tokens):
+            if event.kind == "token":
+                out.token_ids.append(event.token)
+                out.first_token_s = event.seconds if out.first_token_s is None else out.first_token_s
+            else:
+                out.units += event.units
+                out.first_unit_s = event.seconds if out.first_unit_s is None else out.first_unit_s
         out.total_s = time.perf_counter() - start
         if tokenizer is not None:
             out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
@@ -253,34 +296,35 @@ class OmniModel(nn.Module):
                                                                          device=taken[0][0].device)
 
     # ---- saving and loading -------------------------------------------------------------------
-    def save_pretrained(self, path, processor=None, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
-        """``omnifast_config.json`` + ``model.safetensors`` (+ the tokenizer), each written to a
-        temporary name and renamed, so an interrupted save never leaves a half-written file.
-        ``state_dict``: the whole state to write instead of this module's own (e.g. gathered from
-        FSDP shards)."""
-        from safetensors.torch import save_file, save_model
+    def save_pretrained(self, path, processor=None, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                        max_shard_size="5GB") -> None:
+        """``omnifast_config.json``, the weights in ``transformers``' layout (one
+        ``model.safetensors``, or shards of at most ``max_shard_size`` and their index; see
+        ``omnifast/models/weights.py``) and the tokenizer; every file written to a temporary name
+        and renamed. ``state_dict``: the whole state to write instead of this module's own (e.g.
+        gathered from FSDP shards)."""
+        from omnifast.durable import save_durably
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        if state_dict is None:
-            save_model(self, str(tmp))
-        else:
-            save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp))
-        tmp.replace(path / WEIGHTS_NAME)
-        tmp = path / (CONFIG_NAME + ".tmp")
-        self.config.save(tmp)
-        tmp.replace(path / CONFIG_NAME)
+        save_weights(self.state_dict() if state_dict is None else state_dict, path, max_shard_size)
+        save_durably(path / CONFIG_NAME, self.config.save)
         if processor is not None:
             processor.save_pretrained(path)
 
     @classmethod
     def from_pretrained(cls, path, device=None) -> "OmniModel":
-        from safetensors.torch import load_model
+        """A folder written by :meth:`save_pretrained`: the model is built on the meta device and
+        its weights loaded shard by shard onto ``device`` (default CPU), in the dtype they were
+        saved in."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a directory written by OmniModel.save_pretrained")
-        model = cls(OmniConfig.load(path / CONFIG_NAME))
-        load_model(model, str(path / WEIGHTS_NAME), device=str(device or "cpu"))
+        device = torch.device(device or "cpu")
+        config = OmniConfig.load(path / CONFIG_NAME)
+        weight_files(path)  # a missing shard is found before the model is built
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, path, device)
+        rebuild_buffers(model, device)
         return model
 
     @classmethod
@@ -291,48 +335,118 @@ class OmniModel(nn.Module):
 
     @classmethod
     def from_components(cls, llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None,
-                        **overrides) -> "OmniModel":
-        """Build from local Hugging Face checkpoint directories (``Qwen2ForCausalLM``, a CLIP or
-        SigLIP vision tower or whole model, ``WhisperModel``) and optionally a speech decoder saved
-        by :func:`save_speech_decoder`; the projectors start fresh. Nothing is downloaded."""
-        from transformers import AutoConfig, Qwen2ForCausalLM, WhisperModel
-        dirs = {"llm": llm, "vision": vision, "speech": speech}
-        for name, directory in dirs.items():
-            if not (Path(directory) / "config.json").is_file():
-                raise FileNotFoundError(f"{name}={directory} has no config.json: not a Hugging Face checkpoint directory")
-        llm_config = AutoConfig.from_pretrained(llm, local_files_only=True, trust_remote_code=False)
-        vision_config = AutoConfig.from_pretrained(vision, local_files_only=True, trust_remote_code=False)
-        vision_type = "siglip" if "siglip" in vision_config.model_type else "clip"
-        vision_config = getattr(vision_config, "vision_config", vision_config)
-        speech_config = AutoConfig.from_pretrained(speech, local_files_only=True, trust_remote_code=False)
-        base = config or OmniConfig.openomni_7b()
-        decoder_dict = None
-        decoder_model = None
-        if decoder is not None:
-            decoder_model = load_speech_decoder(decoder)
-            decoder_dict = decoder_model.config.to_dict()
-        combined = OmniConfig(
-            llm=_config_kwargs(llm_config), vision=_config_kwargs(vision_config), speech=_config_kwargs(speech_config),
-            speech_decoder=decoder_dict if decoder is not None else
-            (None if base.speech_decoder is None else {**base.speech_decoder, "llm_hidden": llm_config.hidden_size}),
-            image_size=vision_config.image_size, vision_type=vision_type, **overrides)
-        if decoder_model is not None and decoder_model.config.llm_hidden != llm_config.hidden_size:
-            raise ValueError(f"the speech decoder takes LLM states of width {decoder_model.config.llm_hidden} but the "
-                             f"LLM's hidden size is {llm_config.hidden_size}")
-        with torch.device("meta"):
-            model = cls(combined)
-        model.llm = Qwen2ForCausalLM.from_pretrained(llm, local_files_only=True)
-        model.vision = _vision_classes(vision_type)[1].from_pretrained(vision, local_files_only=True)
-        model.speech = WhisperModel.from_pretrained(speech, local_files_only=True).get_encoder()
-        model.image_projector = model.image_projector.to_empty(device="cpu")
-        model.speech_projector = model.speech_projector.to_empty(device="cpu")
-        for module in (model.image_projector, model.speech_projector):
-            for layer in module.modules():
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()
-        model.speech_decoder = decoder_model if decoder_model is not None else (
-            None if combined.speech_decoder is None else SpeechDecoder(combined.decoder_config(), combined.speech_decoder_mode))
-        return model
+                        tokenizer=None, **overrides) -> "OmniModel":
+        """The model of :func:`load_components` (which also gives its processor)."""
+        return load_components(llm, vision, speech, decoder, config, tokenizer, **overrides)[0]
+
+
+def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None, tokenizer=None,
+                    **overrides):
+    """An omni model and its processor from local Hugging Face checkpoint directories
+    (``Qwen2ForCausalLM`` with its tokenizer, a CLIP or SigLIP vision tower or whole model,
+    ``WhisperModel``) and optionally a speech decoder saved by :func:`save_speech_decoder`; the
+    projectors start fresh. Nothing is downloaded.
+
+    The architectures, the image size and the audio window are the components'. The tokenizer
+    (the LLM folder's, or ``tokenizer``: a tokenizer or a folder) gets the ``<image>`` /
+    ``<speech>`` placeholders and ChatML tokens it lacks, the LLM's embeddings grow to cover
+    them, and the config takes their ids. Every other setting comes from ``config`` when one is
+    given (its speech decoder too, at the LLM's width), else from the components: the speech
+    projector min(2048, LLM width) wide, the decoder ``SpeechDecoderConfig.scaled_to`` the LLM.
+    ``overrides`` set OmniConfig fields last."""
+    import dataclasses
+
+    from transformers import AutoConfig, Qwen2ForCausalLM, WhisperModel
+
+    from omnifast.nn.speech_decoder import SpeechDecoderConfig
+
+    from .processor import OmniProcessor, add_placeholder_tokens
+    dirs = {"llm": llm, "vision": vision, "speech": speech}
+    for name, directory in dirs.items():
+        if not (Path(directory) / "config.json").is_file():
+            raise FileNotFoundError(f"{name}={directory} has no config.json: not a Hugging Face checkpoint directory")
+    if config is not None and not isinstance(config, OmniConfig):
+        raise TypeError(f"config must be an OmniConfig, got {type(config).__name__}")
+    tokenizer = _component_tokenizer(llm if tokenizer is None else tokenizer)
+    add_placeholder_tokens(tokenizer)
+    llm_config = AutoConfig.from_pretrained(llm, local_files_only=True, trust_remote_code=False)
+    vision_config = AutoConfig.from_pretrained(vision, local_files_only=True, trust_remote_code=False)
+    vision_type = "siglip" if "siglip" in vision_config.model_type else "clip"
+    vision_config = getattr(vision_config, "vision_config", vision_config)
+    speech_config = AutoConfig.from_pretrained(speech, local_files_only=True, trust_remote_code=False)
+    sampling_rate, window = _audio_window(speech, speech_config)
+    rows = max(llm_config.vocab_size, len(tokenizer))
+    fixed = dict(llm={**_config_kwargs(llm_config), "vocab_size": rows}, vision=_config_kwargs(vision_config),
+                 speech=_config_kwargs(speech_config), image_size=vision_config.image_size, vision_type=vision_type,
+                 sampling_rate=sampling_rate, audio_seconds=window,
+                 image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                 speech_token_id=tokenizer.convert_tokens_to_ids(SPEECH_TOKEN))
+    hidden = llm_config.hidden_size
+    decoder_model = load_speech_decoder(decoder) if decoder is not None else None
+    if decoder_model is not None:
+        decoder_dict = decoder_model.config.to_dict()
+        fixed["speech_decoder_mode"] = decoder_model.mode
+    elif config is not None:
+        decoder_dict = None if config.speech_decoder is None else {**config.speech_decoder, "llm_hidden": hidden}
+    else:
+        decoder_dict = dataclasses.asdict(SpeechDecoderConfig.scaled_to(hidden, rows))
+    chosen = {} if config is None else {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for name in ("image_size", "audio_seconds", "sampling_rate"):
+        wanted = overrides.get(name, chosen.get(name))
+        if wanted is not None and wanted != fixed[name]:
+            raise ValueError(f"{name}={wanted} was asked for, but the components fix it at {fixed[name]}")
+    combined = OmniConfig(**{**dict(speech_projector_hidden=min(2048, hidden)), **chosen, **fixed,
+                             "speech_decoder": decoder_dict, **overrides}).validate()
+    if decoder_dict is not None and decoder_dict["llm_hidden"] != hidden:
+        raise ValueError(f"the speech decoder takes LLM states of width {decoder_dict['llm_hidden']} but the "
+                         f"LLM's hidden size is {hidden}")
+    if decoder_dict is not None and decoder_dict["text_vocab"] < len(tokenizer):
+        raise ValueError(f"the speech decoder embeds {decoder_dict['text_vocab']} text tokens but the tokenizer "
+                         f"has {len(tokenizer)}")
+    with torch.device("meta"):
+        model = OmniModel(combined)
+    model.llm = Qwen2ForCausalLM.from_pretrained(llm, local_files_only=True)
+    if model.llm.get_input_embeddings().num_embeddings < rows:
+        model.llm.resize_token_embeddings(rows)
+    model.vision = _vision_classes(vision_type)[1].from_pretrained(vision, local_files_only=True)
+    model.speech = WhisperModel.from_pretrained(speech, local_files_only=True).get_encoder()
+    model.image_projector = model.image_projector.to_empty(device="cpu")
+    model.speech_projector = model.speech_projector.to_empty(device="cpu")
+    for module in (model.image_projector, model.speech_projector):
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+    model.speech_decoder = decoder_model if decoder_model is not None else (
+        None if combined.speech_decoder is None else SpeechDecoder(combined.decoder_config(), combined.speech_decoder_mode))
+    return model, OmniProcessor(tokenizer, combined)
+
+
+def _component_tokenizer(source):
+    """A tokenizer object as it is, or the one saved in a folder."""
+    from transformers import AutoTokenizer
+    if not isinstance(source, (str, Path)):
+        return source
+    folder = Path(source)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise FileNotFoundError(f"{folder} holds no tokenizer: save the LLM's tokenizer there, or pass tokenizer=")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+
+
+def _audio_window(speech, speech_config):
+    """(sampling rate, seconds) of the Whisper encoder's input window: its positions are half the
+    mel frames, a frame every ``hop_length`` samples (the folder's feature extractor settings,
+    else Whisper's 16 kHz and 160)."""
+    import json
+    settings = {}
+    preprocessor = Path(speech) / "preprocessor_config.json"
+    if preprocessor.is_file():
+        settings = json.loads(preprocessor.read_text())
+    rate, hop = int(settings.get("sampling_rate", 16000)), int(settings.get("hop_length", 160))
+    samples = 2 * speech_config.max_source_positions * hop
+    if samples % rate:
+        raise ValueError(f"speech={speech}: its window of {samples} samples at {rate} Hz is not a whole number "
+                         f"of seconds")
+    return rate, samples // rate
 
 
 def rebuild_buffers(model: nn.Module, device) -> None:

@@ -37,14 +37,31 @@ def build_tiny_tokenizer():
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
 
 
+def add_placeholder_tokens(tokenizer) -> List[str]:
+    """Add the ChatML and ``<image>`` / ``<speech>`` tokens a tokenizer lacks, as special tokens
+    (for Qwen2.5's tokenizer: ``<image>`` and ``<speech>`` get ids 151665 and 151666). Returns
+    those added; the LLM's embeddings must then cover ``len(tokenizer)``."""
+    missing = [t for t in SPECIAL_TOKENS[1:] if _token_id(tokenizer, t) is None]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return missing
+
+
+def _token_id(tokenizer, token: str) -> Optional[int]:
+    found = tokenizer.convert_tokens_to_ids(token)
+    return None if found is None or (found == tokenizer.unk_token_id and token != tokenizer.unk_token) else found
+
+
 class OmniProcessor:
     """Tokenizer + ``CLIPImageProcessor`` + ``WhisperFeatureExtractor`` with explicit settings."""
 
     def __init__(self, tokenizer, config: OmniConfig, system_prompt: str = "You are a helpful assistant."):
         from transformers import WhisperFeatureExtractor
-        missing = [t for t in SPECIAL_TOKENS[1:] if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        missing = [t for t in SPECIAL_TOKENS[1:] if _token_id(tokenizer, t) is None]
         if missing:
-            raise ValueError(f"the tokenizer lacks the special tokens {missing}")
+            raise ValueError(f"the tokenizer lacks the special tokens {missing}: add them with "
+                             f"omnifast.models.add_placeholder_tokens(tokenizer) and resize the LLM's embeddings to "
+                             f"len(tokenizer) (OmniModel.from_components does both)")
         self.tokenizer, self.config, self.system_prompt = tokenizer, config, system_prompt
         self.image_processor = _image_processor(config)
         self.feature_extractor = WhisperFeatureExtractor(feature_size=config.speech["num_mel_bins"],

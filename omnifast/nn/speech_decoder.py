@@ -83,6 +83,25 @@ class SpeechDecoderConfig:
         return cls(**{**dict(fusion_causal=False, upsample_rounding="openomni", loss_normalization="openomni",
                              zero_infinity=True), **overrides})
 
+    @classmethod
+    def scaled_to(cls, llm_hidden: int, text_vocab: int, **overrides) -> "SpeechDecoderConfig":
+        """A decoder in proportion to an LLM of width ``llm_hidden``: OpenOmni's (``openomni()``)
+        for a 3584-wide LLM or wider; for a narrower one a quarter of its width (a multiple of 32,
+        at least 32), 24 layers scaled by the same ratio (at least 2), and OpenOmni's MLP and
+        text-fusion proportions. ``text_vocab``: the LLM's embedding rows (the decoder embeds the
+        answer's text tokens)."""
+        if llm_hidden >= 3584:
+            return cls.openomni(**{**dict(llm_hidden=llm_hidden, text_vocab=text_vocab), **overrides})
+        ratio = llm_hidden / 3584
+        width = max(32, 32 * round(llm_hidden / 4 / 32))
+        head_dim = 64 if width % 64 == 0 else 32
+        heads = width // head_dim
+        sizes = dict(llm_hidden=llm_hidden, text_vocab=text_vocab, width=width, heads=heads,
+                     kv_heads=2 if heads % 2 == 0 else 1, layers=max(2, round(24 * ratio)),
+                     intermediate=32 * max(1, round(width * 4864 / 896 / 32)),
+                     fusion_head_dim=max(16, 16 * round(256 * ratio / 16)))
+        return cls.openomni(**{**sizes, **overrides})
+
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)

@@ -54,6 +54,12 @@ class UnitVocoder:
             vectors.append(self.centroids[name][value])
         return torch.stack(vectors).mean(0)
 
+    def average_style(self) -> torch.Tensor:
+        """The mean of the centroids of the first style label: a voice between all it knows."""
+        if not self.centroids:
+            raise ValueError("this vocoder has no style centroids: fit_centroids first")
+        return torch.stack(list(next(iter(self.centroids.values())).values())).mean(0)
+
     def mel_to_wave(self, log_mel: np.ndarray) -> np.ndarray:
         import librosa
         power = log_mel_to_power(log_mel)
@@ -67,7 +73,10 @@ class UnitVocoder:
         (waveform float32 of 4T x 160 samples, sampling rate)."""
         if style is None:
             style = self.style_for(**labels)
-        mel = self.tokenizer.decode(torch.as_tensor(units), style.to(self.tokenizer.to_mel.weight.device))
+        units = torch.as_tensor(units, dtype=torch.long) if len(units) == 0 else torch.as_tensor(units)
+        if units.numel() == 0:  # no units, no sound
+            return np.zeros(0, dtype=np.float32), self.sampling_rate
+        mel = self.tokenizer.decode(units, style.to(self.tokenizer.to_mel.weight.device))
         return self.mel_to_wave(mel.float().cpu().numpy()), self.sampling_rate
 
     def save_pretrained(self, path) -> None:

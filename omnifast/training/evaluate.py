@@ -101,6 +101,19 @@ def reward_accuracy(model, processor, records, reference: Optional[OmniModel] = 
     return {"reward_accuracy": wins / len(records)}
 
 
+UNITS = {"cer": "character errors per reference character (a fraction: 0.25 = 25%; above 1 when the "
+               "answers are longer than the references)",
+         "wer": "word errors per reference word (a fraction)",
+         "accuracy": "share of answers equal to the reference after normalisation (a fraction)",
+         "unit_error_rate": "unit errors per reference unit (a fraction)",
+         "reward_accuracy": "share of pairs whose implicit reward prefers the chosen units (a fraction)"}
+
+
+def describe(metrics: Dict[str, float]) -> str:
+    """One line per metric with its unit."""
+    return "\n".join(f"{name} = {value:.4f} ({UNITS.get(name, 'no unit')})" for name, value in metrics.items())
+
+
 def evaluate(stage_name: str, model, processor, records, reference=None) -> Dict[str, float]:
     stage = get_stage(stage_name)
     if stage.index == 1:

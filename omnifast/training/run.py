@@ -17,19 +17,20 @@ from .data import RecordFile, load_records
 from .stages import BY_NAME, STAGES, Stage, get_stage
 from .trainer import Trainer, check_model_for_stage, latest_checkpoint
 
-PRESETS = ("tiny",)
+PRESETS = {"tiny": OmniConfig.tiny, "small": OmniConfig.small}  # fresh models with the byte-level tokenizer
 
 
 def load_model(spec: str, seed: int = 0) -> Tuple[OmniModel, OmniProcessor]:
-    """``tiny`` (a fresh tiny model and its byte-level tokenizer) or a save_pretrained directory."""
-    if spec == "tiny":
+    """A named size (``tiny``: a few million parameters; ``small``: OpenOmni's structure at
+    CPU size; fresh weights and the byte-level tokenizer) or a save_pretrained directory."""
+    if spec in PRESETS:
         torch.manual_seed(seed)
-        config = OmniConfig.tiny()
+        config = PRESETS[spec]()
         return OmniModel(config), OmniProcessor(build_tiny_tokenizer(), config)
     path = Path(spec)
     if not (path / CONFIG_NAME).is_file():
-        raise ValueError(f"--model must be one of {PRESETS} or a directory written by OmniModel.save_pretrained; "
-                         f"{path} has no {CONFIG_NAME}")
+        raise ValueError(f"--model must be one of {', '.join(PRESETS)} or a directory written by "
+                         f"OmniModel.save_pretrained; {path} has no {CONFIG_NAME}")
     model = OmniModel.from_pretrained(path)
     return model, OmniProcessor.from_pretrained(path, model.config)
 
@@ -63,7 +64,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--stage", choices=list(BY_NAME), help="the stage to run")
     which.add_argument("--all", action="store_true", help="run the five stages in order (--data: a folder of "
                        "<stage>.json files; each stage writes OUT/<n>-<stage>)")
-    parser.add_argument("--model", default="tiny", help="'tiny' or a directory written by save_pretrained (default: tiny)")
+    parser.add_argument("--model", default="tiny", help="a named size (tiny, small) or a directory written by "
+                        "save_pretrained (default: tiny)")
     parser.add_argument("--data", required=True, help="the stage's JSON file (a folder with --all)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--config", default=None, help="JSON or YAML file of training options (below)")
@@ -139,7 +141,8 @@ def train_command(args) -> int:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=list(BY_NAME), required=True)
-    parser.add_argument("--model", required=True, help="a directory written by save_pretrained (or 'tiny')")
+    parser.add_argument("--model", required=True, help="a directory written by save_pretrained (or a named size: "
+                        "tiny, small)")
     parser.add_argument("--data", required=True, help="held-out records in the stage's JSON format")
     parser.add_argument("--reference", default=None, help="emotion-dpo: the reference (stage-4) model directory")
     parser.add_argument("--out", default=None, help="also write the metrics to this JSON file")
@@ -148,21 +151,22 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def eval_command(args) -> int:
-    from .evaluate import evaluate
+    from .evaluate import UNITS, describe, evaluate
     stage = get_stage(args.stage)
     model, processor = load_model(args.model)
     records = records_for(model, args.data, stage, args.media_root)
     reference = load_model(args.reference)[0] if args.reference else None
     metrics = evaluate(stage.name, model, processor, records, reference)
-    print(json.dumps(metrics, indent=2))
+    print(describe(metrics))
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2))
+        Path(args.out).write_text(json.dumps({**metrics, "units": {k: UNITS.get(k, "") for k in metrics}}, indent=2))
     return 0
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=["speech-gen", "emotion-dpo"], required=True)
-    parser.add_argument("--model", default="tiny", help="'tiny' or a directory written by save_pretrained")
+    parser.add_argument("--model", default="tiny", help="a named size (tiny, small) or a directory written by "
+                        "save_pretrained (default: tiny)")
     parser.add_argument("--data", required=True, help="the stage's data file")
     parser.add_argument("--out", required=True, help="the cache folder (a killed build continues there)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",

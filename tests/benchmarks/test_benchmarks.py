@@ -51,3 +51,11 @@ def test_quick_length_spread_compares_padded_and_packed(tmp_path, capsys):
         rows["padded"]["padding_fraction"]
     assert all(r["units_per_s"] > 0 for r in rows.values())
     assert "vs padded" in capsys.readouterr().out
+
+
+def test_quick_save_load_benchmark_compares_one_file_and_shards(tmp_path, capsys):
+    assert cli.main(["bench", "save_load", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "quick_save_load.json").read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["one file", "shards of 1MB"] and rows[1]["files"] > 1
+    assert all(r["load_s"] > 0 and r["weight_bytes"] == rows[0]["weight_bytes"] for r in rows)
+    assert "arithmetic for OpenOmni" in capsys.readouterr().out

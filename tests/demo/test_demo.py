@@ -23,4 +23,13 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     assert len(list((out / "wavs").glob("*-after-dpo.wav"))) >= 1
     for index, stage in enumerate(("llm-pretrain", "s2t", "i2t-pretrain", "i2t-sft", "speech-gen", "emotion-dpo")):
         assert (out / "train" / f"{index}-{stage}" / "model" / "model.safetensors").is_file()
-    assert results["seconds"]["total"] < 180
+    assert "A smoke run" in report and "MISSED" not in report and "## Targets" not in report
+    for line in report.splitlines():  # each example on one line of the list, whatever the model wrote
+        if line.startswith("- ") and " -> " in line:
+            assert line.count(" -> ") in (1, 2)
+
+
+def test_examples_are_escaped_for_markdown():
+    from omnifast.demo.report import code
+    assert code("two\nlines | and `ticks`") == "`` two lines \\| and `ticks` ``"
+    assert code("") == "`   `"

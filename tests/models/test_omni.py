@@ -1,6 +1,6 @@
 """OmniModel and OmniProcessor at tiny size: mixed batches forward and backward, exact label
-masking, placeholders, freezing, save/load, building from Hugging Face checkpoint directories,
-generation with and without speech, the 7B config on the meta device, and bad input."""
+masking, placeholders, freezing, save/load, generation with and without speech (whole and
+streamed), the 7B config on the meta device, and bad input."""
 import copy
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omnifast.models import (IGNORE_INDEX, OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer,
-                             response_states, save_speech_decoder)
+                             response_states)
 
 from ..devices import device_for, moved
 
@@ -107,30 +107,6 @@ def test_save_load_round_trip_is_bit_exact(tiny, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_from_components_with_tiny_hugging_face_checkpoints(tiny, tmp_path):
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM, WhisperConfig,
-                              WhisperModel)
-    model, _ = tiny
-    c = model.config
-    parts = {"llm": Qwen2ForCausalLM(Qwen2Config(**c.llm)), "vision": CLIPVisionModel(CLIPVisionConfig(**c.vision)),
-             "speech": WhisperModel(WhisperConfig(**c.speech))}
-    for name, part in parts.items():
-        part.save_pretrained(tmp_path / name)
-    save_speech_decoder(model.speech_decoder, tmp_path / "decoder")
-    built = OmniModel.from_components(llm=tmp_path / "llm", vision=tmp_path / "vision", speech=tmp_path / "speech",
-                                      decoder=tmp_path / "decoder", speech_stack=c.speech_stack,
-                                      speech_projector_hidden=c.speech_projector_hidden, audio_seconds=c.audio_seconds,
-                                      image_token_id=c.image_token_id, speech_token_id=c.speech_token_id)
-    checks = [(built.llm, parts["llm"]), (built.vision, parts["vision"]), (built.speech, parts["speech"].get_encoder()),
-              (built.speech_decoder, model.speech_decoder)]
-    for ours, theirs in checks:
-        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
-            assert torch.equal(a, b), name
-    assert built.config.image_tokens == c.image_tokens and built.config.hidden == c.hidden
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        OmniModel.from_components(llm=tmp_path / "nothing", vision=tmp_path / "vision", speech=tmp_path / "speech")
-
-
 def test_generate_with_and_without_speech(tiny):
     model, processor = tiny
     prompt = processor.encode_conversation([{"from": "human", "value": "<image> hi"}], [IMAGE],
@@ -149,6 +125,35 @@ def test_generate_with_and_without_speech(tiny):
         n = len(spoken.token_ids)
         expected = model.speech_decoder.generate(hidden[:, -n:], ids[:, -n:])[0]
     assert spoken.units == expected and spoken.first_unit_s is not None
+
+
+def test_stream_answer_yields_tokens_and_units_as_they_come(tiny):
+    model, processor = tiny
+    prompt = processor.encode_conversation([{"from": "human", "value": "hi"}], add_generation_prompt=True)
+    forced = [5, 9, 11, 3, 7, 2, 8, 4]
+    events = list(model.stream_answer(prompt["input_ids"], speak=True, unit_chunk=2, forced_tokens=forced))
+    kinds = [e.kind for e in events]
+    assert [e.token for e in events if e.kind == "token"] == forced
+    assert "units" in kinds and kinds.index("units") < len(kinds) - 1 - kinds[::-1].index("token")  # not only at the end
+    assert all(a.seconds <= b.seconds for a, b in zip(events, events[1:]))
+    whole = model.generate(prompt["input_ids"], speak=True, unit_chunk=2, forced_tokens=forced)
+    assert whole.units == [u for e in events for u in e.units]
+
+
+def test_a_decoder_that_cannot_stream_speaks_once_the_text_is_done():
+    torch.manual_seed(0)
+    config = OmniConfig.tiny()
+    config.speech_decoder = {**config.speech_decoder, "fusion_causal": False}
+    model = OmniModel(config).eval()
+    forced = [5, 9, 11, 3, 7, 2]
+    assert not model.streams_speech
+    events = list(model.stream_answer(torch.tensor([1, 2, 3]), speak=True, unit_chunk=2, forced_tokens=forced))
+    assert [e.kind for e in events] == ["token"] * 6 + ["units"]
+    with torch.no_grad():
+        ids = torch.tensor([[1, 2, 3] + forced])
+        hidden = model.llm.model(inputs_embeds=model.embed(ids)).last_hidden_state
+        expected = model.speech_decoder.generate(hidden[:, -6:], ids[:, -6:])[0]
+    assert events[-1].units == expected
 
 
 def test_openomni_7b_on_the_meta_device():

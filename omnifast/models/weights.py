@@ -1,0 +1,87 @@
+"""Model weights on disk in ``transformers``' layout: ``model.safetensors`` when the state fits
+one shard, else ``model-00001-of-0000N.safetensors`` shards and ``model.safetensors.index.json``
+(``{"metadata": {"total_size": bytes}, "weight_map": {name: shard}}``), split by
+``huggingface_hub``. Each file is written to a temporary name, flushed and renamed; the index
+is written after every shard it names. Loading fills a model built on the meta device shard by
+shard, so the weights are held once, never a fresh initialisation plus a copy."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict, List, Union
+
+import torch
+from torch import nn
+
+from omnifast.durable import save_durably, write_json_durably
+
+WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def save_weights(state: Dict[str, torch.Tensor], path, max_shard_size: Union[int, str] = "5GB") -> List[str]:
+    """Write ``state`` into the folder ``path`` (shards of at most ``max_shard_size`` bytes, or
+    a size such as ``"5GB"``; a tensor larger than that gets a shard of its own). Shards left by
+    an earlier save that the new index does not name are removed. Returns the file names."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
+    plan = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for filename, names in plan.filename_to_tensors.items():
+        shard = {name: state[name] for name in names}
+        save_durably(path / filename, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+    if plan.is_sharded:
+        write_json_durably(path / INDEX_NAME, {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                                              for t in state.values())},
+                                               "weight_map": plan.tensor_to_filename})
+    kept = set(plan.filename_to_tensors) | ({INDEX_NAME} if plan.is_sharded else set())
+    for stale in path.iterdir():
+        if stale.name not in kept and (stale.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD.fullmatch(stale.name)):
+            stale.unlink()
+    return sorted(kept)
+
+
+def weight_files(path) -> List[Path]:
+    """The weight files of a saved folder, checked: the index's shards exist and lie in it."""
+    path = Path(path)
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{index} is not a safetensors index (a 'weight_map' of tensor -> shard): {error}") from None
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise ValueError(f"{index} names the shard {name!r}: shards must be files in {path}")
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{index} names {name}, which is missing from {path}")
+        return [path / name for name in names]
+    if (path / WEIGHTS_NAME).is_file():
+        return [path / WEIGHTS_NAME]
+    raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+
+
+def load_weights(model: nn.Module, path, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Fill ``model`` (built on the meta device, or anywhere) from the folder ``path``, one shard
+    at a time; every parameter and persistent buffer must be found, and nothing else."""
+    from safetensors.torch import load_file
+    expected = set(model.state_dict())
+    loaded = set()
+    for shard in weight_files(path):
+        tensors = load_file(str(shard), device=str(device))
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise ValueError(f"{shard} holds tensors this model does not have: {', '.join(unexpected[:5])}"
+                             f"{' ...' if len(unexpected) > 5 else ''}")
+        model.load_state_dict(tensors, strict=False, assign=True)
+        loaded |= set(tensors)
+        del tensors
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"{path} lacks tensors this model needs: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}")
+    return model
