@@ -1,10 +1,11 @@
-"""The one way omnifast launches a Triton kernel: runtime arguments positionally, constexprs by
-keyword. Because every launch passes here, the test suite can record each specialisation it runs
+"""The one way omnifast launches a Triton kernel: every argument by its name in the kernel's
+signature, checked against ``kernel.arg_names`` before the launch. Because every launch passes here, the test suite can record each specialisation it runs
 (kernel, argument dtypes, constexprs, warps) and compile exactly that set for real GPUs
 (``omnifast.kernels.aot``, ``tests/kernels/test_aot.py``), including signatures only the
 interpreter has seen so far (a bf16 buffer under autocast, say)."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Dict, List, Optional
@@ -45,11 +46,32 @@ def _type_of(value) -> str:
     raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
 
 
-def specialisation(kernel, args, constexprs: Dict[str, object], num_warps: int, num_stages: Optional[int] = None) -> dict:
+def _constexpr_names(kernel) -> set:
+    params = getattr(kernel, "params", None)  # a compiled JITFunction; the interpreter's has none
+    if params is not None:
+        return {param.name for param in params if param.is_constexpr}
+    return {name for name, param in inspect.signature(kernel.fn).parameters.items()
+            if "constexpr" in str(param.annotation)}
+
+
+def _split_arguments(kernel, arguments: Dict[str, object]):
+    """The runtime arguments (in signature order) and the constexprs of a launch by name; a name
+    missing from the launch or unknown to the kernel is a ``TypeError``."""
+    names = kernel.arg_names
+    missing = [name for name in names if name not in arguments]
+    unknown = [name for name in arguments if name not in names]
+    if missing or unknown:
+        raise TypeError(f"launch of {kernel.fn.__name__}: missing arguments {missing}, unknown arguments {unknown}")
+    constexpr = _constexpr_names(kernel)
+    runtime = {name: arguments[name] for name in names if name not in constexpr}
+    return runtime, {name: arguments[name] for name in names if name in constexpr}
+
+
+def specialisation(kernel, runtime: Dict[str, object], constexprs: Dict[str, object], num_warps: int,
+                   num_stages: Optional[int] = None) -> dict:
     """The compile-time identity of one launch, in a form ``triton.compile`` can be given again."""
     fn = kernel.fn
-    names = kernel.arg_names
-    signature = {name: _type_of(value) for name, value in zip(names, args)}
+    signature = {name: _type_of(value) for name, value in runtime.items()}
     signature.update({name: "constexpr" for name in constexprs})
     spec = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
             "constexprs": dict(sorted(constexprs.items())), "num_warps": num_warps}
@@ -58,12 +80,15 @@ def specialisation(kernel, args, constexprs: Dict[str, object], num_warps: int, 
     return spec
 
 
-def launch(kernel, grid, *args, num_warps: int = 4, num_stages: Optional[int] = None, **constexprs) -> None:
+def launch(kernel, grid, *, num_warps: int = 4, num_stages: Optional[int] = None, **arguments) -> None:
+    """``kernel[grid](...)`` with every argument of its signature given by name (runtime values and
+    constexprs alike), recorded when recording is on."""
+    runtime, constexprs = _split_arguments(kernel, arguments)
     if _recorded is not None:
-        spec = specialisation(kernel, args, constexprs, num_warps, num_stages)
+        spec = specialisation(kernel, runtime, constexprs, num_warps, num_stages)
         _recorded.setdefault(json.dumps(spec, sort_keys=True), spec)
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
-    kernel[grid](*args, **options, **constexprs)
+    kernel[grid](*runtime.values(), **options, **constexprs)
 
 
 def target_arch(device: torch.device) -> Optional[int]:

@@ -28,27 +28,11 @@ kernels over the whole sequence, each a block per (sequence, tile of states) wit
 round trip through global memory every frame, and computes the gradient in a separate parallel
 pass over (T, B, C): that split of the parallel gradient from the sequential recursion is what we
 kept. Against it: the states stay in registers; alpha and beta run side by side over half the
-frames each, so the dependent chain is T steps whichever outputs are wanted (torch: 2T; the first
-version of this file: 2T for fused linear-CTC, whose alpha then beta ran one after the other); one
-state buffer instead of alpha + beta (torch keeps both, (B, T, S) each); the gradient waits for
-the backward, so the upstream gradient costs nothing and no (T, B, C) buffer lives between forward
-and backward; and no atomics. The first version (measured on an H100 at (16,1200,6561,500),
-../shared/perf/h100-2026-11-24.md) wrote the gradient from inside the sequential beta loop, one
-program per sequence, 16 programs on 132 SMs: 7.73 ms of its 10.3 ms of kernels.
-
-Estimate for ctc_loss_with_logits at (B16, T1200, C6561, L500), fp32, H100 (3 TB/s measured).
-The rate of a dependent step is calibrated on that GPU's profile: torch's alpha kernel took
-1.15 ms for 1200 frames (~1.0 us a step), this file's first alpha kernel 1.86 ms (~1.55 us: rows
-through global memory and a barrier a frame). Here a step keeps its states in registers with its
-loads two steps ahead, so ~1.0 us is the central figure and 1.55 us the bound. Emissions read
-504 MB of logits (~0.2 ms); the recursion is 1200 dependent steps (600 in each launch), 1.2 ms
-(1.9 ms); its buffer moves 3 x 77 MB (~0.1 ms); the gradient reads and writes 504 MB (~0.35 ms).
-About 1.85 ms of kernels (2.5 ms at the bound) against torch's 6.65 ms: ~3.6x (2.7x). The
-drop-in ``ctc_loss`` adds the caller's log_softmax forward and backward (~1.05 ms, torch's own
-softmax backward measured 0.71 ms) and reads only the label columns: ~2.6x (2.0x). At
-(32,1500,6561,600) against 13.5 ms: ~3.0 ms, ~4.5x (3.6x). One host read-back a call (the
-argument checks). Unmeasured: no GPU was lent to this session. Accumulation is in float32
-(float64 for float64).
+frames each, so the dependent chain is T steps whichever outputs are wanted (torch: 2T); one state
+buffer instead of alpha + beta (torch keeps both, (B, T, S) each); the gradient waits for the
+backward, so the upstream gradient costs nothing and no (T, B, C) buffer lives between forward and
+backward; and no atomics. One host read-back a call (the argument checks). Accumulation is in
+float32 (float64 for float64). Measurements and estimates: ``docs/perf.md``.
 Contract: ``omnifast/ops/_reference.py``.
 """
 from __future__ import annotations
@@ -60,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
+from ._util import as_int32, block_size
 
 MAX_STATES = 16384  # 2L+1 held in one register tile by the recursion: targets up to 8191 units
 ROW_STATES = 1024   # the row kernels walk the states in tiles of this many
@@ -348,10 +333,6 @@ def _grad_kernel(x_ptr, stride_xb, stride_xt, grad_ptr, lse_ptr, stride_lb, occ_
 
 # --- host side --------------------------------------------------------------------------------
 
-def _block(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
-
-
 def _state_warps(block_s: int) -> int:
     return max(4, min(16, block_s // 128))
 
@@ -379,16 +360,23 @@ def sorted_states(ext: torch.Tensor, target_lengths: torch.Tensor) -> Tuple[torc
     return order.to(torch.int32).contiguous(), labels.to(torch.int32).contiguous()
 
 
+NORMALISER = {"none": 0, "compute": 1, "read": 2}  # the emissions kernel's LSE constexpr
+
+
 def emissions(x: torch.Tensor, lse: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tensor,
-              input_lengths: torch.Tensor, out: torch.Tensor, t0: int, lse_mode: int) -> None:
+              input_lengths: torch.Tensor, out: torch.Tensor, t0: int, normaliser: str) -> None:
     """Fill ``out[:, t0:t0 + t]`` (B, T, S) with the state emissions of ``x`` laid out (B, t, V)
-    by its strides (last stride 1); ``lse`` (B, t) is computed (1), read (2) or unused (0)."""
+    by its strides (last stride 1), minus the row's log-sum-exp ``lse`` (B, t) as ``normaliser``
+    says: ``"compute"`` it (and store it in ``lse``), ``"read"`` it from ``lse``, or ``"none"``
+    (log-probs, or unnormalised scores)."""
     B, rows, V = x.shape
     if B == 0 or rows == 0:
         return
-    launch(_emissions_kernel, (B * rows,), x, x.stride(0), x.stride(1), lse, lse.stride(0), ext, target_lengths,
-           input_lengths, out, out.shape[1], out.shape[2], V, rows, t0,
-           LSE=lse_mode, BLOCK_V=_block(V, 2048), BLOCK_S=_block(out.shape[2], ROW_STATES))
+    launch(_emissions_kernel, (B * rows,), x_ptr=x, stride_xb=x.stride(0), stride_xt=x.stride(1),
+           lse_ptr=lse, stride_lb=lse.stride(0), ext_ptr=ext, tgt_len_ptr=target_lengths,
+           in_len_ptr=input_lengths, emit_ptr=out, T=out.shape[1], S_max=out.shape[2], V=V,
+           rows_per_seq=rows, t0=t0, LSE=NORMALISER[normaliser], BLOCK_V=block_size(V, 2048),
+           BLOCK_S=block_size(out.shape[2], ROW_STATES))
 
 
 def recursion(emit: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tensor, input_lengths: torch.Tensor,
@@ -398,16 +386,17 @@ def recursion(emit: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tenso
     side: ``_split_kernel`` (keeping every row in one (B, T, S) buffer, or without ``occupancy``
     only the two rows where the halves meet) and ``_join_kernel``."""
     B, T, S_max = emit.shape
-    block_s = _block(S_max, MAX_STATES)
+    block_s = block_size(S_max, MAX_STATES)
     ll = torch.empty(B, dtype=emit.dtype, device=emit.device)
     if B == 0:
         return ll
     buf = torch.empty(B, T if occupancy else 2, S_max, dtype=emit.dtype, device=emit.device)
     warps = _state_warps(block_s)
-    launch(_split_kernel, (B, 2), emit, buf, ext, target_lengths, input_lengths, T, S_max, FULL=occupancy,
+    launch(_split_kernel, (B, 2), emit_ptr=emit, buf_ptr=buf, ext_ptr=ext, tgt_len_ptr=target_lengths,
+           in_len_ptr=input_lengths, T=T, S_max=S_max, FULL=occupancy, BLOCK_S=block_s, num_warps=warps)
+    launch(_join_kernel, (B, 2) if occupancy else (B,), emit_ptr=emit, buf_ptr=buf, ll_ptr=ll, ext_ptr=ext,
+           tgt_len_ptr=target_lengths, in_len_ptr=input_lengths, T=T, S_max=S_max, GAMMA=occupancy,
            BLOCK_S=block_s, num_warps=warps)
-    launch(_join_kernel, (B, 2) if occupancy else (B,), emit, buf, ll, ext, target_lengths, input_lengths, T,
-           S_max, GAMMA=occupancy, BLOCK_S=block_s, num_warps=warps)
     return ll
 
 
@@ -420,14 +409,12 @@ def gradient_rows(x: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor, occ: t
     if B == 0 or rows == 0:
         return
     S_max = occ.shape[2]
-    block_s = _block(S_max, MAX_STATES)
-    launch(_grad_kernel, (B * rows,), x, x.stride(0), x.stride(1), grad, lse, lse.stride(0), occ, order, labels,
-           target_lengths, input_lengths, base_coef, coef, poison, occ.shape[1], S_max, V, rows, t0,
-           BASE=base, SOFTMAX=softmax, BLOCK_V=_block(V, 2048), BLOCK_S=block_s, num_warps=_state_warps(block_s))
-
-
-def _int32(*tensors):
-    return tuple(t.to(torch.int32).contiguous() for t in tensors)
+    block_s = block_size(S_max, MAX_STATES)
+    launch(_grad_kernel, (B * rows,), x_ptr=x, stride_xb=x.stride(0), stride_xt=x.stride(1), grad_ptr=grad,
+           lse_ptr=lse, stride_lb=lse.stride(0), occ_ptr=occ, order_ptr=order, sorted_ptr=labels,
+           tgt_len_ptr=target_lengths, in_len_ptr=input_lengths, base_coef_ptr=base_coef, coef_ptr=coef,
+           poison_ptr=poison, T=occ.shape[1], S_max=S_max, V=V, rows_per_seq=rows, t0=t0, BASE=base,
+           SOFTMAX=softmax, BLOCK_V=block_size(V, 2048), BLOCK_S=block_s, num_warps=_state_warps(block_s))
 
 
 def ctc_forward(inputs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
@@ -436,12 +423,12 @@ def ctc_forward(inputs: torch.Tensor, targets: torch.Tensor, input_lengths: torc
     sorted states) or None without ``want_grad``."""
     T, B, C = inputs.shape
     acc = torch.float64 if inputs.dtype == torch.float64 else torch.float32
-    in_len, tgt_len = _int32(input_lengths, target_lengths)
+    in_len, tgt_len = as_int32(input_lengths, target_lengths)
     ext = extended_labels(targets, target_lengths, blank)
     lse = torch.zeros(B, T, dtype=acc, device=inputs.device)
     emit = torch.empty(B, T, ext.shape[1], dtype=acc, device=inputs.device)
     # (T, B, C) viewed as (B, T, C) rows: stride(1) moves between sequences, stride(0) between frames
-    emissions(inputs.transpose(0, 1), lse, ext, tgt_len, in_len, emit, 0, 1 if from_logits else 0)
+    emissions(inputs.transpose(0, 1), lse, ext, tgt_len, in_len, emit, 0, "compute" if from_logits else "none")
     ll = recursion(emit, ext, tgt_len, in_len, occupancy=want_grad)
     if not want_grad:
         return ll, None
@@ -453,7 +440,7 @@ def ctc_backward(inputs: torch.Tensor, saved, target_lengths: torch.Tensor, inpu
     """The (T, B, C) gradient in the inputs' dtype: softmax * coef - coef * gamma (logits) or
     -coef * gamma (log-probs), per sequence coefficient ``coef`` (B,); NaN rows for ``poison``."""
     lse, occ, order, labels = saved
-    in_len, tgt_len = _int32(input_lengths, target_lengths)
+    in_len, tgt_len = as_int32(input_lengths, target_lengths)
     grad = torch.empty_like(inputs, memory_format=torch.contiguous_format)
     coef = coef.to(occ.dtype).contiguous()
     gradient_rows(inputs.transpose(0, 1), grad.transpose(0, 1), lse, occ, order, labels, tgt_len, in_len, coef,

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from .ctc import _block
+from ._util import block_size
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def _fsq_backward_kernel(grad_ptr, z_ptr, half_level_ptr, shift_ptr, half_width_
 
 
 def _blocks(D: int):
-    BLOCK_D = _block(D, 1 << 12)
+    BLOCK_D = block_size(D, 1 << 12)
     return max(1, 4096 // BLOCK_D), BLOCK_D
 
 
@@ -75,8 +75,9 @@ def fsq_forward(z, half_level, offset, shift, half_width, basis):
     indices = torch.empty(N, dtype=torch.int64, device=z.device)
     BLOCK_N, BLOCK_D = _blocks(D)
     if N:
-        launch(_fsq_forward_kernel, (triton.cdiv(N, BLOCK_N),), z, half_level, offset, shift, half_width, basis, codes,
-                                                         indices, N, D, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        launch(_fsq_forward_kernel, (triton.cdiv(N, BLOCK_N),), z_ptr=z, half_level_ptr=half_level,
+               offset_ptr=offset, shift_ptr=shift, half_width_ptr=half_width, basis_ptr=basis,
+               codes_ptr=codes, indices_ptr=indices, N=N, D=D, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     return codes, indices
 
 
@@ -86,6 +87,7 @@ def fsq_backward(grad_codes, z, half_level, shift, half_width):
     grad_z = torch.empty_like(z)
     BLOCK_N, BLOCK_D = _blocks(D)
     if N:
-        launch(_fsq_backward_kernel, (triton.cdiv(N, BLOCK_N),), grad_codes, z, half_level, shift, half_width, grad_z, N, D,
-                                                          BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        launch(_fsq_backward_kernel, (triton.cdiv(N, BLOCK_N),), grad_ptr=grad_codes, z_ptr=z,
+               half_level_ptr=half_level, shift_ptr=shift, half_width_ptr=half_width,
+               grad_z_ptr=grad_z, N=N, D=D, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     return grad_z

@@ -10,12 +10,8 @@ written) and scatter its output rows through one (``c_rows``: the second GEMM wr
 output at its token-major place, so the combine reads contiguous rows and no un-permute gather
 runs); the weight-gradient GEMM gathers both of its operands the same way.
 
-Estimate, top-2 of 8 experts, N16384 H896 F3584, bf16 on an H100: the fused gather saves writing
-and reading the permuted tokens (2 x 59 MB) and the scatter the un-permute gather (59 MB), ~0.06 ms
-at 3 TB/s, against ~2.5 ms of GEMMs; the counting sort runs on 64 blocks instead of one program
-(~0.3 ms -> ~20 us at N65536). On sm_90 with bf16 the ops use ``torch._grouped_mm`` (CUTLASS)
-instead, which the issue measured at 5.7x this kernel's speed; this kernel stays the path for
-other architectures, float16 and sizes that path cannot take. Unmeasured: no GPU was lent.
+On sm_90 with bf16 the ops use ``torch._grouped_mm`` (CUTLASS) instead; this kernel is the path
+for other architectures, float16 and sizes that one cannot take. Figures: ``docs/perf.md``.
 """
 from __future__ import annotations
 
@@ -27,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch, target_arch
-from .ctc import _block
+from ._util import block_size
 
 SORT_BLOCK = 1024  # slots per program of the counting sort
 
@@ -258,7 +254,7 @@ def mm_config(arch: Optional[int], dtype: torch.dtype, M: int, N: int, K: int) -
     its warpgroup MMA, 3-4 stages; float32: 64 x 64, 4 warps); None (the interpreter) takes
     tiles no larger than the problem. Chosen, not tuned: no GPU was lent to measure them."""
     if arch is None:
-        return dict(BLOCK_M=_block(M, 64), BLOCK_N=_block(N, 64), BLOCK_K=_block(K, 32), num_warps=4)
+        return dict(BLOCK_M=block_size(M, 64), BLOCK_N=block_size(N, 64), BLOCK_K=block_size(K, 32), num_warps=4)
     half = dtype in (torch.bfloat16, torch.float16)
     if half and arch >= 90:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
@@ -269,7 +265,7 @@ def mm_config(arch: Optional[int], dtype: torch.dtype, M: int, N: int, K: int) -
 
 def wgrad_config(arch: Optional[int], dtype: torch.dtype, M: int, N: int, K: int) -> dict:
     if arch is None:
-        return dict(BLOCK_M=_block(M, 32), BLOCK_N=_block(N, 64), BLOCK_K=_block(K, 64), num_warps=4)
+        return dict(BLOCK_M=block_size(M, 32), BLOCK_N=block_size(N, 64), BLOCK_K=block_size(K, 64), num_warps=4)
     half = dtype in (torch.bfloat16, torch.float16)
     if half:
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
@@ -283,10 +279,11 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool):
     weights = logits.new_empty(N, top_k)
     experts = torch.empty(N, top_k, dtype=torch.int64, device=logits.device)
     lse = logits.new_empty(N)
-    BLOCK_E = _block(E, 1 << 16)
+    BLOCK_E = block_size(E, 1 << 16)
     BLOCK_N = max(1, min(128, 4096 // BLOCK_E))
     if N:
-        launch(_route_kernel, (triton.cdiv(N, BLOCK_N),), logits, probs, weights, experts, lse, N, E, TOP_K=top_k,
+        launch(_route_kernel, (triton.cdiv(N, BLOCK_N),), logits_ptr=logits, probs_ptr=probs,
+               weights_ptr=weights, experts_ptr=experts, lse_ptr=lse, N=N, E=E, TOP_K=top_k,
                NORMALIZE=normalize, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
     return (probs, weights, experts, lse) + sort_slots(experts.view(-1), E)
 
@@ -298,10 +295,11 @@ def sort_slots(experts: torch.Tensor, E: int):
     slots = experts.numel()
     device = experts.device
     blocks = max(1, triton.cdiv(slots, SORT_BLOCK))
-    BLOCK_E = _block(E, 1 << 16)
+    BLOCK_E = block_size(E, 1 << 16)
     hist = torch.zeros(blocks, E, dtype=torch.int64, device=device)
     if slots:
-        launch(_slot_histogram_kernel, (blocks,), experts, hist, slots, E, BLOCK=SORT_BLOCK, BLOCK_E=BLOCK_E)
+        launch(_slot_histogram_kernel, (blocks,), experts_ptr=experts, hist_ptr=hist, slots=slots, E=E,
+               BLOCK=SORT_BLOCK, BLOCK_E=BLOCK_E)
     counts = hist.sum(0)
     offsets = torch.zeros(E + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(counts, 0)
@@ -309,8 +307,8 @@ def sort_slots(experts: torch.Tensor, E: int):
     order = torch.empty(slots, dtype=torch.int64, device=device)
     position = torch.empty_like(order)
     if slots:
-        launch(_slot_rank_kernel, (blocks,), experts, starts, order, position, slots, E, BLOCK=SORT_BLOCK,
-               BLOCK_E=BLOCK_E)
+        launch(_slot_rank_kernel, (blocks,), experts_ptr=experts, starts_ptr=starts, order_ptr=order,
+               position_ptr=position, slots=slots, E=E, BLOCK=SORT_BLOCK, BLOCK_E=BLOCK_E)
     return counts, offsets, order, position
 
 
@@ -318,10 +316,11 @@ def unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.T
     y = y.contiguous()
     N, O = position.numel() // top_k, y.shape[1]
     out = y.new_empty(N, O)
-    BLOCK_O = _block(O, 1024)
+    BLOCK_O = block_size(O, 1024)
     if N and O:
-        launch(_unpermute_kernel, (N, triton.cdiv(O, BLOCK_O)), y, position, weights if weights is not None else y,
-               out, O, TOP_K=top_k, HAS_WEIGHTS=weights is not None, BLOCK_O=BLOCK_O)
+        launch(_unpermute_kernel, (N, triton.cdiv(O, BLOCK_O)), y_ptr=y, position_ptr=position,
+               weights_ptr=weights if weights is not None else y, out_ptr=out, O=O, TOP_K=top_k,
+               HAS_WEIGHTS=weights is not None, BLOCK_O=BLOCK_O)
     return out
 
 
@@ -331,9 +330,11 @@ def unpermute_backward(grad_out, y, position, weights, top_k: int, want_weight_g
     grad_y = grad_out.new_empty(N * top_k, O)
     grad_w = grad_out.new_empty(N, top_k, dtype=torch.float32) if want_weight_grad else None
     if N and O:
-        launch(_unpermute_backward_kernel, (N,), grad_out, y.contiguous() if want_weight_grad else grad_out, position,
-               weights if weights is not None else grad_out, grad_y, grad_w if want_weight_grad else grad_out, O,
-               TOP_K=top_k, HAS_WEIGHTS=weights is not None, WEIGHT_GRAD=want_weight_grad, BLOCK_O=_block(O, 1024))
+        launch(_unpermute_backward_kernel, (N,), grad_ptr=grad_out,
+               y_ptr=y.contiguous() if want_weight_grad else grad_out, position_ptr=position,
+               weights_ptr=weights if weights is not None else grad_out, grad_y_ptr=grad_y,
+               grad_w_ptr=grad_w if want_weight_grad else grad_out, O=O, TOP_K=top_k,
+               HAS_WEIGHTS=weights is not None, WEIGHT_GRAD=want_weight_grad, BLOCK_O=block_size(O, 1024))
     elif want_weight_grad:
         grad_w.zero_()
     return grad_y, grad_w
@@ -368,11 +369,14 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], offs
     config = mm_config(target_arch(a.device), a.dtype, M, N, K)
     if M and N:
         tile_expert, tile_row = _tiles(offsets, M, config["BLOCK_M"])
-        launch(_grouped_mm_kernel, (tile_expert.numel(), triton.cdiv(N, config["BLOCK_N"])),
-               a, w, b if b is not None else w, c, a_rows if a_rows is not None else offsets,
-               c_rows if c_rows is not None else offsets, tile_expert, tile_row, offsets, N, K, w.stride(0),
-               stride_wn, stride_wk, HAS_BIAS=b is not None, A_ROWS=a_rows is not None, C_ROWS=c_rows is not None,
-               PRECISION=_precision(a.dtype), DOT_F32=_dot_in_float32(a.dtype), **config)
+        launch(_grouped_mm_kernel, (tile_expert.numel(), triton.cdiv(N, config["BLOCK_N"])), a_ptr=a,
+               w_ptr=w, b_ptr=b if b is not None else w, c_ptr=c,
+               a_rows_ptr=a_rows if a_rows is not None else offsets,
+               c_rows_ptr=c_rows if c_rows is not None else offsets, tile_expert_ptr=tile_expert,
+               tile_row_ptr=tile_row, offsets_ptr=offsets, N=N, K=K, stride_we=w.stride(0),
+               stride_wn=stride_wn, stride_wk=stride_wk, HAS_BIAS=b is not None,
+               A_ROWS=a_rows is not None, C_ROWS=c_rows is not None, PRECISION=_precision(a.dtype),
+               DOT_F32=_dot_in_float32(a.dtype), **config)
     return c
 
 
@@ -389,9 +393,11 @@ def grouped_weight_grad(g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
     if N and K:
         launch(_grouped_weight_grad_kernel,
                (experts, triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(K, config["BLOCK_K"])),
-               g, x, g_rows if g_rows is not None else offsets, x_rows if x_rows is not None else offsets, grad_w,
-               grad_b if bias_grad else grad_w, offsets, N, K, BIAS_GRAD=bias_grad, G_ROWS=g_rows is not None,
-               X_ROWS=x_rows is not None, PRECISION=_precision(g.dtype), DOT_F32=_dot_in_float32(g.dtype), **config)
+               g_ptr=g, x_ptr=x, g_rows_ptr=g_rows if g_rows is not None else offsets,
+               x_rows_ptr=x_rows if x_rows is not None else offsets, grad_w_ptr=grad_w,
+               grad_b_ptr=grad_b if bias_grad else grad_w, offsets_ptr=offsets, N=N, K=K,
+               BIAS_GRAD=bias_grad, G_ROWS=g_rows is not None, X_ROWS=x_rows is not None,
+               PRECISION=_precision(g.dtype), DOT_F32=_dot_in_float32(g.dtype), **config)
     elif bias_grad:
         grad_b.zero_()
     return grad_w, grad_b
@@ -400,12 +406,13 @@ def grouped_weight_grad(g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
 def add_segment_bias(y: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """y[m] += b[e] over the rows of each segment e, in place."""
     M, N = y.shape
-    BLOCK_M, BLOCK_N = 32, _block(N, 128)
+    BLOCK_M, BLOCK_N = 32, block_size(N, 128)
     if M and N:
         rows = torch.arange(M, device=y.device)
         row_expert = (torch.searchsorted(offsets[1:], rows, right=True)).to(torch.int32)
-        launch(_segment_bias_kernel, (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)), y, b.contiguous(),
-               row_expert, M, N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        launch(_segment_bias_kernel, (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)), y_ptr=y,
+               b_ptr=b.contiguous(), row_expert_ptr=row_expert, M=M, N=N, BLOCK_M=BLOCK_M,
+               BLOCK_N=BLOCK_N)
     return y
 
 
@@ -415,8 +422,8 @@ def segment_sum(g: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> t
     N = g.shape[1]
     E = offsets.numel() - 1
     out = torch.empty(E, N, dtype=dtype, device=g.device)
-    BLOCK_M, BLOCK_N = 32, _block(N, 128)
+    BLOCK_M, BLOCK_N = 32, block_size(N, 128)
     if N:
-        launch(_segment_sum_kernel, (E, triton.cdiv(N, BLOCK_N)), g, out, offsets, N, BLOCK_M=BLOCK_M,
-               BLOCK_N=BLOCK_N)
+        launch(_segment_sum_kernel, (E, triton.cdiv(N, BLOCK_N)), g_ptr=g, out_ptr=out, offsets_ptr=offsets,
+               N=N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return out

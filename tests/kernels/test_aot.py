@@ -34,8 +34,8 @@ def test_every_launched_specialisation_compiles_for_sm80_and_sm90(request, tmp_p
 def test_launches_record_their_specialisation():
     import torch
     from omnifast.kernels import ctc
-    spec = _launch.specialisation(ctc._split_kernel, (torch.zeros(1, dtype=torch.bfloat16), 3, 2**40),
-                                  {"BLOCK_S": 16}, 8)
+    spec = _launch.specialisation(ctc._split_kernel, {"emit_ptr": torch.zeros(1, dtype=torch.bfloat16), "buf_ptr": 3,
+                                                      "ext_ptr": 2**40}, {"BLOCK_S": 16}, 8)
     assert spec["kernel"] == "_split_kernel" and spec["module"] == "omnifast.kernels.ctc"
     assert list(spec["signature"].values()) == ["*bf16", "i32", "i64", "constexpr"]
     assert spec["constexprs"] == {"BLOCK_S": 16} and spec["num_warps"] == 8
