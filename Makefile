@@ -18,7 +18,7 @@ $(STAMP): .venv/bin/python $(SOURCES)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark hypothesis matplotlib
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
-	$(PY) -c "import omnifast; omnifast.ops._dispatch.require_cpu_extension()"
+	$(PY) -c "import omnifast; omnifast.ops.require_cpu_extension()"
 	touch $(STAMP)
 
 demo: setup

@@ -48,12 +48,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "last: run after every other test (it reads what they recorded)")
     config.addinivalue_line("markers", "cpu_only: a CPU-side test (C++ kernels, the interpreter, CLI on "
                                        "the CPU) that the CUDA test mode does not repeat")
+    config.addinivalue_line("markers", "cuda_only: a test at real shapes that only the CUDA test mode runs")
 
 
 def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)  # stable: order kept otherwise
     packages = {item.nodeid.split("/")[1] for item in items if item.nodeid.startswith("tests/")}
     config.omnifast_full_suite = set(TEST_PACKAGES) <= packages
+    if TEST_DEVICE == "cpu":
+        skip = pytest.mark.skip(reason="real shapes: runs in the CUDA test mode (OMNIFAST_TEST_DEVICE=cuda)")
+        for item in items:
+            if item.get_closest_marker("cuda_only"):
+                item.add_marker(skip)
     if TEST_DEVICE == "cuda":
         import torch
         if not torch.cuda.is_available():

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from omnifast.nn.speech_decoder import SpeechDecoderConfig
-from omnifast.ops._checks import check_known_keys
+from omnifast.ops.checks import check_known_keys
 
 IMAGE_TOKEN, SPEECH_TOKEN = "<image>", "<speech>"
 # keyword arguments of a transformers config that only say where it came from

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from omnifast.ops import moe as moe_ops
-from omnifast.ops._checks import check_choice, check_number, check_tensor
-from omnifast.ops._dispatch import BACKENDS
+from omnifast.ops.checks import check_choice, check_number, check_tensor
+from omnifast.ops import BACKENDS
 
 
 @dataclass
@@ -33,7 +33,8 @@ class _MoEBase(torch.nn.Module):
     def __init__(self, hidden: int, ffn: int, out: Optional[int] = None, experts: int = 4,
                  top_k: Optional[int] = None, normalize_topk: bool = True, activation: str = "relu",
                  bias: bool = True, jitter: float = 0.0, balance_weight: float = 0.0, z_weight: float = 0.0,
-                 split_tokens: int = 1, backend: Optional[str] = None, gate_bias: bool = False):
+                 split_tokens: int = 1, backend: Optional[str] = None, gate_bias: bool = False,
+                 gemm_engine: Optional[str] = None):
         super().__init__()
         out = hidden if out is None else out
         for name, value in (("hidden", hidden), ("ffn", ffn), ("out", out), ("experts", experts),
@@ -50,7 +51,9 @@ class _MoEBase(torch.nn.Module):
         check_number("z_weight", z_weight, low=0.0)
         if backend is not None:
             check_choice("backend", backend, BACKENDS)
-        self.backend = backend
+        if gemm_engine is not None:
+            check_choice("gemm_engine", gemm_engine, moe_ops.GEMM_ENGINES)
+        self.backend, self.gemm_engine = backend, gemm_engine
         self.hidden, self.ffn, self.out, self.experts = hidden, ffn, out, experts
         self.top_k, self.normalize_topk, self.activation = top_k, normalize_topk, activation
         self.jitter, self.balance_weight, self.z_weight, self.split_tokens = jitter, balance_weight, z_weight, split_tokens
@@ -143,7 +146,7 @@ class NaiveMoE(_MoEBase):
                 continue
             weight = (routing.weights * hit).sum(-1)[tokens]
             pre = F.linear(flat[tokens], self.w1[e], None if self.b1 is None else self.b1[e])
-            out = F.linear(moe_ops._activate(pre, self.activation), self.w2[e], None if self.b2 is None else self.b2[e])
+            out = F.linear(moe_ops.activate(pre, self.activation), self.w2[e], None if self.b2 is None else self.b2[e])
             y = out.new_zeros(flat.shape[0], self.out) if y is None else y
             y = y.index_add(0, tokens, out * weight[:, None].to(out.dtype))
         y = flat.new_zeros(flat.shape[0], self.out) if y is None else y
@@ -156,13 +159,14 @@ class MoE(_MoEBase):
     silu or swiglu; Switch balance loss and router z-loss (float32) returned with the output;
     ``split_tokens`` splits the output width into that many tokens (OpenOmni: 4); ``backend``
     picks the kernels (None: by device, see ``omnifast.ops.moe``); ``gate_bias`` gives the gate
-    a bias (OpenOmni's has one)."""
+    a bias (OpenOmni's has one); ``gemm_engine`` names the triton backend's GEMM engine (None: the
+    fastest for the dtype and device)."""
 
     @classmethod
-    def from_naive(cls, naive: NaiveMoE, backend: Optional[str] = None) -> "MoE":
+    def from_naive(cls, naive: NaiveMoE, backend: Optional[str] = None, gemm_engine: Optional[str] = None) -> "MoE":
         moe = cls(naive.hidden, naive.ffn, naive.out, naive.experts, naive.top_k, naive.normalize_topk,
                   naive.activation, naive.b1 is not None, naive.jitter, naive.balance_weight, naive.z_weight,
-                  naive.split_tokens, backend, naive.gate.bias is not None)
+                  naive.split_tokens, backend, naive.gate.bias is not None, gemm_engine)
         moe.load_state_dict(naive.state_dict())
         return moe.to(naive.w1.device, naive.w1.dtype)
 
@@ -174,5 +178,6 @@ class MoE(_MoEBase):
             y = moe_ops.dense_experts(flat, routing.probs, *self.expert_parameters(), self.activation,
                                       backend=routing.backend)
         else:
-            y = moe_ops.routed_experts(flat, routing, *self.expert_parameters(), self.activation)
+            y = moe_ops.routed_experts(flat, routing, *self.expert_parameters(), self.activation,
+                                       engine=self.gemm_engine)
         return self._finish(x, y, routing)

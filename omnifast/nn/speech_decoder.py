@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnifast.constants import IGNORE_INDEX
-from omnifast.ops._checks import check_choice, check_known_keys, check_tensor
+from omnifast.ops.checks import check_choice, check_known_keys, check_tensor
 
 from .moe import MoE
 from .packing import pack, run_packed, unpack

@@ -5,6 +5,11 @@ CUDA tensors go to ``triton`` and CPU tensors to ``cpu`` (C++) unless ``backend=
 ``OMNIFAST_BACKEND`` environment variable (torch | cpu | triton) says otherwise. A backend that
 cannot run here (no compiled extension, no triton, no GPU) falls back to the torch reference
 with one warning. Triton runs on CPU tensors only under ``TRITON_INTERPRET=1``.
+
+The backend contract: each op family asks for its kernels by name (``ctc_kernel``,
+``linear_ctc_kernels``, ``moe_kernels``, ``fsq_kernels``) and gets an object with the methods of
+the Protocol below, on every backend; each method's semantics are those of the function of the
+same name in ``_reference.py`` (the specification the other two are tested against).
 """
 from __future__ import annotations
 
@@ -12,13 +17,78 @@ import functools
 import os
 import warnings
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
-from ._checks import check_choice
+from .checks import check_choice
 
 BACKENDS = ("torch", "cpu", "triton")
+Tensor = torch.Tensor
+
+
+@runtime_checkable
+class EagerCTCKernels(Protocol):
+    """CTC on the cpu and torch backends: the loss and its gradient in one call."""
+    lazy: bool
+
+    def __call__(self, inputs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int,
+                 zero_infinity: bool, grad_scale: Tensor, from_logits: bool) -> Tuple[Tensor, Tensor]:
+        """(nll (B,), gradient like ``inputs``): ``_reference.ctc_nll_and_grad``."""
+
+
+@runtime_checkable
+class LazyCTCKernels(Protocol):
+    """CTC on the triton backend: log p and saved state in the forward, the gradient in the backward."""
+    lazy: bool
+
+    def forward(self, inputs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int,
+                from_logits: bool, want_grad: bool):
+        """(log p (B,), saved state or None): ``kernels/ctc.py:ctc_forward``."""
+
+    def backward(self, inputs: Tensor, saved, target_lengths: Tensor, input_lengths: Tensor, coef: Tensor,
+                 poison: Tensor, from_logits: bool) -> Tensor:
+        """The gradient like ``inputs``: ``kernels/ctc.py:ctc_backward``."""
+
+
+@runtime_checkable
+class LinearCTCKernels(Protocol):
+    """The chunked CTC engine's three building blocks (``_ctc_engine.py``)."""
+
+    def chunk_emissions(self, logits: Tensor, t0: int, input_lengths: Tensor, exts: Sequence[Tensor],
+                        target_lengths: Sequence[Tensor], emissions: Sequence[Tensor]) -> Tensor:
+        """Each set's state emissions of a chunk, written into ``emissions``; returns its lse (B, t)."""
+
+    def ctc_states(self, emissions: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
+                   blank: int, want_occupancy: bool) -> Tensor:
+        """log p (B,) from emissions (B, T, S); with ``want_occupancy`` occupancies overwrite them."""
+
+    def chunk_grad(self, logits: Tensor, lse: Tensor, t0: int, input_lengths: Tensor, softmax_coef: Tensor,
+                   exts: Sequence[Tensor], target_lengths: Sequence[Tensor], occupancies: Sequence[Tensor],
+                   coefs: Sequence[Tensor], poison: Tensor) -> None:
+        """A chunk's logits overwritten with their gradient."""
+
+
+@runtime_checkable
+class MoEKernels(Protocol):
+    """Routing and the weighted combine (the triton backend adds its grouped GEMMs)."""
+
+    def route(self, logits: Tensor, top_k: int, normalize: bool):
+        """Probabilities, top-k weights and experts, lse, counts, offsets, order, position."""
+
+    def unpermute(self, y: Tensor, position: Tensor, weights: Optional[Tensor], top_k: int) -> Tensor:
+        """Each token's weighted sum of its slots' rows."""
+
+
+@runtime_checkable
+class FSQKernels(Protocol):
+    def fsq_forward(self, z: Tensor, half_level: Tensor, offset: Tensor, shift: Tensor, half_width: Tensor,
+                    basis: Tensor) -> Tuple[Tensor, Tensor]:
+        """(codes, indices) of finite scalar quantisation."""
+
+    def fsq_backward(self, grad_codes: Tensor, z: Tensor, half_level: Tensor, shift: Tensor,
+                     half_width: Tensor) -> Tensor:
+        """The gradient with respect to ``z``."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,7 +192,7 @@ class _LazyCTC:
         self.forward, self.backward = module.ctc_forward, module.ctc_backward
 
 
-def ctc_kernel(backend: str):
+def ctc_kernel(backend: str) -> EagerCTCKernels | LazyCTCKernels:
     """The CTC kernels of a backend: eager (``fn(inputs, targets, input_lengths, target_lengths,
     blank, zero_infinity, grad_scale, from_logits) -> (nll, grad)``, the contract of
     ``_reference.ctc_nll_and_grad``) or lazy (``forward`` / ``backward`` of ``kernels/ctc.py``)."""
@@ -135,7 +205,7 @@ def ctc_kernel(backend: str):
     return _EagerCTC(ctc_nll_and_grad)
 
 
-def linear_ctc_kernels(backend: str):
+def linear_ctc_kernels(backend: str) -> LinearCTCKernels:
     """The three building blocks of fused linear-CTC: ``chunk_emissions``, ``ctc_states`` and
     ``chunk_grad``, with the contracts of their ``_reference`` versions."""
     if backend == "cpu":
@@ -147,7 +217,7 @@ def linear_ctc_kernels(backend: str):
     return _reference
 
 
-def moe_kernels(backend: str):
+def moe_kernels(backend: str) -> MoEKernels:
     """``route``, ``unpermute`` and ``unpermute_backward`` (and on triton ``grouped_mm`` and
     ``grouped_weight_grad``), with the contracts of ``_reference.moe_route`` / ``moe_unpermute``."""
     if backend == "cpu":
@@ -161,7 +231,7 @@ def moe_kernels(backend: str):
     return SimpleNamespace(route=_reference.moe_route, unpermute=_reference.moe_unpermute)
 
 
-def fsq_kernels(backend: str):
+def fsq_kernels(backend: str) -> FSQKernels:
     """``fsq_forward`` and ``fsq_backward`` with the contracts of their ``_reference`` versions."""
     if backend == "cpu":
         return require_cpu_extension()

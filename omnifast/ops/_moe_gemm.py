@@ -16,12 +16,7 @@ rows. The engines differ only in how a grouped GEMM runs:
 On the last two a routed layer gathers its tokens into expert order once (kept for the weight
 gradient, as the naive loop keeps its per-expert copies) and combines by gather; the backward then
 reads the upstream gradient in expert order from the combine's own backward and sums each token's
-slot gradients by gather. Estimate, bf16 on an H100 at E64 top-8, N16384 H2048 F1024 (131072
-slots, 537 MB a pass over the slot rows): the GEMMs are 3.3 TFLOP, ~6 ms; the passes beside them
-(gather, combine, their backwards, the activation) move ~4 GB (~1.3 ms), ~1.2x the floor of the
-same GEMMs on pre-routed rows. Gathering inside each GEMM call, as these engines first did, moved
-~9 GB (~1.5x). At top-2 E8 N16384 H896 F3584: ~1.7 GB, ~0.6 ms beside ~2.7 ms, ~1.2x (most
-of it the activation's passes over the 3584-wide rows). Unmeasured: no GPU was lent.
+slot gradients by gather. Each pass over the slot rows happens once; figures: ``docs/perf.md``.
 
 ``gemm_engine`` picks one. ``_DenseMLP`` is the dense (OpenOmni) layer as two GEMMs over all
 experts at once, the gate weights folded in between.
@@ -36,20 +31,21 @@ from torch.autograd.function import once_differentiable
 
 from ._dispatch import moe_kernels
 
-FORCE_ENGINE: Optional[str] = None  # tests set "triton" | "grouped_mm" | "segments"
+GEMM_ENGINES = ("triton", "grouped_mm", "segments")
 
 
-def _activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
+def activate(pre: torch.Tensor, activation: str) -> torch.Tensor:
+    """The expert MLP's activation by name (``ACTIVATIONS``); swiglu halves the width."""
     if activation == "swiglu":
         gate, up = pre.chunk(2, dim=-1)
         return F.silu(gate) * up
     return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[activation](pre)
 
 
-def _activate_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
+def activate_backward(grad: torch.Tensor, pre: torch.Tensor, activation: str) -> torch.Tensor:
     with torch.enable_grad():
         leaf = pre.detach().requires_grad_()
-        (result,) = torch.autograd.grad(_activate(leaf, activation), leaf, grad)
+        (result,) = torch.autograd.grad(activate(leaf, activation), leaf, grad)
     return result
 
 
@@ -138,12 +134,12 @@ def _grouped_mm_fits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> boo
     return all(size % 8 == 0 for size in (w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]))
 
 
-def gemm_engine(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor):
-    """The engine for the triton backend: torch._grouped_mm where its fast path applies, one
-    cuBLAS matmul per segment for float32/float64 (Triton's float32 dot runs at a fraction of
-    cuBLAS' speed: measured 39 ms against the naive loop's 37.5 ms of GEMMs on an H100), and the
-    Triton grouped GEMM otherwise (half precision elsewhere, and under the interpreter)."""
-    choice = FORCE_ENGINE
+def gemm_engine(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
+                choice: Optional[str] = None):
+    """The engine for the triton backend, the one named by ``choice`` (one of ``GEMM_ENGINES``) or
+    by default: torch._grouped_mm where its fast path applies, one cuBLAS matmul per segment for
+    float32/float64 (Triton's float32 dot runs at a fraction of cuBLAS' speed, ``docs/perf.md``),
+    and the Triton grouped GEMM otherwise (half precision elsewhere, and under the interpreter)."""
     if choice is None:
         if _grouped_mm_fits(x, w1, w2):
             choice = "grouped_mm"
@@ -169,7 +165,7 @@ class _GroupedMLP(torch.autograd.Function):
     def forward(ctx, x, w1, b1, w2, b2, offsets, slots, top_k, activation, engine):
         tokens = None if slots is None else slots // top_k
         pre = engine.mm(x, w1, b1, offsets, a_rows=tokens)
-        act = _activate(pre, activation)
+        act = activate(pre, activation)
         y = engine.mm(act, w2, b2, offsets, c_rows=slots, out_rows=None if slots is None else slots.numel())
         ctx.save_for_backward(x, w1, w2, act if activation == "relu" else pre, offsets,
                               *(() if slots is None else (slots, tokens)))
@@ -184,14 +180,14 @@ class _GroupedMLP(torch.autograd.Function):
         slots, tokens = routed if routed else (None, None)
         engine, E = ctx.engine, w1.shape[0]
         grad_y = grad_y.contiguous()
-        act = saved if ctx.activation == "relu" else _activate(saved, ctx.activation)
+        act = saved if ctx.activation == "relu" else activate(saved, ctx.activation)
         grad_w2, grad_b2 = engine.wgrad(grad_y, act, offsets, E, ctx.has_bias[1], g_rows=slots)
         grad_act = engine.mm(grad_y, w2, None, offsets, transpose=False, a_rows=slots)
         if ctx.activation == "relu":
             grad_pre = grad_act.masked_fill_(act <= 0, 0)
         else:
             del act
-            grad_pre = _activate_backward(grad_act, saved, ctx.activation)
+            grad_pre = activate_backward(grad_act, saved, ctx.activation)
         grad_w1, grad_b1 = engine.wgrad(grad_pre, x, offsets, E, ctx.has_bias[0], x_rows=tokens)
         grad_x = engine.mm(grad_pre, w1, None, offsets, transpose=False, c_rows=slots,
                            out_rows=None if slots is None else slots.numel())
@@ -212,7 +208,7 @@ class _DenseMLP(torch.autograd.Function):
     def forward(ctx, x, probs, w1, b1, w2, b2, activation):
         N, (E, width, H), O = x.shape[0], w1.shape, w2.shape[1]
         pre = F.linear(x, w1.reshape(E * width, H), None if b1 is None else b1.reshape(-1)).view(N, E, width)
-        act = _activate(pre, activation)
+        act = activate(pre, activation)
         gate = probs.to(act.dtype)[:, :, None]
         w2_all = w2.permute(1, 0, 2).reshape(O, -1)  # (O, E * F)
         y = F.linear((act * gate).reshape(N, E * act.shape[-1]), w2_all)
@@ -227,7 +223,7 @@ class _DenseMLP(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, probs, w1, w2, b2, saved = ctx.saved_tensors
         N, (E, width, H), (O, F_) = x.shape[0], w1.shape, w2.shape[1:]
-        act = saved if ctx.activation == "relu" else _activate(saved, ctx.activation)
+        act = saved if ctx.activation == "relu" else activate(saved, ctx.activation)
         gate = probs.to(act.dtype)[:, :, None]
         w2_all = w2.permute(1, 0, 2).reshape(O, -1)
         grad_scaled = (grad_y @ w2_all).view(N, E, F_)
@@ -242,7 +238,7 @@ class _DenseMLP(torch.autograd.Function):
             grad_pre = grad_act.masked_fill_(act <= 0, 0)
         else:
             del act
-            grad_pre = _activate_backward(grad_act, saved, ctx.activation)
+            grad_pre = activate_backward(grad_act, saved, ctx.activation)
         grad_pre = grad_pre.reshape(N, E * width)
         grad_w1 = (grad_pre.t() @ x).view(E, width, H)
         grad_b1 = grad_pre.sum(0, dtype=torch.float32).view(E, width).to(w1.dtype) if ctx.has_b1 else None

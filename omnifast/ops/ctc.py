@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._checks import REDUCTIONS, CTCArgs, Lengths, check_bool, check_choice, ctc_args
+from .checks import REDUCTIONS, CTCArgs, Lengths, check_bool, check_choice, ctc_args
 from ._dispatch import choose_backend, ctc_kernel
 from ._precision import accumulation_dtype, autocast_off, scale_gradients
 

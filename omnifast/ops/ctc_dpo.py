@@ -6,7 +6,8 @@ loss = mean_b -log sigmoid(beta * ((logpi_w - logref_w) - (logpi_l - logref_l)))
 
 logpi is the CTC log-likelihood of the units under the head's emissions, optionally divided by
 the number of units (``length_normalize``, OpenOmni's recipe). The reference values are
-computed once by a frozen head (:func:`reference_logps`, :class:`ReferenceLogpCache`).
+computed once by a frozen head (``dpo_reference.py``: :func:`reference_logps`,
+:class:`ReferenceLogpCache`).
 
 Two ways to the same loss:
 - dense: the fused linear-CTC passes (full-vocabulary log-softmax) for both sequences;
@@ -17,51 +18,28 @@ Two ways to the same loss:
   the normaliser; they are reported only with ``exact_rewards=True`` (one extra no-grad
   full-vocabulary pass), while margins, accuracy and the loss are always exact.
 
-Estimate, sparse, B16 T1200 D896 V6562 L500 (K = 1001 columns a pair) in fp32 on an H100,
-against the logits-once torch recipe's 27.3 ms (../shared/perf/h100-2026-11-24.md): three groups
-of pairs (160 MiB each, see ``_sparse_group``), each one recursion launch of 1200 dependent steps
-at ~1.0 us (1.55 us at the bound; kernels/ctc.py says where both come from): 3.6 ms (5.6 ms); the
-three batched GEMMs per pair, 103 GFLOP at the ~44 TFLOP/s torch's own fp32 GEMMs ran at: 2.3 ms;
-gathers, the recursion's buffers and the gradient rows ~0.3 ms. About 6.2 ms (8.2 ms): ~4.4x
-(3.3x) at ~1/9 of the recipe's 1923 MiB. Four groups of 128 MiB, as before, would have been
-~3.6x (2.7x). Dense: the fused linear-CTC passes with both sets in one recursion (four GEMMs,
-~20.5 ms, + ~2 ms) against the recipe's 27.3 ms: ~1.2x. Unmeasured: no GPU was lent.
+Figures (measured on the CPU, estimated on a GPU): ``docs/perf.md``.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_bool, check_int, check_number, check_tensor, ctc_targets
+from .checks import check_bool, check_int, check_number, check_tensor, ctc_targets
 from ._dispatch import choose_backend, linear_ctc_kernels
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype, scale_gradients
-from .linear_ctc import (Scorer, check_chunk_frames, check_linear_head, even_groups, label_columns,
-                         make_target_set, same_width, working_set_bytes)
+from ._ctc_engine import (Scorer, check_chunk_frames, check_linear_head, even_groups, label_columns, labels_part,
+                          make_target_set, same_width, working_set_bytes)
+from .dpo import DPOOutput, pair_losses
 
 
 SPARSE_GROUP_ELEMENTS = 1 << 22  # CPU: pairs per group so that their logits stay ~16 MiB
 GPU_SPARSE_GROUP_BYTES = 160 << 20  # CUDA: the scratch of one group of pairs (see _sparse_group)
 
 
-@dataclass
-class CTCDPOOutput:
-    """The loss and TRL-style metrics. Rewards are beta * (logpi - logref) per pair."""
-    loss: torch.Tensor
-    reward_margins: torch.Tensor
-    reward_accuracy: torch.Tensor
-    chosen_rewards: Optional[torch.Tensor]
-    rejected_rewards: Optional[torch.Tensor]
-    policy_chosen_logps: Optional[torch.Tensor]
-    policy_rejected_logps: Optional[torch.Tensor]
-
-
-def _normalise(ll, lengths, length_normalize):
-    return ll / lengths.clamp(min=1).to(ll.dtype) if length_normalize else ll
+CTCDPOOutput = DPOOutput  # what ctc_dpo_loss returns: the loss and TRL-style metrics
 
 
 def _dense_forward(hidden, weight, bias, input_lengths, sets, blank, chunk_frames, backend, needs, pair_terms):
@@ -136,14 +114,10 @@ def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, n
         if not want_grad:
             continue
         coef_w, coef_l, poison = pair_terms(pairs, *lls)
-        # d(coef_w * -score_w + coef_l * -score_l) / d logits: no softmax term (the scores are
-        # unnormalised), so the rows start at zero with the normaliser +inf (exp(0 - inf) = 0).
-        no_softmax = torch.zeros(G, dtype=acc, device=hidden.device)
-        normaliser = torch.full((G, T), float("inf"), dtype=acc, device=hidden.device)
+        # d(coef_w * -score_w + coef_l * -score_l) / d logits: the scores are unnormalised, so
+        # the labels' part is the whole gradient
         grad_logits = torch.zeros(G, T, K, dtype=acc, device=hidden.device)
-        kernels.chunk_grad(grad_logits, normaliser, 0, lengths, no_softmax, [s.ext for s in local],
-                           [s.lengths for s in local], [s.states for s in local], [coef_w, coef_l],
-                           poison.contiguous())
+        labels_part(kernels, grad_logits, lengths, local, [s.states for s in local], [coef_w, coef_l], poison)
         del states, local  # the occupancies: freed before the GEMMs' outputs arrive
         grad_logits = grad_logits.to(hidden.dtype)
         if grad_hidden is not None:
@@ -182,25 +156,23 @@ class _CTCDPOFunction(torch.autograd.Function):
         B = hidden.shape[0]
 
         def terms(pairs, ll_w, ll_l):
-            """Per pair: loss, margin z, d loss / d ll_w and d ll_l, infeasibility."""
+            """Per pair of ``pairs``: the loss (DPO + SFT) and the margin, from the log-likelihoods."""
             pw = ll_w * per_unit_w[pairs] if length_normalize else ll_w
             pl = ll_l * per_unit_l[pairs] if length_normalize else ll_l
-            z = beta * ((pw - ref_w[pairs]) - (pl - ref_l[pairs]))  # sparse: the normalisers cancel
-            infeasible = (ll_w == float("-inf")) | (ll_l == float("-inf"))
-            per_pair = -F.logsigmoid(z)
-            dz = -torch.sigmoid(-z) / B
-            d_w = dz * beta * (per_unit_w[pairs] if length_normalize else 1.0)
-            d_l = -dz * beta * (per_unit_l[pairs] if length_normalize else 1.0)
+            per_pair, z = pair_losses(pw, pl, ref_w[pairs], ref_l[pairs], beta)  # sparse: normalisers cancel
             if sft_weight:
                 per_pair = per_pair - sft_weight * ll_w * per_unit_w[pairs]
-                d_w = d_w - sft_weight * per_unit_w[pairs] / B
-            if zero_infinity:
-                per_pair = per_pair.masked_fill(infeasible, 0.0)
-            return per_pair, z, d_w.masked_fill(infeasible, 0.0), d_l.masked_fill(infeasible, 0.0), infeasible
+            return per_pair, z
 
-        def coefficients(pairs, ll_w, ll_l):  # of -ll, as the scorers take them
-            _, _, d_w, d_l, infeasible = terms(pairs, ll_w, ll_l)
-            return -d_w, -d_l, infeasible & (not zero_infinity)
+        def coefficients(pairs, ll_w, ll_l):
+            """d loss / d (-ll) of each side, as the scorers take them (by autograd on the pairs'
+            log-likelihoods), 0 for infeasible pairs; and which pairs poison the gradient."""
+            infeasible = (ll_w == float("-inf")) | (ll_l == float("-inf"))
+            with torch.enable_grad():
+                leaves = ll_w.detach().requires_grad_(), ll_l.detach().requires_grad_()
+                d_w, d_l = torch.autograd.grad(terms(pairs, *leaves)[0].sum() / B, leaves)
+            return (-d_w.masked_fill(infeasible, 0.0), -d_l.masked_fill(infeasible, 0.0),
+                    infeasible & (not zero_infinity))
 
         if sparse:
             (ll_w, ll_l), grads = _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend,
@@ -208,7 +180,9 @@ class _CTCDPOFunction(torch.autograd.Function):
         else:
             (ll_w, ll_l), grads = _dense_forward(hidden, weight, bias, input_lengths, sets, blank, chunk_frames,
                                                  backend, needs, coefficients)
-        per_pair, z, _, _, _ = terms(torch.arange(B, device=hidden.device), ll_w, ll_l)
+        per_pair, z = terms(torch.arange(B, device=hidden.device), ll_w, ll_l)
+        if zero_infinity:
+            per_pair = per_pair.masked_fill((ll_w == float("-inf")) | (ll_l == float("-inf")), 0.0)
         loss = per_pair.mean()
         ctx.grads = grads
 
@@ -301,119 +275,3 @@ def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     known = cr.numel() > 0 or B == 0
     return CTCDPOOutput(loss, margins, accuracy, cr if known else None, rr if known else None,
                         pw if known else None, pl if known else None)
-
-
-@torch.no_grad()
-def reference_logps(hidden, weight, bias, chosen, rejected, input_lengths, chosen_lengths, rejected_lengths,
-                    *, length_normalize: bool = False, blank: Optional[int] = None,
-                    chunk_frames: Optional[int] = None, backend: Optional[str] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The frozen reference's log-likelihoods of chosen and rejected, (B,) each, in one pass
-    over the reference head's logits (no grad)."""
-    check_linear_head(hidden, weight, bias)
-    B, T, _ = hidden.shape
-    V = weight.shape[0]
-    blank = V - 1 if blank is None else check_int("blank", blank)
-    sets, in_len = [], None
-    for prefix, targets, lengths in (("chosen", chosen, chosen_lengths), ("rejected", rejected, rejected_lengths)):
-        padded, in_len, lengths = ctc_targets(targets, input_lengths, lengths, blank, T=T, B=B, C=V,
-                                              device=hidden.device, name="hidden", targets_name=prefix,
-                                              lengths_name=f"{prefix}_lengths")
-        sets.append(make_target_set(padded, lengths, blank))
-    if B == 0:  # an empty batch: empty log-likelihoods
-        empty = hidden.new_zeros(0, dtype=accumulation_dtype(hidden.dtype))
-        return empty, empty.clone()
-    device = hidden.device.type
-    hidden, weight, bias = cast_all(matmul_dtype(device, hidden, weight, bias), (hidden, weight, bias))
-    with autocast_off(device):
-        scorer = Scorer(hidden, weight, bias, in_len, sets, blank, chunk_frames, choose_backend(hidden.device, backend))
-        ll_w, ll_l = scorer.log_likelihoods(want_occupancy=False)
-    return (_normalise(ll_w, sets[0].lengths, length_normalize),
-            _normalise(ll_l, sets[1].lengths, length_normalize))
-
-
-class ReferenceLogpCache:
-    """Reference log-likelihoods of (chosen, rejected) keyed by example id: the one place the
-    frozen reference's values live. ``build`` runs a reference over the data once; later epochs
-    ``lookup`` the values. ``path`` (optional) is a safetensors file, read without running code
-    and written durably (temporary file, fsync, rename), so a crash never leaves a torn cache."""
-
-    def __init__(self, path: Optional[str] = None):
-        self.path = None if path is None else str(path)
-        self.values: Dict[str, Tuple[float, float]] = {}
-        if self.path is not None and os.path.exists(self.path):
-            self.update_from(load_reference_file(self.path))
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def __contains__(self, key) -> bool:
-        return str(key) in self.values
-
-    def add(self, ids: Sequence, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
-        for key, w, l in zip(ids, chosen.tolist(), rejected.tolist()):
-            self.values[str(key)] = (w, l)
-
-    def update_from(self, values: Dict[str, Tuple[float, float]]) -> None:
-        for key, pair in values.items():
-            if len(pair) != 2 or not all(isinstance(v, float) and v == v and abs(v) != float("inf") for v in pair):
-                raise ValueError(f"reference log-likelihoods of {key!r} must be two finite numbers, got {pair!r}")
-            self.values[str(key)] = (float(pair[0]), float(pair[1]))
-
-    def lookup(self, ids: Sequence, device=None, dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
-        missing = [key for key in ids if str(key) not in self.values]
-        if missing:
-            raise KeyError(f"no reference log-likelihoods cached for ids {missing[:5]} (of {len(missing)})")
-        pairs = torch.tensor([self.values[str(key)] for key in ids], dtype=dtype, device=device)
-        return pairs[:, 0], pairs[:, 1]
-
-    def tensors(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-        """(tensors, metadata) of a safetensors file holding the values."""
-        import json
-        ids = list(self.values)
-        pairs = torch.tensor([self.values[k] for k in ids], dtype=torch.float64).reshape(-1, 2)
-        return {"chosen": pairs[:, 0].contiguous(), "rejected": pairs[:, 1].contiguous()}, {"ids": json.dumps(ids)}
-
-    def save(self, path: Optional[str] = None) -> None:
-        from safetensors.torch import save
-
-        from omnifast.durable import write_durably
-        target = path or self.path
-        if target is None:
-            raise ValueError("this ReferenceLogpCache has no path to save to")
-        tensors, metadata = self.tensors()
-        write_durably(target, lambda handle: handle.write(save(tensors, metadata)))
-
-
-    @classmethod
-    def build(cls, path: str, batches: Iterable[dict], weight, bias, **options) -> "ReferenceLogpCache":
-        """``batches`` yield dicts with ``ids``, ``hidden`` (the frozen reference decoder's
-        states), ``chosen``, ``rejected``, ``input_lengths``, ``chosen_lengths`` and
-        ``rejected_lengths``; ``options`` go to :func:`reference_logps`. Already cached ids are
-        skipped; the file is saved at the end."""
-        cache = cls(path)
-        for batch in batches:
-            if all(str(key) in cache.values for key in batch["ids"]):
-                continue
-            w, l = reference_logps(batch["hidden"], weight, bias, batch["chosen"], batch["rejected"],
-                                   batch["input_lengths"], batch["chosen_lengths"], batch["rejected_lengths"],
-                                   **options)
-            cache.add(batch["ids"], w, l)
-        cache.save()
-        return cache
-
-
-def load_reference_file(path) -> Dict[str, Tuple[float, float]]:
-    """The values of a file written by :meth:`ReferenceLogpCache.save` (ValueError if it is not one)."""
-    import json
-
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            ids = json.loads((handle.metadata() or {})["ids"])
-            chosen, rejected = handle.get_tensor("chosen").tolist(), handle.get_tensor("rejected").tolist()
-    except Exception as error:  # safetensors raises its own types for a forged or truncated file
-        raise ValueError(f"{path}: not a reference log-likelihood file ({type(error).__name__}: {error})") from None
-    if not (isinstance(ids, list) and len(ids) == len(chosen) == len(rejected)):
-        raise ValueError(f"{path}: its ids and values do not match")
-    return {str(k): (w, l) for k, w, l in zip(ids, chosen, rejected)}

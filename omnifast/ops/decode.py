@@ -5,7 +5,7 @@ from typing import List, Optional
 
 import torch
 
-from ._checks import Lengths, _lengths, check_bool, check_int, check_number, check_tensor
+from .checks import Lengths, _lengths, check_bool, check_int, check_number, check_tensor
 
 
 def ctc_greedy_decode(log_probs_or_logits: torch.Tensor, lengths: Optional[Lengths] = None, blank: int = 0, *,

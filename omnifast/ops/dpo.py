@@ -51,19 +51,30 @@ def normalize(log_likelihoods: torch.Tensor, lengths: torch.Tensor, normalizatio
     return (log_likelihoods.sum() / lengths.sum().clamp(min=1)).reshape(1)
 
 
+def pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                ref_rejected: torch.Tensor, beta: float):
+    """The DPO formula, per pair: ``(-log sigmoid(margin), margin)`` with margin = beta *
+    ((pi_w - ref_w) - (pi_l - ref_l)), each side already normalised. Differentiable in the
+    policy values (ops with a fused backward take their coefficients from it by autograd)."""
+    chosen_rewards = beta * (policy_chosen - ref_chosen.to(policy_chosen))
+    rejected_rewards = beta * (policy_rejected - ref_rejected.to(policy_rejected))
+    margins = chosen_rewards - rejected_rewards
+    return -F.logsigmoid(margins), margins
+
+
 def dpo_from_logps(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                    ref_rejected: torch.Tensor, beta: float = 0.1, sft_nll: Optional[torch.Tensor] = None,
                    sft_weight: float = 0.0) -> DPOOutput:
     """DPO of already-normalised log-likelihoods (see :func:`normalize`); ``sft_nll`` (a scalar,
     e.g. the chosen units' NLL per unit) is added with ``sft_weight``. Gradients flow to the
     policy values."""
-    from ._checks import check_number
+    from .checks import check_number
     check_number("beta", beta, positive=True)
     check_number("sft_weight", sft_weight, low=0.0)
+    losses, margins = pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     chosen_rewards = beta * (policy_chosen - ref_chosen.to(policy_chosen))
     rejected_rewards = beta * (policy_rejected - ref_rejected.to(policy_rejected))
-    margins = chosen_rewards - rejected_rewards
-    loss = -F.logsigmoid(margins).mean()
+    loss = losses.mean()
     if sft_weight and sft_nll is not None:
         loss = loss + sft_weight * sft_nll
     return DPOOutput(loss, margins.detach(), (margins > 0).float().mean().detach(), chosen_rewards.detach(),

@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import check_tensor
+from .checks import check_tensor
 from ._dispatch import choose_backend, fsq_kernels
 
 EPS = 1e-3  # keeps the bound just outside the last level, so every level is reachable

@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_int, check_same_device, check_tensor
+from .checks import check_choice, check_int, check_same_device, check_tensor
 from . import _reference
 from ._dispatch import choose_backend, moe_kernels
-from ._moe_gemm import _DenseMLP, _GroupedMLP, _activate, _activate_backward, gemm_engine
+from ._moe_gemm import GEMM_ENGINES, _DenseMLP, _GroupedMLP, activate, activate_backward, gemm_engine
 from ._precision import autocast_off, cast_all, matmul_dtype
 
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
@@ -158,7 +158,7 @@ class _ExpertMLP(torch.autograd.Function):
             if activation == "relu":
                 hidden_e = pre_e.clamp_min_(0)
             else:
-                hidden_e = _activate(pre_e, activation)
+                hidden_e = activate(pre_e, activation)
             torch.mm(hidden_e, w2[e].t(), out=out[start:end])
             if b2 is not None:
                 out[start:end] += b2[e]
@@ -185,7 +185,7 @@ class _ExpertMLP(torch.autograd.Function):
             if ctx.activation == "relu":
                 hidden = saved[start:end]
             else:
-                hidden = _activate(saved[start:end], ctx.activation)
+                hidden = activate(saved[start:end], ctx.activation)
             torch.mm(hidden.t(), g, out=grad_w2[e].t())
             if grad_b2 is not None:
                 grad_b2[e] = g.sum(0)
@@ -193,7 +193,7 @@ class _ExpertMLP(torch.autograd.Function):
             if ctx.activation == "relu":
                 g_pre = g_hidden.masked_fill_(hidden <= 0, 0)
             else:
-                g_pre = _activate_backward(g_hidden, saved[start:end], ctx.activation)
+                g_pre = activate_backward(g_hidden, saved[start:end], ctx.activation)
             torch.mm(x[start:end].t(), g_pre, out=grad_w1[e].t())
             if grad_b1 is not None:
                 grad_b1[e] = g_pre.sum(0)
@@ -203,18 +203,21 @@ class _ExpertMLP(torch.autograd.Function):
 
 def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str = "relu",
-               backend: Optional[str] = None) -> torch.Tensor:
+               backend: Optional[str] = None, *, engine: Optional[str] = None) -> torch.Tensor:
     """Each expert's MLP act(x @ w1[e].T + b1[e]) @ w2[e].T + b2[e] on its contiguous segment
     ``x_sorted[offsets[e]:offsets[e + 1]]``; (M, H) -> (M, O), with offsets[-1] == M. The
     matmuls run in the autocast dtype under ``torch.autocast`` (else the operands' promoted
     dtype), and so does the output. The Triton grouped GEMM takes float32 / bfloat16 / float16;
-    float64 runs one matmul per segment."""
+    float64 runs one matmul per segment. ``engine`` names the triton backend's GEMM engine (one
+    of ``GEMM_ENGINES``; None: the fastest for the dtype and device)."""
+    if engine is not None:
+        check_choice("engine", engine, GEMM_ENGINES)
     device = x_sorted.device.type
     x_sorted, w1, b1, w2, b2 = cast_all(matmul_dtype(device, x_sorted, w1, w2), (x_sorted, w1, b1, w2, b2))
     with autocast_off(device):
         if choose_backend(x_sorted.device, backend) == "triton":
-            engine = gemm_engine(x_sorted, w1, w2, offsets)
-            return _GroupedMLP.apply(x_sorted, w1, b1, w2, b2, offsets, None, 1, activation, engine)
+            chosen = gemm_engine(x_sorted, w1, w2, offsets, engine)
+            return _GroupedMLP.apply(x_sorted, w1, b1, w2, b2, offsets, None, 1, activation, chosen)
         bounds = offsets.tolist()
         segments = [(e, bounds[e], bounds[e + 1]) for e in range(len(bounds) - 1) if bounds[e + 1] > bounds[e]]
         return _ExpertMLP.apply(x_sorted, w1, b1, w2, b2, segments, activation)
@@ -270,12 +273,16 @@ def unpermute(y_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
     return _Unpermute.apply(y_sorted, routing.weights.contiguous(), routing.position, k, routing.backend)
 
 
-def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation: str = "relu") -> torch.Tensor:
+def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation: str = "relu", *,
+                   engine: Optional[str] = None) -> torch.Tensor:
     """The top-k expert layer on routed tokens: :func:`permute`, :func:`expert_mlp` and
     :func:`unpermute` in one, (N, H) -> (N, O), differentiable w.r.t. x, the weights and the
     routing weights. With the Triton grouped GEMM the token rows are gathered inside the first
     GEMM and the outputs scattered to token-major slots by the second (no permuted copy, a
-    contiguous combine); with the other GPU engines and on the CPU the three ops run as they are."""
+    contiguous combine); with the other GPU engines and on the CPU the three ops run as they are.
+    ``engine``: as :func:`expert_mlp`."""
+    if engine is not None:
+        check_choice("engine", engine, GEMM_ENGINES)
     if routing.backend != "triton":
         y = expert_mlp(permute(x, routing), routing.offsets, w1, b1, w2, b2, activation, backend=routing.backend)
         return unpermute(y, routing)
@@ -283,11 +290,11 @@ def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation
     x, w1, b1, w2, b2 = cast_all(matmul_dtype(device, x, w1, w2), (x, w1, b1, w2, b2))
     N, k = routing.experts.shape
     with autocast_off(device):
-        engine = gemm_engine(x, w1, w2, routing.offsets)
-        if not engine.fuses_gathers:  # see _moe_gemm: gather once, combine by gather
-            y = _GroupedMLP.apply(permute(x, routing), w1, b1, w2, b2, routing.offsets, None, 1, activation, engine)
+        chosen = gemm_engine(x, w1, w2, routing.offsets, engine)
+        if not chosen.fuses_gathers:  # see _moe_gemm: gather once, combine by gather
+            y = _GroupedMLP.apply(permute(x, routing), w1, b1, w2, b2, routing.offsets, None, 1, activation, chosen)
             return unpermute(y, routing)
-        y_slots = _GroupedMLP.apply(x, w1, b1, w2, b2, routing.offsets, routing.order, k, activation, engine)
+        y_slots = _GroupedMLP.apply(x, w1, b1, w2, b2, routing.offsets, routing.order, k, activation, chosen)
         identity = torch.arange(N * k, device=x.device)  # the slots are already in token-major order
         return _Unpermute.apply(y_slots, routing.weights.contiguous(), identity, k, "triton")
 
@@ -309,7 +316,7 @@ def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activati
             return _DenseMLP.apply(x, probs, w1, b1, w2, b2, activation)
     out = None
     for e in range(w1.shape[0]):
-        hidden = _activate(F.linear(x, w1[e], None if b1 is None else b1[e]), activation)
+        hidden = activate(F.linear(x, w1[e], None if b1 is None else b1[e]), activation)
         y = F.linear(hidden, w2[e], None if b2 is None else b2[e])
         weight = probs[:, e:e + 1].to(y.dtype)
         out = y * weight if out is None else torch.addcmul(out, y, weight)

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Optional, Tuple
 
-from omnifast.ops._checks import check_known_keys
+from omnifast.ops.checks import check_known_keys
 
 
 @dataclass

@@ -7,12 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnifast.nn import MoE, NaiveMoE
-from omnifast.ops import _moe_gemm as moe_gemm
 from omnifast.ops import moe as moe_ops
 
 from ..devices import device_for
+from ..tolerances import TOL
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 
 
 def outputs_and_grads(module, x):
@@ -233,16 +232,15 @@ def test_bad_input():
                                           ("segments", torch.float64)])
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_every_gemm_engine_of_the_triton_backend_matches_naive(monkeypatch, engine, dtype, activation, bias):
+def test_every_gemm_engine_of_the_triton_backend_matches_naive(engine, dtype, activation, bias):
     """The GPU's three GEMM engines (torch._grouped_mm through its CPU implementation here), one
     autograd algebra: top-2 with an expert that gets no token, forward and every gradient."""
-    monkeypatch.setattr(moe_gemm, "FORCE_ENGINE", engine)
     torch.manual_seed(5)
     naive = NaiveMoE(16, 24, 8, experts=5, top_k=2, activation=activation, bias=bias, gate_bias=True).to(dtype)
     with torch.no_grad():
         naive.gate.weight[4], naive.gate.bias[4] = 0.0, -50.0  # expert 4 loses every vote
     x = torch.randn(37, 16, dtype=dtype)
-    moe = MoE.from_naive(naive, backend="triton")
+    moe = MoE.from_naive(naive, backend="triton", gemm_engine=engine)
     ours, reference = outputs_and_grads(moe, x), outputs_and_grads(naive, x)
     assert moe(x.to(device_for('triton'))).routing.counts[4] == 0
     for a, b in zip(ours, reference):
@@ -259,11 +257,10 @@ def test_gpu_tile_configurations_run_under_the_interpreter(monkeypatch, arch, dt
     """The tiles, warps and stages chosen for sm_80 / sm_90 give the right result (and, recorded,
     are what the AOT test compiles for those architectures)."""
     monkeypatch.setenv("OMNIFAST_TRITON_ARCH", str(arch))
-    monkeypatch.setattr(moe_gemm, "FORCE_ENGINE", "triton")
     torch.manual_seed(6)
     naive = NaiveMoE(32, 48, 32, experts=4, top_k=2).double()
     x = torch.randn(150, 32, dtype=torch.float64)
-    ours = outputs_and_grads(MoE.from_naive(naive, backend="triton").to(dtype), x.to(dtype))
+    ours = outputs_and_grads(MoE.from_naive(naive, backend="triton", gemm_engine="triton").to(dtype), x.to(dtype))
     exact = outputs_and_grads(naive, x)
     if dtype == torch.float32:
         for a, b in zip(ours, exact):

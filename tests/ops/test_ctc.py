@@ -10,22 +10,18 @@ import omnifast
 from omnifast.ops import _reference
 
 from ..devices import device_for
+from ..tolerances import TOL, assert_close, value_and_grads
 from .ctc_cases import Problem, make_problem, problems
 
 REDUCTIONS = ("none", "mean", "sum")
 KERNEL_BACKENDS = ("cpu", "triton")
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 
 
 def loss_and_grad(fn, x: torch.Tensor, p: Problem, reduction="sum", zero_infinity=False, targets=None, **kw):
     """Loss and gradient on the backend's test device (see tests/devices.py), returned on the CPU."""
-    device = device_for(kw.get("backend"))
-    x = x.detach().clone().to(device).requires_grad_()
     targets = p.targets if targets is None else targets
-    loss = fn(x, targets.to(device), p.input_lengths.to(device), p.target_lengths.to(device),
-              blank=p.blank, reduction=reduction, zero_infinity=zero_infinity, **kw)
-    (grad,) = torch.autograd.grad(loss.sum(), x)
-    return loss.detach().cpu(), grad.cpu()
+    return value_and_grads(fn, [x], targets, p.input_lengths, p.target_lengths, device=device_for(kw.get("backend")),
+                           blank=p.blank, reduction=reduction, zero_infinity=zero_infinity, **kw)
 
 
 def torch_loss_and_grad(p: Problem, reduction="sum", zero_infinity=False):
@@ -44,10 +40,6 @@ def ours(p: Problem, backend: str, from_logits: bool, reduction="sum", zero_infi
     def fn(x, *args, **kw):
         return omnifast.ctc_loss(x.log_softmax(-1), *args, **kw)
     return loss_and_grad(fn, p.logits, p, reduction, zero_infinity, targets=targets, backend=backend)
-
-
-def assert_close(actual, expected, dtype=torch.float64):
-    torch.testing.assert_close(actual.to(expected.dtype), expected, equal_nan=True, **TOL[dtype])
 
 
 # --- the reference against torch --------------------------------------------------------------

@@ -12,8 +12,8 @@ import omnifast
 from omnifast.ops import ReferenceLogpCache, ctc_dpo, reference_logps
 
 from ..devices import device_for, moved
+from ..tolerances import TOL
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 BACKENDS = ("torch", "cpu", "triton")
 
 

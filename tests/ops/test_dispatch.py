@@ -53,3 +53,23 @@ def test_fallback_is_still_right(monkeypatch):
     expected = torch.nn.functional.ctc_loss(x.log_softmax(-1), torch.tensor([[1, 2]]), [5], [2])
     torch.testing.assert_close(fallback, expected)
     _dispatch._warn_once.cache_clear()
+
+
+@pytest.mark.parametrize("backend", _dispatch.BACKENDS)
+def test_every_backend_keeps_the_backend_contract(backend):
+    """What each op family asks of a backend, every backend has (the Protocols of ``_dispatch``)."""
+    ctc = _dispatch.ctc_kernel(backend)
+    assert isinstance(ctc, _dispatch.LazyCTCKernels if ctc.lazy else _dispatch.EagerCTCKernels)
+    assert ctc.lazy == (backend == "triton")
+    assert isinstance(_dispatch.linear_ctc_kernels(backend), _dispatch.LinearCTCKernels)
+    assert isinstance(_dispatch.moe_kernels(backend), _dispatch.MoEKernels)
+    assert isinstance(_dispatch.fsq_kernels(backend), _dispatch.FSQKernels)
+
+
+def test_a_kernel_launch_names_every_argument_of_the_kernel():
+    from omnifast.kernels._launch import launch
+    from omnifast.kernels.ctc import _split_kernel
+    with pytest.raises(TypeError, match=r"_split_kernel: missing arguments \['buf_ptr'.*unknown arguments \['bogus'\]"):
+        launch(_split_kernel, (1,), emit_ptr=None, bogus=1)
+    with pytest.raises(TypeError):
+        launch(_split_kernel, (1,), None)  # positional arguments are not taken

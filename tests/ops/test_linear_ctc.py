@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 import omnifast
 from omnifast.ops import _reference
 
-from ..devices import device_for, moved
+from ..devices import device_for
+from ..tolerances import TOL, assert_all_close, value_and_grads
 
-TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-4)}
 
 
 def make_head_problem(B, T, D, V, lengths, input_lengths, seed=0, dtype=torch.float64, bias=True, scale=1.0):
@@ -29,13 +29,9 @@ def unfused(hidden, weight, bias, targets, input_lengths, target_lengths, reduct
                       reduction=reduction, zero_infinity=zero_infinity)
 
 
-def value_and_grads(fn, hidden, weight, bias, *args, **kw):
+def head_value_and_grads(fn, hidden, weight, bias, *args, **kw):
     """Loss and gradients on the test device of ``fn.backend`` (tests/devices.py), back on the CPU."""
-    device = device_for(getattr(fn, "backend", None))
-    leaves = [None if t is None else t.detach().clone().to(device).requires_grad_() for t in (hidden, weight, bias)]
-    loss = fn(*leaves, *moved(args, device), **kw)
-    grads = torch.autograd.grad(loss.sum(), [t for t in leaves if t is not None])
-    return [loss.detach().cpu()] + [g.cpu() for g in grads]
+    return value_and_grads(fn, (hidden, weight, bias), *args, device=device_for(getattr(fn, "backend", None)), **kw)
 
 
 def fused(backend, chunk_frames=None):
@@ -45,11 +41,6 @@ def fused(backend, chunk_frames=None):
                                         chunk_frames=chunk_frames, backend=backend)
     fn.backend = backend
     return fn
-
-
-def assert_all_close(actual, expected, dtype):
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a.double(), e.double(), equal_nan=True, **TOL[dtype])
 
 
 @st.composite
@@ -69,8 +60,8 @@ def head_problems(draw, max_T=12, max_V=9):
 @given(case=head_problems())
 def test_fused_matches_unfused(backend, case):
     (hidden, weight, bias, *targets), reduction, zero_infinity, chunk = case
-    expected = value_and_grads(unfused, hidden, weight, bias, *targets, reduction, zero_infinity)
-    actual = value_and_grads(fused(backend, chunk), hidden, weight, bias, *targets, reduction, zero_infinity)
+    expected = head_value_and_grads(unfused, hidden, weight, bias, *targets, reduction, zero_infinity)
+    actual = head_value_and_grads(fused(backend, chunk), hidden, weight, bias, *targets, reduction, zero_infinity)
     assert_all_close(actual, expected, torch.float64)
 
 
@@ -78,8 +69,8 @@ def test_fused_matches_unfused(backend, case):
 @given(case=head_problems(max_T=7, max_V=6))
 def test_triton_matches_unfused(case):
     (hidden, weight, bias, *targets), reduction, zero_infinity, chunk = case
-    expected = value_and_grads(unfused, hidden, weight, bias, *targets, reduction, zero_infinity)
-    actual = value_and_grads(fused("triton", chunk), hidden, weight, bias, *targets, reduction, zero_infinity)
+    expected = head_value_and_grads(unfused, hidden, weight, bias, *targets, reduction, zero_infinity)
+    actual = head_value_and_grads(fused("triton", chunk), hidden, weight, bias, *targets, reduction, zero_infinity)
     assert_all_close(actual, expected, torch.float64)
 
 
@@ -88,17 +79,17 @@ def test_float32_edge_cases(backend):
     """Empty targets, T=1 frames, an infeasible sequence and a short input length at once."""
     problem = make_head_problem(4, 6, 5, 7, [0, 1, 5, 2], [6, 1, 3, 4], seed=3, dtype=torch.float32)
     for zero_infinity in (False, True):
-        expected = value_and_grads(fused("torch"), *problem, "mean", zero_infinity)
-        actual = value_and_grads(fused(backend, 2), *problem, "mean", zero_infinity)
+        expected = head_value_and_grads(fused("torch"), *problem, "mean", zero_infinity)
+        actual = head_value_and_grads(fused(backend, 2), *problem, "mean", zero_infinity)
         assert_all_close(actual, expected, torch.float32)
         assert torch.isnan(actual[1]).any() != zero_infinity
 
 
 def test_cpu_float32_at_speech_scale():
     problem = make_head_problem(2, 120, 32, 300, [40, 25], [120, 90], seed=4, dtype=torch.float32)
-    truth = value_and_grads(unfused, *problem, "mean", False)
-    reference = value_and_grads(fused("torch"), *problem, "mean", False)
-    actual = value_and_grads(fused("cpu", 16), *problem, "mean", False)
+    truth = head_value_and_grads(unfused, *problem, "mean", False)
+    reference = head_value_and_grads(fused("torch"), *problem, "mean", False)
+    actual = head_value_and_grads(fused("cpu", 16), *problem, "mean", False)
     for a, r, t in zip(actual, reference, truth):
         assert (a.double() - t).abs().max() <= 2 * (r.double() - t).abs().max() + 1e-5
 
@@ -106,9 +97,9 @@ def test_cpu_float32_at_speech_scale():
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_bf16_within_twice_the_reference_error(backend):
     problem = make_head_problem(2, 10, 8, 12, [3, 4], [10, 8], seed=5, dtype=torch.bfloat16)
-    truth = value_and_grads(unfused, *problem, "mean", False)
-    reference = value_and_grads(fused("torch"), *problem, "mean", False)
-    actual = value_and_grads(fused(backend, 3), *problem, "mean", False)
+    truth = head_value_and_grads(unfused, *problem, "mean", False)
+    reference = head_value_and_grads(fused("torch"), *problem, "mean", False)
+    actual = head_value_and_grads(fused(backend, 3), *problem, "mean", False)
     assert actual[1].dtype == torch.bfloat16 and actual[2].dtype == torch.bfloat16
     for a, r, t in zip(actual, reference, truth):
         assert (a.double() - t).abs().max() <= 2 * (r.double() - t).abs().max() + 1e-3
@@ -125,7 +116,7 @@ def test_gradcheck(backend):
 
 def test_chunk_size_does_not_change_the_result():
     problem = make_head_problem(3, 9, 4, 6, [2, 3, 1], [9, 7, 2], seed=7)
-    results = [value_and_grads(fused("cpu", chunk), *problem, "sum", False) for chunk in (1, 2, 4, 9, None)]
+    results = [head_value_and_grads(fused("cpu", chunk), *problem, "sum", False) for chunk in (1, 2, 4, 9, None)]
     for other in results[1:]:
         assert_all_close(other, results[0], torch.float64)
 
@@ -145,25 +136,25 @@ def test_no_grad_runs_only_the_first_pass(monkeypatch):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_mean_and_sum_form_the_gradient_in_one_pass(backend, reduction, monkeypatch):
     """Their coefficients are known before the recursion: no pass 2 (no recomputed GEMM)."""
-    from omnifast.ops import linear_ctc
+    from omnifast.ops._ctc_engine import Scorer
 
     def forbidden(*args, **kwargs):
         raise AssertionError("pass 2 ran")
-    monkeypatch.setattr(linear_ctc.Scorer, "gradients", forbidden)
+    monkeypatch.setattr(Scorer, "gradients", forbidden)
     problem = make_head_problem(3, 7, 4, 6, [2, 3, 0], [7, 5, 3], seed=10, dtype=torch.float32)
     for zero_infinity in (False, True):
-        expected = value_and_grads(unfused, *problem, reduction, zero_infinity)
-        assert_all_close(value_and_grads(fused(backend, 3), *problem, reduction, zero_infinity), expected,
+        expected = head_value_and_grads(unfused, *problem, reduction, zero_infinity)
+        assert_all_close(head_value_and_grads(fused(backend, 3), *problem, reduction, zero_infinity), expected,
                          torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_label_blocks_one_sequence_at_a_time(backend, monkeypatch):
-    from omnifast.ops import linear_ctc
-    monkeypatch.setattr(linear_ctc, "CHUNK_ELEMENTS", 1)  # a (T, 1 + W) block of one sequence each
+    from omnifast.ops import _ctc_engine
+    monkeypatch.setattr(_ctc_engine, "CHUNK_ELEMENTS", 1)  # a (T, 1 + W) block of one sequence each
     problem = make_head_problem(3, 8, 4, 7, [3, 1, 2], [8, 4, 6], seed=11, dtype=torch.float32)
-    expected = value_and_grads(unfused, *problem, "mean", False)
-    assert_all_close(value_and_grads(fused(backend, 3), *problem, "mean", False), expected, torch.float32)
+    expected = head_value_and_grads(unfused, *problem, "mean", False)
+    assert_all_close(head_value_and_grads(fused(backend, 3), *problem, "mean", False), expected, torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
@@ -182,8 +173,8 @@ def test_a_sequence_infeasible_by_its_values_is_zeroed(backend):
         per_sequence = fused(backend, 2)(*args[:6], "none", True)
         return (per_sequence / (2 * lengths.to(per_sequence.device).clamp(min=1))).sum()
     two_pass.backend = backend
-    expected = value_and_grads(two_pass, *problem)
-    actual = value_and_grads(fused(backend, 2), *problem, "mean", True)
+    expected = head_value_and_grads(two_pass, *problem)
+    actual = head_value_and_grads(fused(backend, 2), *problem, "mean", True)
     assert_all_close(actual, expected, torch.float32)
     assert torch.isfinite(actual[1]).all() and (actual[1][0] == 0).all()
 
@@ -236,7 +227,7 @@ def test_triton_with_speech_sized_tiles_under_autocast():
     results = []
     for backend in ("cpu", "triton"):
         with torch.autocast(device_for(backend).type, dtype=torch.bfloat16):
-            results.append(value_and_grads(fused(backend, 4), hidden, weight, bias, targets, input_lengths, lengths,
+            results.append(head_value_and_grads(fused(backend, 4), hidden, weight, bias, targets, input_lengths, lengths,
                                            "mean", False))
     for a, e in zip(*results):
         torch.testing.assert_close(a.double(), e.double(), atol=1e-2, rtol=2e-2)
