@@ -124,7 +124,7 @@ def step_batches(trainer: Trainer, start: int) -> List[Dict[str, object]]:
                            stop=(start + 1) * accum)
     pad = trainer.processor.tokenizer.pad_token_id
     collate = collate_cached if trainer.state_cache is not None else (lambda items: collate_batch(items, pad))
-    return [trainer._to_device(collate([trainer.dataset[key] for key in keys])) for keys in sampler]
+    return [trainer.to_device(collate([trainer.dataset[key] for key in keys])) for keys in sampler]
 
 
 def synchronize(device) -> None:

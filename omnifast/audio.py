@@ -9,12 +9,13 @@ their own: it is taken to be at the rate it is read for.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
+
+from omnifast.durable import write_durably
 
 
 class AudioError(ValueError):
@@ -118,11 +119,5 @@ def write_audio(path, samples: np.ndarray, rate: int = 16000) -> None:
     """Mono float samples in [-1, 1] -> a 16-bit PCM WAV file, written to a temporary name, fsynced
     and renamed, so that a reader never sees half a file."""
     import soundfile
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     clipped = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
-    with open(tmp, "wb") as handle:
-        soundfile.write(handle, clipped, rate, format="WAV", subtype="PCM_16")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    write_durably(path, lambda handle: soundfile.write(handle, clipped, rate, format="WAV", subtype="PCM_16"))

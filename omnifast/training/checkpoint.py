@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -55,10 +54,8 @@ def write_checkpoint(final: Path, tensor_files: Dict[str, Tuple[Dict[str, torch.
         fsync_path(tmp / name)
     for name, value in json_files.items():
         _step(f"write {name}")
-        with open(tmp / name, "w") as handle:
-            json.dump(value, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        (tmp / name).write_text(json.dumps(value))
+        fsync_path(tmp / name)
     _step("fsync directory")
     fsync_path(tmp)
     if final.exists():  # a rerun of the same step: retire the old copy first
@@ -312,7 +309,7 @@ def read_run_state(found: Path, spec: RunSpec) -> RunState:
     mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{spec.rank}.")}
     references = {}
     if (found / "reference.safetensors").is_file():
-        from omnifast.ops.ctc_dpo import load_reference_file
+        from omnifast.ops.dpo_reference import load_reference_file
         try:
             references = load_reference_file(found / "reference.safetensors")
         except ValueError as error:

@@ -17,7 +17,6 @@ just the records it is given.
 """
 from __future__ import annotations
 
-import codecs
 from array import array
 import functools
 import hashlib
@@ -25,22 +24,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from omnifast.models.config import IMAGE_TOKEN, SPEECH_TOKEN
 
+from .data_file import READ_BYTES, DataError, scan_records
 from .stages import Stage
 
 MAX_PROBLEMS = 200           # problems listed in a DataError (the rest are counted)
-MAX_RECORD_BYTES = 64 << 20  # a record larger than this is reported rather than buffered
-READ_BYTES = 8 << 20
-JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
-
-
-class DataError(ValueError):
-    """Everything wrong with a data file, one line per problem (file, record, field, what)."""
 
 
 @dataclass
@@ -207,107 +200,6 @@ def media_problems(record: Record, rules: RecordRules, rate: Optional[int] = Non
     return out
 
 
-# --- the file: JSON list or JSON Lines, scanned in bounded memory ----------------------------------
-
-def _scan(path: Path) -> Iterator[Tuple[int, int, object]]:
-    """(byte offset, byte length, decoded value) of every record, read in 8 MiB blocks: JSON Lines
-    for a ``.jsonl`` / ``.ndjson`` file, else a JSON list; a DataError for anything else."""
-    with open(path, "rb") as handle:
-        head = handle.read(4096).lstrip(codecs.BOM_UTF8).lstrip()
-    if not head:
-        raise DataError(f"{path}: empty file")
-    if path.suffix.lower() in JSON_LINES_SUFFIXES:
-        yield from _scan_lines(path)
-    elif head[:1] == b"[":
-        yield from _scan_list(path)
-    elif head[:1] == b"{":
-        raise DataError(f"{path}: expected a JSON list of records, got a JSON object (a file of one record per "
-                        f"line must end in {' or '.join(JSON_LINES_SUFFIXES)})")
-    else:
-        raise DataError(f"{path}: not JSON: expected a JSON list of records, got {head[:20]!r}")
-
-
-def _scan_lines(path: Path) -> Iterator[Tuple[int, int, object]]:
-    offset = 0
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            stripped = line.strip()
-            if stripped:
-                try:
-                    value = json.loads(stripped)
-                except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                    raise DataError(f"{path}: line {number}: not JSON ({error})") from None
-                yield offset, len(line), value
-            offset += len(line)
-
-
-def _scan_list(path: Path) -> Iterator[Tuple[int, int, object]]:
-    decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8")()
-    text, base, position, ascii_text, done = "", 0, 0, True, False  # base: byte offset of text[0]
-    with open(path, "rb") as handle:
-        def more() -> bool:
-            nonlocal text, base, position, ascii_text, done
-            if done:
-                return False
-            block = handle.read(READ_BYTES)
-            done = not block
-            if base == 0 and not text and block.startswith(codecs.BOM_UTF8):
-                block, base = block[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
-            if position:  # drop what is consumed
-                base += position if ascii_text else len(text[:position].encode())
-                text, position = text[position:], 0
-            try:
-                text += utf8.decode(block, final=done)
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}: not UTF-8 text ({error})") from None
-            ascii_text = text.isascii()
-            return True
-
-        def byte_at(index: int) -> int:
-            return base + (index if ascii_text else len(text[:index].encode()))
-
-        def skip_space() -> Optional[str]:
-            nonlocal position
-            while True:
-                while position < len(text) and text[position] in " \t\r\n":
-                    position += 1
-                if position < len(text):
-                    return text[position]
-                if not more():
-                    return None
-
-        more()
-        skip_space()
-        position += 1  # the opening "["
-        if skip_space() == "]":
-            return
-        while True:
-            if skip_space() is None:
-                raise DataError(f"{path}: not JSON: the list is not closed")
-            start = position
-            while True:
-                try:
-                    value, end = decoder.raw_decode(text, start)
-                    break
-                except json.JSONDecodeError as error:
-                    if byte_at(len(text)) - byte_at(start) > MAX_RECORD_BYTES or not more():
-                        raise DataError(f"{path}: not JSON at byte {byte_at(error.pos)} ({error.msg})") from None
-                    start = position  # more() may have moved the text
-            first, last = byte_at(start), byte_at(end)
-            position = end
-            yield first, last - first, value
-            after = skip_space()
-            if after == ",":
-                position += 1
-            elif after == "]":
-                return
-            elif after is None:
-                raise DataError(f"{path}: not JSON: the list is not closed")
-            else:
-                raise DataError(f"{path}: not JSON at byte {byte_at(position)}: expected ',' or ']' after a record")
-
-
 class RecordFile(Sequence):
     """The validated records of one data file, read back by index (a Sequence of
     :class:`Record`). Holds byte offsets and per-record sizes, never the records; safe to send
@@ -363,7 +255,7 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
     counted = 0
     offsets, lengths, response_chars, units, hashes = (array("q") for _ in range(5))  # 8 bytes a value
     media = hashlib.sha256()
-    for position, (offset, length, item) in enumerate(_scan(path)):
+    for position, (offset, length, item) in enumerate(scan_records(path)):
         rid = str(item.get("id", f"#{position}")) if isinstance(item, dict) else f"#{position}"
 
         def bad(field_name: str, what: str) -> None:
@@ -432,7 +324,7 @@ def _duplicate_ids(path: Path, hashes) -> List[str]:
     """The ids that occur more than once (found again by a second pass over the file)."""
     values, counts = np.unique(np.frombuffer(hashes, dtype=np.int64), return_counts=True)
     suspects, seen, repeated = set(values[counts > 1].tolist()), set(), []
-    for _, _, item in _scan(path):
+    for _, _, item in scan_records(path):
         rid = str(item.get("id")) if isinstance(item, dict) else None
         if rid is not None and hash(rid) in suspects:
             if rid in seen and rid not in repeated:

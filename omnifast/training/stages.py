@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Tuple
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     index: int
     name: str
@@ -21,20 +21,25 @@ class Stage:
 
 
 STAGES: Tuple[Stage, ...] = (
-    Stage(1, "s2t", ("speech_projector",), "text", ("speech",), 1e-3, 0.3, 1,
+    Stage(index=1, name="s2t", trains=("speech_projector",), loss="text", requires=("speech",),
+          lr=1e-3, warmup_ratio=0.3, epochs=1,
           note="lr 1e-3 as in the paper (its code uses 1e-4); LLM and Whisper frozen"),
-    Stage(2, "i2t-pretrain", ("image_projector",), "text", ("image",), 1e-3, 0.3, 1),
-    Stage(3, "i2t-sft", ("llm", "image_projector", "vision"), "text", (), 5e-5, 0.3, 1,
+    Stage(index=2, name="i2t-pretrain", trains=("image_projector",), loss="text", requires=("image",),
+          lr=1e-3, warmup_ratio=0.3, epochs=1),
+    Stage(index=3, name="i2t-sft", trains=("llm", "image_projector", "vision"), loss="text", requires=(),
+          lr=5e-5, warmup_ratio=0.3, epochs=1,
           component_lr={"vision": 2e-6}, note="the vision tower trains at its own, lower lr"),
-    Stage(4, "speech-gen", ("speech_decoder",), "speech", ("tgt_units",), 5e-4, 0.3, 3,
+    Stage(index=4, name="speech-gen", trains=("speech_decoder",), loss="speech", requires=("tgt_units",),
+          lr=5e-4, warmup_ratio=0.3, epochs=3,
           note="LLM frozen and run without grad; NAR: fused linear-CTC, AR: next-unit prediction"),
-    Stage(5, "emotion-dpo", ("speech_decoder",), "dpo", ("tgt_units", "re_tgt_units"), 5e-4, 0.3, 3,
+    Stage(index=5, name="emotion-dpo", trains=("speech_decoder",), loss="dpo", requires=("tgt_units", "re_tgt_units"),
+          lr=5e-4, warmup_ratio=0.3, epochs=3,
           note="CTC-DPO, beta 0.1; reference = the frozen stage-4 decoder, its log-likelihoods cached once"),
 )
 # Not an OpenOmni stage: a tiny model starts from a random LLM, so the demo first teaches it the
 # corpus' language (the stand-in for starting from a pretrained Qwen2.5). ``--all`` skips it.
-LLM_PRETRAIN = Stage(0, "llm-pretrain", ("llm",), "text", (), 1e-3, 0.05, 1,
-                     note="text-only next-token training of the whole LLM")
+LLM_PRETRAIN = Stage(index=0, name="llm-pretrain", trains=("llm",), loss="text", requires=(),
+                     lr=1e-3, warmup_ratio=0.05, epochs=1, note="text-only next-token training of the whole LLM")
 BY_NAME = {stage.name: stage for stage in (LLM_PRETRAIN,) + STAGES}
 
 

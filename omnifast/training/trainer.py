@@ -155,7 +155,8 @@ class Trainer:
         return MicroBatches(len(self.dataset), self.config.batch_size, self.config.seed, self.rank, self.world,
                             start, stop)
 
-    def _to_device(self, batch: Dict[str, object]) -> Dict[str, object]:
+    def to_device(self, batch: Dict[str, object]) -> Dict[str, object]:
+        """A collated micro-batch with its tensors on the trainer's device."""
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                 for k, v in batch.items()}
 
@@ -260,7 +261,7 @@ class Trainer:
             start = time.perf_counter()
             micro = []
             for _ in range(accum):
-                micro.append(self._to_device(next(batches)))
+                micro.append(self.to_device(next(batches)))
             waited = time.perf_counter() - start
             self.data_wait_s += waited
             tokens = sum(tokens_in(batch) for batch in micro)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer, save_speech_decoder
-from omnifast.models.omni import load_components
+from omnifast.models.components import load_components
 from omnifast.models.weights import INDEX_NAME
 from omnifast.nn.speech_decoder import SpeechDecoderConfig
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from omnifast import cli
 from omnifast.training import DataError, MicroBatches, get_stage, load_records
 from omnifast.training import checkpoint as checkpoints
-from omnifast.training import data as data_module
+from omnifast.training import data_file
 
 from .test_training import data  # noqa: F401  (the shared fixture)
 
@@ -29,7 +29,7 @@ def rows(n: int):
 @pytest.mark.parametrize("layout", ["list", "indented", "lines"])
 @pytest.mark.parametrize("block", [7, 64, 4096])
 def test_every_record_reads_back_whatever_the_block_size(tmp_path, monkeypatch, layout, block):
-    monkeypatch.setattr(data_module, "READ_BYTES", block)
+    monkeypatch.setattr(data_file, "READ_BYTES", block)
     expected = rows(40)
     path = tmp_path / ("data.jsonl" if layout == "lines" else "data.json")
     if layout == "lines":

@@ -1,0 +1,158 @@
+"""An omni model assembled from local Hugging Face checkpoint folders (an LLM with its tokenizer,
+a vision tower, a Whisper encoder) and optionally a speech decoder saved on its own; and that
+decoder's own save and load."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from omnifast.nn.speech_decoder import SpeechDecoder
+
+from .config import IMAGE_TOKEN, SPEECH_TOKEN, OmniConfig
+from .omni import OmniModel, vision_classes
+
+
+def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None, tokenizer=None,
+                    **overrides):
+    """An omni model and its processor from local Hugging Face checkpoint directories
+    (``Qwen2ForCausalLM`` with its tokenizer, a CLIP or SigLIP vision tower or whole model,
+    ``WhisperModel``) and optionally a speech decoder saved by :func:`save_speech_decoder`; the
+    projectors start fresh. Nothing is downloaded.
+
+    The architectures, the image size and the audio window are the components'. The tokenizer
+    (the LLM folder's, or ``tokenizer``: a tokenizer or a folder) gets the ``<image>`` /
+    ``<speech>`` placeholders and ChatML tokens it lacks, the LLM's embeddings grow to cover
+    them, and the config takes their ids. Every other setting comes from ``config`` when one is
+    given (its speech decoder too, at the LLM's width), else from the components: the speech
+    projector min(2048, LLM width) wide, the decoder ``SpeechDecoderConfig.scaled_to`` the LLM.
+    ``overrides`` set OmniConfig fields last."""
+    import dataclasses
+
+    from transformers import AutoConfig, Qwen2ForCausalLM, WhisperModel
+
+    from omnifast.nn.speech_decoder import SpeechDecoderConfig
+
+    from .processor import OmniProcessor, add_placeholder_tokens
+    dirs = {"llm": llm, "vision": vision, "speech": speech}
+    for name, directory in dirs.items():
+        if not (Path(directory) / "config.json").is_file():
+            raise FileNotFoundError(f"{name}={directory} has no config.json: not a Hugging Face checkpoint directory")
+    if config is not None and not isinstance(config, OmniConfig):
+        raise TypeError(f"config must be an OmniConfig, got {type(config).__name__}")
+    tokenizer = _component_tokenizer(llm if tokenizer is None else tokenizer)
+    add_placeholder_tokens(tokenizer)
+    llm_config = AutoConfig.from_pretrained(llm, local_files_only=True, trust_remote_code=False)
+    vision_config = AutoConfig.from_pretrained(vision, local_files_only=True, trust_remote_code=False)
+    vision_type = "siglip" if "siglip" in vision_config.model_type else "clip"
+    vision_config = getattr(vision_config, "vision_config", vision_config)
+    speech_config = AutoConfig.from_pretrained(speech, local_files_only=True, trust_remote_code=False)
+    sampling_rate, window = _audio_window(speech, speech_config)
+    rows = max(llm_config.vocab_size, len(tokenizer))
+    fixed = dict(llm={**_config_kwargs(llm_config), "vocab_size": rows}, vision=_config_kwargs(vision_config),
+                 speech=_config_kwargs(speech_config), image_size=vision_config.image_size, vision_type=vision_type,
+                 sampling_rate=sampling_rate, audio_seconds=window,
+                 image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                 speech_token_id=tokenizer.convert_tokens_to_ids(SPEECH_TOKEN))
+    hidden = llm_config.hidden_size
+    decoder_model = load_speech_decoder(decoder) if decoder is not None else None
+    if decoder_model is not None:
+        decoder_dict = decoder_model.config.to_dict()
+        fixed["speech_decoder_mode"] = decoder_model.mode
+    elif config is not None:
+        decoder_dict = None if config.speech_decoder is None else {**config.speech_decoder, "llm_hidden": hidden}
+    else:
+        decoder_dict = dataclasses.asdict(SpeechDecoderConfig.scaled_to(hidden, rows))
+    chosen = {} if config is None else {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for name in ("image_size", "audio_seconds", "sampling_rate"):
+        wanted = overrides.get(name, chosen.get(name))
+        if wanted is not None and wanted != fixed[name]:
+            raise ValueError(f"{name}={wanted} was asked for, but the components fix it at {fixed[name]}")
+    combined = OmniConfig(**{**dict(speech_projector_hidden=min(2048, hidden)), **chosen, **fixed,
+                             "speech_decoder": decoder_dict, **overrides}).validate()
+    if decoder_dict is not None and decoder_dict["llm_hidden"] != hidden:
+        raise ValueError(f"the speech decoder takes LLM states of width {decoder_dict['llm_hidden']} but the "
+                         f"LLM's hidden size is {hidden}")
+    if decoder_dict is not None and decoder_dict["text_vocab"] < len(tokenizer):
+        raise ValueError(f"the speech decoder embeds {decoder_dict['text_vocab']} text tokens but the tokenizer "
+                         f"has {len(tokenizer)}")
+    with torch.device("meta"):
+        model = OmniModel(combined)
+    model.llm = Qwen2ForCausalLM.from_pretrained(llm, local_files_only=True)
+    if model.llm.get_input_embeddings().num_embeddings < rows:
+        model.llm.resize_token_embeddings(rows)
+    model.vision = vision_classes(vision_type)[1].from_pretrained(vision, local_files_only=True)
+    model.speech = WhisperModel.from_pretrained(speech, local_files_only=True).get_encoder()
+    model.image_projector = model.image_projector.to_empty(device="cpu")
+    model.speech_projector = model.speech_projector.to_empty(device="cpu")
+    for module in (model.image_projector, model.speech_projector):
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+    model.speech_decoder = decoder_model if decoder_model is not None else (
+        None if combined.speech_decoder is None else SpeechDecoder(combined.decoder_config(), combined.speech_decoder_mode))
+    return model, OmniProcessor(tokenizer, combined)
+
+
+def _component_tokenizer(source):
+    """A tokenizer object as it is, or the one saved in a folder."""
+    from transformers import AutoTokenizer
+    if not isinstance(source, (str, Path)):
+        return source
+    folder = Path(source)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise FileNotFoundError(f"{folder} holds no tokenizer: save the LLM's tokenizer there, or pass tokenizer=")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+
+
+def _audio_window(speech, speech_config):
+    """(sampling rate, seconds) of the Whisper encoder's input window: its positions are half the
+    mel frames, a frame every ``hop_length`` samples (the folder's feature extractor settings,
+    else Whisper's 16 kHz and 160)."""
+    import json
+    settings = {}
+    preprocessor = Path(speech) / "preprocessor_config.json"
+    if preprocessor.is_file():
+        settings = json.loads(preprocessor.read_text())
+    rate, hop = int(settings.get("sampling_rate", 16000)), int(settings.get("hop_length", 160))
+    samples = 2 * speech_config.max_source_positions * hop
+    if samples % rate:
+        raise ValueError(f"speech={speech}: its window of {samples} samples at {rate} Hz is not a whole number "
+                         f"of seconds")
+    return rate, samples // rate
+
+
+def _config_kwargs(config) -> Dict:
+    """A local component's config as OmniConfig settings: its architecture's keyword arguments
+    only (an ``auto_map``, an attention implementation or anything else is left behind)."""
+    from .config import allowed_component_keys
+    allowed = allowed_component_keys(type(config)) - {"dtype", "id2label", "label2id"}
+    return {k: v for k, v in config.to_dict().items() if k in allowed}
+
+
+def save_speech_decoder(decoder: SpeechDecoder, path) -> None:
+    """A speech decoder alone: ``speech_decoder.json`` (config and mode) + safetensors."""
+    import json
+
+    from safetensors.torch import save_model
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(decoder, str(path / "speech_decoder.safetensors"))
+    (path / "speech_decoder.json").write_text(json.dumps({"mode": decoder.mode, "config": decoder.config.to_dict()}))
+
+
+def load_speech_decoder(path) -> SpeechDecoder:
+    import json
+
+    from safetensors.torch import load_model
+
+    from omnifast.nn.speech_decoder import SpeechDecoderConfig
+    path = Path(path)
+    if not (path / "speech_decoder.json").is_file():
+        raise FileNotFoundError(f"{path} has no speech_decoder.json: not a directory written by save_speech_decoder")
+    meta = json.loads((path / "speech_decoder.json").read_text())
+    decoder = SpeechDecoder(SpeechDecoderConfig.from_dict(meta["config"]), meta["mode"])
+    load_model(decoder, str(path / "speech_decoder.safetensors"))
+    return decoder
