@@ -6,8 +6,8 @@ Response lengths are drawn log-normal (median 60 tokens, sigma ``--sigma``, defa
 clipped to 8-160), the decoder's frames 12x that and the units 10x; each record's frozen states
 come from the state cache's layout (random here: the step after the cache is the decoder's
 alone). The cases:
-* ``padded``: random batches of a fixed number of records, padded to the longest (the step as
-  it was before token budgets and packing);
+* ``padded``: random batches of a fixed number of records, padded to the longest (a step without
+  token budgets or packing);
 * ``bucketed``: length-bucketed token budgets of the same mean size, still padded;
 * ``packed``: the same budgets, packed end to end (no padded frame reaches a decoder layer);
 * ``packed + compiled``, ``packed + selective`` and ``packed + full`` checkpointing.

@@ -1,4 +1,4 @@
-"""An ESTIMATE of the 7B training step on one GPU, from counted FLOPs and bytes, for sessions
+"""An ESTIMATE of the 7B training step on one GPU, from counted FLOPs and bytes, for machines
 without a GPU (every figure it prints is labelled an estimate; a GPU run of ``train_step``
 replaces it).
 

@@ -1,4 +1,4 @@
-"""The demo's building blocks (issue 9): speech from eSpeak NG in several styles, and images of
+"""The demo's building blocks: speech from eSpeak NG in several styles, and images of
 shapes with checkable captions and answers."""
 from .images import COLOURS, POSITIONS, SHAPES, Scene, draw, random_scene
 from .speech import STYLES, VOICES, Speaker, espeak_available

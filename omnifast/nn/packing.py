@@ -99,7 +99,7 @@ def _base_mask(*args, config=None, **kwargs):
 
 def use_varlen(model) -> None:
     """Set a transformers model to ``"omnifast_varlen"`` for good: packs attend record by record,
-    every other call as before (the implementation it had). Set once, not per call, so that a
+    every other call through the implementation the model had. Set once, not per call, so that a
     layer recomputed in the backward (activation checkpointing) runs the same attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS

@@ -1,7 +1,7 @@
 """``make test-sanitize`` runs the op tests on a C++ extension built with AddressSanitizer and
 UndefinedBehaviorSanitizer. This test proves that build is the one loaded and that it catches a
 planted out-of-bounds read (the kernels are called directly, past the argument checks that would
-stop it). It runs only in that session (OMNIFAST_EXTENSION set)."""
+stop it). It runs only under that target (OMNIFAST_EXTENSION set)."""
 import os
 import subprocess
 import sys
