@@ -19,7 +19,7 @@ import torch
 from omnifast.models import OmniModel, OmniProcessor
 from omnifast.ops import ReferenceLogpCache
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, resume
 from .config import TrainConfig
 from .data import Record, data_fingerprint
 from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
@@ -181,7 +181,7 @@ class Trainer:
         out["data"] = self._data_fingerprint
         return out
 
-    def run_spec(self, allow_changes: bool = False) -> checkpoint.RunSpec:
+    def run_spec(self, allow_changes: bool = False) -> resume.RunSpec:
         names = {id(p): n for n, p in self.model.named_parameters()}
         factor = self.scheduler.lr_lambdas[0]
         groups = [{"name": g["name"], "params": [names[id(p)] for p in g["params"]], "initial_lr": g["initial_lr"],
@@ -189,7 +189,7 @@ class Trainer:
                    "lr_at": (lambda step, base=g["initial_lr"]: base * factor(step))}
                   for g in self.optimizer.param_groups]
         parameters = {n: (tuple(p.shape), p.dtype) for n, p in self.model.named_parameters() if p.requires_grad}
-        return checkpoint.RunSpec(parameters, groups, self.total_steps, self.world, self.rank, self.fingerprint(),
+        return resume.RunSpec(parameters, groups, self.total_steps, self.world, self.rank, self.fingerprint(),
                                   allow_changes)
 
     def save_checkpoint(self) -> None:
@@ -223,7 +223,7 @@ class Trainer:
         found = latest_checkpoint(self.out_dir)
         if found is None:
             raise FileNotFoundError(f"--resume: {self.out_dir / 'checkpoints'} holds no complete checkpoint")
-        restored = checkpoint.read_run_state(found, self.run_spec(allow_changes))
+        restored = resume.read_run_state(found, self.run_spec(allow_changes))
         distributed.load_model_state(self.model, restored.weights)
         distributed.load_optimizer_state(self.model, self.optimizer, restored.optimizer)
         self.scheduler.load_state_dict(restored.scheduler)
