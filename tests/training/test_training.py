@@ -20,6 +20,8 @@ from omnifast import cli
 from omnifast.models import COMPONENTS, OmniModel
 from omnifast.training import STAGES, DataError, get_stage, load_records, read_metrics
 
+from ..tolerances import assert_close
+
 UNITS = 20
 
 
@@ -173,7 +175,7 @@ def test_one_process_ddp_and_fsdp_train_alike_and_save_a_whole_model(data, tmp_p
         other = OmniModel.from_pretrained(tmp_path / name / "model").state_dict()
         assert other.keys() == one.keys()
         for key in one:
-            torch.testing.assert_close(other[key], one[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
+            assert_close(other[key], one[key], torch.float32, f"{name}: {key}")
 
 
 def bad_data(tmp_path: Path, rows) -> Path:
