@@ -46,12 +46,20 @@ def _type_of(value) -> str:
     raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
 
 
-def _constexpr_names(kernel) -> set:
-    params = getattr(kernel, "params", None)  # a compiled JITFunction; the interpreter's has none
-    if params is not None:
-        return {param.name for param in params if param.is_constexpr}
-    return {name for name, param in inspect.signature(kernel.fn).parameters.items()
-            if "constexpr" in str(param.annotation)}
+_CONSTEXPRS: Dict[object, frozenset] = {}  # kernel -> its constexpr parameter names
+
+
+def _constexpr_names(kernel) -> frozenset:
+    names = _CONSTEXPRS.get(kernel)
+    if names is None:
+        params = getattr(kernel, "params", None)  # a compiled JITFunction; the interpreter's has none
+        if params is not None:
+            names = frozenset(param.name for param in params if param.is_constexpr)
+        else:
+            names = frozenset(name for name, param in inspect.signature(kernel.fn).parameters.items()
+                              if "constexpr" in str(param.annotation))
+        _CONSTEXPRS[kernel] = names
+    return names
 
 
 def _split_arguments(kernel, arguments: Dict[str, object]):

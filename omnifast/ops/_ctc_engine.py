@@ -209,11 +209,12 @@ class Scorer:
         grad_bias = torch.zeros_like(self.bias, dtype=acc) if needs[2] and self.bias is not None else None
         states = torch.zeros(B, T, target_set.ext.shape[1], dtype=acc, device=device)
         target_set.states = states
+        to_softmax = softmax_part(self.kernels, B, T, acc, device)
         for t0, rows, logits in self._chunks():
             ct = logits.shape[1]
             self.lse[:, t0:t0 + ct] = self.kernels.chunk_emissions(logits, t0, self.input_lengths, [target_set.ext],
                                                                    [target_set.lengths], [states])
-            softmax_part(self.kernels, logits, self.lse[:, t0:t0 + ct].contiguous(), t0, self.input_lengths, coef, T)
+            to_softmax(logits, self.lse[:, t0:t0 + ct].contiguous(), t0, self.input_lengths, coef)
             self._accumulate(logits.to(mm), rows, t0, grad_hidden, grad_weight, grad_bias)
             del logits
         ll = self.kernels.ctc_states(states, target_set.targets, self.input_lengths, target_set.lengths, self.blank,
@@ -282,19 +283,22 @@ def check_chunk_frames(chunk_frames):
         raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
 
 
-def softmax_part(kernels, logits, lse, t0, input_lengths, coef, frames: int) -> None:
-    """Overwrite the (B, t, V) logits of frames [t0, t0 + t) of ``frames`` with ``coef[b] *
-    softmax`` (rows past an input length: 0), given their log-sum-exp (B, t): the dense part of
-    every CTC logits gradient."""
-    B = logits.shape[0]
-    acc = lse.dtype
-    # a target set of the blank state alone, weighted 0
-    no_labels = make_target_set(torch.zeros(B, 0, dtype=torch.int64, device=logits.device),
-                                torch.zeros(B, dtype=torch.int64, device=logits.device), 0)
-    kernels.chunk_grad(logits, lse, t0, input_lengths, coef, [no_labels.ext], [no_labels.lengths],
-                       [torch.zeros(B, frames, 1, dtype=acc, device=logits.device)],
-                       [torch.zeros(B, dtype=acc, device=logits.device)],
-                       torch.zeros(B, dtype=torch.bool, device=logits.device))
+def softmax_part(kernels, B: int, T: int, acc: torch.dtype, device: torch.device):
+    """``apply(logits, lse, t0, input_lengths, coef)``: overwrite the (B, t, V) logits of frames
+    [t0, t0 + t) of T with ``coef[b] * softmax`` (rows past an input length: 0), given their
+    log-sum-exp (B, t): the dense part of every CTC logits gradient. What the backend's
+    ``chunk_grad`` needs besides (a target set of the blank state alone, weighted 0) is built once,
+    for every chunk of a pass."""
+    no_labels = make_target_set(torch.zeros(B, 0, dtype=torch.int64, device=device),
+                                torch.zeros(B, dtype=torch.int64, device=device), 0)
+    no_occupancy = torch.zeros(B, T, 1, dtype=acc, device=device)
+    zero = torch.zeros(B, dtype=acc, device=device)
+    no_poison = torch.zeros(B, dtype=torch.bool, device=device)
+
+    def apply(logits, lse, t0, input_lengths, coef) -> None:
+        kernels.chunk_grad(logits, lse, t0, input_lengths, coef, [no_labels.ext], [no_labels.lengths],
+                           [no_occupancy], [zero], no_poison)
+    return apply
 
 
 def labels_part(kernels, grad, input_lengths, sets: Sequence[TargetSet], occupancies, coefs, poison=None) -> None:

@@ -143,6 +143,11 @@ def _frame_normaliser(hidden, weight, bias, input_lengths, chunk_frames, backend
         return scorer.lse.sum(1)
 
 
+def _infeasible(ll_w: torch.Tensor, ll_l: torch.Tensor) -> torch.Tensor:
+    """Pairs with a side of log-likelihood -inf (too few frames, or -inf inputs)."""
+    return (ll_w == float("-inf")) | (ll_l == float("-inf"))
+
+
 class _CTCDPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, sets, input_lengths, ref_chosen, ref_rejected, beta,
@@ -159,7 +164,8 @@ class _CTCDPOFunction(torch.autograd.Function):
             """Per pair of ``pairs``: the loss (DPO + SFT) and the margin, from the log-likelihoods."""
             pw = ll_w * per_unit_w[pairs] if length_normalize else ll_w
             pl = ll_l * per_unit_l[pairs] if length_normalize else ll_l
-            per_pair, z = pair_losses(pw, pl, ref_w[pairs], ref_l[pairs], beta)  # sparse: normalisers cancel
+            per_pair, chosen_rewards, rejected_rewards = pair_losses(pw, pl, ref_w[pairs], ref_l[pairs], beta)
+            z = chosen_rewards - rejected_rewards  # sparse: the normalisers cancel
             if sft_weight:
                 per_pair = per_pair - sft_weight * ll_w * per_unit_w[pairs]
             return per_pair, z
@@ -167,7 +173,7 @@ class _CTCDPOFunction(torch.autograd.Function):
         def coefficients(pairs, ll_w, ll_l):
             """d loss / d (-ll) of each side, as the scorers take them (by autograd on the pairs'
             log-likelihoods), 0 for infeasible pairs; and which pairs poison the gradient."""
-            infeasible = (ll_w == float("-inf")) | (ll_l == float("-inf"))
+            infeasible = _infeasible(ll_w, ll_l)
             with torch.enable_grad():
                 leaves = ll_w.detach().requires_grad_(), ll_l.detach().requires_grad_()
                 d_w, d_l = torch.autograd.grad(terms(pairs, *leaves)[0].sum() / B, leaves)
@@ -182,7 +188,7 @@ class _CTCDPOFunction(torch.autograd.Function):
                                                  backend, needs, coefficients)
         per_pair, z = terms(torch.arange(B, device=hidden.device), ll_w, ll_l)
         if zero_infinity:
-            per_pair = per_pair.masked_fill((ll_w == float("-inf")) | (ll_l == float("-inf")), 0.0)
+            per_pair = per_pair.masked_fill(_infeasible(ll_w, ll_l), 0.0)
         loss = per_pair.mean()
         ctx.grads = grads
 

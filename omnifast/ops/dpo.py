@@ -53,13 +53,13 @@ def normalize(log_likelihoods: torch.Tensor, lengths: torch.Tensor, normalizatio
 
 def pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                 ref_rejected: torch.Tensor, beta: float):
-    """The DPO formula, per pair: ``(-log sigmoid(margin), margin)`` with margin = beta *
-    ((pi_w - ref_w) - (pi_l - ref_l)), each side already normalised. Differentiable in the
-    policy values (ops with a fused backward take their coefficients from it by autograd)."""
+    """The DPO formula, per pair: ``(-log sigmoid(margin), chosen rewards, rejected rewards)`` with
+    rewards beta * (pi - ref) and margin = chosen - rejected, each side already normalised.
+    Differentiable in the policy values (ops with a fused backward take their coefficients from it
+    by autograd)."""
     chosen_rewards = beta * (policy_chosen - ref_chosen.to(policy_chosen))
     rejected_rewards = beta * (policy_rejected - ref_rejected.to(policy_rejected))
-    margins = chosen_rewards - rejected_rewards
-    return -F.logsigmoid(margins), margins
+    return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
 
 
 def dpo_from_logps(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -71,9 +71,9 @@ def dpo_from_logps(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, r
     from .checks import check_number
     check_number("beta", beta, positive=True)
     check_number("sft_weight", sft_weight, low=0.0)
-    losses, margins = pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-    chosen_rewards = beta * (policy_chosen - ref_chosen.to(policy_chosen))
-    rejected_rewards = beta * (policy_rejected - ref_rejected.to(policy_rejected))
+    losses, chosen_rewards, rejected_rewards = pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                                           beta)
+    margins = chosen_rewards - rejected_rewards
     loss = losses.mean()
     if sft_weight and sft_nll is not None:
         loss = loss + sft_weight * sft_nll
