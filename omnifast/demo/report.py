@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from omnifast.training.trainer import read_metrics
+from omnifast.training.metrics import read_metrics
 
 
 SMOKE_NOTE = ("**A smoke run** (`--quick`): every stage trained for a few steps, to show the whole pipeline runs "

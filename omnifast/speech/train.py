@@ -10,12 +10,13 @@ character error rate of the CTC head.
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
+
+from omnifast.schedule import warmup_cosine
 
 from .tokenizer import SpeechTokenizer, SpeechTokenizerConfig
 from .vocoder import UnitVocoder
@@ -74,8 +75,7 @@ def train_tokenizer(tokenizer: SpeechTokenizer, records: Sequence[Dict], steps: 
     names = label_names(records)
     mels = [tokenizer.mel([r["wave"]]) for r in records]  # the front end runs once per clip
     optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, 19, decay_from_start=True))
     generator = torch.Generator().manual_seed(seed)
     history = []
     tokenizer.train()

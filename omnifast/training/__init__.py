@@ -5,7 +5,8 @@ from .config import TrainConfig
 from .data import DataError, Record, RecordFile, load_records
 from .loader import ConversationDataset, MicroBatches
 from .stages import STAGES, Stage, get_stage
-from .trainer import Trainer, latest_checkpoint, read_metrics
+from .metrics import read_metrics
+from .trainer import Trainer, latest_checkpoint
 
 __all__ = ["STAGES", "Stage", "get_stage", "Record", "RecordFile", "DataError", "load_records",
            "ConversationDataset", "MicroBatches", "Trainer", "TrainConfig", "latest_checkpoint", "read_metrics",

@@ -1,4 +1,4 @@
-"""One trainer for every stage: the loop. AdamW, warmup + cosine schedule, gradient accumulation
+"""One trainer for every stage: the loop. AdamW, warmup + cosine schedule (``omnifast.schedule``), gradient accumulation
 and clipping, bf16 autocast where supported, micro-batches from DataLoader workers
 (``loader.py``), checkpoints that run no code and survive a kill or a machine crash
 (``checkpoint.py``), ``--resume`` to the same weights bit for bit (every rank's random
@@ -6,18 +6,18 @@ generators are saved), and DDP or FSDP2 under ``torchrun`` (``distributed.py``).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from omnifast.models import OmniModel, OmniProcessor
 from omnifast.ops import ReferenceLogpCache
+from omnifast.schedule import warmup_cosine
 
 from . import checkpoint, distributed, resume
 from .config import TrainConfig
@@ -27,6 +27,7 @@ from .cache import CachedDataset, StateCache, build_cache, collate_cached
 from .cache import fingerprint as cache_fingerprint
 from .layers import apply_layer_options
 from .losses import CachedStageLoss, StageLoss
+from .metrics import append_metrics, keep_metrics_until, plot_losses
 from .stages import Stage, get_stage
 
 
@@ -34,18 +35,6 @@ def check_model_for_stage(model: OmniModel, stage: Stage, trains=None) -> None:
     for component in trains or stage.trains:
         if getattr(model, component, None) is None:
             raise ValueError(f"stage {stage.name!r} trains {component}, which this model does not have")
-
-
-def cosine_schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
-    """The lr factor of each step: linear warmup over ``ceil(total * warmup_ratio)`` steps, then
-    a cosine decay to 0 at ``total``."""
-    warmup = math.ceil(total * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return factor
 
 
 def tokens_in(batch: Dict[str, object]) -> int:
@@ -126,7 +115,7 @@ class Trainer:
         total = math.ceil(self.micro_batches(0).total(epochs) / config.grad_accum) if len(records) else 0
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         warmup = config.warmup_ratio if config.warmup_ratio is not None else self.stage.warmup_ratio
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(self.total_steps, warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps, math.ceil(self.total_steps * warmup)))
         self.step = 0
         self.workers = config.workers if config.workers is not None else default_workers(self.device)
         self._resumed = False
@@ -234,10 +223,8 @@ class Trainer:
         self._resumed = True
         if self.rank == 0:  # a kill inside the last save's removal would otherwise outlive a run with no save left
             checkpoint.prune(found.parent, self.config.keep)
-        metrics = self.out_dir / "metrics.jsonl"
-        if metrics.is_file() and self.rank == 0:  # drop what the interrupted run logged past the checkpoint
-            kept = [json.dumps(r) for r in read_metrics(metrics) if r["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
+        if self.rank == 0:
+            keep_metrics_until(self.out_dir / "metrics.jsonl", self.step)
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -270,9 +257,8 @@ class Trainer:
             seconds = time.perf_counter() - start
             speed = tokens * self.world / seconds
             if self.rank == 0:
-                with metrics_path.open("a") as handle:
-                    handle.write(json.dumps({"step": self.step, "loss": loss_value, "lr": lr, "tokens_per_s": speed,
-                                             "data_wait_s": waited, "step_s": seconds}) + "\n")
+                append_metrics(metrics_path, {"step": self.step, "loss": loss_value, "lr": lr, "tokens_per_s": speed,
+                                              "data_wait_s": waited, "step_s": seconds})
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             bar.update(1)
             if self.step % self.config.save_every == 0 or self.step == self.total_steps:
@@ -310,31 +296,3 @@ class Trainer:
                 print(f"{self.out_dir / 'loss.png'} not drawn: matplotlib is not installed", file=sys.stderr)
         distributed.barrier(self.world)
         return model_dir
-
-
-def read_metrics(path) -> List[Dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def plot_losses(metrics_path: Path, png_path: Path, title: str) -> bool:
-    """A loss curve (when there are steps to draw); False when matplotlib is not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    if not metrics_path.is_file():  # a run with no steps to draw
-        return True
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = read_metrics(metrics_path)
-    fig, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.set_title(title)
-    fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
-    return True
