@@ -3,10 +3,9 @@ frame-stacking projector) and speaks (``SpeechDecoder`` on its hidden states), a
 ``transformers`` architectures. Building from a config downloads nothing."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -15,11 +14,14 @@ from omnifast.constants import IGNORE_INDEX
 
 from omnifast.nn.packing import run_packed, unpack
 from omnifast.nn.speech_decoder import SpeechDecoder
-from omnifast.ops.decode import sample_top_k_top_p
 from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
 from .config import OmniConfig
-from .weights import load_weights, save_weights, weight_files
+from .generation import AnswerEvent, GenerateOutput, OmniGeneration
+from .weights import load_weights, rebuild_buffers, save_weights, weight_files
+
+__all__ = ["OmniModel", "OmniOutput", "AnswerEvent", "GenerateOutput", "SpeechProjector", "COMPONENTS",
+           "response_states", "rebuild_buffers", "vision_classes"]
 
 COMPONENTS = ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder")
 CONFIG_NAME = "omnifast_config.json"
@@ -31,26 +33,6 @@ class OmniOutput:
     text_loss: Optional[torch.Tensor]
     speech_loss: Optional[torch.Tensor]
     hidden_states: torch.Tensor          # (B, S, H) last LLM layer
-
-
-@dataclass
-class AnswerEvent:
-    """One step of a streamed answer: a text token as it is chosen, or the speech units that
-    became final, with the seconds since the answer began."""
-    kind: str                      # "token" or "units"
-    seconds: float
-    token: Optional[int] = None
-    units: List[int] = field(default_factory=list)
-
-
-@dataclass
-class GenerateOutput:
-    text: str
-    token_ids: List[int]
-    units: List[int] = field(default_factory=list)
-    first_token_s: Optional[float] = None
-    first_unit_s: Optional[float] = None
-    total_s: float = 0.0
 
 
 class SpeechProjector(nn.Module):
@@ -66,7 +48,10 @@ class SpeechProjector(nn.Module):
         return self.net(frames[:, : T - T % self.stack].reshape(n, T // self.stack, D * self.stack))
 
 
-class OmniModel(nn.Module):
+class OmniModel(OmniGeneration, nn.Module):
+    """The omni model; its generation methods (``stream_answer``, ``generate``) are
+    :class:`~omnifast.models.generation.OmniGeneration`'s."""
+
     def __init__(self, config: OmniConfig):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
@@ -199,102 +184,6 @@ class OmniModel(nn.Module):
             hidden = unpack(hidden[0], lengths)
         return OmniOutput(sum(losses) if losses else None, text_loss, speech_loss, hidden)
 
-    # ---- generation ---------------------------------------------------------------------------
-    @property
-    def streams_speech(self) -> bool:
-        """Whether the speech decoder makes units while the text is written: a NAR decoder with
-        causal attention and causal text fusion (OpenOmni's fusion sees all the text first)."""
-        d = self.speech_decoder
-        return d is not None and d.mode == "nar" and d.config.causal and d.config.fusion_causal
-
-    @torch.no_grad()
-    def stream_answer(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *,
-                      max_new_tokens: int = 64, eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0,
-                      top_p: float = 1.0, temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4,
-                      generator: Optional[torch.Generator] = None,
-                      forced_tokens: Optional[List[int]] = None) -> Iterator[AnswerEvent]:
-        """The answer to one prompt (input_ids (S,) or (1, S)) as it is made: an ``AnswerEvent``
-        for each text token, and with ``speak=True`` events for the speech units: where the
-        decoder streams (:attr:`streams_speech`) the units that became final every
-        ``unit_chunk`` tokens, otherwise all of them once the text is done. The LLM and the
-        speech decoder keep their KV caches. ``forced_tokens``: emit these tokens instead of
-        choosing (the same work per token: for timing the speech path apart from what the model
-        would write)."""
-        from transformers.cache_utils import DynamicCache
-        if speak and self.speech_decoder is None:
-            raise ValueError("speak=True needs a model with a speech decoder")
-        ids = input_ids if input_ids.dim() == 2 else input_ids[None]
-        if ids.shape[0] != 1:
-            raise ValueError(f"generate takes one prompt, got a batch of {ids.shape[0]}")
-        start = time.perf_counter()
-        cache = DynamicCache(config=self.llm.config)
-        hidden = self.llm.model(inputs_embeds=self.embed(ids, pixel_values, speech_features), past_key_values=cache,
-                                use_cache=True).last_hidden_state[:, -1]
-        pending: List[tuple] = []
-        streaming = speak and self.streams_speech
-        stream = self.speech_decoder.stream(self._chunks(pending)) if streaming else None
-
-        def spoken(final: bool):
-            if not streaming:
-                if final and pending:
-                    states, tokens = next(self._chunks(pending))
-                    yield AnswerEvent("units", time.perf_counter() - start,
-                                      units=self.speech_decoder.generate(states, tokens)[0])
-                return
-            while pending and (final or len(pending) >= unit_chunk):
-                units = next(stream)
-                if units:
-                    yield AnswerEvent("units", time.perf_counter() - start, units=units)
-
-        for position in range(max_new_tokens if forced_tokens is None else len(forced_tokens)):
-            logits = self.llm.lm_head(hidden)[0].float()
-            if forced_tokens is not None:
-                token = int(forced_tokens[position])
-            else:
-                token = int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
-            yield AnswerEvent("token", time.perf_counter() - start, token=token)
-            step = torch.tensor([[token]], device=ids.device)
-            hidden = self.llm.model(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
-            if speak:  # the state of a response token is the one computed when it is the input
-                pending.append((hidden[0], token))
-                yield from spoken(final=False)
-            if token == eos_token_id:
-                break
-        if speak:
-            yield from spoken(final=True)
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *, max_new_tokens: int = 64,
-                 eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
-                 temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4, tokenizer=None,
-                 generator: Optional[torch.Generator] = None,
-                 forced_tokens: Optional[List[int]] = None) -> GenerateOutput:
-        """The whole of :meth:`stream_answer`: text, token ids, units and latencies."""
-        start = time.perf_counter()
-        out = GenerateOutput("", [])
-        for event in self.stream_answer(input_ids, pixel_values, speech_features, max_new_tokens=max_new_tokens,
-                                        eos_token_id=eos_token_id, greedy=greedy, top_k=top_k, top_p=top_p,
-                                        temperature=temperature, speak=speak, unit_chunk=unit_chunk,
-                                        generator=generator, forced_tokens=forced_tokens):
-            if event.kind == "token":
-                out.token_ids.append(event.token)
-                out.first_token_s = event.seconds if out.first_token_s is None else out.first_token_s
-            else:
-                out.units += event.units
-                out.first_unit_s = event.seconds if out.first_unit_s is None else out.first_unit_s
-        out.total_s = time.perf_counter() - start
-        if tokenizer is not None:
-            out.text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        return out
-
-    @staticmethod
-    def _chunks(pending: List[tuple]):
-        """Hand the speech decoder what has accumulated, each time it asks."""
-        while True:
-            taken, pending[:] = pending[:], []
-            yield torch.stack([h for h, _ in taken])[None], torch.tensor([[t for _, t in taken]],
-                                                                         device=taken[0][0].device)
-
     # ---- saving and loading -------------------------------------------------------------------
     def save_pretrained(self, path, processor=None, state_dict: Optional[Dict[str, torch.Tensor]] = None,
                         max_shard_size="5GB") -> None:
@@ -340,25 +229,6 @@ class OmniModel(nn.Module):
         processor)."""
         from .components import load_components
         return load_components(llm, vision, speech, decoder, config, tokenizer, **overrides)[0]
-
-
-def rebuild_buffers(model: nn.Module, device) -> None:
-    """Give the buffers a state dict does not hold (rotary frequencies, position ids) their values,
-    after a model was built on the meta device (or with ``to_empty``): the rotary modules are
-    rebuilt from their config, position ids are ranges."""
-    for module in model.modules():
-        if "inv_freq" in module._buffers:
-            with torch.device(device):
-                fresh = type(module)(module.config)
-            for name, value in fresh.named_buffers(recurse=False):
-                module._buffers[name] = value.to(device)
-            module.attention_scaling = fresh.attention_scaling
-        if "position_ids" in module._buffers:
-            ids = module._buffers["position_ids"]
-            module._buffers["position_ids"] = torch.arange(ids.shape[-1], device=device).expand(ids.shape).clone()
-    for name, buffer in model.named_buffers():
-        if buffer.is_meta or (buffer.is_floating_point() and not torch.isfinite(buffer).all()):
-            raise RuntimeError(f"buffer {name} was left without a value")
 
 
 def vision_classes(vision_type: str):

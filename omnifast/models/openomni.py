@@ -94,7 +94,8 @@ def load_openomni(path, config=None):
     Built on the meta device and given the checkpoint's tensors (in their dtype), so nothing is
     initialised twice. Raises ``ValueError`` naming every missing, unexpected or misshapen key."""
     from .config import OmniConfig
-    from .omni import OmniModel, rebuild_buffers
+    from .omni import OmniModel
+    from .weights import rebuild_buffers
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not an OpenOmni checkpoint folder")

@@ -85,3 +85,22 @@ def load_weights(model: nn.Module, path, device: Union[str, torch.device] = "cpu
         raise ValueError(f"{path} lacks tensors this model needs: {', '.join(missing[:5])}"
                          f"{' ...' if len(missing) > 5 else ''}")
     return model
+
+
+def rebuild_buffers(model: nn.Module, device) -> None:
+    """Give the buffers a state dict does not hold (rotary frequencies, position ids) their values,
+    after a model was built on the meta device (or with ``to_empty``): the rotary modules are
+    rebuilt from their config, position ids are ranges."""
+    for module in model.modules():
+        if "inv_freq" in module._buffers:
+            with torch.device(device):
+                fresh = type(module)(module.config)
+            for name, value in fresh.named_buffers(recurse=False):
+                module._buffers[name] = value.to(device)
+            module.attention_scaling = fresh.attention_scaling
+        if "position_ids" in module._buffers:
+            ids = module._buffers["position_ids"]
+            module._buffers["position_ids"] = torch.arange(ids.shape[-1], device=device).expand(ids.shape).clone()
+    for name, buffer in model.named_buffers():
+        if buffer.is_meta or (buffer.is_floating_point() and not torch.isfinite(buffer).all()):
+            raise RuntimeError(f"buffer {name} was left without a value")

@@ -5,22 +5,11 @@ states at the response positions (in the dtype the training step would see) and 
 token ids, and for stage 5 the frozen reference decoder's log-likelihoods of the chosen and
 rejected units (exact: the reference never changes). Training then holds only the decoder.
 
-On disk a cache is a folder of safetensors shards and ``index.json``:
-* each shard holds whole records: ``states`` (rows of every record, concatenated), ``tokens``,
-  ``offsets`` (where each record's rows start), ``positions`` (the record's place in the data
-  file), ``variants`` (0: written question, 1: spoken, for records with both) and, for stage 5,
-  ``reference`` (chosen, rejected); every shard is written durably (temporary file, fsync,
-  rename) and listed in its rank's ``progress-r<rank>.json`` only once complete, so a killed build
-  resumes with its finished shards and a half-written shard is never read;
-* ``index.json``, written last, marks the cache complete: its shards and the fingerprint of what
-  made it (the frozen weights, the processor and tokenizer, the model config, every record and its
-  media files, the stage and the dtype). Training on a cache whose fingerprint differs from the
-  run's refuses, naming what differs.
-Under torchrun each rank builds the records ``position % world == rank``.
+Under torchrun each rank builds the records ``position % world == rank``. The layout on disk and
+the fingerprint of what made a cache are in ``cache_format.py``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,73 +22,14 @@ from omnifast.durable import write_durably, write_json_durably
 from omnifast.models import OmniModel, OmniProcessor, response_states
 from omnifast.ops import ReferenceLogpCache
 
-from .data import Record, data_fingerprint
+from .cache_format import (FRONT, INDEX, SHARD_BYTES, VERSION, CacheError, differences, fingerprint, open_shard,
+                           reference_key)
+from .data import Record
 from .loader import ConversationDataset, collate_batch, pad_units, spoken_choice
 from .stages import Stage
 
-VERSION = 1
-INDEX = "index.json"
-FRONT = ("llm", "vision", "speech", "image_projector", "speech_projector")
-SHARD_BYTES = 256 << 20
-
-
-class CacheError(ValueError):
-    """A state cache that does not fit the run (names what differs), or is incomplete."""
-
-
-def reference_key(record_id: str, spoken: bool) -> str:
-    """The key of a record's reference log-likelihoods (its spoken form is another input)."""
-    return f"{record_id}#spoken" if spoken else str(record_id)
-
-
-# --- what made a cache ---------------------------------------------------------------------------
-
-def module_digest(module: Optional[torch.nn.Module]) -> Optional[str]:
-    """A digest of a module's state (names, dtypes, shapes and bytes of every tensor)."""
-    if module is None:
-        return None
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-def processor_digest(processor: OmniProcessor) -> str:
-    tokenizer = processor.tokenizer
-    described = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens,
-                 "class": type(tokenizer).__name__, "system_prompt": processor.system_prompt,
-                 "image": processor.image_processor.to_dict(), "audio": processor.feature_extractor.to_dict()}
-    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def fingerprint(model: OmniModel, processor: OmniProcessor, stage: Stage, records: Sequence[Record],
-                bf16: bool, dpo_normalization: str = "sum") -> Dict[str, object]:
-    """Everything a cache's contents depend on (see the module docstring)."""
-    out = {"version": VERSION, "stage": stage.name, "bf16": bool(bf16),
-           "dpo_normalization": dpo_normalization if stage.loss == "dpo" else None,
-           "model_config": json.loads(json.dumps(model.config.to_dict())),
-           "processor": processor_digest(processor), "data": data_fingerprint(records)}
-    out.update({f"weights.{name}": module_digest(getattr(model, name)) for name in FRONT})
-    if stage.loss == "dpo":  # the reference is the decoder the stage starts from
-        out["weights.reference"] = module_digest(model.speech_decoder)
-    return out
-
-
-def differences(saved: Dict[str, object], current: Dict[str, object]) -> List[str]:
-    names = {"data": "the data (records or their media files)", "processor": "the processor or tokenizer",
-             "model_config": "the model config", "weights.reference": "the reference decoder's weights"}
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            if key.startswith("weights.") and key != "weights.reference":
-                out.append(f"the frozen {key[len('weights.'):]} weights")
-            elif key in ("stage", "bf16", "version", "dpo_normalization"):
-                out.append(f"{key} ({saved.get(key)!r} in the cache, {current.get(key)!r} here)")
-            else:
-                out.append(names.get(key, key))
-    return out
+__all__ = ["build_cache", "StateCache", "CachedDataset", "collate_cached", "CacheError", "fingerprint",
+           "reference_key"]
 
 
 # --- building -------------------------------------------------------------------------------------
@@ -121,15 +51,10 @@ def _done_positions(path: Path) -> set:
     done = set()
     for progress in sorted(path.glob("progress-r*.json")):
         for shard in json.loads(progress.read_text())["shards"]:
-            with _open(path / shard) as handle:
+            with open_shard(path / shard) as handle:
                 positions, variants = handle.get_tensor("positions"), handle.get_tensor("variants")
             done.update(zip(positions.tolist(), variants.tolist()))
     return done
-
-
-def _open(path: Path):
-    from safetensors import safe_open
-    return safe_open(str(path), framework="pt")
 
 
 class _ShardWriter:
@@ -292,7 +217,7 @@ class StateCache:
             if not shard.is_file():
                 raise CacheError(f"{shard}: listed in {path / INDEX} but missing")
             try:
-                with _open(shard) as handle:
+                with open_shard(shard) as handle:
                     positions = handle.get_tensor("positions").tolist()
                     variants = handle.get_tensor("variants").tolist()
                     reference = handle.get_tensor("reference").tolist() if references is not None else None
@@ -326,7 +251,7 @@ class StateCache:
         if number < 0:
             raise CacheError(f"{self.path}: no states cached for record #{position}{' (spoken)' if spoken else ''}")
         if number not in self._handles:
-            self._handles[number] = _open(self.path / self.index["shards"][number])
+            self._handles[number] = open_shard(self.path / self.index["shards"][number])
             self._offsets[number] = self._handles[number].get_tensor("offsets")
         handle, offsets = self._handles[number], self._offsets[number]
         start, stop = int(offsets[row]), int(offsets[row + 1])

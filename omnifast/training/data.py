@@ -21,7 +21,6 @@ from array import array
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -31,6 +30,7 @@ import numpy as np
 from omnifast.models.config import IMAGE_TOKEN, SPEECH_TOKEN
 
 from .data_file import READ_BYTES, DataError, scan_records
+from .media import audio_problem, image_problem, stamp_media
 from .stages import Stage
 
 MAX_PROBLEMS = 200           # problems listed in a DataError (the rest are counted)
@@ -46,6 +46,12 @@ class Record:
     re_tgt_units: Optional[List[int]] = None
     emotion: Optional[str] = None
     spoken: List[Optional[Path]] = field(default_factory=list)  # per human turn: its spoken version (or None)
+
+    def audio_files(self) -> List[Path]:
+        return self.speech + [f for f in self.spoken if f is not None]
+
+    def media_files(self) -> List[Path]:
+        return self.images + self.audio_files()
 
 
 # --- one record ---------------------------------------------------------------------------------
@@ -154,49 +160,9 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
 
 # --- media files ---------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=65536)
-def image_problem(path: Path) -> Optional[str]:
-    """Why an image file cannot be used (None if it can): unreadable, truncated or empty."""
-    from PIL import Image
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            kind = image.format
-            if kind == "PNG":
-                image.verify()  # every chunk's CRC: a truncated or corrupted file fails here
-            else:
-                image.load()
-    except FileNotFoundError:
-        return f"missing file {path}"
-    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
-        return f"{path}: not a readable image ({type(error).__name__}: {error})"
-    if width < 1 or height < 1:
-        return f"{path}: empty image ({width}x{height})"
-    return None
-
-
-@functools.lru_cache(maxsize=65536)
-def audio_problem(path: Path, audio_seconds: Optional[float], rate: Optional[int]) -> Optional[str]:
-    """Why an audio file cannot be used: unreadable or unsupported (from its header), or longer
-    than the model's speech window (which would cut it)."""
-    from omnifast.audio import AudioError, audio_info
-    if not path.is_file():
-        return f"missing file {path}"
-    try:
-        info = audio_info(path, verify_end=True)
-    except AudioError as error:
-        return str(error)
-    seconds = info.seconds if info.rate is not None else (info.frames / rate if rate else None)
-    if audio_seconds is not None and seconds is not None and seconds > audio_seconds:
-        return (f"{path}: {seconds:.2f} s of audio is longer than the model's {audio_seconds:g} s speech window "
-                f"(it would be cut)")
-    return None
-
-
 def media_problems(record: Record, rules: RecordRules, rate: Optional[int] = None) -> List[Tuple[str, str]]:
     out = [("image", p) for p in map(image_problem, record.images) if p]
-    clips = record.speech + [f for f in record.spoken if f is not None]
-    out += [("speech", p) for p in (audio_problem(f, rules.audio_seconds, rate) for f in clips) if p]
+    out += [("speech", p) for p in (audio_problem(f, rules.audio_seconds, rate) for f in record.audio_files()) if p]
     return out
 
 
@@ -268,7 +234,7 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
         if record is not None:
             for field_name, what in media_problems(record, rules, sampling_rate):
                 bad(field_name, what)
-            _hash_media(media, record)
+            stamp_media(media, record.media_files())
             answer = [t["value"] for t in record.conversations if t["from"] == "gpt"]
             response_chars.append(len(answer[-1]) if answer else 0)
             units.append(max(len(record.tgt_units or ()), len(record.re_tgt_units or ())))
@@ -295,17 +261,6 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
                       f"{content.hexdigest()}-{media.hexdigest()}")
 
 
-def _hash_media(digest, record: Record) -> None:
-    """Each media file's path, size and modification time, so that an edited file changes the
-    data's fingerprint."""
-    for path in record.images + record.speech + [f for f in record.spoken if f is not None]:
-        try:
-            info = os.stat(path)
-            digest.update(f"{path}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
-        except OSError:
-            digest.update(f"{path}\0missing\0".encode())
-
-
 def data_fingerprint(records: Sequence[Record]) -> str:
     """A digest of the records and of the media files they name (size and modification time):
     equal for the same data, different after any edit."""
@@ -316,7 +271,7 @@ def data_fingerprint(records: Sequence[Record]) -> str:
         digest.update(json.dumps([record.id, record.conversations, [str(p) for p in record.images],
                                   [str(p) for p in record.speech], record.tgt_units, record.re_tgt_units,
                                   record.emotion, [str(p) for p in record.spoken]]).encode())
-        _hash_media(digest, record)
+        stamp_media(digest, record.media_files())
     return digest.hexdigest()
 
 
