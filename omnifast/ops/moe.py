@@ -1,4 +1,4 @@
-"""Mixture-of-experts routing and expert computation.
+"""Mixture-of-experts expert computation, over a :class:`Routing` (``moe_routing.py`` routes).
 
 Parameters are stacked per expert in ``nn.Linear``'s (out, in) convention: ``w1`` (E, F', H)
 with F' = F (or 2F for swiglu: gate rows first, then up rows), ``b1`` (E, F'), ``w2`` (E, O, F),
@@ -21,124 +21,23 @@ the routing gradient is a closed form over the (N, E) probabilities.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .checks import check_choice, check_int, check_same_device, check_tensor
+from .checks import check_choice, check_same_device, check_tensor
 from . import _reference
 from ._dispatch import choose_backend, moe_kernels
 from ._moe_gemm import GEMM_ENGINES, _DenseMLP, _GroupedMLP, activate, activate_backward, gemm_engine
 from ._precision import autocast_off, cast_all, matmul_dtype
+from .moe_routing import Routing, route
+
+__all__ = ["ACTIVATIONS", "Routing", "route", "permute", "unpermute", "expert_mlp", "routed_experts",
+           "dense_experts", "check_expert_weights", "GEMM_ENGINES"]
 
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
-
-
-@dataclass
-class Routing:
-    """The routing of N tokens over E experts with k slots per token (k = E when dense).
-
-    probs (N, E) float32 softmax of the gate; weights (N, k) float32 combine weights (carry the
-    gradient to the gate); experts (N, k) int64; counts (E,) slots per expert; offsets (E + 1,)
-    segment starts in expert order; order (N * k,) slot ids (n * k + j) sorted by expert, stable;
-    position (N * k,) the inverse: where each slot landed; balance_loss and z_loss float32;
-    backend: where the permute / combine of this routing run."""
-    probs: torch.Tensor
-    weights: torch.Tensor
-    experts: torch.Tensor
-    counts: torch.Tensor
-    offsets: torch.Tensor
-    order: torch.Tensor
-    position: torch.Tensor
-    balance_loss: torch.Tensor
-    z_loss: torch.Tensor
-    backend: str = "torch"
-
-    @property
-    def top_k(self) -> int:
-        return self.experts.shape[1]
-
-
-class _Route(torch.autograd.Function):
-    """Kernel routing; the gradient to the logits in closed form from probs, weights, experts."""
-
-    @staticmethod
-    def forward(ctx, logits, top_k, normalize, backend):
-        probs, weights, experts, lse, *index = moe_kernels(backend).route(logits, top_k, normalize)
-        ctx.save_for_backward(probs, weights, experts)
-        ctx.normalize = normalize
-        ctx.mark_non_differentiable(experts, *index)
-        return (probs, weights, lse, experts, *index)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_probs, grad_weights, grad_lse, *_):
-        probs, weights, experts = ctx.saved_tensors
-        grad_p = torch.zeros_like(probs) if grad_probs is None else grad_probs.float().clone()
-        if grad_weights is not None:
-            grad_w = grad_weights.float()
-            if ctx.normalize:  # w_j = p_j / s: dL/dp_j = (g_j - sum_i g_i w_i) / s
-                chosen = probs.gather(1, experts).sum(-1, keepdim=True)
-                grad_w = (grad_w - (grad_w * weights).sum(-1, keepdim=True)) / chosen
-            grad_p.scatter_add_(1, experts, grad_w)
-        grad_logits = probs * (grad_p - (grad_p * probs).sum(-1, keepdim=True))
-        if grad_lse is not None:
-            grad_logits += grad_lse.float()[:, None] * probs
-        return grad_logits, None, None, None
-
-
-def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = None, *,
-          gate_bias: Optional[torch.Tensor] = None, normalize: bool = True,
-          backend: Optional[str] = None) -> Routing:
-    """Route tokens ``x`` (N, H) with a linear gate (E, H): float32 softmax (float64 for a float64
-    dense layer), top-k with stable
-    tie-breaking (the lower expert index wins), optional renormalisation of the k weights, the
-    per-expert counts and the permutation that sorts slots by expert, the Switch load-balancing
-    loss E * sum_i f_i P_i (f_i counted over N x k slots) and the router z-loss
-    mean(logsumexp(logits)^2). ``top_k=None``: dense, every expert on every token."""
-    check_tensor("x", x, floating=True)
-    check_tensor("gate_weight", gate_weight, floating=True)
-    if x.dim() != 2 or gate_weight.dim() != 2 or gate_weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x must be (N, H) and gate_weight (E, H) with the same H, got {tuple(x.shape)} "
-                         f"and {tuple(gate_weight.shape)}")
-    E, N = gate_weight.shape[0], x.shape[0]
-    check_same_device("gate_weight", gate_weight, "x", x)
-    if gate_bias is not None:
-        check_tensor("gate_bias", gate_bias, floating=True)
-        check_same_device("gate_bias", gate_bias, "x", x)
-        if tuple(gate_bias.shape) != (E,):
-            raise ValueError(f"gate_bias must be ({E},), one value per expert, got shape {tuple(gate_bias.shape)}")
-    if top_k is not None:
-        check_int("top_k", top_k)
-        if not 1 <= top_k <= E:
-            raise ValueError(f"top_k must be None (dense) or in [1, {E}] (the number of experts), got {top_k}")
-    backend = choose_backend(x.device, backend)
-    # the router runs in float32 whatever autocast says (float64 inputs stay float64: dense only,
-    # which has no kernel of its own)
-    acc = torch.float64 if x.dtype == torch.float64 and top_k is None else torch.float32
-    with autocast_off(x.device.type):
-        logits = F.linear(x.to(acc), gate_weight.to(acc), None if gate_bias is None else gate_bias.to(acc))
-    if top_k is None:
-        probs, lse = torch.softmax(logits, -1), torch.logsumexp(logits, -1)
-        experts = torch.arange(E, device=x.device).expand(N, E)
-        counts = torch.full((E,), N, dtype=torch.int64, device=x.device)
-        offsets = torch.arange(E + 1, device=x.device) * N
-        slots = torch.arange(N * E, device=x.device)
-        order = slots.view(N, E).t().reshape(-1)
-        position = slots.view(E, N).t().reshape(-1)
-        weights = probs
-    elif backend == "torch":
-        probs, weights, experts, lse, counts, offsets, order, position = _reference.moe_route(logits, top_k, normalize)
-    else:
-        probs, weights, lse, experts, counts, offsets, order, position = _Route.apply(logits, top_k, normalize, backend)
-    k = experts.shape[1]
-    fraction = counts.float() / max(N * k, 1)
-    balance = E * (fraction * probs.mean(0)).sum() if N else logits.new_zeros(())
-    z_loss = lse.pow(2).mean() if N else logits.new_zeros(())
-    return Routing(probs, weights, experts, counts, offsets, order, position, balance, z_loss, backend)
 
 
 class _ExpertMLP(torch.autograd.Function):
@@ -201,6 +100,34 @@ class _ExpertMLP(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
+def check_expert_weights(x: torch.Tensor, w1, b1, w2, b2, activation: str) -> None:
+    """Raise ``ValueError`` / ``TypeError`` naming the argument unless ``x`` (M, H), ``w1``
+    (E, F', H), ``b1`` (E, F') or None, ``w2`` (E, O, F), ``b2`` (E, O) or None fit together
+    (F' = F, or 2F for swiglu) on x's device, and ``activation`` is one of ``ACTIVATIONS``."""
+    check_choice("activation", activation, ACTIVATIONS)
+    check_tensor("x", x, floating=True)
+    for name, weight in (("w1", w1), ("w2", w2)):
+        check_tensor(name, weight, floating=True)
+        check_same_device(name, weight, "x", x)
+        if weight.dim() != 3:
+            raise ValueError(f"{name} must be (experts, out, in), got shape {tuple(weight.shape)}")
+    E, F1, H = w1.shape
+    width = F1 // 2 if activation == "swiglu" else F1
+    if x.dim() != 2 or x.shape[1] != H:
+        raise ValueError(f"x must be (tokens, {H}) (w1's input width), got shape {tuple(x.shape)}")
+    if activation == "swiglu" and F1 % 2:
+        raise ValueError(f"w1 must have an even number of rows per expert for swiglu (gate, up), got {F1}")
+    if w2.shape[0] != E or w2.shape[2] != width:
+        raise ValueError(f"w2 must be ({E}, out, {width}) (w1's experts and hidden width), got shape "
+                         f"{tuple(w2.shape)}")
+    for name, bias, shape in (("b1", b1, (E, F1)), ("b2", b2, (E, w2.shape[1]))):
+        if bias is not None:
+            check_tensor(name, bias, floating=True)
+            check_same_device(name, bias, "x", x)
+            if tuple(bias.shape) != shape:
+                raise ValueError(f"{name} must be {shape}, got shape {tuple(bias.shape)}")
+
+
 def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
                w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str = "relu",
                backend: Optional[str] = None, *, engine: Optional[str] = None) -> torch.Tensor:
@@ -210,6 +137,11 @@ def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, 
     dtype), and so does the output. The Triton grouped GEMM takes float32 / bfloat16 / float16;
     float64 runs one matmul per segment. ``engine`` names the triton backend's GEMM engine (one
     of ``GEMM_ENGINES``; None: the fastest for the dtype and device)."""
+    check_expert_weights(x_sorted, w1, b1, w2, b2, activation)
+    check_tensor("offsets", offsets, integer=True)
+    if tuple(offsets.shape) != (w1.shape[0] + 1,):
+        raise ValueError(f"offsets must be ({w1.shape[0] + 1},) (experts + 1 segment bounds), got shape "
+                         f"{tuple(offsets.shape)}")
     if engine is not None:
         check_choice("engine", engine, GEMM_ENGINES)
     device = x_sorted.device.type
@@ -281,6 +213,10 @@ def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation
     GEMM and the outputs scattered to token-major slots by the second (no permuted copy, a
     contiguous combine); with the other GPU engines and on the CPU the three ops run as they are.
     ``engine``: as :func:`expert_mlp`."""
+    check_expert_weights(x, w1, b1, w2, b2, activation)
+    if routing.experts.shape[0] != x.shape[0] or routing.offsets.shape[0] != w1.shape[0] + 1:
+        raise ValueError(f"routing is of {routing.experts.shape[0]} tokens over {routing.offsets.shape[0] - 1} "
+                         f"experts, but x has {x.shape[0]} tokens and w1 {w1.shape[0]} experts")
     if engine is not None:
         check_choice("engine", engine, GEMM_ENGINES)
     if routing.backend != "triton":
@@ -305,10 +241,13 @@ def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activati
 
     On the triton backend (a GPU): two GEMMs over all experts at once with the gate folded in
     between (``_DenseMLP``), the shape a GPU runs fastest. On the CPU one expert at a time over
-    all tokens, with no masks or index ops: batched forms were measured there and were not
-    faster (a (E, N, F) batched matmul ran at 0.82x NaiveMoE's speed with 1.4x the memory, two
-    stacked GEMMs at 0.80x with 1.9x the memory, 16384 tokens). The loop keeps only one (N, F)
-    activation per expert for the backward."""
+    all tokens, with no masks or index ops (batched forms were slower there and larger: see
+    ``docs/perf.md``); the loop keeps only one (N, F) activation per expert for the backward."""
+    check_expert_weights(x, w1, b1, w2, b2, activation)
+    check_tensor("probs", probs, floating=True)
+    if tuple(probs.shape) != (x.shape[0], w1.shape[0]):
+        raise ValueError(f"probs must be ({x.shape[0]}, {w1.shape[0]}) (tokens, experts), got shape "
+                         f"{tuple(probs.shape)}")
     if choose_backend(x.device, backend) == "triton":
         device = x.device.type
         x, w1, b1, w2, b2 = cast_all(matmul_dtype(device, x, w1, w2), (x, w1, b1, w2, b2))

@@ -185,3 +185,43 @@ def test_bad_route_arguments():
         moe.route(x.long(), gate, 1)
     with pytest.raises(ValueError, match="backend"):
         moe.route(x, gate, 1, backend="cuda")
+
+
+def _experts(E=3, H=8, F=6, O=5, swiglu=False):
+    return torch.randn(E, 2 * F if swiglu else F, H), torch.randn(E, 2 * F if swiglu else F), \
+        torch.randn(E, O, F), torch.randn(E, O)
+
+
+@pytest.mark.parametrize("change,error,name", [
+    (dict(activation="tanh"), ValueError, "activation"),
+    (dict(x=torch.randn(4, 7)), ValueError, "x"),
+    (dict(x=torch.ones(4, 8, dtype=torch.long)), TypeError, "x"),
+    (dict(w1=torch.randn(3, 6)), ValueError, "w1"),
+    (dict(w2=torch.randn(2, 5, 6)), ValueError, "w2"),
+    (dict(w2=torch.randn(3, 5, 7)), ValueError, "w2"),
+    (dict(b1=torch.randn(3, 5)), ValueError, "b1"),
+    (dict(b2=torch.randn(3, 4)), ValueError, "b2"),
+    (dict(w1=torch.randn(3, 7, 8), b1=None, activation="swiglu"), ValueError, "w1"),
+])
+def test_bad_expert_arguments_are_named_before_any_work(change, error, name):
+    w1, b1, w2, b2 = _experts()
+    args = dict(x=torch.randn(4, 8), w1=w1, b1=b1, w2=w2, b2=b2, activation="relu")
+    args.update(change)
+    routing = moe.route(torch.randn(4, 8), torch.randn(3, 8), 2)
+    with pytest.raises(error, match=name):
+        moe.dense_experts(args["x"], routing.probs, args["w1"], args["b1"], args["w2"], args["b2"], args["activation"])
+    with pytest.raises(error, match=name):
+        moe.routed_experts(args["x"], routing, args["w1"], args["b1"], args["w2"], args["b2"], args["activation"])
+    with pytest.raises(error, match=name):
+        moe.expert_mlp(args["x"], routing.offsets, args["w1"], args["b1"], args["w2"], args["b2"], args["activation"])
+
+
+def test_experts_refuse_a_routing_or_probs_of_another_shape():
+    w1, b1, w2, b2 = _experts()
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="routing"):
+        moe.routed_experts(x, moe.route(torch.randn(5, 8), torch.randn(3, 8), 2), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="probs"):
+        moe.dense_experts(x, torch.rand(4, 2), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="offsets"):
+        moe.expert_mlp(x, torch.tensor([0, 4]), w1, b1, w2, b2)
