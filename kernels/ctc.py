@@ -67,9 +67,11 @@ def _spread(flag, like):
 @triton.jit
 def _emissions_kernel(x_ptr, stride_xb, stride_xt, lse_ptr, stride_lb, ext_ptr, tgt_len_ptr, in_len_ptr,
                       emit_ptr, T, S_max, V, rows_per_seq, t0,
-                      LSE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Row (b, t0 + i): LSE=0 no normaliser (log-probs, or CTC-DPO's unnormalised scores),
-    1 compute and store it, 2 load it; then emit[b, t0 + i, s] = x[label_s] - lse."""
+                      COMPUTE_LSE: tl.constexpr, READ_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
+    """Row (b, t0 + i): the row's log-sum-exp computed and stored (``COMPUTE_LSE``), loaded
+    (``READ_LSE``), or neither (a normaliser of 0: log-probs, or CTC-DPO's unnormalised scores);
+    then emit[b, t0 + i, s] = x[label_s] - lse."""
     row = tl.program_id(0)
     b = row // rows_per_seq
     i = row % rows_per_seq
@@ -78,7 +80,7 @@ def _emissions_kernel(x_ptr, stride_xb, stride_xt, lse_ptr, stride_lb, ext_ptr, 
     if t < tl.load(in_len_ptr + b):
         x_row = x_ptr + b.to(tl.int64) * stride_xb + i.to(tl.int64) * stride_xt
         lse = tl.zeros([], acc)
-        if LSE == 1:
+        if COMPUTE_LSE:
             cols = tl.arange(0, BLOCK_V)
             m = tl.full([BLOCK_V], float("-inf"), acc)
             for c0 in range(0, V, BLOCK_V):
@@ -92,7 +94,7 @@ def _emissions_kernel(x_ptr, stride_xb, stride_xt, lse_ptr, stride_lb, ext_ptr, 
                 total += tl.exp(x - top)
             lse = top + tl.log(tl.sum(total, 0))
             tl.store(lse_ptr + b * stride_lb + i, lse)
-        if LSE == 2:
+        if READ_LSE:
             lse = tl.load(lse_ptr + b * stride_lb + i).to(acc)
         S = 2 * tl.load(tgt_len_ptr + b) + 1
         out = emit_ptr + (b.to(tl.int64) * T + t) * S_max
@@ -360,7 +362,7 @@ def sorted_states(ext: torch.Tensor, target_lengths: torch.Tensor) -> Tuple[torc
     return order.to(torch.int32).contiguous(), labels.to(torch.int32).contiguous()
 
 
-NORMALISER = {"none": 0, "compute": 1, "read": 2}  # the emissions kernel's LSE constexpr
+NORMALISERS = ("none", "compute", "read")
 
 
 def emissions(x: torch.Tensor, lse: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tensor,
@@ -369,13 +371,16 @@ def emissions(x: torch.Tensor, lse: torch.Tensor, ext: torch.Tensor, target_leng
     by its strides (last stride 1), minus the row's log-sum-exp ``lse`` (B, t) as ``normaliser``
     says: ``"compute"`` it (and store it in ``lse``), ``"read"`` it from ``lse``, or ``"none"``
     (log-probs, or unnormalised scores)."""
+    if normaliser not in NORMALISERS:
+        raise ValueError(f"normaliser must be one of {', '.join(NORMALISERS)}, got {normaliser!r}")
     B, rows, V = x.shape
     if B == 0 or rows == 0:
         return
     launch(_emissions_kernel, (B * rows,), x_ptr=x, stride_xb=x.stride(0), stride_xt=x.stride(1),
            lse_ptr=lse, stride_lb=lse.stride(0), ext_ptr=ext, tgt_len_ptr=target_lengths,
            in_len_ptr=input_lengths, emit_ptr=out, T=out.shape[1], S_max=out.shape[2], V=V,
-           rows_per_seq=rows, t0=t0, LSE=NORMALISER[normaliser], BLOCK_V=block_size(V, 2048),
+           rows_per_seq=rows, t0=t0, COMPUTE_LSE=normaliser == "compute", READ_LSE=normaliser == "read",
+           BLOCK_V=block_size(V, 2048),
            BLOCK_S=block_size(out.shape[2], ROW_STATES))
 
 
