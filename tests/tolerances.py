@@ -3,6 +3,7 @@ value compared and says where the values differ and by how much (torch.testing's
 largest absolute and relative differences and their indices, and how many elements are off)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, List, Optional, Sequence
 
 import torch
@@ -33,10 +34,26 @@ def assert_all_close(actual: Iterable[torch.Tensor], expected: Iterable[torch.Te
         assert_close(a.double(), e.double(), dtype, name)
 
 
-def value_and_grads(fn, leaves: Sequence[Optional[torch.Tensor]], *args, device, **kwargs) -> List[torch.Tensor]:
-    """``fn(*leaves, *args, **kwargs)`` run on ``device`` and the gradient of its sum with respect to
-    each leaf (a None leaf passes through and has none): [value, grad, ...], back on the CPU."""
-    on_device = [None if t is None else t.detach().clone().to(device).requires_grad_() for t in leaves]
-    value = fn(*on_device, *moved(args, device), **kwargs)
-    grads = torch.autograd.grad(value.sum(), [t for t in on_device if t is not None])
+def probe_like(value: torch.Tensor) -> torch.Tensor:
+    """A fixed random upstream gradient shaped like ``value``, so each element's gradient counts
+    with its own weight (a plain sum would hide a gradient that is right only on average)."""
+    return torch.randn(value.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def value_and_grads(fn, leaves: Sequence[Optional[torch.Tensor]], *args, device, dtype: Optional[torch.dtype] = None,
+                    context=None, probe: bool = False, **kwargs) -> List[torch.Tensor]:
+    """``fn(*leaves, *args, **kwargs)`` run on ``device`` (leaves cast to ``dtype`` when given,
+    inside ``context``, e.g. ``torch.autocast``) and the gradient of its sum, or with ``probe`` of
+    its sum weighted by :func:`probe_like`, with respect to each leaf (a None leaf passes through
+    and has none): [value, grad, ...], back on the CPU. Every gradient must come back in its
+    leaf's dtype."""
+    on_device = [None if t is None else t.detach().clone().to(device=device, dtype=dtype or t.dtype).requires_grad_()
+                 for t in leaves]
+    with context if context is not None else contextlib.nullcontext():
+        value = fn(*on_device, *moved(args, device), **kwargs)
+    scalar = (value.double() * probe_like(value).to(value.device)).sum() if probe and value.dim() else value.sum()
+    params = [t for t in on_device if t is not None]
+    grads = torch.autograd.grad(scalar, params)
+    for name, grad, leaf in zip(range(len(params)), grads, params):
+        assert grad.dtype == leaf.dtype, f"the gradient of leaf {name} is {grad.dtype}, its leaf {leaf.dtype}"
     return [value.detach().cpu()] + [g.cpu() for g in grads]

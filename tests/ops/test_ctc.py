@@ -97,6 +97,18 @@ def test_triton_matches_reference(p, dtype, from_logits):
     check_against_reference(p, "triton", dtype, from_logits)
 
 
+@settings(max_examples=15)
+@given(p=problems(max_T=80, max_B=3, max_C=64, max_L=30))
+def test_reference_and_cpu_on_longer_sequences_and_larger_vocabularies(p):
+    """The same checks past the interpreter's small shapes: the reference against torch, and the
+    C++ kernel against the reference, in float64."""
+    expected = torch_loss_and_grad(p, "mean", True)
+    actual = ours(p, "torch", True, "mean", True)
+    assert_close(actual[0], expected[0], name="reference loss")
+    assert_close(actual[1], expected[1], name="reference grad")
+    check_against_reference(p, "cpu", torch.float64, from_logits=True)
+
+
 def test_cpu_matches_reference_at_speech_scale():
     """Long sequences and a large vocabulary, as in the speech decoder. Over hundreds of frames
     float32 itself is off by ~1e-4 (F.ctc_loss too), so both are held to the float64 truth:

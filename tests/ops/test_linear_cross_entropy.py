@@ -7,15 +7,7 @@ from hypothesis import strategies as st
 
 from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
-from ..tolerances import assert_close
-
-
-def loss_and_grads(fn, hidden, weight, bias, targets, **kwargs):
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias) if t is not None]
-    h, w, b = leaves[0], leaves[1], leaves[2] if bias is not None else None
-    loss = fn(h, w, b, targets, **kwargs)
-    probe = torch.linspace(0.5, 1.7, loss.numel(), dtype=loss.dtype).reshape(loss.shape)  # per-row upstream
-    return [loss.detach(), *torch.autograd.grad((loss * probe).sum(), leaves)]
+from ..tolerances import assert_close, value_and_grads
 
 
 def reference(h, w, b, targets, reduction="mean", chunk_rows=None):
@@ -34,8 +26,9 @@ def test_matches_full_logits(rows, width, classes, chunk, bias, reduction, ignor
     targets[torch.rand(rows, generator=gen) < ignored] = -100
     if (targets == -100).all() and reduction == "mean":
         targets[0] = 0  # torch's mean over no rows is NaN; ours is 0
-    ours = loss_and_grads(linear_cross_entropy, hidden, weight, b, targets, reduction=reduction, chunk_rows=chunk)
-    theirs = loss_and_grads(reference, hidden, weight, b, targets, reduction=reduction)
+    ours = value_and_grads(linear_cross_entropy, [hidden, weight, b], targets, device="cpu", probe=True,
+                           reduction=reduction, chunk_rows=chunk)
+    theirs = value_and_grads(reference, [hidden, weight, b], targets, device="cpu", probe=True, reduction=reduction)
     for name, a, r in zip(("loss", "grad hidden", "grad weight", "grad bias"), ours, theirs):
         assert_close(a.double(), r, torch.float64, name)  # float64 accumulates in float64
 

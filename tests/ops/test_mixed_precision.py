@@ -19,6 +19,7 @@ from omnifast.nn import MoE, NaiveMoE
 from omnifast.ops.fsq import fsq_quantize
 
 from ..devices import device_for
+from ..tolerances import value_and_grads
 
 BACKENDS = ("torch", "cpu", "triton")
 MODES = ("autocast-bf16", "autocast-fp16", "bf16-params", "fp16-params")
@@ -33,26 +34,6 @@ def precision(mode: str, device: torch.device):
     return half, contextlib.nullcontext()
 
 
-def leaves(tensors, dtype, device):
-    return [t.to(device=device, dtype=dtype).requires_grad_() for t in tensors]
-
-
-def loss_and_grads(fn, tensors, dtype, context, device):
-    """``fn``'s value (a loss, or an output tensor: then compared element by element, and its
-    gradients taken through a fixed random probe) and the gradients of every input."""
-    params = leaves(tensors, dtype, device)
-    with context:
-        value = fn(*params)
-    scalar = value
-    if value.dim():
-        probe = torch.randn(value.shape, generator=torch.Generator().manual_seed(0)).to(device)
-        scalar = (value.float() * probe).sum()
-    grads = torch.autograd.grad(scalar, params)
-    for g, p in zip(grads, params):
-        assert g.dtype == p.dtype, "a gradient must come back in its leaf's dtype"
-    return value.detach(), grads
-
-
 def allowed_factor(backend: str, mode: str) -> float:
     """2x the recipe's error; 4x for bf16 in interpreted Triton, whose float32 -> bf16 conversion
     truncates (twice the error of the round-to-nearest-even of a compiled kernel, measured:
@@ -63,8 +44,9 @@ def allowed_factor(backend: str, mode: str) -> float:
 
 
 def assert_within_twice_the_recipe(ours, recipe, truth, factor=2.0):
-    """Loss and every gradient: |ours - truth| <= factor |recipe - truth| + 1e-3 |truth| (max norms)."""
-    for a, r, t in zip((ours[0],) + tuple(ours[1]), (recipe[0],) + tuple(recipe[1]), (truth[0],) + tuple(truth[1])):
+    """Value and every gradient ([value, grad, ...] each): |ours - truth| <= factor |recipe - truth|
+    + 1e-3 |truth| (max norms)."""
+    for a, r, t in zip(ours, recipe, truth):
         a, r, t = a.double().cpu(), r.double().cpu(), t.double().cpu()
         scale = t.abs().max()
         assert (a - t).abs().max() <= factor * (r - t).abs().max() + 1e-3 * scale + 1e-6, \
@@ -75,10 +57,12 @@ def check(op, recipe, tensors, backend, mode):
     """Run ``op`` (omnifast, taking ``backend=``) and ``recipe`` (torch) in ``mode`` and in float64."""
     device = device_for(backend)
     dtype, context = precision(mode, device)
-    ours = loss_and_grads(lambda *p: op(*p, backend=backend), tensors, dtype, context, device)
+    ours = value_and_grads(lambda *p: op(*p, backend=backend), tensors, device=device, dtype=dtype, context=context,
+                           probe=True)
     assert ours[0].dim() or ours[0].dtype == torch.float32, "losses come back in float32"
-    theirs = loss_and_grads(recipe, tensors, dtype, precision(mode, device)[1], device)
-    truth = loss_and_grads(recipe, tensors, torch.float64, contextlib.nullcontext(), device)
+    theirs = value_and_grads(recipe, tensors, device=device, dtype=dtype, context=precision(mode, device)[1],
+                             probe=True)
+    truth = value_and_grads(recipe, tensors, device=device, dtype=torch.float64, probe=True)
     assert_within_twice_the_recipe(ours, theirs, truth, allowed_factor(backend, mode))
 
 

@@ -13,6 +13,7 @@ from omnifast.ops import moe as moe_ops
 from omnifast.ops.fsq import fsq_quantize
 
 from ..devices import device_for
+from ..tolerances import value_and_grads
 
 BACKENDS = ("torch", "cpu", "triton")
 BAD = (math.nan, math.inf, -math.inf)
@@ -24,13 +25,6 @@ def spoil(tensor: torch.Tensor, index, value) -> torch.Tensor:
     return spoiled
 
 
-def loss_and_grad(fn, x):
-    x = x.detach().clone().requires_grad_()
-    loss = fn(x)
-    (grad,) = torch.autograd.grad(loss.sum(), x)
-    return loss.detach().cpu(), grad.cpu()
-
-
 @pytest.mark.parametrize("bad", BAD)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ctc(backend, bad):
@@ -39,8 +33,8 @@ def test_ctc(backend, bad):
     logits, targets = torch.randn(10, 2, 7, generator=gen).to(d), torch.randint(0, 6, (2, 3), generator=gen).to(d)
     for fn in (omnifast.ctc_loss_with_logits, lambda x, *a, **k: omnifast.ctc_loss(x.log_softmax(-1), *a, **k)):
         run = lambda x: fn(x, targets, [10, 10], [3, 3], blank=6, reduction="none", backend=backend)  # noqa: E731
-        clean, clean_grad = loss_and_grad(run, logits)
-        loss, grad = loss_and_grad(run, spoil(logits, (3, 0, 1), bad))
+        clean, clean_grad = value_and_grads(run, [logits], device=d)
+        loss, grad = value_and_grads(run, [spoil(logits, (3, 0, 1), bad)], device=d)
         assert loss[1] == clean[1] and torch.equal(grad[:, 1], clean_grad[:, 1])  # the other sequence: untouched
         if not bad == -math.inf:
             assert not math.isfinite(loss[0]) and not torch.isfinite(grad[:, 0]).all()
@@ -61,8 +55,8 @@ def test_linear_ctc_and_ctc_dpo(backend, bad):
     def linear(h):
         return omnifast.linear_ctc_loss(h, weight, bias, chosen, [10, 10], [3, 3], reduction="none", chunk_frames=4,
                                         backend=backend)
-    clean, clean_grad = loss_and_grad(linear, hidden)
-    loss, grad = loss_and_grad(linear, spoil(hidden, (0, 3, 1), bad))
+    clean, clean_grad = value_and_grads(linear, [hidden], device=d)
+    loss, grad = value_and_grads(linear, [spoil(hidden, (0, 3, 1), bad)], device=d)
     assert not math.isfinite(loss[0]) and loss[1] == clean[1]
     assert not torch.isfinite(grad[0]).all() and torch.equal(grad[1], clean_grad[1])
     for sparse in (True, False):
