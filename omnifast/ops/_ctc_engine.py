@@ -15,7 +15,6 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checks import check_int, check_tensor
 from ._dispatch import linear_ctc_kernels
 from ._precision import accumulation_dtype
 from ._reference import extended_labels
@@ -258,29 +257,6 @@ def even_groups(count: int, most: int) -> int:
     be, evened out: 17 by at most 8 go 6, 6, 5, not 8, 8, 1 (no items: 1)."""
     groups = -(-count // most)
     return -(-count // groups) if groups else 1
-
-
-def check_linear_head(hidden, weight, bias):
-    check_tensor("hidden", hidden, floating=True)
-    check_tensor("weight", weight, floating=True)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (B, T, D) batch-first, got shape {tuple(hidden.shape)}")
-    if hidden.shape[1] == 0:
-        raise ValueError("hidden needs at least one frame (T >= 1)")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must be (V, D) with D = hidden width {hidden.shape[2]}, got shape {tuple(weight.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, floating=True)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be ({weight.shape[0]},) like weight's rows, got shape {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-
-
-def check_chunk_frames(chunk_frames):
-    if chunk_frames is not None and check_int("chunk_frames", chunk_frames) < 1:
-        raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")
 
 
 def softmax_part(kernels, B: int, T: int, acc: torch.dtype, device: torch.device):

@@ -192,3 +192,29 @@ def ctc_targets(targets, input_lengths, target_lengths, blank: int, *, T: int, B
     index = (starts[:, None] + torch.arange(width, device=device)).clamp(max=max(targets.numel() - 1, 0))
     gathered = targets[index] if targets.numel() else torch.zeros_like(index)
     return torch.where(valid, gathered, blank).contiguous(), input_lengths.contiguous(), target_lengths.contiguous()
+
+
+def check_linear_head(hidden, weight, bias) -> None:
+    """A linear head over frames: ``hidden`` (B, T >= 1, D), ``weight`` (V, D), ``bias`` (V,) or
+    None, floating point, on one device."""
+    check_tensor("hidden", hidden, floating=True)
+    check_tensor("weight", weight, floating=True)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, D) batch-first, got shape {tuple(hidden.shape)}")
+    if hidden.shape[1] == 0:
+        raise ValueError("hidden needs at least one frame (T >= 1)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight must be (V, D) with D = hidden width {hidden.shape[2]}, got shape {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be ({weight.shape[0]},) like weight's rows, got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+
+
+def check_chunk_frames(chunk_frames) -> None:
+    """``chunk_frames``: None (chosen by the op) or an int >= 1."""
+    if chunk_frames is not None and check_int("chunk_frames", chunk_frames) < 1:
+        raise ValueError(f"chunk_frames must be at least 1, got {chunk_frames}")

@@ -27,11 +27,12 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .checks import check_bool, check_int, check_number, check_tensor, ctc_targets
+from .checks import (check_bool, check_chunk_frames, check_int, check_linear_head, check_number, check_tensor,
+                     ctc_targets)
 from ._dispatch import choose_backend, linear_ctc_kernels
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype, scale_gradients
-from ._ctc_engine import (Scorer, check_chunk_frames, check_linear_head, even_groups, label_columns, labels_part,
-                          make_target_set, same_width, working_set_bytes)
+from ._ctc_engine import (Scorer, even_groups, label_columns, labels_part, make_target_set, same_width,
+                          working_set_bytes)
 from .dpo import DPOOutput, pair_losses
 
 

@@ -8,8 +8,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from .checks import check_int, ctc_targets
-from ._ctc_engine import Scorer, check_linear_head, make_target_set
+from .checks import check_int, check_linear_head, ctc_targets
+from ._ctc_engine import Scorer, make_target_set
 from ._dispatch import choose_backend
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype
 

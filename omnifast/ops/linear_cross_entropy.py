@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .checks import check_choice, check_int, check_tensor
+from .checks import check_choice, check_int, check_linear_head, check_tensor
 from ._precision import accumulation_dtype
-from ._ctc_engine import CHUNK_ELEMENTS, check_linear_head
+from ._ctc_engine import CHUNK_ELEMENTS
 
 
 class _LinearCrossEntropyRows(torch.autograd.Function):

@@ -26,10 +26,11 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .checks import REDUCTIONS, check_bool, check_choice, check_int, ctc_targets
+from .checks import (REDUCTIONS, check_bool, check_choice, check_chunk_frames, check_int, check_linear_head,
+                     ctc_targets)
 from ._dispatch import choose_backend
 from ._precision import autocast_off, cast_all, matmul_dtype, scale_gradients
-from ._ctc_engine import Scorer, check_chunk_frames, check_linear_head, feasible_by_length, make_target_set
+from ._ctc_engine import Scorer, feasible_by_length, make_target_set
 from .ctc import reduction_weights
 
 class _LinearCTCFunction(torch.autograd.Function):
