@@ -5,15 +5,16 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from omnifast.ops.checks import check_int
+
 
 def warmup_cosine(total: int, warmup: int, *, decay_from_start: bool = False) -> Callable[[int], float]:
     """The lr factor of step ``s`` (0-based) of ``total``: ``min(1, (s + 1) / (warmup + 1))``
     times a cosine that falls from 1 to 0, over the steps after the warmup or, with
     ``decay_from_start``, over all ``total`` steps (the ramp then multiplies the early decay)."""
-    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise ValueError(f"total must be an int >= 0, got {total!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    for name, value in (("total", total), ("warmup", warmup)):
+        if check_int(name, value) < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     decay_start = 0 if decay_from_start else warmup
 
     def factor(step: int) -> float:

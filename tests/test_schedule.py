@@ -27,8 +27,8 @@ def test_cosine_over_every_step_scaled_by_the_warmup_ramp(total, warmup):
         assert factor(step) == expected, (step, factor(step), expected)
 
 
-@pytest.mark.parametrize("args,name", [((-1, 0), "total"), ((10, -2), "warmup"), ((10.0, 1), "total"),
-                                       ((10, True), "warmup")])
-def test_bad_arguments_are_named(args, name):
-    with pytest.raises(ValueError, match=name):
+@pytest.mark.parametrize("args,error,name", [((-1, 0), ValueError, "total"), ((10, -2), ValueError, "warmup"),
+                                             ((10.0, 1), TypeError, "total"), ((10, True), TypeError, "warmup")])
+def test_bad_arguments_are_named(args, error, name):
+    with pytest.raises(error, match=name):
         warmup_cosine(*args)

@@ -100,21 +100,21 @@ class _ExpertMLP(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
-def check_expert_weights(x: torch.Tensor, w1, b1, w2, b2, activation: str) -> None:
+def check_expert_weights(x: torch.Tensor, w1, b1, w2, b2, activation: str, x_name: str = "x") -> None:
     """Raise ``ValueError`` / ``TypeError`` naming the argument unless ``x`` (M, H), ``w1``
     (E, F', H), ``b1`` (E, F') or None, ``w2`` (E, O, F), ``b2`` (E, O) or None fit together
     (F' = F, or 2F for swiglu) on x's device, and ``activation`` is one of ``ACTIVATIONS``."""
     check_choice("activation", activation, ACTIVATIONS)
-    check_tensor("x", x, floating=True)
+    check_tensor(x_name, x, floating=True)
     for name, weight in (("w1", w1), ("w2", w2)):
         check_tensor(name, weight, floating=True)
-        check_same_device(name, weight, "x", x)
+        check_same_device(name, weight, x_name, x)
         if weight.dim() != 3:
             raise ValueError(f"{name} must be (experts, out, in), got shape {tuple(weight.shape)}")
     E, F1, H = w1.shape
     width = F1 // 2 if activation == "swiglu" else F1
     if x.dim() != 2 or x.shape[1] != H:
-        raise ValueError(f"x must be (tokens, {H}) (w1's input width), got shape {tuple(x.shape)}")
+        raise ValueError(f"{x_name} must be (tokens, {H}) (w1's input width), got shape {tuple(x.shape)}")
     if activation == "swiglu" and F1 % 2:
         raise ValueError(f"w1 must have an even number of rows per expert for swiglu (gate, up), got {F1}")
     if w2.shape[0] != E or w2.shape[2] != width:
@@ -123,7 +123,7 @@ def check_expert_weights(x: torch.Tensor, w1, b1, w2, b2, activation: str) -> No
     for name, bias, shape in (("b1", b1, (E, F1)), ("b2", b2, (E, w2.shape[1]))):
         if bias is not None:
             check_tensor(name, bias, floating=True)
-            check_same_device(name, bias, "x", x)
+            check_same_device(name, bias, x_name, x)
             if tuple(bias.shape) != shape:
                 raise ValueError(f"{name} must be {shape}, got shape {tuple(bias.shape)}")
 
@@ -137,7 +137,7 @@ def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, 
     dtype), and so does the output. The Triton grouped GEMM takes float32 / bfloat16 / float16;
     float64 runs one matmul per segment. ``engine`` names the triton backend's GEMM engine (one
     of ``GEMM_ENGINES``; None: the fastest for the dtype and device)."""
-    check_expert_weights(x_sorted, w1, b1, w2, b2, activation)
+    check_expert_weights(x_sorted, w1, b1, w2, b2, activation, x_name="x_sorted")
     check_tensor("offsets", offsets, integer=True)
     if tuple(offsets.shape) != (w1.shape[0] + 1,):
         raise ValueError(f"offsets must be ({w1.shape[0] + 1},) (experts + 1 segment bounds), got shape "

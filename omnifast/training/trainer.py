@@ -1,6 +1,6 @@
-"""One trainer for every stage: the loop. AdamW, warmup + cosine schedule (``omnifast.schedule``), gradient accumulation
-and clipping, bf16 autocast where supported, micro-batches from DataLoader workers
-(``loader.py``), checkpoints that run no code and survive a kill or a machine crash
+"""One trainer for every stage: the loop. AdamW, warmup + cosine schedule (``omnifast.schedule``),
+gradient accumulation and clipping, bf16 autocast where supported, micro-batches from DataLoader
+workers (``loader.py``), checkpoints that run no code and survive a kill or a machine crash
 (``checkpoint.py``), ``--resume`` to the same weights bit for bit (every rank's random
 generators are saved), and DDP or FSDP2 under ``torchrun`` (``distributed.py``)."""
 from __future__ import annotations

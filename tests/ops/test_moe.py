@@ -187,9 +187,8 @@ def test_bad_route_arguments():
         moe.route(x, gate, 1, backend="cuda")
 
 
-def _experts(E=3, H=8, F=6, O=5, swiglu=False):
-    return torch.randn(E, 2 * F if swiglu else F, H), torch.randn(E, 2 * F if swiglu else F), \
-        torch.randn(E, O, F), torch.randn(E, O)
+def _experts(E=3, H=8, F=6, O=5):
+    return torch.randn(E, F, H), torch.randn(E, F), torch.randn(E, O, F), torch.randn(E, O)
 
 
 @pytest.mark.parametrize("change,error,name", [
