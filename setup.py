@@ -1,9 +1,9 @@
-"""Build omnifast: the Python package, the Triton kernels (installed as ``omnifast.kernels``;
-the benchmark scripts likewise as ``omnifast.benchmarks``)
-and the C++ CPU extension ``omnifast._C``, compiled with ninja through torch's cpp_extension."""
+"""Build omnifast: the Python package (Triton kernels in ``omnifast.kernels``, benchmark scripts
+in ``omnifast.benchmarks``) and the C++ CPU extension ``omnifast._C``, compiled with ninja
+through torch's cpp_extension."""
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # The extension is built on the machine that runs it, so it may use that machine's vector
@@ -21,8 +21,7 @@ if os.environ.get("OMNIFAST_SANITIZE"):
     link_flags = ["-fopenmp"] + sanitize
 
 setup(
-    packages=["omnifast", "omnifast.ops", "omnifast.nn", "omnifast.models", "omnifast.training", "omnifast.speech", "omnifast.demo", "omnifast.kernels", "omnifast.benchmarks"],
-    package_dir={"omnifast": "omnifast", "omnifast.kernels": "kernels", "omnifast.benchmarks": "benchmarks"},
+    packages=find_packages(include=["omnifast", "omnifast.*"]),
     ext_modules=[
         CppExtension(
             "omnifast._C",

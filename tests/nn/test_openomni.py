@@ -1,7 +1,7 @@
 """Exactly OpenOmni when asked: with ``SpeechDecoderConfig.openomni()`` the speech decoder loaded
 from OpenOmni's keys reproduces OpenOmni's stage-4 CTC loss and its stage-5 DPO loss, and every
-gradient, in float64 (``benchmarks/openomni_modules.py`` rebuilds OpenOmni's modules from its code);
-omnifast's own defaults differ from it where the README says they do."""
+gradient, in float64 (``omnifast/benchmarks/openomni_modules.py`` rebuilds OpenOmni's modules
+from its code); omnifast's own defaults differ from it where the README says they do."""
 import pytest
 import torch
 

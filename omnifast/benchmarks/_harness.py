@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 # where results go unless --out says otherwise: a folder in the current directory, never the
-# package's sources (the figures committed with omnifast were written with --out benchmarks/results)
+# package's sources (the figures committed with omnifast were written with --out docs/results)
 RESULTS = Path("bench-results")
 
 
