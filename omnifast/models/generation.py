@@ -9,6 +9,7 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from omnifast.nn.kv_cache import forward_with_cache
 from omnifast.ops.decode import sample_top_k_top_p
 
 
@@ -63,8 +64,8 @@ class OmniGeneration:
             raise ValueError(f"generate takes one prompt, got a batch of {ids.shape[0]}")
         start = time.perf_counter()
         cache = DynamicCache(config=self.llm.config)
-        hidden = self.llm.model(inputs_embeds=self.embed(ids, pixel_values, speech_features), past_key_values=cache,
-                                use_cache=True).last_hidden_state[:, -1]
+        hidden = forward_with_cache(self.llm.model, cache, inputs_embeds=self.embed(ids, pixel_values, speech_features)
+                                    ).last_hidden_state[:, -1]
         pending: List[tuple] = []
         streaming = speak and self.streams_speech
         stream = self.speech_decoder.stream(self._chunks(pending)) if streaming else None
@@ -89,7 +90,7 @@ class OmniGeneration:
                 token = int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
             yield AnswerEvent("token", time.perf_counter() - start, token=token)
             step = torch.tensor([[token]], device=ids.device)
-            hidden = self.llm.model(input_ids=step, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            hidden = forward_with_cache(self.llm.model, cache, input_ids=step).last_hidden_state[:, -1]
             if speak:  # the state of a response token is the one computed when it is the input
                 pending.append((hidden[0], token))
                 yield from spoken(final=False)

@@ -19,6 +19,7 @@ from omnifast.ops.decode import sample_top_k_top_p
 from omnifast.ops.dpo import DPOOutput, check_normalization, dpo_from_logps, normalize
 from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
+from .kv_cache import forward_with_cache
 from .speech_decoder import IGNORE_INDEX, SpeechDecoder, SpeechDecoderConfig, SpeechDecoderOutput
 
 
@@ -150,7 +151,7 @@ class ARSpeechDecoder(SpeechDecoder):
             empty = torch.zeros(1, 0, dtype=torch.long, device=fused.device)
             seq, _ = self._inputs(fused[b:b + 1, :L], text_lengths[b:b + 1], empty, torch.zeros_like(text_lengths[b:b + 1]))
             cache = DynamicCache(config=self.decoder.config)
-            out = self.decoder(inputs_embeds=seq, past_key_values=cache, use_cache=True).last_hidden_state
+            out = forward_with_cache(self.decoder, cache, inputs_embeds=seq).last_hidden_state
             units: List[int] = []
             while len(units) < limit:
                 logits = self.head(out[0, -1]).float()
@@ -159,6 +160,6 @@ class ARSpeechDecoder(SpeechDecoder):
                     break
                 units.append(unit)
                 step = self.unit_embedding.weight[unit][None, None].to(seq.dtype)
-                out = self.decoder(inputs_embeds=step, past_key_values=cache, use_cache=True).last_hidden_state
+                out = forward_with_cache(self.decoder, cache, inputs_embeds=step).last_hidden_state
             results.append(units)
         return results

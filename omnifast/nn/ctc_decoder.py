@@ -16,6 +16,7 @@ from omnifast.ops import ctc_greedy_decode, linear_ctc_loss
 from omnifast.ops.dpo import DPOOutput, check_normalization, dpo_from_logps, normalize
 
 from .heads import CTCDPOLoss, LinearCTCHead
+from .kv_cache import forward_with_cache
 from .speech_decoder import SpeechDecoder, SpeechDecoderConfig, SpeechDecoderOutput, uniform_upsample
 
 
@@ -149,8 +150,8 @@ class CTCSpeechDecoder(SpeechDecoder):
                                      torch.cat(groups)[None], query_offset=tokens_done)
             frames = fused.repeat_interleave(c.upsample_factor, dim=1)
             positions = torch.arange(frames_done, frames_done + frames.shape[1], device=hidden.device)[None]
-            states = self.decoder(inputs_embeds=frames, position_ids=positions, past_key_values=cache,
-                                  use_cache=True).last_hidden_state
+            states = forward_with_cache(self.decoder, cache, inputs_embeds=frames,
+                                        position_ids=positions).last_hidden_state
             logits = self.head(states)[0]
             carried = logits if previous is None else torch.cat([previous, logits])
             units = ctc_greedy_decode(carried, blank=self.head.blank)[0]
