@@ -14,7 +14,7 @@ def _cache_keyword(module_type: type) -> str:
 
 def forward_with_cache(module: nn.Module, cache, **inputs):
     """``module(**inputs, use_cache=True)`` with ``cache`` (a ``transformers`` ``Cache``, updated in
-    place) passed as ``cache``, the name from transformers 5.25 on, or as ``past_key_values``
-    where the module's ``forward`` has no ``cache`` parameter (older versions; the old name
-    still works from 5.25 to 5.39, with a deprecation warning on every call)."""
+    place) passed as ``cache`` where the module's ``forward`` takes that name (transformers 5.24
+    and 5.25 do), else as ``past_key_values`` (5.17 does). 5.25 warns on every call that uses
+    the old name where the new one exists, and 5.40 drops it."""
     return module(**inputs, **{_cache_keyword(type(module)): cache}, use_cache=True)
