@@ -166,12 +166,19 @@ def print_table(op: str, rows: Sequence[Dict[str, object]], baseline: str) -> No
                   f"{result['speedup']:8.2f}x {result['vs']:12s} {peak_text}")
 
 
-def write_results(op: str, payload: Dict[str, object], baseline: str, out_dir: Path = RESULTS) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{op}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+def write_json(path: Path, payload, default: Optional[Callable[[object], object]] = None) -> Path:
+    """``payload`` as indented JSON at ``path`` (its folder made), written under a temporary
+    name and renamed, so that a reader never sees half a file. ``default`` as in ``json.dumps``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=default))
     tmp.replace(path)
+    return path
+
+
+def write_results(op: str, payload: Dict[str, object], baseline: str, out_dir: Path = RESULTS) -> Path:
+    path = write_json(out_dir / f"{op}.json", payload)
     try:
         _plot(op, payload["cases"], baseline, out_dir / f"{op}.png")
     except ImportError:

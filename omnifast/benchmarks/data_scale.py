@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._harness import RESULTS, environment
+from ._harness import RESULTS, environment, write_json
 
 WORDS = ("the sky is blue and the grass is green while a small red circle sits on the left of a square "
          "she said that it would rain tomorrow so we stayed at home and read old letters").split()
@@ -95,13 +95,10 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['layout']:12s} {r['file_bytes'] / 1e6:9.0f} {r['load_s']:8.1f} {r['records'] / r['load_s']:10.0f} "
               f"{r['peak_bytes'] / 2**20:9.1f} {r['read_one_s'] * 1e6:8.0f} us")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{'quick_' if args.quick else ''}data_scale.json"
-    (out / name).write_text(json.dumps({"op": "data_scale", "description": __doc__, "records": count,
-                                        "environment": environment(__import__("torch").device("cpu")),
-                                        "rows": rows}, indent=2))
-    print(f"\nwrote {out / name}")
+    path = write_json(Path(args.out) / f"{'quick_' if args.quick else ''}data_scale.json",
+                      {"op": "data_scale", "description": __doc__, "records": count,
+                       "environment": environment(__import__("torch").device("cpu")), "rows": rows})
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -4,13 +4,12 @@ writes JSON. Run ``python -m omnifast.benchmarks.demo_time``."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ._harness import RESULTS
+from ._harness import RESULTS, write_json
 
 BUDGET_S = {"quick": 180, "full": 900}
 
@@ -38,9 +37,7 @@ def main(argv=None) -> int:
     print(f"omnifast demo{'' if args.full else ' --quick'}: {seconds:.0f} s (budget {BUDGET_S[size]} s)")
     for name, step in results["seconds"].items():
         print(f"  {name}: {step:.1f} s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"demo_time-{size}.json").write_text(json.dumps(payload, indent=2))
+    write_json(Path(args.out) / f"demo_time-{size}.json", payload)
     return 0
 
 

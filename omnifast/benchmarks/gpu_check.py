@@ -253,9 +253,8 @@ def _device(dry_run: bool) -> torch.device:
 
 
 def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    from ._harness import write_json
+    write_json(path, payload, default=str)
 
 
 def part_parity(out: Path, dry_run: bool, budget_s: float) -> None:

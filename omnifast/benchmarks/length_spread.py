@@ -33,7 +33,7 @@ from omnifast.nn import SpeechDecoder, SpeechDecoderConfig
 from omnifast.training.layers import apply_layer_options
 from omnifast.training.loader import MicroBatches, TokenBudgetBatches
 
-from ._harness import RESULTS, environment
+from ._harness import RESULTS, environment, write_json
 
 CASES = {"padded": dict(budget=False, packing=False, compile=False, checkpointing="off"),
          "bucketed": dict(budget=True, packing=False, compile=False, checkpointing="off"),
@@ -202,13 +202,10 @@ def main(argv=None) -> int:
         budget = f"{r['budget_vs_padded']:15.2f}x" if "budget_vs_padded" in r else f"{'-':>16s}"
         print(f"{r['case']:20s} {r['units_per_s']:9.1f} {r['speedup_vs_padded']:8.2f}x "
               f"{r['padding_fraction']:7.1%} {r['records_per_step']:12.1f} {per_frame} {budget}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{'quick_' if args.quick else ''}length_spread.json"
-    (out / name).write_text(json.dumps({"op": "length_spread", "description": __doc__, "sigma": args.sigma,
-                                        "records": count, "environment": environment(torch.device("cpu")),
-                                        "rows": rows}, indent=2))
-    print(f"\nwrote {out / name}")
+    path = write_json(Path(args.out) / f"{'quick_' if args.quick else ''}length_spread.json",
+                      {"op": "length_spread", "description": __doc__, "sigma": args.sigma, "records": count,
+                       "environment": environment(torch.device("cpu")), "rows": rows})
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._harness import RESULTS, environment
+from ._harness import RESULTS, environment, write_json
 
 
 def write_records(root: Path, count: int) -> Path:
@@ -101,13 +101,11 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['workers']:7d} {r['loader_only_records_per_s']:17.1f} {r['records_per_s']:19.1f} "
               f"{r['wait_share']:7.1%} {r['wait_s_per_step'] * 1e3:8.1f} ms")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"{'quick_' if args.quick else ''}loader.json"
     import torch
-    (out / name).write_text(json.dumps({"op": "loader", "description": __doc__, "rows": rows,
-                                        "environment": environment(torch.device("cpu"))}, indent=2))
-    print(f"\nwrote {out / name}")
+    path = write_json(Path(args.out) / f"{'quick_' if args.quick else ''}loader.json",
+                      {"op": "loader", "description": __doc__, "rows": rows,
+                       "environment": environment(torch.device("cpu"))})
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ._harness import RESULTS, environment
+from ._harness import RESULTS, environment, write_json
 
 OPENOMNI_PARAMETERS = 9.238e9  # OmniConfig.openomni_7b(), counted on the meta device
 
@@ -114,12 +114,9 @@ def main(argv=None) -> int:
           f"load peak / weights ratio ({per_parameter:.0f} bytes per parameter measured):")
     for name, values in arithmetic.items():
         print(f"  {name:26s} weights {values['weight_gb']:5.1f} GB, load peak {values['load_peak_gb']:5.1f} GB")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{'quick_' if args.quick else ''}save_load.json"
-    path.write_text(json.dumps({"op": "save_load", "description": __doc__, "rows": rows,
-                                "openomni_arithmetic": arithmetic,
-                                "environment": environment(__import__("torch").device("cpu"))}, indent=2))
+    path = write_json(Path(args.out) / f"{'quick_' if args.quick else ''}save_load.json",
+                      {"op": "save_load", "description": __doc__, "rows": rows, "openomni_arithmetic": arithmetic,
+                       "environment": environment(__import__("torch").device("cpu"))})
     print(f"\nwrote {path}")
     return 0
 

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -47,7 +46,7 @@ from omnifast.training.cache import build_cache, collate_cached
 from omnifast.training.loader import collate_batch
 
 from . import train_step_estimate
-from ._harness import RESULTS, environment
+from ._harness import RESULTS, environment, write_json
 from .openomni_recipe import OpenOmniRecipeLoss
 
 IMPLEMENTATIONS = train_step_estimate.IMPLEMENTATIONS
@@ -388,11 +387,7 @@ def main(argv=None) -> int:
 
 
 def _write(payload: Dict, out_dir: Path, name: str) -> int:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    path = write_json(out_dir / f"{name}.json", payload)
     drawn = plot(payload, path.with_suffix(".png"))
     print(f"\nwrote {path}" + (f" and {path.with_suffix('.png')}" if drawn else ""))
     return 0
