@@ -64,9 +64,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling: Optiona
     if query.is_cuda and _flash_varlen() is not None and query.dtype in (torch.float16, torch.bfloat16):
         offsets = cu_seq_lens_q.to(device=query.device, dtype=torch.int32)
         longest = int(max_length_q) if max_length_q is not None else int((offsets[1:] - offsets[:-1]).max())
-        out = _flash_varlen()(q, k, v, offsets, offsets, longest, longest, scale=scaling,
-                              window_size=(-1, 0) if causal else (-1, -1), enable_gqa=groups > 1)
-        return out[None], None
+        return flash_varlen(_flash_varlen(), q, k, v, offsets, longest, scaling, causal)[None], None
     bounds = cu_seq_lens_q.tolist()
     pieces: List[torch.Tensor] = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -74,6 +72,28 @@ def varlen_attention(module, query, key, value, attention_mask, scaling: Optiona
         pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling,
                                                      enable_gqa=groups > 1)[0].transpose(0, 1))
     return torch.cat(pieces)[None], None
+
+
+def flash_varlen(varlen_attn, q, k, v, offsets, longest: int, scale: Optional[float], causal: bool) -> torch.Tensor:
+    """One ``varlen_attn`` launch over a pack: q (T, heads, d), k/v (T, kv heads, d) -> (T, heads, d).
+    Grouped-query attention goes to ``enable_gqa`` where ``varlen_attn`` takes it (torch >= 2.12);
+    before that, k and v are repeated to the query heads."""
+    groups = q.shape[1] // k.shape[1]
+    options = {"scale": scale, "window_size": (-1, 0) if causal else (-1, -1)}
+    if groups > 1:
+        if _takes_keyword(varlen_attn, "enable_gqa"):
+            options["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen_attn(q, k, v, offsets, offsets, longest, longest, **options)
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    import inspect
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: assume the older form
+        return False
 
 
 def _flash_varlen():
