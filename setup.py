@@ -1,10 +1,10 @@
 """Build omnifast: the Python package (Triton kernels in ``omnifast.kernels``, benchmark scripts
 in ``omnifast.benchmarks``) and the C++ CPU extension ``omnifast._C``, compiled with ninja
-through torch's cpp_extension."""
+through torch's cpp_extension. ``OMNIFAST_NO_EXTENSION=1`` installs the package alone (the GPU
+check needs no C++; the CPU backend then falls back to the torch reference with a warning)."""
 import os
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # The extension is built on the machine that runs it, so it may use that machine's vector
 # units; OMNIFAST_PORTABLE=1 builds for the baseline ISA instead (e.g. to ship a wheel).
@@ -20,16 +20,20 @@ if os.environ.get("OMNIFAST_SANITIZE"):
     cxx_flags = ["-O1", "-g", "-fopenmp", "-std=c++17"] + sanitize
     link_flags = ["-fopenmp"] + sanitize
 
-setup(
-    packages=find_packages(include=["omnifast", "omnifast.*"]),
-    ext_modules=[
-        CppExtension(
-            "omnifast._C",
-            sources=["csrc/bindings.cpp", "csrc/ctc.cpp", "csrc/moe.cpp", "csrc/fsq.cpp"],
-            depends=["csrc/ctc.h", "csrc/fastmath.h", "csrc/moe.h", "csrc/fsq.h"],
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=link_flags,
-        )
-    ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+extension = {}
+if not os.environ.get("OMNIFAST_NO_EXTENSION"):
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    extension = dict(
+        ext_modules=[
+            CppExtension(
+                "omnifast._C",
+                sources=["csrc/bindings.cpp", "csrc/ctc.cpp", "csrc/moe.cpp", "csrc/fsq.cpp"],
+                depends=["csrc/ctc.h", "csrc/fastmath.h", "csrc/moe.h", "csrc/fsq.h"],
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
+            )
+        ],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+setup(packages=find_packages(include=["omnifast", "omnifast.*"]), **extension)

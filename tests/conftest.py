@@ -49,6 +49,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_only: a CPU-side test (C++ kernels, the interpreter, CLI on "
                                        "the CPU) that the CUDA test mode does not repeat")
     config.addinivalue_line("markers", "cuda_only: a test at real shapes that only the CUDA test mode runs")
+    config.addinivalue_line("markers", "gpu_check(rank): in `make gpu-check`'s GPU parity run (pytest -m gpu_check), "
+                                       "lower ranks first: 1 every op family at its real shape, 2 the CTC family, "
+                                       "3 linear-CTC, 4 CTC-DPO, 5 MoE, 6 the speech decoder, 7 packing, FSQ and "
+                                       "mixed precision")
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -177,6 +177,16 @@ def write_json(path: Path, payload, default: Optional[Callable[[object], object]
     return path
 
 
+def write_text(path: Path, text: str) -> Path:
+    """``text`` at ``path`` under a temporary name, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def write_results(op: str, payload: Dict[str, object], baseline: str, out_dir: Path = RESULTS) -> Path:
     path = write_json(out_dir / f"{op}.json", payload)
     try:

@@ -1,26 +1,30 @@
-"""Every GPU claim checked in one run that fits a short GPU loan: ``omnifast bench gpu-check --out DIR``
-(``make gpu-check`` installs omnifast first and writes to ``$OUT`` or ``gpu_check/``).
+"""Every GPU claim checked in one run that fits a short GPU loan: ``make gpu-check`` (or
+``python -m omnifast.benchmarks.gpu_check --install --out DIR`` from a checkout; results in
+``$OUT`` or ``gpu_check/``).
 
-Four parts run in this order, each in its own subprocess under its own time budget, so that a
-crash or a hang in one is recorded and the next still runs:
+It runs from the source tree: ``--install`` first tries ``pip install -e .`` without the C++
+extension (``OMNIFAST_NO_EXTENSION=1``; gpu-check needs none of it), records how that went, and
+goes on whatever the outcome. Then four parts run in this order, each in its own process under
+its own time budget, so that a crash or a hang in one is recorded and the next still runs:
 
-1. ``parity``: the suite's GPU-relevant op and module tests in GPU test mode (a chosen set:
-   CTC fused and drop-in in f32/bf16, linear-CTC, CTC-DPO sparse and dense, MoE dense and top-k on
-   every GEMM engine, FSQ, the speech decoder's loss and stream == generate), then every headline
-   shape below checked against the torch recipe (``F.ctc_loss`` through ``log_softmax``,
-   ``NaiveMoE``): float32 within 1e-3 of the largest value, bf16 within twice the torch recipe's
-   own bf16 error against float32.
+1. ``parity``: the suite's tests marked ``gpu_check`` in the GPU test mode, lowest rank first
+   (the real-shape checks of every op family against its torch recipe, then the CTC family,
+   linear-CTC, CTC-DPO, MoE, the speech decoder, packing, FSQ and mixed precision), in parallel
+   under pytest-xdist (``gpu_check_plugin.py``). The first launch of each Triton specialisation
+   compiles it; the parallel workers share that out and leave the compiled kernels in Triton's
+   cache for the parts after.
 2. ``headline``: the headline shapes of each op family against torch in the same dtype, timed
-   with CUDA events, peak memory from ``max_memory_allocated`` (``HEADLINE_CASES``).
+   with CUDA events, peak memory from ``max_memory_allocated`` (``HEADLINE_CASES``); every case is
+   first run once in parallel processes, so that what compiles, compiles side by side.
 3. ``train_step``: stages 4 and 5 of the 7B model at batch 8 and the largest-batch search, the
-   search capped in time.
+   search capped in time (checked inside each step).
 4. ``profile``: a ``torch.profiler`` kernel table of the CTC and MoE headline cases.
 
-``--out`` receives at most 8 files: ``parity.json``, ``headline.json``, ``train_step.json``,
-``profile.json``, ``profile.txt``, ``summary.md`` (one row per case: time, ratio to torch, memory,
-pass/fail) and ``log.txt`` (every part's output). ``--dry-run`` runs the same code on the CPU at
-tiny shapes (the Triton kernels interpreted; the full test selection only collected, a few of
-its tests run) in under 2 minutes; the test suite runs it.
+Every part rewrites its JSON after every case and the driver rewrites ``summary.md`` after every
+part, so whatever is killed, what finished is kept; leftovers are removed, and ``--out`` holds at
+most the 7 files of ``FILES``. Each part records how many Triton specialisations it launched.
+``--dry-run`` runs the same code on the CPU at tiny shapes (the Triton kernels interpreted; the
+whole test selection collected, a few of its tests run); the test suite runs it.
 """
 from __future__ import annotations
 
@@ -40,39 +44,17 @@ import torch
 import torch.nn.functional as F
 
 PARTS = ("parity", "headline", "train_step", "profile")
-# seconds per part on a GPU; with the install (about a minute) the whole run stays under 8 minutes
-BUDGET_S = {"parity": 150, "headline": 120, "train_step": 100, "profile": 40}
+# seconds per part on a GPU; with the install (seconds: nothing is compiled) about 6.5 minutes
+BUDGET_S = {"parity": 150, "headline": 90, "train_step": 110, "profile": 30}
 # the dry run's parts take 3-25 s each on 2 idle cores and up to six times that on a loaded
 # machine; a dry run checks what each part writes, not how fast (on the CPU train_step runs no
 # batch-size search, so its budget does not lengthen the run)
 DRY_RUN_BUDGET_S = {"parity": 180, "headline": 120, "train_step": 150, "profile": 120}
+INSTALL_BUDGET_S = 120
+FILES = ("parity.json", "headline.json", "train_step.json", "profile.json", "profile.txt", "summary.md", "log.txt")
 LOG_LIMIT = 15 * 2**20
-
-# The suite's tests that exercise the GPU kernels (``-k "not cpu"`` drops the C++ backend's cases).
-GPU_TESTS = (
-    "tests/ops/test_ctc.py::test_triton_matches_reference",
-    "tests/ops/test_ctc.py::test_edge_cases",
-    "tests/ops/test_ctc.py::test_concatenated_and_unbatched_targets",
-    "tests/ops/test_ctc.py::test_bf16_within_twice_the_reference_error",
-    "tests/ops/test_ctc.py::test_triton_loss_is_the_same_with_and_without_a_gradient",
-    "tests/ops/test_ctc.py::test_triton_with_speech_sized_tiles",
-    "tests/ops/test_linear_ctc.py::test_triton_matches_unfused",
-    "tests/ops/test_linear_ctc.py::test_bf16_within_twice_the_reference_error",
-    "tests/ops/test_linear_ctc.py::test_triton_with_speech_sized_tiles_under_autocast",
-    "tests/ops/test_ctc_dpo.py::test_triton_matches_unfused_recipe",
-    "tests/ops/test_ctc_dpo.py::test_sparse_and_dense_paths_agree",
-    "tests/ops/test_ctc_dpo.py::test_bf16",
-    "tests/ops/test_moe.py::test_route_matches_reference",
-    "tests/ops/test_moe.py::test_expert_mlp_matches_reference",
-    "tests/nn/test_moe.py::test_triton_matches_naive",
-    "tests/nn/test_moe.py::test_every_gemm_engine_of_the_triton_backend_matches_naive",
-    "tests/ops/test_fsq.py::test_matches_reference",
-    "tests/ops/test_mixed_precision.py",
-    "tests/nn/test_speech_decoder.py::test_fused_loss_equals_ctc_on_full_logits",
-    "tests/nn/test_speech_decoder.py::test_streaming_equals_one_full_pass",
-)
-DRY_RUN_TESTS = ("tests/ops/test_fsq.py::test_matches_reference",
-                 "tests/nn/test_speech_decoder.py::test_streaming_equals_one_full_pass")
+# the dry run's parity: a few of the selection's tests (a -k expression)
+DRY_RUN_TESTS = "test_fsq or test_streaming_equals_one_full_pass or test_a_packed_decoder"
 
 
 # --- the headline cases -------------------------------------------------------------------------
@@ -257,81 +239,100 @@ def _write_json(path: Path, payload) -> None:
     write_json(path, payload, default=str)
 
 
+def _specialisations() -> int:
+    """Triton specialisations launched by this process so far."""
+    from omnifast.kernels import _launch
+    return len(_launch.recorded())
+
+
+def _record_launches() -> None:
+    from omnifast.kernels import _launch
+    _launch.record_launches()
+
+
 def part_parity(out: Path, dry_run: bool, budget_s: float) -> None:
-    payload: Dict[str, object] = {"tests": {}, "headline": []}
+    """The tests marked ``gpu_check`` in the GPU test mode, lowest rank first, in parallel
+    (pytest-xdist, one worker per two cores, at most 8). The plugin rewrites ``parity.json``
+    after every test; a dry run collects the whole selection and runs a few of its tests on the
+    CPU."""
+    from .gpu_check_plugin import PARITY_VARIABLE
     path = out / "parity.json"
-    reports = out / "parity-reports.jsonl.tmp"
-    reports.unlink(missing_ok=True)
     env = {**os.environ, "OMNIFAST_TEST_DEVICE": "cpu" if dry_run else "cuda", "HYPOTHESIS_PROFILE": "gpu-check",
-           REPORTS_VARIABLE: str(reports)}
-    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "omnifast.benchmarks.gpu_check",
-            "-k", "not cpu"]
-    if dry_run:  # the whole selection must still be collectable; a few of its tests run
-        collected = subprocess.run(base + ["--collect-only", *GPU_TESTS], capture_output=True, text=True, env=env)
+           PARITY_VARIABLE: str(path)}
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "omnifast.benchmarks.gpu_check_plugin",
+            "-m", "gpu_check"]
+    selection = None
+    if dry_run:  # the whole selection must still be collectable
+        collected = subprocess.run(base + ["-k", "not cpu", "--collect-only", "tests"], capture_output=True,
+                                   text=True, env={**env, PARITY_VARIABLE: ""})
         print(collected.stdout[-2000:], collected.stderr[-2000:])
-        payload["collected"] = {"returncode": collected.returncode,
-                                "tests": sum(1 for line in collected.stdout.splitlines() if "::" in line)}
+        selection = {"returncode": collected.returncode,
+                     "tests": sum(1 for line in collected.stdout.splitlines() if "::" in line)}
         if collected.returncode != 0:
             raise SystemExit(f"the GPU test selection no longer collects:\n{collected.stdout[-3000:]}")
+    workers = 2 if dry_run else max(1, min(8, (os.cpu_count() or 2) // 2))
+    keyword = f"not cpu and ({DRY_RUN_TESTS})" if dry_run else "not cpu"
+    command = base + ["-k", keyword] + (["-n", str(workers)] if _xdist() else []) + ["tests"]
     start = time.monotonic()
-    try:  # what finished before a timeout is kept: each test's report is appended as it ends
-        run = subprocess.run(base + list(DRY_RUN_TESTS if dry_run else GPU_TESTS), env=env, text=True,
-                             timeout=budget_s * 0.7, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        run = subprocess.run(command, env=env, text=True, timeout=budget_s * 0.9, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
         print(run.stdout[-20000:])
-        payload["pytest_returncode"] = run.returncode
+        status = run.returncode
     except subprocess.TimeoutExpired:
-        payload["pytest_returncode"] = "timeout"
-    payload["pytest_seconds"] = time.monotonic() - start
-    if reports.is_file():
-        payload["tests"] = _test_summary(reports)
-        reports.unlink()
+        status = "timeout"
+    payload = json.loads(path.read_text()) if path.is_file() else {"tests": {}}
+    payload.update(pytest_status=status, pytest_seconds=time.monotonic() - start, workers=workers if _xdist() else 1)
+    if selection is not None:
+        payload["selection"] = selection
     _write_json(path, payload)
-    device = _device(dry_run)
-    for case in HEADLINE_CASES:
-        row = {"case": case.name(dry_run)}
-        try:
-            row["results"] = check_parity(case, device, dry_run)
-            row["passed"] = all(r.get("passed", True) for r in row["results"].values())
-        except Exception as error:  # noqa: BLE001 - recorded, and the next case still runs
-            row.update(passed=False, error=f"{type(error).__name__}: {str(error)[:500]}")
-        payload["headline"].append(row)
-        print(f"parity {row['case']}: {'pass' if row['passed'] else 'FAIL'}", flush=True)
-        _write_json(path, payload)
-        _free(device)
 
 
-REPORTS_VARIABLE = "OMNIFAST_GPU_CHECK_REPORTS"
+def _xdist() -> bool:
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def pytest_runtest_logreport(report) -> None:
-    """pytest hook (this module is loaded with ``-p``): one JSON line per test phase that matters."""
-    target = os.environ.get(REPORTS_VARIABLE)
-    if not target or (report.when != "call" and report.passed):
-        return
-    with open(target, "a") as handle:
-        handle.write(json.dumps({"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
-                                 "seconds": report.duration,
-                                 "message": str(report.longrepr)[-400:] if report.failed else ""}) + "\n")
+def _warm_case(index: int, dry_run: bool) -> Tuple[int, float, Optional[str]]:
+    """Run every implementation of one headline case once (its kernels compiled into Triton's
+    cache); (case index, seconds, error or None). Runs in a worker process."""
+    start = time.monotonic()
+    try:
+        device = _device(dry_run)
+        for fn in implementations(HEADLINE_CASES[index], device, dry_run).values():
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - the timing loop records a comparator that does not apply
+                pass
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return index, time.monotonic() - start, None
+    except Exception as error:  # noqa: BLE001 - reported with the case
+        return index, time.monotonic() - start, f"{type(error).__name__}: {str(error)[:300]}"
 
 
-def _test_summary(path: Path) -> Dict[str, Dict[str, object]]:
-    """{test function: {passed, failed, skipped, seconds, failures: [first lines]}}."""
-    summary: Dict[str, Dict[str, object]] = {}
-    for line in path.read_text().splitlines():
-        report = json.loads(line)
-        entry = summary.setdefault(report["nodeid"].split("[")[0],
-                                   {"passed": 0, "failed": 0, "skipped": 0, "seconds": 0.0, "failures": []})
-        entry["seconds"] += report["seconds"]
-        entry[report["outcome"]] += 1
-        if report["outcome"] == "failed":
-            entry["failures"].append(f"{report['nodeid'].split('::')[-1]} ({report['when']}): {report['message']}")
-    return summary
+def warm(dry_run: bool, workers: int) -> Dict[str, object]:
+    """Every headline case run once, ``workers`` cases at a time in spawned processes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    start = time.monotonic()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        done = list(pool.map(_warm_case, range(len(HEADLINE_CASES)), [dry_run] * len(HEADLINE_CASES)))
+    return {"seconds": time.monotonic() - start, "workers": workers,
+            "cases": {HEADLINE_CASES[i].name(dry_run): {"seconds": s, "error": e} for i, s, e in done}}
 
 
 def part_headline(out: Path, dry_run: bool, budget_s: float) -> None:
     from ._harness import environment, peak_memory_here, time_alternating
+    _record_launches()
     device = _device(dry_run)
     payload = {"environment": environment(device), "cases": []}
+    payload["warm"] = warm(dry_run, workers=2 if dry_run else min(len(HEADLINE_CASES), os.cpu_count() or 1))
+    _write_json(out / "headline.json", payload)
     for case in HEADLINE_CASES:
         row: Dict[str, object] = {"case": case.name(dry_run), "baseline": case.baseline}
         try:
@@ -367,6 +368,7 @@ def part_headline(out: Path, dry_run: bool, budget_s: float) -> None:
         except Exception as error:  # noqa: BLE001 - recorded, and the next case still runs
             row["error"] = f"{type(error).__name__}: {str(error)[:500]}"
         payload["cases"].append(row)
+        payload["specialisations"] = _specialisations()
         print(f"headline {row['case']}: {'error' if 'error' in row else 'done'}", flush=True)
         _write_json(out / "headline.json", payload)
         del row
@@ -375,17 +377,23 @@ def part_headline(out: Path, dry_run: bool, budget_s: float) -> None:
 
 def part_train_step(out: Path, dry_run: bool, budget_s: float) -> None:
     from . import train_step
+    _record_launches()
     device = _device(dry_run)
     cases = len(train_step.STAGES) * len(train_step.IMPLEMENTATIONS)
     shape = {"prompt": 6, "response": 5, "units": 12} if dry_run else {"prompt": 64, "response": 60, "units": 300}
-    shape["search_s"] = budget_s * 0.4 / cases
-    payload = train_step.run("tiny" if dry_run else "openomni_7b", device, steps=1 if dry_run else 3,
-                             batch=2 if dry_run else 8, records=8 if dry_run else 16, shape=shape, memory=False)
-    _write_json(out / "train_step.json", payload)
+    shape["search_s"] = budget_s * 0.25 / cases
+
+    def keep(payload):  # after every case
+        payload["specialisations"] = _specialisations()
+        _write_json(out / "train_step.json", payload)
+    keep(train_step.run("tiny" if dry_run else "openomni_7b", device, steps=1 if dry_run else 2,
+                        batch=2 if dry_run else 8, records=8 if dry_run else 16, shape=shape, memory=False,
+                        on_row=keep))
 
 
 def part_profile(out: Path, dry_run: bool, budget_s: float) -> None:
     from torch.profiler import ProfilerActivity, profile
+    _record_launches()
     device = _device(dry_run)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -407,10 +415,11 @@ def part_profile(out: Path, dry_run: bool, budget_s: float) -> None:
             payload["cases"].append({"case": case.name(dry_run), "implementation": name, "sorted_by": sort_by,
                                      "kernels": [{"name": e.key, "calls": e.count,
                                                   "self_us": getattr(e, sort_by)} for e in rows]})
+            payload["specialisations"] = _specialisations()
+            (out / "profile.txt").write_text("\n\n".join(tables) + "\n")
+            _write_json(out / "profile.json", payload)
             print(f"profiled {case.name(dry_run)}: {name}", flush=True)
         _free(device)
-    (out / "profile.txt").write_text("\n\n".join(tables) + "\n")
-    _write_json(out / "profile.json", payload)
 
 
 def _free(device: torch.device) -> None:
@@ -424,18 +433,25 @@ PART_FUNCTIONS = {"parity": part_parity, "headline": part_headline, "train_step"
                   "profile": part_profile}
 
 
-# --- the driver: each part in a subprocess under its budget, then the summary --------------------
+# --- the driver: install, each part in a process under its budget, the summary after each --------
 
-def run_part(part: str, out: Path, dry_run: bool, budget_s: float, log) -> Dict[str, object]:
-    command = [sys.executable, "-m", "omnifast.benchmarks.gpu_check", "--part", part, "--out", str(out),
-               "--budget", str(budget_s)] + (["--dry-run"] if dry_run else [])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if dry_run:
-        env["TRITON_INTERPRET"] = "1"
-    log.write(f"\n===== {part} (budget {budget_s:.0f} s) =====\n")
+def _source_tree() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _environment() -> Dict[str, str]:
+    """The parts import omnifast from this source tree, installed or not."""
+    root = str(_source_tree())
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
+def _run_logged(name: str, command: List[str], env: Dict[str, str], budget_s: float, log) -> Dict[str, object]:
+    log.write(f"\n===== {name} (budget {budget_s:.0f} s) =====\n")
     log.flush()
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                               cwd=_source_tree())
     try:
         status = process.wait(timeout=budget_s)
     except subprocess.TimeoutExpired:
@@ -443,97 +459,64 @@ def run_part(part: str, out: Path, dry_run: bool, budget_s: float, log) -> Dict[
         process.wait()
         status = "timeout"
     seconds = time.monotonic() - start
-    log.write(f"===== {part}: {'exit ' + str(status) if status != 'timeout' else 'TIMEOUT'} after {seconds:.1f} s\n")
+    log.write(f"===== {name}: {'exit ' + str(status) if status != 'timeout' else 'TIMEOUT'} after {seconds:.1f} s\n")
     log.flush()
     return {"status": status, "seconds": seconds, "budget_s": budget_s}
 
 
-def _cell(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def install(log) -> Dict[str, object]:
+    """``pip install -e .`` of this checkout without the C++ extension; the parts run from the
+    source tree whatever this returns."""
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "-e", "."]
+    return _run_logged("install", command, {**_environment(), "OMNIFAST_NO_EXTENSION": "1"}, INSTALL_BUDGET_S, log)
 
 
-def summary_markdown(out: Path, runs: Dict[str, Dict[str, object]], dry_run: bool) -> str:
-    """One row per case of every part, from the JSON the parts wrote (a part that died early
-    shows what it finished, and its status)."""
-    def load(name):
-        path = out / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    lines = [f"# gpu-check{' (dry run on the CPU: tiny shapes, not a measurement)' if dry_run else ''}", "",
-             "| part | status | seconds | budget |", "| --- | --- | --- | --- |"]
-    lines += [f"| {p} | {r['status']} | {r['seconds']:.1f} | {r['budget_s']:.0f} |" for p, r in runs.items()]
-    parity = load("parity")
-    if parity:
-        lines += ["", "## parity", "", "| case | result | detail |", "| --- | --- | --- |"]
-        for name, entry in parity.get("tests", {}).items():
-            verdict = "pass" if not entry["failed"] else "FAIL"
-            detail = f"{entry['passed']} passed, {entry['failed']} failed, {entry['skipped']} skipped"
-            if entry["failures"]:
-                detail += ": " + entry["failures"][0].replace("|", "/").replace("\n", " ")[:200]
-            lines.append(f"| {name} | {verdict} | {detail} |")
-        for row in parity.get("headline", []):
-            detail = row.get("error") or ", ".join(
-                f"{n}: {r['max_relative_error']:.2e}" + (f" (allowed {r['allowed']:.1e})" if "allowed" in r else "")
-                for n, r in row["results"].items())
-            lines.append(f"| {row['case']} | {'pass' if row['passed'] else 'FAIL'} | {detail} |")
-    headline = load("headline")
-    if headline:
-        lines += ["", "## headline shapes (median of CUDA-event-timed forward+backward; peak above inputs)", "",
-                  "| case | implementation | ms | vs baseline | peak MiB | memory vs baseline | target | result |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row in headline["cases"]:
-            if "error" in row:
-                lines.append(f"| {row['case']} | - | - | - | - | - | - | ERROR: {row['error'][:150]} |")
-                continue
-            for name, r in row["results"].items():
-                targets = []
-                if "speedup_target" in r:
-                    targets.append(f">= {r['speedup_target']:g}x")
-                if "memory_target" in r:
-                    targets.append(f"<= {r['memory_target']:.3g} memory")
-                met = [r[k] for k in ("speedup_met", "memory_met") if k in r]
-                verdict = "-" if not met else ("met" if all(met) else "MISSED")
-                lines.append(f"| {row['case']} | {name} | {r['median_s'] * 1e3:.2f} | {_cell(r.get('speedup'), '.2f')}x "
-                             f"| {r['peak_bytes'] / 2**20:.1f} | {_cell(r.get('memory_ratio'), '.2f')} | "
-                             f"{', '.join(targets) or '-'} | {verdict} |")
-            for name, why in row.get("skipped", {}).items():
-                lines.append(f"| {row['case']} | {name} | - | - | - | - | - | not run: {why[:120]} |")
-    step = load("train_step")
-    if step:
-        lines += ["", f"## train_step ({step['config']})", "",
-                  "| stage | implementation | setting | step s | vs recipe | whole run vs recipe | units/s | peak GiB | "
-                  "memory vs recipe | largest batch |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for r in step["rows"]:
-            peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"
-            lines.append(f"| {r['stage']} | {r['implementation']} | {r['setting']} | {r['step_s']:.4f} | "
-                         f"{_cell(r.get('speedup_vs_recipe'), '.2f')}x | "
-                         f"{_cell(r.get('whole_run_speedup_vs_recipe'), '.2f')}x | {r['units_per_s']:.0f} | {peak} | "
-                         f"{_cell(r.get('memory_vs_recipe'), '.2f')} | {r.get('largest_batch') or '-'} |")
-    profile_payload = load("profile")
-    if profile_payload:
-        lines += ["", "## profile (top kernels; the whole tables are in profile.txt)", "",
-                  "| case | implementation | top kernels (self time, us) |", "| --- | --- | --- |"]
-        for row in profile_payload["cases"]:
-            top = "; ".join(f"{k['name'][:40]} {k['self_us']:.0f}" for k in row["kernels"][:4])
-            lines.append(f"| {row['case']} | {row['implementation']} | {top} |")
-    return "\n".join(lines) + "\n"
+def run_part(part: str, out: Path, dry_run: bool, budget_s: float, log) -> Dict[str, object]:
+    command = [sys.executable, "-m", "omnifast.benchmarks.gpu_check", "--part", part, "--out", str(out.resolve()),
+               "--budget", str(budget_s)] + (["--dry-run"] if dry_run else [])
+    env = _environment()
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    return _run_logged(part, command, env, budget_s, log)
 
 
-def run_all(out: Path, dry_run: bool, parts=PARTS) -> Dict[str, Dict[str, object]]:
-    out.mkdir(parents=True, exist_ok=True)
-    budgets = DRY_RUN_BUDGET_S if dry_run else BUDGET_S
-    runs = {}
-    with open(out / "log.txt", "a") as log:
-        for part in parts:
-            runs[part] = run_part(part, out, dry_run, budgets[part], log)
-            print(f"gpu-check {part}: {runs[part]['status']} in {runs[part]['seconds']:.1f} s", flush=True)
-    log_path = out / "log.txt"
-    if log_path.stat().st_size > LOG_LIMIT:  # keep the files returnable: the log's tail is what matters
-        with open(log_path, "rb") as handle:
+def remove_leftovers(out: Path) -> List[str]:
+    """Everything in ``out`` but ``FILES`` (a killed part's temporary files) removed; their names."""
+    import shutil
+    removed = []
+    for entry in out.iterdir():
+        if entry.name not in FILES:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            removed.append(entry.name)
+    return removed
+
+
+def _cap_log(path: Path) -> None:
+    if path.stat().st_size > LOG_LIMIT:  # keep the files returnable: the log's tail is what matters
+        with open(path, "rb") as handle:
             handle.seek(-LOG_LIMIT, os.SEEK_END)
             tail = handle.read()
-        log_path.write_bytes(b"[log cut to its last 15 MiB]\n" + tail)
-    (out / "summary.md").write_text(summary_markdown(out, runs, dry_run))
+        path.write_bytes(b"[log cut to its last 15 MiB]\n" + tail)
+
+
+def run_all(out: Path, dry_run: bool, parts=PARTS, with_install: bool = False) -> Dict[str, Dict[str, object]]:
+    from .gpu_check_report import summary_markdown
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = DRY_RUN_BUDGET_S if dry_run else BUDGET_S
+    runs: Dict[str, Dict[str, object]] = {}
+    with open(out / "log.txt", "a") as log:
+        steps = (["install"] if with_install else []) + list(parts)
+        for step in steps:
+            runs[step] = install(log) if step == "install" else run_part(step, out, dry_run, budgets[step], log)
+            removed = remove_leftovers(out)
+            if removed:
+                runs[step]["removed"] = removed
+                log.write(f"removed after {step}: {', '.join(removed)}\n")
+                log.flush()
+            print(f"gpu-check {step}: {runs[step]['status']} in {runs[step]['seconds']:.1f} s", flush=True)
+            _cap_log(out / "log.txt")
+            from ._harness import write_text
+            write_text(out / "summary.md", summary_markdown(out, runs, dry_run))
     return runs
 
 
@@ -541,6 +524,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the JSON, summary.md, profile tables and log")
     parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU at tiny shapes")
+    parser.add_argument("--install", action="store_true",
+                        help="first pip install -e . without the C++ extension (a failure is recorded, not fatal)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a part's own subprocess
     parser.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
@@ -556,9 +541,9 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu-check needs a CUDA GPU; --dry-run runs the same code on the CPU at tiny shapes", file=sys.stderr)
         return 2
-    runs = run_all(out, args.dry_run, parts)
+    runs = run_all(out, args.dry_run, parts, with_install=args.install)
     print(f"wrote {out / 'summary.md'}")
-    return 0 if all(r["status"] == 0 for r in runs.values()) else 1
+    return 0 if all(r["status"] == 0 for name, r in runs.items() if name != "install") else 1
 
 
 if __name__ == "__main__":

@@ -145,24 +145,41 @@ def time_steps(trainer: Trainer, steps: int, warmup: int, device) -> List[float]
     return times
 
 
+class SearchTimeUp(Exception):
+    """Raised from inside a step when the largest-batch search has used its time."""
+
+
+def _deadline_hook(deadline: float):
+    def check(module, inputs):
+        if time.monotonic() > deadline:
+            raise SearchTimeUp
+    return check
+
+
 def largest_batch(trainer: Trainer, device, cap: int, seconds: Optional[float] = None) -> Optional[int]:
     """On a GPU: double the records of a step until it runs out of memory (or ``cap``, or the
-    search has taken ``seconds``); the last that ran."""
+    search has taken ``seconds``: checked before every module's forward, so a step is cut short
+    when the time is up); the last that ran whole."""
     if device.type != "cuda":
         return None
     fitted, size = 0, 1
-    deadline = None if seconds is None else time.monotonic() + seconds
-    while size <= min(cap, len(trainer.dataset)) and (deadline is None or time.monotonic() < deadline):
-        trainer.config.batch_size, trainer.config.grad_accum = size, 1
-        try:
-            trainer.train_step(step_batches(trainer, 0))
-            synchronize(device)
-        except torch.cuda.OutOfMemoryError:
-            break
-        finally:
-            trainer.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-        fitted, size = size, size * 2
+    deadline = float("inf") if seconds is None else time.monotonic() + seconds
+    hooks = [m.register_forward_pre_hook(_deadline_hook(deadline)) for m in trainer.model.modules()]
+    try:
+        while size <= min(cap, len(trainer.dataset)) and time.monotonic() < deadline:
+            trainer.config.batch_size, trainer.config.grad_accum = size, 1
+            try:
+                trainer.train_step(step_batches(trainer, 0))
+                synchronize(device)
+            except (torch.cuda.OutOfMemoryError, SearchTimeUp):
+                break
+            finally:
+                trainer.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+            fitted, size = size, size * 2
+    finally:
+        for hook in hooks:
+            hook.remove()
     return fitted
 
 
@@ -251,7 +268,9 @@ def memory_subprocess(args: List[str]) -> Optional[int]:
 
 
 def run(config_name: str, device: torch.device, steps: int, batch: int, records: int, shape: Dict[str, int],
-        memory: bool = True, implementations=IMPLEMENTATIONS) -> Dict:
+        memory: bool = True, implementations=IMPLEMENTATIONS, on_row=None) -> Dict:
+    """Every (stage, implementation, setting) case; ``on_row(payload)`` after each, with the
+    rows so far (gpu-check keeps them when its time runs out)."""
     rows = []
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
@@ -269,9 +288,18 @@ def run(config_name: str, device: torch.device, steps: int, batch: int, records:
                             row["peak_bytes"] = working + row["device_weight_bytes"]
                     rows.append(row)
                     print(f"done: {stage} {name} {setting}", file=sys.stderr)
+                    if on_row is not None:
+                        on_row(_payload(rows, config_name, device, batch, records, shape))
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
             del bench
+    return _payload(rows, config_name, device, batch, records, shape)
+
+
+def _payload(rows: List[Dict], config_name: str, device: torch.device, batch: int, records: int,
+             shape: Dict[str, int]) -> Dict:
+    """The rows with their derived figures (units/s, whole run, ratios) and the run's settings."""
+    rows = [dict(row) for row in rows]
     for row in rows:
         row["units_per_s"] = row["records_per_step"] * shape["units"] / row["step_s"]
         steps_per_run = EPOCHS[row["stage"]] * math.ceil(records / row["records_per_step"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -17,12 +17,17 @@ _DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16",
            torch.bool: "i1"}
 
 _recorded: Optional[Dict[str, dict]] = None
+_execute: Union[bool, Callable[[str], bool]] = True
 
 
-def record_launches(enabled: bool = True) -> None:
-    """Start (or stop) recording the specialisations launched in this process."""
-    global _recorded
+def record_launches(enabled: bool = True, execute: Union[bool, Callable[[str], bool]] = True) -> None:
+    """Start (or stop) recording the specialisations launched in this process. ``execute=False``
+    records without running any kernel, and a function of the kernel's name runs those it
+    returns True for: what a call at real shapes would launch, counted on a machine without a
+    GPU (the kernels not run leave their outputs unwritten)."""
+    global _recorded, _execute
     _recorded = {} if enabled else None
+    _execute = True if not enabled else execute
 
 
 def recorded() -> List[dict]:
@@ -95,6 +100,8 @@ def launch(kernel, grid, *, num_warps: int = 4, num_stages: Optional[int] = None
     if _recorded is not None:
         spec = specialisation(kernel, runtime, constexprs, num_warps, num_stages)
         _recorded.setdefault(json.dumps(spec, sort_keys=True), spec)
+    if _execute is not True and not (callable(_execute) and _execute(kernel.fn.__name__)):
+        return
     options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     kernel[grid](*runtime.values(), **options, **constexprs)
 

@@ -53,6 +53,7 @@ def test_matches_naive(backend, tokens, hidden, ffn, out, experts, k, activation
                         activation=activation, bias=bias, normalize_topk=normalize)
 
 
+@pytest.mark.gpu_check(5)
 @settings(max_examples=10)
 @given(tokens=st.integers(1, 30), hidden=st.integers(1, 20), ffn=st.integers(1, 20), experts=st.integers(1, 7),
        k=st.integers(0, 7), activation=st.sampled_from(moe_ops.ACTIVATIONS), bias=st.booleans(),
@@ -227,6 +228,7 @@ def test_bad_input():
         MoE(8, 16, backend="gpu")
 
 
+@pytest.mark.gpu_check(5)
 @pytest.mark.parametrize("engine,dtype", [("triton", torch.float32), ("grouped_mm", torch.float32),
                                           ("grouped_mm", torch.bfloat16), ("segments", torch.float32),
                                           ("segments", torch.float64)])

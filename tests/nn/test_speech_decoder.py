@@ -56,6 +56,7 @@ def test_uniform_upsample_assignment():
     assert frames[1, :, 0].tolist() == [0, 0, 0, 1, 1, 0]  # 5 frames over 2 rows, then padding
 
 
+@pytest.mark.gpu_check(6)
 @pytest.mark.parametrize("normalization", ["openomni", "mean"])
 def test_fused_loss_equals_ctc_on_full_logits(normalization):
     torch.manual_seed(1)
@@ -93,6 +94,7 @@ def test_overfitting_one_batch_then_greedy_decoding_returns_the_targets():
     assert decoder.generate(hidden, tokens, mask, mask) == expected
 
 
+@pytest.mark.gpu_check(6)
 @pytest.mark.parametrize("chunk", [1, 2, 3, 9])
 def test_streaming_equals_one_full_pass(chunk):
     torch.manual_seed(3)

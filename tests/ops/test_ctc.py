@@ -89,6 +89,7 @@ def test_cpu_matches_reference(p, dtype, from_logits):
     check_against_reference(p, "cpu", dtype, from_logits)
 
 
+@pytest.mark.gpu_check(2)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("from_logits", [False, True])
 @settings(max_examples=6)
@@ -151,6 +152,7 @@ EDGE_CASES = {
 }
 
 
+@pytest.mark.gpu_check(2)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("case", sorted(EDGE_CASES))
@@ -171,6 +173,7 @@ def test_infeasible_targets_like_torch():
     assert (loss[:2] == 0).all() and (grad[:, :2] == 0).all() and torch.isfinite(grad).all()
 
 
+@pytest.mark.gpu_check(2)
 @pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_concatenated_and_unbatched_targets(backend, from_logits):
@@ -190,6 +193,7 @@ def test_concatenated_and_unbatched_targets(backend, from_logits):
         assert_close(loss.cpu(), padded[0][b])
 
 
+@pytest.mark.gpu_check(2)
 @pytest.mark.parametrize("backend", ("torch",) + KERNEL_BACKENDS)
 @pytest.mark.parametrize("from_logits", [False, True])
 def test_bf16_within_twice_the_reference_error(backend, from_logits):
@@ -256,6 +260,7 @@ def test_log_likelihood(backend):
                                                  p.target_lengths, backend=backend).cpu(), ll)
 
 
+@pytest.mark.gpu_check(2)
 def test_triton_loss_is_the_same_with_and_without_a_gradient():
     """The recursion meets in the middle whether or not occupancies are wanted, and both
     programs of a sequence compute log p from the same rows: the loss is bit for bit the same."""
@@ -296,6 +301,7 @@ def test_module_form():
     assert_close(module(p.logits, p.targets, p.input_lengths, p.target_lengths), expected, torch.float32)
 
 
+@pytest.mark.gpu_check(2)
 @pytest.mark.parametrize("width", [500, 600])
 def test_triton_with_speech_sized_tiles(width):
     """Targets padded to OpenOmni's lengths give 2W+1 = 1001 or 1201 states (the recursion's

@@ -106,6 +106,7 @@ def test_matches_unfused_recipe(p, backend, options):
     check(p, backend, **options)
 
 
+@pytest.mark.gpu_check(4)
 @settings(max_examples=5)
 @given(p=pair_problems(max_T=6, max_V=6))
 def test_triton_matches_unfused_recipe(p):
@@ -113,6 +114,7 @@ def test_triton_matches_unfused_recipe(p):
         check(p, "triton", **options)
 
 
+@pytest.mark.gpu_check(4)
 @pytest.mark.parametrize("group_elements", [1 << 22, 2 * 14 * 12, 1])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_and_dense_paths_agree(backend, group_elements, monkeypatch):
@@ -164,6 +166,7 @@ def test_infeasible_pairs(backend, sparse):
     assert torch.isnan(grads[0][1, :3]).all() and (grads[0][1, 3:] == 0).all()  # frames past the input: 0
 
 
+@pytest.mark.gpu_check(4)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16(backend):
     p = make_pairs(2, 10, 8, 12, [3, 4], [4, 2], [10, 9], seed=5, dtype=torch.bfloat16)

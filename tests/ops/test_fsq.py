@@ -17,6 +17,7 @@ def away_from_ties(z, levels):
     return torch.where(near, z + 0.01, z)
 
 
+@pytest.mark.gpu_check(7)
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @settings(max_examples=25)
 @given(rows=st.integers(0, 300), levels=st.lists(st.integers(2, 9), min_size=1, max_size=6),

@@ -65,6 +65,7 @@ def test_fused_matches_unfused(backend, case):
     assert_all_close(actual, expected, torch.float64)
 
 
+@pytest.mark.gpu_check(3)
 @settings(max_examples=15)
 @given(case=head_problems(max_T=7, max_V=6))
 def test_triton_matches_unfused(case):
@@ -94,6 +95,7 @@ def test_cpu_float32_at_speech_scale():
         assert (a.double() - t).abs().max() <= 2 * (r.double() - t).abs().max() + 1e-5
 
 
+@pytest.mark.gpu_check(3)
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_bf16_within_twice_the_reference_error(backend):
     problem = make_head_problem(2, 10, 8, 12, [3, 4], [10, 8], seed=5, dtype=torch.bfloat16)
@@ -218,6 +220,7 @@ def test_bad_input_names_the_argument(error, name, changes):
         omnifast.linear_ctc_loss(**kwargs)
 
 
+@pytest.mark.gpu_check(3)
 def test_triton_with_speech_sized_tiles_under_autocast():
     """bf16 chunks under autocast with the GPU's block sizes (V = 2100: two row tiles of 2048;
     targets padded to 500: 1001 states), against the C++ backend; recorded for the AOT test."""

@@ -21,6 +21,8 @@ from omnifast.ops.fsq import fsq_quantize
 from ..devices import device_for
 from ..tolerances import value_and_grads
 
+pytestmark = pytest.mark.gpu_check(7)
+
 BACKENDS = ("torch", "cpu", "triton")
 MODES = ("autocast-bf16", "autocast-fp16", "bf16-params", "fp16-params")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -33,6 +33,7 @@ def routed(backend, x, gate, top_k, normalize=True):
     return moe.Routing(**fields), grads
 
 
+@pytest.mark.gpu_check(5)
 @pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=25)
 @given(tokens=st.integers(1, 70), experts=st.integers(1, 9), k=st.integers(1, 9), normalize=st.booleans(),
@@ -131,6 +132,7 @@ def expert_mlp_case(backend, tokens, experts, k, hidden, ffn, out, activation, b
     return [t.cpu() for t in [y, *torch.autograd.grad((y * probe).sum(), inputs)]]
 
 
+@pytest.mark.gpu_check(5)
 @pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=15)
 @given(tokens=st.integers(1, 40), experts=st.integers(1, 7), k=st.integers(1, 3), hidden=st.integers(1, 40),

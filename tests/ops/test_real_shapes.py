@@ -8,6 +8,8 @@ import torch
 
 from omnifast.benchmarks import gpu_check
 
+pytestmark = pytest.mark.gpu_check(1)
+
 
 @pytest.mark.cuda_only
 @pytest.mark.parametrize("case", gpu_check.HEADLINE_CASES, ids=lambda case: case.name(False))
