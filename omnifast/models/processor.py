@@ -55,15 +55,17 @@ def _token_id(tokenizer, token: str) -> Optional[int]:
 class OmniProcessor:
     """Tokenizer + ``CLIPImageProcessor`` + ``WhisperFeatureExtractor`` with explicit settings."""
 
-    def __init__(self, tokenizer, config: OmniConfig, system_prompt: str = "You are a helpful assistant."):
+    def __init__(self, tokenizer, config: OmniConfig, system_prompt: Optional[str] = None):
         from transformers import WhisperFeatureExtractor
         missing = [t for t in SPECIAL_TOKENS[1:] if _token_id(tokenizer, t) is None]
         if missing:
             raise ValueError(f"the tokenizer lacks the special tokens {missing}: add them with "
                              f"omnifast.models.add_placeholder_tokens(tokenizer) and resize the LLM's embeddings to "
                              f"len(tokenizer) (OmniModel.from_components does both)")
-        self.tokenizer, self.config, self.system_prompt = tokenizer, config, system_prompt
-        self.image_processor = _image_processor(config)
+        # the model's own system turn (OmniConfig.system_prompt, saved with it) unless one is given
+        self.tokenizer, self.config = tokenizer, config
+        self.system_prompt = config.system_prompt if system_prompt is None else system_prompt
+        self._image_processor = None  # made on first use: it needs Pillow, which text and speech do not
         self.feature_extractor = WhisperFeatureExtractor(feature_size=config.speech["num_mel_bins"],
                                                          sampling_rate=config.sampling_rate,
                                                          chunk_length=config.audio_seconds)
@@ -77,6 +79,16 @@ class OmniProcessor:
     @property
     def sampling_rate(self) -> int:
         return self.config.sampling_rate
+
+    @property
+    def image_processor(self):
+        """``transformers``' CLIP (or SigLIP) image processor for the config's image size."""
+        if self._image_processor is None:
+            name, settings = image_settings(self.config)
+            import transformers
+            cls = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+            self._image_processor = cls(**settings)
+        return self._image_processor
 
     # ---- media -----------------------------------------------------------------------------
     def images_to_pixels(self, images: Sequence) -> torch.Tensor:
@@ -151,7 +163,8 @@ class OmniProcessor:
                             audios: Sequence = (), *, sampling_rate: Optional[int] = None,
                             add_generation_prompt: bool = False) -> Dict[str, Optional[torch.Tensor]]:
         """One conversation (a list of turns ``{"from": "human"|"gpt", "value": text}`` or
-        ``{"role", "content"}``) -> input_ids, labels (S,), pixel_values, speech_features."""
+        ``{"role", "content"}``) -> input_ids, labels (S,), pixel_values, speech_features and
+        speech_lengths (the encoder positions each clip fills before the window's padding)."""
         ids, labels = self.tokenize(conversation, add_generation_prompt)
         text = "".join(t.get("value", t.get("content")) for t in conversation)
         for token, media, name in ((IMAGE_TOKEN, images, "images"), (SPEECH_TOKEN, audios, "audios")):
@@ -160,7 +173,17 @@ class OmniProcessor:
                                  f"{len(media)} {name} were given")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "pixel_values": self.images_to_pixels(images) if len(images) else None,
-                "speech_features": self.audio_to_features(audios, sampling_rate) if len(audios) else None}
+                "speech_features": self.audio_to_features(audios, sampling_rate) if len(audios) else None,
+                "speech_lengths": self.speech_lengths(audios, sampling_rate) if len(audios) else None}
+
+    def speech_lengths(self, audios: Sequence, sampling_rate: Optional[int] = None) -> torch.Tensor:
+        """(n,) the speech encoder's positions (two mel frames each) that each clip fills, at most
+        the window's."""
+        rate = self.sampling_rate if sampling_rate is None else sampling_rate
+        hop = self.feature_extractor.hop_length
+        samples = [round(np.asarray(a).shape[0] * self.sampling_rate / rate) for a in audios]
+        window = self.config.speech["max_source_positions"]
+        return torch.tensor([min(window, -(-(n // hop + 1) // 2)) for n in samples])
 
     def __call__(self, conversations: Sequence, images: Optional[Sequence] = None, audios: Optional[Sequence] = None,
                  *, sampling_rate: Optional[int] = None, add_generation_prompt: bool = False) -> Dict[str, torch.Tensor]:
@@ -185,17 +208,14 @@ class OmniProcessor:
                    config)
 
 
-def _image_processor(config: OmniConfig):
-    """CLIP: resize the short side and centre-crop; SigLIP: resize to the square. The PIL
-    implementations, which need no torchvision."""
-    import transformers
+def image_settings(config: OmniConfig):
+    """(processor class, its settings): CLIP resizes the short side and centre-crops, SigLIP resizes
+    to the square. The PIL implementations, which need no torchvision."""
     size = config.image_size
     if config.vision_type == "siglip":
-        cls = getattr(transformers, "SiglipImageProcessorPil", None) or transformers.SiglipImageProcessor
-        return cls(size={"height": size, "width": size})
-    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-    return cls(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
-               do_normalize=True)
+        return "SiglipImageProcessor", {"size": {"height": size, "width": size}}
+    return "CLIPImageProcessor", {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
+                                  "do_center_crop": True, "do_normalize": True}
 
 
 def collate(items: Sequence[Dict[str, Optional[torch.Tensor]]], pad_id: int) -> Dict[str, torch.Tensor]:
@@ -209,7 +229,7 @@ def collate(items: Sequence[Dict[str, Optional[torch.Tensor]]], pad_id: int) -> 
         batch["input_ids"][row, :n] = item["input_ids"]
         batch["labels"][row, :n] = item["labels"]
         batch["attention_mask"][row, :n] = 1
-    for key in ("pixel_values", "speech_features"):
-        present = [item[key] for item in items if item[key] is not None]
+    for key in ("pixel_values", "speech_features", "speech_lengths"):
+        present = [item[key] for item in items if item.get(key) is not None]
         batch[key] = torch.cat(present) if present else None
     return batch

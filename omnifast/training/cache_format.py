@@ -22,11 +22,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from omnifast.models import OmniModel, OmniProcessor
+from omnifast.models.processor import image_settings
 
 from .data import Record, data_fingerprint
 from .stages import Stage
 
-VERSION = 1
+VERSION = 2
 INDEX = "index.json"
 FRONT = ("llm", "vision", "speech", "image_projector", "speech_projector")
 SHARD_BYTES = 256 << 20
@@ -65,7 +66,7 @@ def processor_digest(processor: OmniProcessor) -> str:
     tokenizer = processor.tokenizer
     described = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens,
                  "class": type(tokenizer).__name__, "system_prompt": processor.system_prompt,
-                 "image": processor.image_processor.to_dict(), "audio": processor.feature_extractor.to_dict()}
+                 "image": image_settings(processor.config), "audio": processor.feature_extractor.to_dict()}
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
