@@ -54,6 +54,8 @@ class OmniConfig:
     image_projector: str = "mlp2x_gelu"
     speech_stack: int = 5                   # speech projector: concatenate k encoder frames
     speech_projector_hidden: int = 2048
+    speech_ctc: bool = False                # a CTC head on the speech encoder (the speech-pretrain stage)
+    system_prompt: str = "You are a helpful assistant."  # the system turn every conversation starts with
     image_size: int = 336
     sampling_rate: int = 16000
     audio_seconds: int = 30                 # the Whisper window every clip is padded to
@@ -98,6 +100,10 @@ class OmniConfig:
                              f"LLM hidden size ({self.hidden})")
         if self.speech_decoder_mode not in ("nar", "ar"):
             raise ValueError(f"speech_decoder_mode must be 'nar' or 'ar', got {self.speech_decoder_mode!r}")
+        if not isinstance(self.system_prompt, str):
+            raise TypeError(f"system_prompt must be text, got {type(self.system_prompt).__name__}")
+        if not isinstance(self.speech_ctc, bool):
+            raise TypeError(f"speech_ctc must be true or false, got {self.speech_ctc!r}")
         if self.vision_type not in ("clip", "siglip"):
             raise ValueError(f"vision_type must be 'clip' or 'siglip', got {self.vision_type!r}")
         if self.image_projector != "mlp2x_gelu":

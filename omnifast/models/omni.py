@@ -23,7 +23,7 @@ from .weights import load_weights, rebuild_buffers, save_weights, weight_files
 __all__ = ["OmniModel", "OmniOutput", "AnswerEvent", "GenerateOutput", "SpeechProjector", "COMPONENTS",
            "response_states", "rebuild_buffers", "vision_classes"]
 
-COMPONENTS = ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder")
+COMPONENTS = ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder", "speech_ctc_head")
 CONFIG_NAME = "omnifast_config.json"
 
 
@@ -68,6 +68,10 @@ class OmniModel(OmniGeneration, nn.Module):
                                                 config.speech_projector_hidden, H)
         decoder_config = config.decoder_config()
         self.speech_decoder = None if decoder_config is None else SpeechDecoder(decoder_config, config.speech_decoder_mode)
+        # a CTC head over the LLM's token ids on the speech encoder's frames: pretrains the encoder
+        # (``speech-pretrain``) where no pretrained Whisper is at hand; blank is the last class
+        self.speech_ctc_head = nn.Linear(config.speech["d_model"], config.llm["vocab_size"] + 1) \
+            if config.speech_ctc else None
 
     # ---- components ----------------------------------------------------------------------------
     def _component(self, name: str) -> nn.Module:
@@ -113,8 +117,15 @@ class OmniModel(OmniGeneration, nn.Module):
         if features.dim() != 3 or features.shape[1] != self.config.speech["num_mel_bins"]:
             raise ValueError(f"speech_features must be (n, {self.config.speech['num_mel_bins']}, frames), "
                              f"got shape {tuple(features.shape)}")
-        frames = self.speech(features.to(self.speech_projector.net[0].weight.dtype)).last_hidden_state
-        return self.speech_projector(frames)
+        return self.speech_projector(self.speech_frames(features))
+
+    def speech_frames(self, features: torch.Tensor) -> torch.Tensor:
+        """The speech encoder's last states (n, positions, d_model) of log-mel features; in
+        training, with ``apply_spec_augment`` in the speech config, SpecAugment's time and
+        frequency masks first (Whisper's settings: ``mask_time_prob``, ``mask_time_length``, ...)."""
+        if self.training and self.config.speech.get("apply_spec_augment"):
+            features = spec_augment(features, self.config.speech)
+        return self.speech(features.to(self.speech.conv1.weight.dtype)).last_hidden_state
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None) -> torch.Tensor:
         """Token embeddings with each placeholder run replaced by the projected features of its
@@ -134,6 +145,41 @@ class OmniModel(OmniGeneration, nn.Module):
                 features = encode(inputs).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
                 embeds = embeds.masked_scatter(slots[..., None], features)
         return embeds
+
+    def speech_ctc_loss(self, speech_features: torch.Tensor, labels: torch.Tensor,
+                        ignore_ids: Iterable[int] = (), speech_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The CTC loss of each clip's transcript (a row of ``labels``: its tokens != -100, the
+        ``ignore_ids`` dropped, e.g. the end-of-turn token) on the encoder's frames through
+        ``speech_ctc_head``, summed over the clips and divided by their target tokens. One clip
+        per row; ``speech_lengths`` (n,): the frames each clip fills (default: the whole window),
+        so that the transcript is read where it is said."""
+        if self.speech_ctc_head is None:
+            raise ValueError("this model has no speech_ctc_head (OmniConfig.speech_ctc=False)")
+        from omnifast.ops import ctc_loss_with_logits
+        if speech_features is None or speech_features.shape[0] != labels.shape[0]:
+            raise ValueError(f"speech_ctc_loss takes one clip per row: {labels.shape[0]} rows, "
+                             f"{0 if speech_features is None else speech_features.shape[0]} clips")
+        keep = labels != IGNORE_INDEX
+        for token in ignore_ids:
+            keep &= labels != token
+        logits = self.speech_ctc_head(self.speech_frames(speech_features)).transpose(0, 1)  # (T, B, V + 1)
+        target_lengths = keep.sum(1)
+        if int(target_lengths.min()) < 1:
+            raise ValueError("speech_ctc_loss: a row has no transcript tokens")
+        input_lengths = torch.full_like(target_lengths, logits.shape[0]) if speech_lengths is None \
+            else speech_lengths.to(target_lengths).clamp(max=logits.shape[0])
+        total = ctc_loss_with_logits(logits, labels[keep], input_lengths, target_lengths,
+                                     blank=logits.shape[-1] - 1, reduction="sum", zero_infinity=True)
+        return total / target_lengths.sum()
+
+    @torch.no_grad()
+    def transcribe_ctc(self, speech_features: torch.Tensor, speech_lengths: Optional[torch.Tensor] = None
+                       ) -> List[List[int]]:
+        """Greedy CTC reading of each clip by ``speech_ctc_head`` (over its ``speech_lengths``
+        frames): token ids."""
+        from omnifast.ops import ctc_greedy_decode
+        logits = self.speech_ctc_head(self.speech_frames(speech_features))
+        return ctc_greedy_decode(logits, speech_lengths, blank=logits.shape[-1] - 1)
 
     # ---- training forward --------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -229,6 +275,28 @@ class OmniModel(OmniGeneration, nn.Module):
         processor)."""
         from .components import load_components
         return load_components(llm, vision, speech, decoder, config, tokenizer, **overrides)[0]
+
+
+def spec_augment(features: torch.Tensor, settings: Dict) -> torch.Tensor:
+    """SpecAugment as Whisper's config asks for it: per clip, spans of ``mask_time_length`` frames
+    (about ``mask_time_prob`` of them, at least ``mask_time_min_masks``) and of
+    ``mask_feature_length`` mel bins (``mask_feature_prob``, ``mask_feature_min_masks``) set to
+    zero. (n, bins, frames) -> a masked copy; draws from torch's generator."""
+    out = features.clone()
+    n, bins, frames = features.shape
+    for axis, size, prefix in ((2, frames, "mask_time"), (1, bins, "mask_feature")):
+        prob, length = settings.get(f"{prefix}_prob", 0.0), settings.get(f"{prefix}_length", 10)
+        least = settings.get(f"{prefix}_min_masks", 0)
+        if (prob <= 0 and least <= 0) or length >= size:
+            continue
+        for row in range(n):
+            count = max(least, int(prob * size / length + float(torch.rand(()))))
+            for start in torch.randint(0, size - length + 1, (count,)).tolist():
+                if axis == 2:
+                    out[row, :, start:start + length] = 0
+                else:
+                    out[row, start:start + length, :] = 0
+    return out
 
 
 def vision_classes(vision_type: str):

@@ -11,7 +11,8 @@ class Stage:
     index: int
     name: str
     trains: Tuple[str, ...]           # OmniModel components that get gradients; all others frozen
-    loss: str                         # "text" (next token), "speech" (decoder CTC / NTP), "dpo" (CTC-DPO)
+    loss: str                         # "text" (next token), "speech" (decoder CTC / NTP), "dpo" (CTC-DPO),
+                                      # "ctc" (the speech encoder's CTC on the transcript)
     requires: Tuple[str, ...]         # record fields every example of this stage must have
     lr: float
     warmup_ratio: float
@@ -36,11 +37,16 @@ STAGES: Tuple[Stage, ...] = (
           lr=5e-4, warmup_ratio=0.3, epochs=3,
           note="CTC-DPO, beta 0.1; reference = the frozen stage-4 decoder, its log-likelihoods cached once"),
 )
-# Not an OpenOmni stage: a tiny model starts from a random LLM, so the demo first teaches it the
-# corpus' language (the stand-in for starting from a pretrained Qwen2.5). ``--all`` skips it.
+# Not OpenOmni stages: what a model that does not start from a pretrained Qwen2.5 and Whisper needs
+# first (the demo's tiny model; a new language). ``--all`` skips them.
 LLM_PRETRAIN = Stage(index=0, name="llm-pretrain", trains=("llm",), loss="text", requires=(),
                      lr=1e-3, warmup_ratio=0.05, epochs=1, note="text-only next-token training of the whole LLM")
-BY_NAME = {stage.name: stage for stage in (LLM_PRETRAIN,) + STAGES}
+SPEECH_PRETRAIN = Stage(index=0, name="speech-pretrain", trains=("speech", "speech_ctc_head"), loss="ctc",
+                        requires=("speech",), lr=2e-3, warmup_ratio=0.1, epochs=1,
+                        note="the speech encoder trained to read each clip's transcript (its last gpt turn) "
+                             "through a CTC head (OmniConfig.speech_ctc); the LLM is not run")
+PRETRAINING = (LLM_PRETRAIN, SPEECH_PRETRAIN)
+BY_NAME = {stage.name: stage for stage in PRETRAINING + STAGES}
 
 
 def get_stage(name: str) -> Stage:
