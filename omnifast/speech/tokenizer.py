@@ -1,12 +1,18 @@
-"""An EMOVA-style speech tokenizer: speech -> 25 Hz FSQ units (what is said) + a global style
-vector (how it is said), and back to a log-mel spectrogram.
+"""A speech tokenizer: speech -> 25 Hz FSQ units, and back to a log-mel spectrogram, in one of
+two modes:
+
+* EMOVA's (``style_dim > 0``): the units say what is said and a global style vector how it is
+  said; the mel decoder sees both, so the style has somewhere to go that is not the units.
+* OpenOmni's (``style_dim=0``): units alone. The mel decoder sees nothing else, so the units
+  carry the prosody too (pitch, energy, speaking rate): an emotional rendition has other units
+  than a neutral one, which is what CTC-DPO prefers between.
 
 log-mel (``transformers``' WhisperFeatureExtractor, 16 kHz, 100 frames/s) -> two stride-2
 convolutions (25 Hz) -> transformer encoder -> FSQ ([8, 8, 8, 8]: 4096 units). A CTC head over
 characters reads the quantised codes (the semantic loss, through omnifast's CTC op). A style
 encoder pools the whole mel into one vector with a head per style label the data has (emotion,
-pitch, speed, speaker, ...). The mel decoder sees only units + style (the acoustic loss), so the
-style has somewhere to go that is not the units.
+pitch, speed, speaker, ...); with ``style_dim=0`` there is no style encoder and the labels are
+not used.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ class SpeechTokenizerConfig:
     encoder_layers: int = 4
     decoder_layers: int = 4
     levels: Tuple[int, ...] = (8, 8, 8, 8)
-    style_dim: int = 64
+    style_dim: int = 64            # 0: units alone (OpenOmni's mode: the units carry the prosody)
     vocabulary: List[str] = field(default_factory=list)   # CTC symbols (characters or phones); blank is extra
     style_labels: Dict[str, List[str]] = field(default_factory=dict)  # label -> its values
     ctc_weight: float = 0.5
@@ -47,6 +53,10 @@ class SpeechTokenizerConfig:
     def tiny(cls, **overrides) -> "SpeechTokenizerConfig":
         return cls(**{**dict(n_mels=32, width=64, heads=2, encoder_layers=2, decoder_layers=2, style_dim=16),
                       **overrides})
+
+    @property
+    def has_style(self) -> bool:
+        return self.style_dim > 0
 
     @property
     def frame_rate(self) -> float:
@@ -88,12 +98,15 @@ class SpeechTokenizer(nn.Module):
         self.to_codes = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, len(config.levels)))
         self.fsq = FSQ(config.levels, backend)
         self.ctc_head = nn.Sequential(nn.Linear(len(config.levels), W), nn.GELU(), nn.Linear(W, len(config.vocabulary) + 1))
-        self.style_encoder = nn.Sequential(nn.Conv1d(config.n_mels, W, 5, 1, 2), nn.GELU(), nn.Conv1d(W, W, 5, 2, 2), nn.GELU())
-        self.to_style = nn.Linear(W, config.style_dim)
-        self.style_heads = nn.ModuleDict({name: nn.Linear(config.style_dim, len(values))
-                                          for name, values in config.style_labels.items()})
+        if config.has_style:
+            self.style_encoder = nn.Sequential(nn.Conv1d(config.n_mels, W, 5, 1, 2), nn.GELU(),
+                                               nn.Conv1d(W, W, 5, 2, 2), nn.GELU())
+            self.to_style = nn.Linear(W, config.style_dim)
+            self.style_heads = nn.ModuleDict({name: nn.Linear(config.style_dim, len(values))
+                                              for name, values in config.style_labels.items()})
         self.from_codes = nn.Linear(len(config.levels), W)
-        self.from_style = nn.Linear(config.style_dim, W)
+        if config.has_style:
+            self.from_style = nn.Linear(config.style_dim, W)
         self.decoder_conv = nn.Conv1d(W, W, 5, 1, 2)
         self.decoder = _layers(W, config.heads, config.decoder_layers)
         self.to_mel = nn.Linear(W, config.n_mels)
@@ -144,13 +157,18 @@ class SpeechTokenizer(nn.Module):
         return units, codes, lengths
 
     def style(self, mel: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """The style vectors (B, style_dim); (B, 0) for a units-only tokenizer."""
+        if not self.config.has_style:
+            return mel.new_zeros(mel.shape[0], 0)
         x = self.style_encoder(mel)  # (B, W, frames / 2)
         valid = (torch.arange(x.shape[2], device=x.device)[None] < (frames[:, None] + 1) // 2).to(x.dtype)
         pooled = (x * valid[:, None]).sum(2) / valid.sum(1, keepdim=True).clamp(min=1)
         return self.to_style(pooled)
 
     def decode_codes(self, codes: torch.Tensor, style: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.from_codes(codes) + self.from_style(style)[:, None]
+        x = self.from_codes(codes)
+        if self.config.has_style:
+            x = x + self.from_style(style)[:, None]
         x = x.repeat_interleave(DOWNSAMPLE, dim=1)
         x = x + self.decoder_conv(x.transpose(1, 2)).transpose(1, 2)
         pad = torch.arange(x.shape[1], device=x.device)[None] >= (lengths * DOWNSAMPLE)[:, None]
@@ -172,7 +190,7 @@ class SpeechTokenizer(nn.Module):
             ctc = ctc_loss_with_logits(logits, flat, lengths, [len(t) for t in targets],
                                        blank=len(self.config.vocabulary), zero_infinity=True)
             loss = loss + self.config.ctc_weight * ctc
-        if labels:
+        if labels and self.config.has_style:
             losses = []
             for name, values in labels.items():
                 target = torch.tensor([self.label_index(name, v) for v in values], device=mel.device)
@@ -202,8 +220,13 @@ class SpeechTokenizer(nn.Module):
         return units[0, :lengths[0]], self.style(mel, frames)[0]
 
     @torch.no_grad()
-    def decode(self, units: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
-        """Units (T,) + style (style_dim,) -> log-mel (n_mels, 4T)."""
+    def decode(self, units: torch.Tensor, style: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Units (T,) + style (style_dim,; none for a units-only tokenizer) -> log-mel (n_mels, 4T)."""
+        if style is None:
+            if self.config.has_style:
+                raise ValueError("this tokenizer decodes units with a style vector (style_dim="
+                                 f"{self.config.style_dim}): pass style")
+            style = torch.zeros(0)
         units = torch.as_tensor(units, device=self.to_mel.weight.device)
         codes = self.fsq.indices_to_codes(units).to(self.to_mel.weight.dtype)  # checks the codebook range
         return self.decode_codes(codes[None], style[None], torch.tensor([units.numel()], device=units.device))[0]
@@ -237,4 +260,4 @@ class SpeechTokenizer(nn.Module):
         values["levels"] = tuple(values["levels"])
         model = cls(SpeechTokenizerConfig(**values))
         load_model(model, str(path / "tokenizer.safetensors"))
-        return model
+        return model.eval()

@@ -143,7 +143,8 @@ def evaluate_tokenizer(tokenizer: SpeechTokenizer, train_records: Sequence[Dict]
         test_y = torch.tensor([values.index(str(r[name])) for r in test_records])
         with torch.enable_grad():
             from_units = _probe_accuracy(train_units, train_y, test_units, test_y, len(values))
-            from_style = _probe_accuracy(train_style, train_y, test_style, test_y, len(values))
+            from_style = _probe_accuracy(train_style, train_y, test_style, test_y, len(values)) \
+                if tokenizer.config.has_style else None
         majority = torch.bincount(train_y, minlength=len(values)).argmax()
         report[name] = {"from_units": from_units, "from_style": from_style,
                         "chance": (test_y == majority).float().mean().item()}

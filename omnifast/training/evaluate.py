@@ -1,6 +1,7 @@
 """Evaluation of each stage on held-out records: ASR character / word error rate (stage 1),
 answer accuracy (stages 2-3), unit error rate of the decoder's units against the reference units
-(stage 4) and CTC-DPO reward accuracy on chosen / rejected pairs (stage 5). Error rates come from
+(stage 4), CTC-DPO's rewards on chosen / rejected pairs (stage 5, TRL's names) and the emotion
+the generated speech is heard in (a vocoder and a style classifier). Error rates come from
 ``jiwer``."""
 from __future__ import annotations
 
@@ -83,12 +84,14 @@ def unit_error_rate(model, processor, records, batch_size: int = 4) -> Dict[str,
 
 
 @torch.no_grad()
-def reward_accuracy(model, processor, records, reference: Optional[OmniModel] = None,
-                    batch_size: int = 4) -> Dict[str, float]:
-    """How often the policy's implicit reward prefers the chosen units: (log p_w - log ref_w) >
-    (log p_l - log ref_l). Without a reference, how often log p_w > log p_l."""
+def preference_metrics(model, processor, records, reference: Optional[OmniModel] = None, beta: float = 0.1,
+                       batch_size: int = 4) -> Dict[str, float]:
+    """TRL's DPO figures on held-out chosen / rejected pairs: ``rewards/chosen`` and
+    ``rewards/rejected`` (beta x (log p - log p_ref), log-likelihoods summed over the units, means
+    over the records), ``rewards/margins`` (their mean difference) and ``rewards/accuracies``
+    (how often the chosen reward is the larger). Without a reference, log p_ref = 0."""
     model.eval()
-    wins = 0
+    chosen_rewards, rejected_rewards = [], []
     for batch, states, tokens, mask in _response_batches(model, processor, records, batch_size):
         chosen, rejected = model.speech_decoder.reference_logps(states, tokens, batch["units"], batch["rejected_units"],
                                                                 hidden_mask=mask, text_mask=mask)
@@ -97,8 +100,48 @@ def reward_accuracy(model, processor, records, reference: Optional[OmniModel] = 
                                                                     batch["rejected_units"], hidden_mask=mask,
                                                                     text_mask=mask)
             chosen, rejected = chosen - ref_c, rejected - ref_r
-        wins += int((chosen > rejected).sum())
-    return {"reward_accuracy": wins / len(records)}
+        chosen_rewards.append(beta * chosen.float())
+        rejected_rewards.append(beta * rejected.float())
+    chosen, rejected = torch.cat(chosen_rewards), torch.cat(rejected_rewards)
+    return {"rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
+            "rewards/margins": float((chosen - rejected).mean()),
+            "rewards/accuracies": float((chosen > rejected).float().mean())}
+
+
+def reward_accuracy(model, processor, records, reference: Optional[OmniModel] = None,
+                    batch_size: int = 4) -> Dict[str, float]:
+    """How often the policy's implicit reward prefers the chosen units: (log p_w - log ref_w) >
+    (log p_l - log ref_l). Without a reference, how often log p_w > log p_l."""
+    metrics = preference_metrics(model, processor, records, reference, batch_size=batch_size)
+    return {"reward_accuracy": metrics["rewards/accuracies"]}
+
+
+@torch.no_grad()
+def response_units(model, processor, records, batch_size: int = 8) -> List[List[int]]:
+    """The speech decoder's greedy units for each record's own responses (its gpt turns, the text
+    teacher-forced as in training)."""
+    model.eval()
+    units: List[List[int]] = []
+    for _, states, tokens, mask in _response_batches(model, processor, records, batch_size):
+        units += model.speech_decoder.generate(states, tokens, mask, mask)
+    return units
+
+
+def response_text(record: Record) -> str:
+    return " ".join(t["value"] for t in record.conversations if t["from"] == "gpt")
+
+
+def emotion_accuracy(model, processor, records, vocoder, classifier, batch_size: int = 8) -> Dict[str, object]:
+    """How often the speech the decoder makes for each record's responses (units -> ``vocoder``,
+    judged by a :class:`~omnifast.speech.style.StyleClassifier`) is in the record's ``emotion``:
+    the accuracy, its counts, and how many clips were heard as each style."""
+    if any(r.emotion is None for r in records):
+        raise ValueError("emotion_accuracy needs records with an emotion")
+    waves = vocoder.synthesize_many(response_units(model, processor, records, batch_size))
+    predicted = classifier.predict(waves, [response_text(r) for r in records])
+    correct = sum(p == r.emotion for p, r in zip(predicted, records))
+    return {"accuracy": correct / len(records), "correct": correct, "n": len(records),
+            "predicted": {style: predicted.count(style) for style in classifier.styles}, "waves": waves}
 
 
 UNITS = {"cer": "character errors per reference character (a fraction: 0.25 = 25%; above 1 when the "
@@ -106,7 +149,11 @@ UNITS = {"cer": "character errors per reference character (a fraction: 0.25 = 25
          "wer": "word errors per reference word (a fraction)",
          "accuracy": "share of answers equal to the reference after normalisation (a fraction)",
          "unit_error_rate": "unit errors per reference unit (a fraction)",
-         "reward_accuracy": "share of pairs whose implicit reward prefers the chosen units (a fraction)"}
+         "reward_accuracy": "share of pairs whose implicit reward prefers the chosen units (a fraction)",
+         "rewards/accuracies": "share of pairs whose implicit reward prefers the chosen units (a fraction)",
+         "rewards/margins": "mean of beta x (chosen - rejected) log-likelihood gains over the reference (nats)",
+         "rewards/chosen": "mean of beta x the chosen units' log-likelihood gain over the reference (nats)",
+         "rewards/rejected": "mean of beta x the rejected units' log-likelihood gain over the reference (nats)"}
 
 
 def describe(metrics: Dict[str, float]) -> str:
@@ -122,4 +169,4 @@ def evaluate(stage_name: str, model, processor, records, reference=None) -> Dict
         return answer_accuracy(model, processor, records)
     if stage.index == 4:
         return unit_error_rate(model, processor, records)
-    return reward_accuracy(model, processor, records, reference)
+    return preference_metrics(model, processor, records, reference)

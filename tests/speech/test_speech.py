@@ -129,3 +129,36 @@ def test_cli_trains_saves_and_reports(tmp_path):
     evaluation = report["evaluation"]
     assert "cer" in evaluation and set(evaluation["pitch"]) == {"from_units", "from_style", "chance"}
     assert UnitVocoder.from_pretrained(tmp_path / "out").style_for(pitch="low").shape == (16,)
+
+
+def test_a_units_only_tokenizer_carries_the_pitch_in_its_units(corpus, tmp_path):
+    """OpenOmni's mode (style_dim=0): no style branch; the units alone decode, and after a short
+    training the round trip keeps each clip's pitch."""
+    torch.manual_seed(2)
+    model = SpeechTokenizer(config_for(corpus, SpeechTokenizerConfig.tiny(style_dim=0)))
+    assert not hasattr(model, "style_encoder") and not hasattr(model, "from_style")
+    train_tokenizer(model, corpus, steps=150, batch_size=8, lr=3e-3, progress=False)
+    def centre(mel):  # the mean mel band, weighted towards the loud ones
+        weights = torch.softmax(4 * mel, 0)
+        return float((torch.arange(mel.shape[0])[:, None] * weights).sum(0).mean())
+
+    heard, decoded = [], []
+    for row in corpus:
+        units, style = model.encode(row["wave"])
+        assert style.shape == (0,)
+        mel, frames = model.mel([row["wave"]])
+        heard.append(centre(mel[0, :, :frames[0]]))
+        decoded.append(centre(model.decode(units)))
+    assert np.corrcoef(heard, decoded)[0, 1] > 0.8, (heard, decoded)
+    vocoder = UnitVocoder(model, n_iter=4).fit_centroids([corpus[0]["wave"]], {"pitch": ["low"]})
+    assert vocoder.centroids == {}
+    waves = vocoder.synthesize_many([units.tolist(), [], units[:3].tolist()])
+    assert [w.size for w in waves] == [units.numel() * 640, 0, 3 * 640] and all(np.isfinite(w).all() for w in waves)
+    with pytest.raises(ValueError, match="speaks from units alone"):
+        vocoder.synthesize(units, pitch="low")
+    vocoder.save_pretrained(tmp_path)
+    loaded = UnitVocoder.from_pretrained(tmp_path)
+    assert loaded.tokenizer.config.style_dim == 0
+    torch.testing.assert_close(loaded.tokenizer.decode(units), model.decode(units))
+    with pytest.raises(ValueError, match="decodes units with a style vector"):
+        SpeechTokenizer(config_for(corpus, SpeechTokenizerConfig.tiny())).decode(units)
