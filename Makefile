@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.omnifast-installed
 SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test test-sanitize bench gpu-check clean
+.PHONY: setup demo test test-sanitize bench gpu-check compat-check clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): .venv/bin/python $(SOURCES)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark pytest-xdist hypothesis matplotlib
+	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark pytest-xdist hypothesis matplotlib tensorboard
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import omnifast; omnifast.ops.require_cpu_extension()"
 	touch $(STAMP)
@@ -36,6 +36,20 @@ bench: setup
 GPU_CHECK_OUT ?= $(or $(OUT),gpu_check)
 gpu-check:
 	python3 -m omnifast.benchmarks.gpu_check --install --out $(GPU_CHECK_OUT)
+
+# The GPU image's versions on this machine's CPU (no GPU needed): a venv with them, gpu-check's dry
+# run and the op, module and kernel tests there (the C++ backend's tests left out: the extension
+# in the tree is built against this checkout's torch). numpy 2.5.2, the image's, is not on every
+# index: the newest 2.x below 2.6 stands in.
+COMPAT_VENV ?= .venv-compat
+IMAGE_VERSIONS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 tokenizers==0.23.2 safetensors==0.8.0 \
+                  "numpy<2.6" accelerate==1.15.0
+compat-check:
+	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q $(IMAGE_VERSIONS) pytest pytest-xdist hypothesis ninja pybind11
+	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m omnifast.benchmarks.gpu_check --dry-run --out compat_check
+	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 -k "not cpu" \
+		tests/ops tests/nn tests/kernels
 
 clean:
 	rm -rf build *.egg-info omnifast/_C*.so .venv

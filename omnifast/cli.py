@@ -99,8 +99,16 @@ def user_errors():
 def console(argv=None) -> int:
     """The ``omnifast`` console command: :func:`main`, a user's error printed as one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    from omnifast.training.signals import TrainingStopped
+    from omnifast.training.step import TrainingDiverged
     try:
         return main(argv)
+    except TrainingStopped as stop:
+        print(f"omnifast: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except TrainingDiverged as error:
+        print(f"omnifast: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("omnifast: interrupted", file=sys.stderr)
         return 130

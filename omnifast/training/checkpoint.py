@@ -19,7 +19,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,25 +82,36 @@ def complete_checkpoints(root: Path) -> List[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints under ``root``; also remove what an
-    interrupted write (``.tmp``) or removal (``.deleting``) left there. Call it only after a
-    write has finished, so that no ``.tmp`` in ``root`` is still being written."""
+def prune(root: Path, keep: int, protect: Sequence[str] = ()) -> None:
+    """Keep the newest ``keep`` complete checkpoints under ``root`` (and those named in
+    ``protect``: the best one); also remove what an interrupted write (``.tmp``) or removal
+    (``.deleting``) left there. Call it only after a write has finished, so that no ``.tmp`` in
+    ``root`` is still being written."""
     for old in complete_checkpoints(root)[:-keep]:
-        retire(old)
+        if old.name not in protect:
+            retire(old)
     for leftover in root.glob("step-*"):
         if leftover.name.endswith(LEFTOVER_SUFFIXES):
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def read_tensors(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def read_tensors(path: Path, tie: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """A checkpoint's tensor file; with ``tie``, it must carry the tie of the ``state.json`` it
+    is read with (each file of one checkpoint is stamped with the same random id when written)."""
+    from safetensors import safe_open
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the checkpoint")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own types for truncated or forged headers
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
+    if tie is not None and metadata.get("checkpoint") != tie:
+        raise CheckpointError(f"{path}: not written with this checkpoint's state.json (its tie is "
+                              f"{metadata.get('checkpoint')!r}, state.json's {tie!r}): a file from another checkpoint "
+                              f"or run")
+    return tensors
 
 
 MAX_JSON_DEPTH = 32

@@ -29,6 +29,7 @@ class TrainConfig:
     bf16: str = "auto"                     # "auto": on CUDA devices that support it; "on" / "off"
     fsdp: bool = False                     # FSDP2 (fully_shard) instead of DDP under torchrun
     trains: Optional[Tuple[str, ...]] = None  # components to train instead of the stage's own
+    component_lr: Optional[Dict[str, float]] = None  # a learning rate per component (others: lr)
     speech_prob: float = 0.5               # records with spoken alternatives: the chance an epoch speaks them
     max_tokens: Optional[int] = None       # per process and micro-batch instead of batch_size: LLM tokens
                                            # (stages 1-3) or decoder frames (4-5), length-bucketed
@@ -36,6 +37,9 @@ class TrainConfig:
     activation_checkpointing: str = "off"  # "selective": recompute the elementwise parts; "full": every layer
     compile: bool = False                  # torch.compile each transformer block of what trains
     workers: Optional[int] = None          # DataLoader worker processes; None: 4 on CUDA, 0 on the CPU
+    report_to: Tuple[str, ...] = ()        # metric sinks besides metrics.jsonl: tensorboard, wandb (offline)
+    eval_every: Optional[int] = None       # optimizer steps between held-out evaluations (and one at the end)
+    keep_best: Optional[str] = None        # keep the checkpoint best by this held-out metric, e.g. eval/loss
     progress: bool = True
 
     @classmethod
@@ -62,6 +66,15 @@ class TrainConfig:
             _integer(name, getattr(self, name), low=1)
         _integer("seed", self.seed, low=0, high=2**63 - 1)
         _integer("workers", self.workers, low=0, optional=True)
+        _integer("eval_every", self.eval_every, low=1, optional=True)
+        if isinstance(self.report_to, str):
+            self.report_to = tuple(n.strip() for n in self.report_to.split(",") if n.strip() and n.strip() != "none")
+        if not isinstance(self.report_to, (list, tuple)) or not all(isinstance(n, str) for n in self.report_to):
+            raise TypeError(f"report_to must be a comma-separated string or a list of sink names, got {self.report_to!r}")
+        self.report_to = tuple(self.report_to)
+        if self.keep_best is not None and (not isinstance(self.keep_best, str) or not self.keep_best.startswith("eval/")):
+            raise ValueError(f"keep_best must name a held-out metric (eval/loss, eval/unit_error_rate, "
+                             f"eval/rewards/accuracies, ...), got {self.keep_best!r}")
         _integer("max_tokens", self.max_tokens, low=1, optional=True)
         if self.activation_checkpointing not in ("off", "selective", "full"):
             raise ValueError(f"activation_checkpointing must be one of off, selective, full, got "
@@ -77,6 +90,8 @@ class TrainConfig:
                              f"{self.dpo_normalization!r}") from None
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16 must be one of auto, on, off, got {self.bf16!r}")
+        if self.component_lr is not None:
+            self.component_lr = _component_rates(self.component_lr)
         if self.trains is not None:
             from omnifast.models.omni import COMPONENTS
             names = self.trains.split(",") if isinstance(self.trains, str) else self.trains
@@ -88,6 +103,27 @@ class TrainConfig:
             if unknown or not self.trains:
                 raise ValueError(f"trains: unknown components {unknown}; the components are {', '.join(COMPONENTS)}")
         return self
+
+
+def _component_rates(value) -> Dict[str, float]:
+    """``{"llm": 3e-4, ...}`` or ``"llm=3e-4,speech_projector=3e-3"`` -> a checked dict."""
+    from omnifast.models.omni import COMPONENTS
+    if isinstance(value, str):
+        pairs = [item.split("=", 1) for item in value.split(",") if item.strip()]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"component_lr must be NAME=LR pairs separated by commas, got {value!r}")
+        try:
+            value = {name.strip(): float(rate) for name, rate in pairs}
+        except ValueError:
+            raise ValueError(f"component_lr: a learning rate is not a number in {value!r}") from None
+    if not isinstance(value, dict) or not value:
+        raise TypeError(f"component_lr must map component names to learning rates, got {value!r}")
+    unknown = [name for name in value if name not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"component_lr: unknown components {unknown}; the components are {', '.join(COMPONENTS)}")
+    for name, rate in value.items():
+        _number(f"component_lr[{name}]", rate, positive=True)
+    return {name: float(rate) for name, rate in value.items()}
 
 
 def _number(name: str, value, *, optional: bool = False, positive: bool = False, low: Optional[float] = None,

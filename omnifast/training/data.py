@@ -171,11 +171,17 @@ class RecordFile(Sequence):
     :class:`Record`). Holds byte offsets and per-record sizes, never the records; safe to send
     to DataLoader workers (each opens the file itself)."""
 
-    def __init__(self, path: Path, rules: RecordRules, offsets, lengths, response_chars, units, fingerprint: str):
+    def __init__(self, path: Path, rules: RecordRules, offsets, lengths, response_chars, units, fingerprint: str,
+                 media_counts: Optional[Dict[str, int]] = None):
         self.path, self.root, self.rules, self.fingerprint = path, path.resolve().parent, rules, fingerprint
         self.offsets, self.lengths = offsets, lengths
         self.response_chars, self.units = response_chars, units  # for length bucketing
+        self.media_counts = media_counts or {}
         self._handle = None
+
+    def count_with(self, media: str) -> int:
+        """How many records have ``media`` ("images" or "speech": clips or spoken alternatives)."""
+        return self.media_counts.get(media, 0)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -221,6 +227,7 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
     counted = 0
     offsets, lengths, response_chars, units, hashes = (array("q") for _ in range(5))  # 8 bytes a value
     media = hashlib.sha256()
+    media_counts = {"images": 0, "speech": 0}
     for position, (offset, length, item) in enumerate(scan_records(path)):
         rid = str(item.get("id", f"#{position}")) if isinstance(item, dict) else f"#{position}"
 
@@ -235,6 +242,8 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
             for field_name, what in media_problems(record, rules, sampling_rate):
                 bad(field_name, what)
             stamp_media(media, record.media_files())
+            media_counts["images"] += bool(record.images)
+            media_counts["speech"] += bool(record.audio_files())
             answer = [t["value"] for t in record.conversations if t["from"] == "gpt"]
             response_chars.append(len(answer[-1]) if answer else 0)
             units.append(max(len(record.tgt_units or ()), len(record.re_tgt_units or ())))
@@ -258,7 +267,7 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
         for block in iter(lambda: handle.read(READ_BYTES), b""):
             content.update(block)
     return RecordFile(path, rules, as_array(offsets), as_array(lengths), as_array(response_chars), as_array(units),
-                      f"{content.hexdigest()}-{media.hexdigest()}")
+                      f"{content.hexdigest()}-{media.hexdigest()}", media_counts)
 
 
 def data_fingerprint(records: Sequence[Record]) -> str:

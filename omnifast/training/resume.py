@@ -74,11 +74,14 @@ def read_run_state(found: Path, spec: RunSpec) -> RunState:
     naming the file and what does not fit."""
     state_path = found / "state.json"
     state = read_json(state_path)
-    weights = read_tensors(found / "trainable.safetensors")
-    optimizer_tensors = read_tensors(found / "optimizer.safetensors")
-    rng = read_tensors(found / "rng.safetensors")
     if not isinstance(state, dict):
         raise CheckpointError(f"{state_path}: not a JSON object")
+    tie = state.get("checkpoint")
+    if not isinstance(tie, str):
+        raise CheckpointError(f"{state_path}: has no checkpoint tie (written by an older omnifast, or not a checkpoint)")
+    weights = read_tensors(found / "trainable.safetensors", tie)
+    optimizer_tensors = read_tensors(found / "optimizer.safetensors", tie)
+    rng = read_tensors(found / "rng.safetensors", tie)
     for key in ("step", "world", "optimizer", "scheduler", "rng"):
         if key not in state:
             raise CheckpointError(f"{state_path}: has no {key!r}")
@@ -115,6 +118,7 @@ def read_run_state(found: Path, spec: RunSpec) -> RunState:
     references = {}
     if (found / "reference.safetensors").is_file():
         from omnifast.ops.dpo_reference import load_reference_file
+        read_tensors(found / "reference.safetensors", tie)
         try:
             references = load_reference_file(found / "reference.safetensors")
         except ValueError as error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -78,24 +79,72 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-cache", default=None, metavar="DIR",
                         help="speech stages: train from the frozen front's states cached in DIR (built there when "
                         "missing; with --all, one folder per speech stage inside it)")
+    parser.add_argument("--resume-from", type=int, default=None, metavar="STEP",
+                        help="continue from the checkpoint of optimizer step STEP (when the newest is damaged); "
+                        "newer checkpoints are set aside as *.superseded")
+    parser.add_argument("--eval-data", default=None, metavar="FILE",
+                        help="held-out records in the stage's format: evaluated every --eval-every steps and at the "
+                        "end, logged as eval/... (with --all: a folder of <stage>.json files)")
     defaults = TrainConfig(stage="s2t")
-    kinds = {"trains": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float, "weight_decay": float,
-             "beta": float, "sft_weight": float, "speech_prob": float, "bf16": str,
-             "activation_checkpointing": str, "dpo_normalization": str}
+    kinds = {"trains": str, "component_lr": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float,
+             "weight_decay": float, "beta": float, "sft_weight": float, "speech_prob": float, "bf16": str,
+             "activation_checkpointing": str, "dpo_normalization": str, "report_to": str, "keep_best": str}
+    choices = {"bf16": ("auto", "on", "off"), "activation_checkpointing": ("off", "selective", "full"),
+               "dpo_normalization": ("sum", "length", "openomni")}
     for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
+        default = {"max_steps": "all epochs", "workers": "4 on CUDA, 0 on the CPU", "max_tokens": "--batch-size records",
+                   "report_to": "metrics.jsonl only", "eval_every": "only at the end", "keep_best": "off",
+                   "trains": "the stage's components", "component_lr": "--lr for all"}.get(f.name)
+        if default is None:
+            default = "the stage's" if value is None else value
+        what = OPTION_HELP[f.name]
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default: {value})")
+                                help=f"{what} (default: {default})")
         else:
-            fallback = {"max_steps": "all epochs", "workers": "4 on CUDA, 0 on the CPU",
-                        "max_tokens": "--batch-size records"}.get(f.name, "the stage's")
-            parser.add_argument(flag, type=kinds.get(f.name, int), default=None,
-                                choices={"bf16": ("auto", "on", "off"),
-                                         "activation_checkpointing": ("off", "selective", "full"),
-                                         "dpo_normalization": ("sum", "length", "openomni")}.get(f.name),
-                                help=f"(default: {fallback})" if value is None else f"(default: {value})")
+            parser.add_argument(flag, type=kinds.get(f.name, int), default=None, choices=choices.get(f.name),
+                                help=f"{what} (default: {default})")
+
+
+OPTION_HELP = {
+    "lr": "peak learning rate of AdamW (per optimizer step)",
+    "warmup_ratio": "share of the optimizer steps spent warming up linearly, in [0, 1]; cosine decay after",
+    "epochs": "passes over the data",
+    "batch_size": "records per process and micro-batch",
+    "grad_accum": "micro-batches per optimizer step (gradient accumulation)",
+    "max_grad_norm": "clip the gradient's global L2 norm to this before each update",
+    "weight_decay": "AdamW's decoupled weight decay",
+    "max_steps": "stop after this many optimizer steps",
+    "save_every": "optimizer steps between checkpoints (one is also written at the end)",
+    "keep": "checkpoints kept (the newest; and the best with --keep-best)",
+    "seed": "seed of the weights of a fresh model, the data order and dropout",
+    "beta": "CTC-DPO's temperature",
+    "sft_weight": "CTC-DPO: weight of the chosen units' CTC negative log-likelihood (per unit) added to the loss",
+    "dpo_normalization": "CTC-DPO: how a sequence's log-likelihood is normalised (sum, per unit, or OpenOmni's "
+                         "per batch)",
+    "bf16": "bf16 autocast: auto = on CUDA devices that support it",
+    "fsdp": "shard what trains with FSDP2 instead of DDP (needs torchrun with more than one process)",
+    "trains": "comma-separated components to train instead of the stage's (llm, vision, speech, image_projector, "
+              "speech_projector, speech_decoder, speech_ctc_head)",
+    "component_lr": "learning rates per component, NAME=LR[,NAME=LR] (the others train at --lr)",
+    "speech_prob": "records with spoken alternatives: the chance an epoch presents a record's questions spoken",
+    "max_tokens": "per process and micro-batch instead of --batch-size: LLM tokens (prompt + answer, media "
+                  "placeholders included) in stages 0-3, decoder frames (upsampled answer tokens or units, the "
+                  "longer) in stages 4-5; records are bucketed by length",
+    "packing": "put a micro-batch's records end to end (each attends within itself): no padding",
+    "activation_checkpointing": "recompute activations in the backward: selective = the elementwise parts, full = "
+                                "every transformer layer",
+    "compile": "torch.compile each transformer block of what trains",
+    "workers": "DataLoader worker processes that build micro-batches ahead of the step",
+    "report_to": "comma-separated metric sinks besides metrics.jsonl: tensorboard (OUT/runs), wandb (offline, "
+                 "OUT/wandb)",
+    "eval_every": "optimizer steps between held-out evaluations of --eval-data",
+    "keep_best": "keep the checkpoint best by this held-out metric (eval/loss, eval/unit_error_rate, "
+                 "eval/rewards/accuracies, ...) besides the newest",
+    "progress": "show a progress bar",
+}
 
 
 def _options(args) -> Dict:
@@ -107,21 +156,51 @@ def _options(args) -> Dict:
     return options
 
 
+def check_train_arguments(args, options: Dict) -> None:
+    """Options that cannot apply to this run are refused by name (never ignored)."""
+    resuming = args.resume or args.resume_from is not None
+    if args.allow_changed_run and not resuming:
+        raise ValueError("--allow-changed-run applies to a resumed run: pass --resume (or --resume-from STEP) too")
+    if args.resume_from is not None and args.resume_from < 0:
+        raise ValueError(f"--resume-from must be a step >= 0, got {args.resume_from}")
+    if options.get("fsdp") and int(__import__("os").environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp shards across processes: run under torchrun with more than one process "
+                         "(in one process there is nothing to shard)")
+    if (options.get("eval_every") is not None or options.get("keep_best") is not None) and args.eval_data is None:
+        raise ValueError("--eval-every and --keep-best evaluate held-out records: pass --eval-data FILE")
+
+
+def check_trains_have_media(records, stage: Stage, trains) -> None:
+    """A media encoder trained on a stage whose records never feed it would get no gradient."""
+    for media, components in (("images", ("vision", "image_projector")), ("speech", ("speech", "speech_projector"))):
+        named = [c for c in components if c in (trains or ())]
+        if named and not records.count_with(media):
+            raise ValueError(f"--trains {','.join(named)}: no record of stage {stage.name!r} has {media}, so "
+                             f"{' and '.join(named)} would get no gradient")
+
+
 def train_command(args) -> int:
     stages = list(STAGES) if args.all else [get_stage(args.stage)]
     options = _options(args)
     TrainConfig.from_dict({**options, "stage": stages[0].name})  # unknown options fail here
+    check_train_arguments(args, options)
     data = Path(args.data)
     files = {s.name: (data / f"{s.name}.json" if args.all else data) for s in stages}
+    eval_files = {s.name: (Path(args.eval_data) / f"{s.name}.json" if args.all else Path(args.eval_data))
+                  for s in stages} if args.eval_data else {}
     out_dirs = {s.name: (Path(args.out) / f"{s.index}-{s.name}" if args.all else Path(args.out)) for s in stages}
     model, processor = load_model(args.model, options.get("seed", 0))
     records = {s.name: records_for(model, files[s.name], s, args.media_root) for s in stages}  # every data error, up front
+    held_out = {s.name: records_for(model, eval_files[s.name], s, args.media_root) for s in stages if s.name in eval_files}
     check_model_for_stage(model, stages[0])
-    if args.resume and not args.all and latest_checkpoint(out_dirs[stages[0].name]) is None:
+    for stage in stages:
+        check_trains_have_media(records[stage.name], stage, options.get("trains"))
+    resuming = args.resume or args.resume_from is not None
+    if resuming and not args.all and latest_checkpoint(out_dirs[stages[0].name]) is None:
         raise FileNotFoundError(f"--resume: {out_dirs[stages[0].name] / 'checkpoints'} holds no complete checkpoint")
     for stage in stages:
         out = out_dirs[stage.name]
-        if args.all and args.resume and (out / "model" / CONFIG_NAME).is_file():
+        if args.all and resuming and (out / "model" / CONFIG_NAME).is_file():
             model_dir, model = out / "model", None  # finished before the interruption
             continue
         if model is None:  # each stage starts from the previous stage's output
@@ -132,11 +211,24 @@ def train_command(args) -> int:
         elif args.state_cache and not args.all:
             raise ValueError(f"--state-cache serves the speech stages (speech-gen, emotion-dpo), not {stage.name!r}")
         trainer = Trainer(model, processor, records[stage.name], TrainConfig.from_dict({**options, "stage": stage.name}),
-                          out, state_cache=cache)
-        if args.resume and latest_checkpoint(out) is not None:
-            trainer.resume(allow_changes=args.allow_changed_run)
+                          out, state_cache=cache, eval_records=held_out.get(stage.name))
+        if resuming and latest_checkpoint(out) is not None:
+            found = trainer.resume(allow_changes=args.allow_changed_run, step=args.resume_from)
+            print(f"resuming {stage.name} from {found} (step {trainer.step} of {trainer.total_steps})", file=sys.stderr)
         model_dir, model = trainer.train(), None
+        print(f"{stage.name}: the model is in {model_dir}; {final_metrics(out / 'metrics.jsonl')}", file=sys.stderr)
     return 0
+
+
+def final_metrics(path: Path) -> str:
+    """The last step's figures, as one line."""
+    from .metrics import read_metrics
+    rows = read_metrics(path) if path.is_file() else []
+    if not rows:
+        return "no steps were run"
+    last = rows[-1]
+    shown = {k: v for k, v in last.items() if k in ("step", "loss", "grad_norm") or k.startswith(("eval/", "rewards/"))}
+    return "final " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,12 +1,15 @@
 """One trainer for every stage: the loop. AdamW, warmup + cosine schedule (``omnifast.schedule``),
-gradient accumulation and clipping, bf16 autocast where supported, micro-batches from DataLoader
-workers (``loader.py``), checkpoints that run no code and survive a kill or a machine crash
-(``checkpoint.py``), ``--resume`` to the same weights bit for bit (every rank's random
-generators are saved), and DDP or FSDP2 under ``torchrun`` (``distributed.py``)."""
+gradient accumulation and clipping, bf16 autocast where supported (one step: ``step.py``),
+micro-batches from DataLoader workers (``loader.py``), checkpoints that run no code and survive a
+kill or a machine crash (``checkpoint.py``), ``--resume`` to the same weights bit for bit (every
+rank's random generators are saved), DDP or FSDP2 under ``torchrun`` (``distributed.py``), the
+metrics users of TRL and torchtitan read (``metrics.py``), evaluation during training
+(``held_out.py``), and stops on a signal that lose nothing (``signals.py``)."""
 from __future__ import annotations
 
 import copy
 import math
+import uuid
 import os
 import sys
 import time
@@ -24,17 +27,24 @@ from .config import TrainConfig
 from .data import Record, data_fingerprint
 from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
 from .cache import CachedDataset, StateCache, build_cache, collate_cached
+from .checkpoint import CheckpointError
 from .cache import fingerprint as cache_fingerprint
+from .held_out import HeldOut, better
 from .layers import apply_layer_options
 from .losses import CachedStageLoss, StageLoss
-from .metrics import append_metrics, keep_metrics_until, plot_losses
+from .metrics import MetricsLog, check_report_to, keep_metrics_until, plot_losses
+from .signals import TrainingStopped, stop_requests
 from .stages import Stage, get_stage
+from .step import TrainingDiverged, flops_per_token, reduce_sum, run_step, step_row
+
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "latest_checkpoint", "check_model_for_stage"]
 
 
 def check_model_for_stage(model: OmniModel, stage: Stage, trains=None) -> None:
     for component in trains or stage.trains:
         if getattr(model, component, None) is None:
-            raise ValueError(f"stage {stage.name!r} trains {component}, which this model does not have")
+            hint = " (build it with OmniConfig.speech_ctc=True)" if component == "speech_ctc_head" else ""
+            raise ValueError(f"stage {stage.name!r} trains {component}, which this model does not have{hint}")
 
 
 def tokens_in(batch: Dict[str, object]) -> int:
@@ -43,6 +53,13 @@ def tokens_in(batch: Dict[str, object]) -> int:
         if batch.get(key) is not None:
             return int(batch[key].sum())
     return 0
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write weights with NaN or infinite values, naming the first such tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TrainingDiverged.of_weights(what, name)
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
@@ -59,15 +76,18 @@ class Trainer:
     one is built if missing; then only the speech decoder goes to the device and each step reads
     the frozen front's states (and the reference's log-likelihoods) from the cache. ``loss``: a
     module ``forward(batch) -> scalar`` to train instead of the stage's own (``losses.StageLoss``),
-    e.g. to time another recipe through the same step."""
+    e.g. to time another recipe through the same step. ``eval_records``: held-out records evaluated
+    every ``config.eval_every`` steps and at the end (``held_out.py``)."""
 
     def __init__(self, model: OmniModel, processor: Optional[OmniProcessor], records: Sequence[Record],
                  config: TrainConfig, out_dir, device: Optional[str] = None, loss: Optional[torch.nn.Module] = None,
-                 state_cache=None):
+                 state_cache=None, eval_records: Optional[Sequence[Record]] = None):
         config = TrainConfig.from_dict(config.to_dict())
         self.stage = get_stage(config.stage)
         self.trains = config.trains or self.stage.trains
         check_model_for_stage(model, self.stage, self.trains)
+        if config.packing and self.stage.loss == "ctc":
+            raise ValueError(f"packing: stage {self.stage.name!r} runs no LLM, so there is nothing to pack")
         self.config, self.processor, self.out_dir = config, processor, Path(out_dir)
         self.rank, self.world = distributed.init()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -93,8 +113,9 @@ class Trainer:
             reference = None
             if self.stage.loss == "dpo":  # the frozen stage-4 decoder this stage starts from
                 reference = copy.deepcopy(model.speech_decoder).requires_grad_(False).eval()
+            special = processor.tokenizer.all_special_ids if processor is not None else ()
             self.loss_module = loss or StageLoss(model, self.stage, config.beta, config.sft_weight, self.references,
-                                                 reference, config.dpo_normalization)
+                                                 reference, config.dpo_normalization, special)
         if model.speech_decoder is not None:
             model.speech_decoder.packing = config.packing
         apply_layer_options(model, self.trains, config.activation_checkpointing, config.compile)
@@ -105,7 +126,8 @@ class Trainer:
         groups = []
         for component in self.trains:
             params = [p for p in getattr(self.model, component).parameters() if p.requires_grad]
-            groups.append({"params": params, "lr": self.stage.component_lr.get(component, lr), "name": component})
+            rates = {**self.stage.component_lr, **(config.component_lr or {})}
+            groups.append({"params": params, "lr": rates.get(component, lr), "name": component})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         epochs = config.epochs if config.epochs is not None else self.stage.epochs
         self.costs = None
@@ -119,6 +141,15 @@ class Trainer:
         self.step = 0
         self.workers = config.workers if config.workers is not None else default_workers(self.device)
         self._resumed = False
+        self.flops_per_token = flops_per_token(model, self.trains) if self.device.type == "cuda" else 0.0
+        check_report_to(config.report_to)
+        self.held_out = None
+        if eval_records is not None:
+            cache_dir = None if self.state_cache is None else Path(str(self.state_cache.path) + "-eval")
+            self.held_out = HeldOut(self, eval_records, cache_dir)
+        elif config.eval_every is not None or config.keep_best is not None:
+            raise ValueError("eval_every and keep_best need held-out records (--eval-data)")
+        self.best: Optional[Dict[str, object]] = None
 
     def _open_cache(self, state_cache, records) -> StateCache:
         if self.stage.loss not in ("speech", "dpo"):
@@ -144,6 +175,16 @@ class Trainer:
         return MicroBatches(len(self.dataset), self.config.batch_size, self.config.seed, self.rank, self.world,
                             start, stop)
 
+    def collate(self):
+        """The collate function of this run's micro-batches."""
+        if self.state_cache is not None:
+            return collate_cached
+        from .loader import _Collate
+        return _Collate(self.processor.tokenizer.pad_token_id, self.config.packing)
+
+    def reduce_sum(self, values) -> List[float]:
+        return reduce_sum(values, self.world)
+
     def to_device(self, batch: Dict[str, object]) -> Dict[str, object]:
         """A collated micro-batch with its tensors on the trainer's device."""
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -157,7 +198,7 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     SHAPING_OPTIONS = ("lr", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm", "weight_decay",
                        "max_steps", "seed", "beta", "sft_weight", "dpo_normalization", "speech_prob", "max_tokens",
-                       "bf16", "fsdp", "trains")
+                       "bf16", "fsdp", "trains", "component_lr")
 
     def fingerprint(self) -> Dict[str, object]:
         """What shapes this run: the stage, every option that changes its numbers, the data."""
@@ -181,6 +222,9 @@ class Trainer:
         return resume.RunSpec(parameters, groups, self.total_steps, self.world, self.rank, self.fingerprint(),
                                   allow_changes)
 
+    def checkpoint_dir(self, step: Optional[int] = None) -> Path:
+        return self.out_dir / "checkpoints" / f"step-{self.step if step is None else step:08d}"
+
     def save_checkpoint(self) -> None:
         """Trainable weights, optimizer and scheduler, step, the reference cache and every rank's
         random generators, gathered whole and written durably (see ``checkpoint.py``) by rank 0."""
@@ -189,30 +233,55 @@ class Trainer:
         optimizer = distributed.optimizer_state(self.model, self.optimizer)
         if self.rank != 0:
             return
+        check_finite(weights, f"step {self.step}'s trainable weights")
         tensors: Dict[str, torch.Tensor] = {}
-        state = {"step": self.step, "world": self.world, "config": self.config.to_dict(),
+        tie = {"checkpoint": uuid.uuid4().hex, "step": str(self.step)}  # stamped on every file of this checkpoint
+        state = {"step": self.step, "world": self.world, "config": self.config.to_dict(), "checkpoint": tie["checkpoint"],
                  "fingerprint": self.fingerprint(),
                  "optimizer": checkpoint.split_tensors(optimizer, "optimizer", tensors),
                  "scheduler": checkpoint.split_tensors(self.scheduler.state_dict(), "scheduler", tensors),
                  "rng": [values for _, values in rng]}
         rng_tensors = {f"rank{r}.{key}": value for r, (ranked, _) in enumerate(rng) for key, value in ranked.items()}
         root = self.out_dir / "checkpoints"
-        files = {"trainable.safetensors": (weights, None), "optimizer.safetensors": (tensors, None),
-                 "rng.safetensors": (rng_tensors, None)}
+        files = {"trainable.safetensors": (weights, tie), "optimizer.safetensors": (tensors, tie),
+                 "rng.safetensors": (rng_tensors, tie)}
         if self.references is not None and self.state_cache is None:  # computed by this run: kept with it
-            files["reference.safetensors"] = self.references.tensors()
-        checkpoint.write_checkpoint(root / f"step-{self.step:08d}", files, {"state.json": state})
-        checkpoint.prune(root, self.config.keep)
+            values, metadata = self.references.tensors()
+            files["reference.safetensors"] = (values, {**(metadata or {}), **tie})
+        json_files = {"state.json": state}
+        if self.best is not None:
+            json_files["best.json"] = self.best
+        checkpoint.write_checkpoint(self.checkpoint_dir(), files, json_files)
+        checkpoint.prune(root, self.config.keep, protect=self._protected())
 
-    def resume(self, allow_changes: bool = False) -> None:
-        """Continue from the newest complete checkpoint. Nothing in it is unpickled; a file that
-        cannot be read as written, or does not fit this run, raises ``CheckpointError`` naming it.
-        A run whose options or data differ from the checkpoint's is refused, naming what changed,
-        unless ``allow_changes`` (then the new options apply from the checkpoint's step on)."""
-        found = latest_checkpoint(self.out_dir)
-        if found is None:
-            raise FileNotFoundError(f"--resume: {self.out_dir / 'checkpoints'} holds no complete checkpoint")
-        restored = resume.read_run_state(found, self.run_spec(allow_changes))
+    def _protected(self) -> List[str]:
+        return [Path(self.best["checkpoint"]).name] if self.best is not None else []
+
+    def resume(self, allow_changes: bool = False, step: Optional[int] = None) -> Path:
+        """Continue from the newest complete checkpoint (or, with ``step``, that step's: then the
+        newer ones are set aside as ``*.superseded``, never removed). Nothing in it is unpickled; a
+        file that cannot be read as written, was not written with its ``state.json``, or does not
+        fit this run raises ``CheckpointError`` naming it, and a damaged newest checkpoint names
+        the earlier steps ``--resume-from`` can take. A run whose options or data differ from the
+        checkpoint's is refused, naming what changed, unless ``allow_changes`` (then the new
+        options apply from the checkpoint's step on). Returns the checkpoint."""
+        root = self.out_dir / "checkpoints"
+        found_all = checkpoint.complete_checkpoints(root)
+        if not found_all:
+            raise FileNotFoundError(f"--resume: {root} holds no complete checkpoint")
+        found = found_all[-1] if step is None else self.checkpoint_dir(step)
+        if found not in found_all:
+            raise FileNotFoundError(f"--resume-from {step}: {root} has no checkpoint of step {step}; its steps are "
+                                    f"{[int(p.name[5:]) for p in found_all]}")
+        try:
+            restored = resume.read_run_state(found, self.run_spec(allow_changes))
+        except CheckpointError as error:
+            earlier = [int(p.name[5:]) for p in found_all if p < found]
+            if step is None and earlier:
+                raise CheckpointError(f"{error}. The newest checkpoint cannot be resumed; earlier ones are at steps "
+                                      f"{earlier}: --resume-from {earlier[-1]} continues from step {earlier[-1]} "
+                                      f"(check first why the newest is damaged)") from None
+            raise
         distributed.load_model_state(self.model, restored.weights)
         distributed.load_optimizer_state(self.model, self.optimizer, restored.optimizer)
         self.scheduler.load_state_dict(restored.scheduler)
@@ -220,14 +289,23 @@ class Trainer:
         checkpoint.set_rng_state(restored.rng_tensors, restored.rng_values, found / "rng.safetensors")
         if restored.references and self.state_cache is None:
             self.references.update_from(restored.references)
+        best = found / "best.json"
+        self.best = checkpoint.read_json(best) if best.is_file() else None
         self._resumed = True
-        if self.rank == 0:  # a kill inside the last save's removal would otherwise outlive a run with no save left
-            checkpoint.prune(found.parent, self.config.keep)
+        distributed.barrier(self.world)
         if self.rank == 0:
+            for newer in (p for p in found_all if p > found):  # the user chose an earlier step
+                newer.rename(newer.with_name(newer.name + ".superseded"))
+            # a kill inside the last save's removal would otherwise outlive a run with no save left
+            checkpoint.prune(found.parent, self.config.keep, protect=self._protected())
             keep_metrics_until(self.out_dir / "metrics.jsonl", self.step)
+        return found
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
+        """Run the stage to its last step and save the model (``finish``). A signal stops it after
+        a whole step with a checkpoint (:class:`TrainingStopped`); a non-finite loss or gradient
+        norm before the update (:class:`TrainingDiverged`)."""
         from tqdm.auto import tqdm
         if not self._resumed:  # a resumed run continues the saved generators
             torch.manual_seed(self.config.seed)
@@ -235,6 +313,8 @@ class Trainer:
         metrics_path = self.out_dir / "metrics.jsonl"
         if self.step == 0 and self.rank == 0 and metrics_path.exists():
             metrics_path.unlink()  # a fresh run
+        log = MetricsLog(self.out_dir, self.config.report_to, f"{self.stage.index}-{self.stage.name}",
+                         self.config.to_dict(), self.step) if self.rank == 0 else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage.index} {self.stage.name}",
                    disable=not self.config.progress or self.rank != 0)
         self.wrapped.train()
@@ -244,52 +324,64 @@ class Trainer:
                              packed=self.config.packing)
         batches = iter(loader)
         self.data_wait_s = 0.0
-        while self.step < self.total_steps:
-            start = time.perf_counter()
-            micro = []
-            for _ in range(accum):
-                micro.append(self.to_device(next(batches)))
-            waited = time.perf_counter() - start
-            self.data_wait_s += waited
-            tokens = sum(tokens_in(batch) for batch in micro)
-            loss_value = distributed.mean(self.train_step(micro), self.world, self.device)
-            lr = self.scheduler.get_last_lr()[0]
-            seconds = time.perf_counter() - start
-            speed = tokens * self.world / seconds
-            if self.rank == 0:
-                append_metrics(metrics_path, {"step": self.step, "loss": loss_value, "lr": lr, "tokens_per_s": speed,
-                                              "data_wait_s": waited, "step_s": seconds})
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
-            bar.update(1)
-            if self.step % self.config.save_every == 0 or self.step == self.total_steps:
-                self.save_checkpoint()
-        bar.close()
-        del batches, loader
+        try:
+            with stop_requests() as stops:
+                while self.step < self.total_steps:
+                    start = time.perf_counter()
+                    micro = [self.to_device(next(batches)) for _ in range(accum)]
+                    waited = time.perf_counter() - start
+                    self.data_wait_s += waited
+                    tokens = sum(tokens_in(batch) for batch in micro)
+                    values = run_step(self, micro, stop=stops.received is not None)
+                    row = step_row(self, values, tokens, waited, time.perf_counter() - start)
+                    evaluate = self.held_out is not None and (self.step == self.total_steps or (
+                        self.config.eval_every is not None and self.step % self.config.eval_every == 0))
+                    if evaluate:
+                        row.update(self.held_out.evaluate())
+                    if log is not None:
+                        log.log(row)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+                    bar.update(1)
+                    saved = self._after_step(row, evaluate)
+                    if values["stop"] > 0:
+                        if not saved:
+                            self.save_checkpoint()
+                        raise TrainingStopped(stops.received or "SIGTERM", self.step, self.checkpoint_dir())
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            del batches, loader
         return self.finish()
 
-    def train_step(self, batches: List[Dict[str, object]]) -> float:
-        """One optimizer step over micro-batches (gradient accumulation): each loss under bf16
-        autocast where enabled, backward, gradient clipping, optimizer and scheduler step. Returns
-        this process's loss summed over the micro-batches (one read-back per step)."""
-        loss_sum = None
-        for batch in batches:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.loss(batch) / len(batches)
-            loss.backward()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return float(loss_sum)
+    def _after_step(self, row: Dict[str, object], evaluated: bool) -> bool:
+        """A checkpoint when one is due (or the held-out metric ``keep_best`` names improved);
+        whether one was written."""
+        due = self.step % self.config.save_every == 0 or self.step == self.total_steps
+        if evaluated and self.config.keep_best is not None:
+            metric = self.config.keep_best
+            if metric not in row:
+                raise ValueError(f"keep_best: the evaluation has no {metric!r}; it has "
+                                 f"{sorted(k for k in row if k.startswith('eval/'))}")
+            if better(metric, row[metric], None if self.best is None else self.best["value"]):
+                self.best = {"metric": metric, "value": row[metric], "step": self.step,
+                             "checkpoint": str(self.checkpoint_dir())}
+                due = True
+        if due:
+            self.save_checkpoint()
+        return due
+
+    def train_step(self, batches: List[Dict[str, object]]) -> Dict[str, float]:
+        """One optimizer step over micro-batches (``step.py``); returns its metrics (means over
+        the processes): loss, grad_norm, lr and the loss module's own."""
+        return run_step(self, batches)
 
     def finish(self) -> Path:
         """The stage's output: the whole model (the next stage starts from it) and a loss curve."""
         model_dir = self.out_dir / "model"
         state = distributed.model_state(self.model, trainable_only=False) if self.world > 1 else None
         if self.rank == 0:
+            check_finite(state if state is not None else self.model.state_dict(), "the model")
             self.model.save_pretrained(model_dir, self.processor, state_dict=state)
             if not plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png",
                                f"stage {self.stage.index}: {self.stage.name}"):

@@ -102,6 +102,6 @@ def test_workers_change_nothing_even_across_a_resume(data, tmp_path, monkeypatch
     a = load_file(str(tmp_path / "plain" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "workers" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    waits = [row["data_wait_s"] for row in map(json.loads, (tmp_path / "workers" / "metrics.jsonl").read_text()
-                                                .splitlines())]
-    assert len(waits) == 6 and np.all(np.isfinite(waits))
+    waits = [row["data_loading(%)"] for row in map(json.loads, (tmp_path / "workers" / "metrics.jsonl").read_text()
+                                                    .splitlines())]
+    assert len(waits) == 6 and np.all(np.isfinite(waits)) and all(0 <= w <= 100 for w in waits)

@@ -69,7 +69,8 @@ def data(tmp_path_factory):
 
 def component_states(model_dir: Path):
     model = OmniModel.from_pretrained(model_dir)
-    return {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in COMPONENTS}
+    return {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in COMPONENTS
+            if getattr(model, name) is not None}
 
 
 def train(*args) -> int:
@@ -87,7 +88,7 @@ def test_all_five_stages_lower_their_losses_and_train_only_their_components(data
         assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoints" / "step-00000008").is_dir()
         after = component_states(out / "model")
         if previous is not None:
-            for name in COMPONENTS:
+            for name in after:
                 same = all(torch.equal(previous[name][k], after[name][k]) for k in after[name])
                 assert same == (name not in stage.trains), (stage.name, name)
         previous = after
@@ -243,7 +244,7 @@ def test_eval_reports_each_stages_metric(data, tmp_path, capsys):
     assert train("--stage", "speech-gen", "--model", "tiny", "--data", data / "speech-gen.json", "--out", tmp_path,
                  "--max-steps", 1, "--save-every", 100) == 0
     for stage, key in (("s2t", "cer"), ("i2t-sft", "accuracy"), ("speech-gen", "unit_error_rate"),
-                       ("emotion-dpo", "reward_accuracy")):
+                       ("emotion-dpo", "rewards/accuracies")):
         assert cli.main(["eval", "--stage", stage, "--model", str(tmp_path / "model"), "--data",
                          str(data / f"{stage}.json"), "--out", str(tmp_path / f"{stage}.json")]) == 0
         metrics = json.loads((tmp_path / f"{stage}.json").read_text())
@@ -254,11 +255,12 @@ def test_trains_overrides_the_stages_components(data, tmp_path):
     """``--trains speech,speech_projector``: stage 1 with the speech encoder unfrozen too."""
     from omnifast.training.run import load_model
     model = load_model("tiny", seed=0)[0]  # what --model tiny starts from
-    before = {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in COMPONENTS}
+    before = {name: {k: v.clone() for k, v in getattr(model, name).state_dict().items()} for name in COMPONENTS
+              if getattr(model, name) is not None}
     assert train("--stage", "s2t", "--model", "tiny", "--data", data / "s2t.json", "--out", tmp_path, "--max-steps", 2,
                  "--trains", "speech,speech_projector", "--save-every", 100) == 0
     after = component_states(tmp_path / "model")
-    for name in COMPONENTS:
+    for name in after:
         same = all(torch.equal(before[name][k], after[name][k]) for k in after[name])
         assert same == (name not in ("speech", "speech_projector")), name
     with pytest.raises(ValueError, match=r"trains: unknown components \['ears'\]"):
