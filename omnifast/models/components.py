@@ -15,8 +15,12 @@ from .config import IMAGE_TOKEN, SPEECH_TOKEN, OmniConfig
 from .omni import OmniModel, vision_classes
 
 
+MODEL_TYPES = {"llm": ("qwen2",), "vision": ("clip", "clip_vision_model", "siglip", "siglip_vision_model"),
+               "speech": ("whisper",)}
+
+
 def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None, tokenizer=None,
-                    **overrides):
+                    strict: bool = True, allow_nonfinite: bool = False, **overrides):
     """An omni model and its processor from local Hugging Face checkpoint directories
     (``Qwen2ForCausalLM`` with its tokenizer, a CLIP or SigLIP vision tower or whole model,
     ``WhisperModel``) and optionally a speech decoder saved by :func:`save_speech_decoder`; the
@@ -28,7 +32,13 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
     them, and the config takes their ids. Every other setting comes from ``config`` when one is
     given (its speech decoder too, at the LLM's width), else from the components: the speech
     projector min(2048, LLM width) wide, the decoder ``SpeechDecoderConfig.scaled_to`` the LLM.
-    ``overrides`` set OmniConfig fields last."""
+    ``overrides`` set OmniConfig fields last.
+
+    Each folder must hold the architecture its argument names (a CLIP folder passed as
+    ``speech=`` is refused by name); a weight transformers reports missing (initialised fresh) or
+    unexpected is an error naming it unless ``strict=False`` (a vision tower read from a whole
+    CLIP model leaves the text tower's weights unused, which is fine); weights with NaN or
+    infinite values are refused unless ``allow_nonfinite``."""
     import dataclasses
 
     from transformers import AutoConfig, Qwen2ForCausalLM, WhisperModel
@@ -44,11 +54,11 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
         raise TypeError(f"config must be an OmniConfig, got {type(config).__name__}")
     tokenizer = _component_tokenizer(llm if tokenizer is None else tokenizer)
     add_placeholder_tokens(tokenizer)
-    llm_config = AutoConfig.from_pretrained(llm, local_files_only=True, trust_remote_code=False)
-    vision_config = AutoConfig.from_pretrained(vision, local_files_only=True, trust_remote_code=False)
+    llm_config = _checked_config("llm", llm)
+    vision_config = _checked_config("vision", vision)
     vision_type = "siglip" if "siglip" in vision_config.model_type else "clip"
     vision_config = getattr(vision_config, "vision_config", vision_config)
-    speech_config = AutoConfig.from_pretrained(speech, local_files_only=True, trust_remote_code=False)
+    speech_config = _checked_config("speech", speech)
     sampling_rate, window = _audio_window(speech, speech_config)
     rows = max(llm_config.vocab_size, len(tokenizer))
     fixed = dict(llm={**_config_kwargs(llm_config), "vocab_size": rows}, vision=_config_kwargs(vision_config),
@@ -80,11 +90,12 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
                          f"has {len(tokenizer)}")
     with torch.device("meta"):
         model = OmniModel(combined)
-    model.llm = Qwen2ForCausalLM.from_pretrained(llm, local_files_only=True)
+    model.llm = _load_hf(Qwen2ForCausalLM, "llm", llm, strict, allow_nonfinite)
     if model.llm.get_input_embeddings().num_embeddings < rows:
         model.llm.resize_token_embeddings(rows)
-    model.vision = vision_classes(vision_type)[1].from_pretrained(vision, local_files_only=True)
-    model.speech = WhisperModel.from_pretrained(speech, local_files_only=True).get_encoder()
+    model.vision = _load_hf(vision_classes(vision_type)[1], "vision", vision, strict, allow_nonfinite,
+                            unexpected_ok=True)
+    model.speech = _load_hf(WhisperModel, "speech", speech, strict, allow_nonfinite, unexpected_ok=True).get_encoder()
     model.image_projector = model.image_projector.to_empty(device="cpu")
     model.speech_projector = model.speech_projector.to_empty(device="cpu")
     for module in (model.image_projector, model.speech_projector):
@@ -94,6 +105,33 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
     model.speech_decoder = decoder_model if decoder_model is not None else (
         None if combined.speech_decoder is None else SpeechDecoder(combined.decoder_config(), combined.speech_decoder_mode))
     return model, OmniProcessor(tokenizer, combined)
+
+
+def _checked_config(name: str, folder):
+    """A component folder's config, of the architecture ``name`` takes."""
+    from transformers import AutoConfig
+
+    from .safe_load import WeightsError, read_json
+    model_type = read_json(Path(folder) / "config.json", "model config").get("model_type")
+    if model_type not in MODEL_TYPES[name]:
+        raise WeightsError(f"{name}={folder} holds a {model_type!r} model (its config.json's model_type); {name} takes "
+                           f"{' or '.join(MODEL_TYPES[name])}")
+    return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+
+
+def _load_hf(cls, name: str, folder, strict: bool, allow_nonfinite: bool, unexpected_ok: bool = False):
+    """``cls.from_pretrained`` of a local folder, what transformers reports missing (or, unless
+    ``unexpected_ok``, unexpected) refused by name when ``strict``; the weights checked finite."""
+    from .safe_load import WeightsError, check_finite
+    model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    problems = [f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
+                for kind in ("missing_keys", "mismatched_keys") + (() if unexpected_ok else ("unexpected_keys",))
+                for keys in [list(info.get(kind) or [])] if keys]
+    if problems and strict:
+        raise WeightsError(f"{name}={folder}: the weights do not fit {cls.__name__} ({'; '.join(problems)}); "
+                           f"strict=False loads it anyway, the missing ones freshly initialised")
+    check_finite(model, f"{name}={folder}", allow_nonfinite)
+    return model
 
 
 def _component_tokenizer(source):
@@ -144,15 +182,23 @@ def save_speech_decoder(decoder: SpeechDecoder, path) -> None:
 
 
 def load_speech_decoder(path) -> SpeechDecoder:
-    import json
-
-    from safetensors.torch import load_model
-
     from omnifast.nn.speech_decoder import SpeechDecoderConfig
+
+    from .safe_load import WeightsError, check_tensors, read_json, read_safetensors
     path = Path(path)
     if not (path / "speech_decoder.json").is_file():
         raise FileNotFoundError(f"{path} has no speech_decoder.json: not a directory written by save_speech_decoder")
-    meta = json.loads((path / "speech_decoder.json").read_text())
-    decoder = SpeechDecoder(SpeechDecoderConfig.from_dict(meta["config"]), meta["mode"])
-    load_model(decoder, str(path / "speech_decoder.safetensors"))
+    meta = read_json(path / "speech_decoder.json", "speech decoder settings")
+    try:
+        decoder = SpeechDecoder(SpeechDecoderConfig.from_dict(meta["config"]), meta["mode"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise WeightsError(f"{path / 'speech_decoder.json'}: {error}") from None
+    weights = path / "speech_decoder.safetensors"
+    tensors = read_safetensors(weights)
+    expected = decoder.state_dict()
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise WeightsError(f"{weights}: does not hold this decoder's tensors (missing: {missing[:5]}; unexpected: "
+                           f"{extra[:5]})")
+    decoder.load_state_dict(check_tensors(tensors, expected, weights))
     return decoder

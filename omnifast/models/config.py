@@ -184,7 +184,13 @@ class OmniConfig:
 
     @classmethod
     def load(cls, path) -> "OmniConfig":
+        from .safe_load import WeightsError, read_json
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no omnifast config at {path}: not a checkpoint saved by save_pretrained")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_dict(read_json(path, "omnifast config"))
+        except WeightsError:
+            raise
+        except (TypeError, ValueError) as error:
+            raise WeightsError(f"{path}: {error}") from None

@@ -246,10 +246,11 @@ class OmniModel(OmniGeneration, nn.Module):
             processor.save_pretrained(path)
 
     @classmethod
-    def from_pretrained(cls, path, device=None) -> "OmniModel":
+    def from_pretrained(cls, path, device=None, allow_nonfinite: bool = False) -> "OmniModel":
         """A folder written by :meth:`save_pretrained`: the model is built on the meta device and
         its weights loaded shard by shard onto ``device`` (default CPU), in the dtype they were
-        saved in."""
+        saved in; every tensor checked (``omnifast/models/safe_load.py``: shape, dtype, finite
+        values unless ``allow_nonfinite``), every error naming its file."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a directory written by OmniModel.save_pretrained")
@@ -258,15 +259,15 @@ class OmniModel(OmniGeneration, nn.Module):
         weight_files(path)  # a missing shard is found before the model is built
         with torch.device("meta"):
             model = cls(config)
-        load_weights(model, path, device)
+        load_weights(model, path, device, allow_nonfinite)
         rebuild_buffers(model, device)
         return model
 
     @classmethod
-    def from_openomni(cls, path, config: Optional[OmniConfig] = None) -> "OmniModel":
+    def from_openomni(cls, path, config: Optional[OmniConfig] = None, allow_nonfinite: bool = False) -> "OmniModel":
         """An OpenOmni checkpoint folder, read by key name (see ``omnifast/models/openomni.py``)."""
         from .openomni import load_openomni
-        return load_openomni(path, config)
+        return load_openomni(path, config, allow_nonfinite)
 
     @classmethod
     def from_components(cls, llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None,

@@ -33,15 +33,14 @@ WHISPER_BLOCK = {"attn_ln": "self_attn_layer_norm", "attn.query": "self_attn.q_p
 
 
 def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(folder / shard)).items()}
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
+    """Every tensor of the folder's weights: safetensors (its index's shards confined to the
+    folder) or a ``pytorch_model.bin`` of plain tensors (nothing unpickled)."""
+    from .safe_load import read_safetensors, read_torch_weights
+    from .weights import INDEX_NAME, WEIGHTS_NAME, weight_files
+    if (folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
+        return {k: v for shard in weight_files(folder) for k, v in read_safetensors(shard).items()}
     if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_torch_weights(folder / "pytorch_model.bin")
     raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -88,7 +87,7 @@ def openomni_to_omnifast(state: Dict[str, torch.Tensor], config) -> Tuple[Dict[s
     return out, unused
 
 
-def load_openomni(path, config=None):
+def load_openomni(path, config=None, allow_nonfinite: bool = False):
     """``OmniModel.from_openomni``: see the module docstring. ``config``: the model's sizes
     (default: ``OmniConfig.openomni_7b()`` with the folder's ``config.json`` LLM settings).
     Built on the meta device and given the checkpoint's tensors (in their dtype), so nothing is
@@ -103,7 +102,8 @@ def load_openomni(path, config=None):
         config = OmniConfig.openomni_7b()
         config_file = folder / "config.json"
         if config_file.is_file():
-            settings = json.loads(config_file.read_text())
+            from .safe_load import read_json
+            settings = read_json(config_file, "OpenOmni config")
             for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                         "num_key_value_heads", "rms_norm_eps", "max_position_embeddings"):
                 if key in settings:
@@ -124,6 +124,8 @@ def load_openomni(path, config=None):
         problems.append(f"mismatched shapes: {'; '.join(wrong)}")
     if problems:
         raise ValueError(f"{folder}: not loadable as this OpenOmni model: " + " | ".join(problems))
+    from .safe_load import check_tensors, floating_dtype
+    mapped = check_tensors(mapped, expected, folder, allow_nonfinite, floating_dtype(mapped))
     model.load_state_dict(mapped, assign=True)
     rebuild_buffers(model, torch.device("cpu"))
     return model

@@ -46,18 +46,16 @@ def save_weights(state: Dict[str, torch.Tensor], path, max_shard_size: Union[int
 
 def weight_files(path) -> List[Path]:
     """The weight files of a saved folder, checked: the index's shards exist and lie in it."""
+    from .safe_load import WeightsError, inside, read_json
     path = Path(path)
     index = path / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{index} is not a safetensors index (a 'weight_map' of tensor -> shard): {error}") from None
-        names = sorted(set(weight_map.values()))
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"{index} is not a safetensors index: it has no 'weight_map' of tensor -> shard")
+        names = sorted(set(map(str, weight_map.values())))
         for name in names:
-            if not isinstance(name, str) or Path(name).name != name:
-                raise ValueError(f"{index} names the shard {name!r}: shards must be files in {path}")
-            if not (path / name).is_file():
+            if not inside(path, name, index).is_file():
                 raise FileNotFoundError(f"{index} names {name}, which is missing from {path}")
         return [path / name for name in names]
     if (path / WEIGHTS_NAME).is_file():
@@ -65,25 +63,30 @@ def weight_files(path) -> List[Path]:
     raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
-def load_weights(model: nn.Module, path, device: Union[str, torch.device] = "cpu") -> nn.Module:
+def load_weights(model: nn.Module, path, device: Union[str, torch.device] = "cpu",
+                 allow_nonfinite: bool = False) -> nn.Module:
     """Fill ``model`` (built on the meta device, or anywhere) from the folder ``path``, one shard
-    at a time; every parameter and persistent buffer must be found, and nothing else."""
-    from safetensors.torch import load_file
-    expected = set(model.state_dict())
-    loaded = set()
+    at a time; every parameter and persistent buffer must be found, and nothing else; each
+    tensor of the model's shape, floating where the model's is (in one floating dtype: the
+    saved model's, another is cast with a warning) and finite unless ``allow_nonfinite``."""
+    from .safe_load import WeightsError, check_tensors, floating_dtype, read_safetensors
+    expected = model.state_dict()
+    loaded, dtype = set(), None
     for shard in weight_files(path):
-        tensors = load_file(str(shard), device=str(device))
-        unexpected = sorted(set(tensors) - expected)
+        tensors = read_safetensors(shard, device=str(device))
+        unexpected = sorted(set(tensors) - set(expected))
         if unexpected:
-            raise ValueError(f"{shard} holds tensors this model does not have: {', '.join(unexpected[:5])}"
-                             f"{' ...' if len(unexpected) > 5 else ''}")
-        model.load_state_dict(tensors, strict=False, assign=True)
+            raise WeightsError(f"{shard} holds tensors this model does not have: {', '.join(unexpected[:5])}"
+                               f"{' ...' if len(unexpected) > 5 else ''}")
+        dtype = dtype or floating_dtype(tensors)
+        model.load_state_dict(check_tensors(tensors, expected, shard, allow_nonfinite, dtype), strict=False,
+                              assign=True)
         loaded |= set(tensors)
         del tensors
-    missing = sorted(expected - loaded)
+    missing = sorted(set(expected) - loaded)
     if missing:
-        raise ValueError(f"{path} lacks tensors this model needs: {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''}")
+        raise WeightsError(f"{path} lacks tensors this model needs: {', '.join(missing[:5])}"
+                           f"{' ...' if len(missing) > 5 else ''}")
     return model
 
 

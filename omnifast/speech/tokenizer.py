@@ -252,12 +252,23 @@ class SpeechTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path) -> "SpeechTokenizer":
-        from safetensors.torch import load_model
+        """A folder written by :meth:`save_pretrained`; every error names its file, every tensor is
+        checked (shape, dtype, finite values)."""
+        from omnifast.models.safe_load import WeightsError, check_tensors, read_json, read_safetensors
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json: not a directory written by save_pretrained")
-        values = json.loads((path / "tokenizer.json").read_text())
-        values["levels"] = tuple(values["levels"])
-        model = cls(SpeechTokenizerConfig(**values))
-        load_model(model, str(path / "tokenizer.safetensors"))
+        values = read_json(path / "tokenizer.json", "speech tokenizer settings")
+        try:
+            values["levels"] = tuple(values["levels"])
+            model = cls(SpeechTokenizerConfig(**values))
+        except (KeyError, TypeError, ValueError) as error:
+            raise WeightsError(f"{path / 'tokenizer.json'}: not a speech tokenizer's settings ({error})") from None
+        weights = path / "tokenizer.safetensors"
+        tensors, expected = read_safetensors(weights), model.state_dict()
+        if set(tensors) != set(expected):
+            raise WeightsError(f"{weights}: does not hold this tokenizer's tensors (missing: "
+                               f"{sorted(set(expected) - set(tensors))[:5]}; unexpected: "
+                               f"{sorted(set(tensors) - set(expected))[:5]})")
+        model.load_state_dict(check_tensors(tensors, expected, weights))
         return model.eval()

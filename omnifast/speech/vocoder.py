@@ -144,6 +144,14 @@ class UnitVocoder:
 
     @classmethod
     def from_pretrained(cls, path) -> "UnitVocoder":
+        from omnifast.models.safe_load import WeightsError, read_json
         path = Path(path)
-        meta = json.loads((path / "centroids.json").read_text()) if (path / "centroids.json").is_file() else {}
-        return cls(SpeechTokenizer.from_pretrained(path), meta.get("centroids"), meta.get("n_iter", 32))
+        meta = read_json(path / "centroids.json", "vocoder settings") if (path / "centroids.json").is_file() else {}
+        tokenizer = SpeechTokenizer.from_pretrained(path)
+        try:
+            vocoder = cls(tokenizer, meta.get("centroids"), meta.get("n_iter", 32))
+        except (TypeError, ValueError, AttributeError) as error:
+            raise WeightsError(f"{path / 'centroids.json'}: not a vocoder's settings ({error})") from None
+        if not all(torch.isfinite(c).all() for values in vocoder.centroids.values() for c in values.values()):
+            raise WeightsError(f"{path / 'centroids.json'}: a style centroid holds NaN or infinite values")
+        return vocoder

@@ -172,5 +172,5 @@ def test_broken_saves_are_named(tiny_model, tmp_path):
     index = json.loads((tmp_path / INDEX_NAME).read_text())
     index["weight_map"]["llm.lm_head.weight"] = "../elsewhere.safetensors"
     (tmp_path / INDEX_NAME).write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="shards must be files in"):
+    with pytest.raises(ValueError, match="the files it names must lie in"):
         OmniModel.from_pretrained(tmp_path)
