@@ -21,9 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--style", action="append", default=[], metavar="LABEL=VALUE",
                         help="the voice, by the vocoder's style labels (e.g. emotion=happy; repeatable; default: "
                         "the average of its styles)")
-    parser.add_argument("--out", default="answer.wav", help="the spoken answer (default: answer.wav)")
+    parser.add_argument("--out", default=None, help="the spoken answer, with --vocoder (default: answer.wav)")
     parser.add_argument("--stream", action="store_true", help="print tokens and write audio as they are made")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=64,
+                        help="the longest answer, in tokens (at most the model's positions left after the question)")
 
 
 def chat_command(args) -> int:
@@ -35,6 +36,9 @@ def chat_command(args) -> int:
     from omnifast.training.run import load_model
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be an integer >= 1, got {args.max_new_tokens}")
+    if args.out is not None and args.vocoder is None:
+        raise ValueError("--out writes the spoken answer, which needs --vocoder (without one the units are printed)")
+    args.out = args.out or "answer.wav"
     for name in ("wav", "image", "vocoder"):
         value = getattr(args, name)
         if value is not None and not Path(value).exists():
@@ -54,12 +58,19 @@ def chat_command(args) -> int:
     question = ("<image>\n" if images else "") + ("<speech>" if audios else args.text)
     item = processor.encode_conversation([{"from": "human", "value": question}], images, audios,
                                          add_generation_prompt=True)
+    positions = model.config.llm.get("max_position_embeddings")
+    if positions is not None and item["input_ids"].numel() + args.max_new_tokens > positions:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: the question takes {item['input_ids'].numel()} of "
+                         f"the model's {positions} positions, so at most {positions - item['input_ids'].numel()} "
+                         f"tokens can follow")
     speak = model.speech_decoder is not None
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     tokens, units, first_token, first_audio, printed = [], [], None, None, ""
     style = None
-    if vocoder is not None:
+    if vocoder is not None and vocoder.tokenizer.config.has_style:
         style = vocoder.style_for(**dict(labels)) if labels else vocoder.average_style()
+    elif labels:
+        raise ValueError("--style: this vocoder speaks from units alone (its units carry the style)")
     writer = soundfile.SoundFile(args.out, "w", samplerate=vocoder.sampling_rate, channels=1, subtype="FLOAT") \
         if vocoder is not None and speak else None
     start = time.perf_counter()

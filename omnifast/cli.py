@@ -117,6 +117,11 @@ def console(argv=None) -> int:
             raise
         print(f"omnifast: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno != 28 or "--debug" in argv:  # only a full disk is the user's to fix here
+            raise
+        print(f"omnifast: error: {error.strerror if hasattr(error, 'path') else error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,29 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+import errno
 from typing import Callable, IO
+
+
+class DiskFull(OSError):
+    """No space was left to write a file: what was half written is removed, what was there before
+    is untouched."""
+
+    def __init__(self, path, error: OSError):
+        super().__init__(errno.ENOSPC, f"no space left on the device to write {path} (it was not written; what "
+                                       f"was there before is intact): {error.strerror or error}")
+        self.path = path
+
+
+def _cleanup_on_error(tmp: Path, final: Path, run: Callable[[], None]) -> None:
+    """``run()``; on any error the temporary file is removed, and a full disk becomes DiskFull."""
+    try:
+        run()
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
+            raise DiskFull(final, error if isinstance(error, OSError) else OSError(str(error))) from None
+        raise
 
 def fsync_path(path) -> None:
     """Flush a file's or a folder's data and metadata to disk."""
@@ -21,10 +43,13 @@ def write_durably(path, write: Callable[[IO[bytes]], None]) -> Path:
     """``write(handle)`` into ``path + ".tmp"``, fsync, rename to ``path``, fsync the folder."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+
+    def run():
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    _cleanup_on_error(tmp, path, run)
     os.replace(tmp, path)
     fsync_path(path.parent)
     return path
@@ -35,8 +60,7 @@ def save_durably(path, save: Callable[[str], None]) -> Path:
     ".tmp"``, flushed, and renamed to ``path``."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save(str(tmp))
-    fsync_path(tmp)
+    _cleanup_on_error(tmp, path, lambda: (save(str(tmp)), fsync_path(tmp)))
     os.replace(tmp, path)
     fsync_path(path.parent)
     return path

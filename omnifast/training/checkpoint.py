@@ -43,19 +43,28 @@ def write_checkpoint(final: Path, tensor_files: Dict[str, Tuple[Dict[str, torch.
     """Write ``final`` durably: every file (safetensors: tensors and metadata; JSON) into
     ``final.tmp`` and fsynced, the directory fsynced, renamed, the parent fsynced."""
     from safetensors.torch import save_file
+
+    from omnifast.durable import DiskFull
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name, (tensors, metadata) in tensor_files.items():
-        _step(f"write {name}")
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name), metadata)
-        fsync_path(tmp / name)
-    for name, value in json_files.items():
-        _step(f"write {name}")
-        (tmp / name).write_text(json.dumps(value))
-        fsync_path(tmp / name)
-    _step("fsync directory")
-    fsync_path(tmp)
+    try:
+        for name, (tensors, metadata) in tensor_files.items():
+            _step(f"write {name}")
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / name), metadata)
+            fsync_path(tmp / name)
+        for name, value in json_files.items():
+            _step(f"write {name}")
+            (tmp / name).write_text(json.dumps(value))
+            fsync_path(tmp / name)
+        _step("fsync directory")
+        fsync_path(tmp)
+    except Exception as error:
+        full = isinstance(error, OSError) and error.errno == 28 or "No space left" in str(error)
+        if full:  # a half-written checkpoint is no checkpoint: remove it, keep the older ones
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DiskFull(final, error if isinstance(error, OSError) else OSError(str(error))) from None
+        raise
     if final.exists():  # a rerun of the same step: retire the old copy first
         retire(final)
     _step("rename")

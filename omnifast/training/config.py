@@ -9,6 +9,9 @@ from typing import Dict, Optional, Tuple
 from omnifast.ops.checks import check_known_keys
 
 
+MAX_COUNT = 2**31 - 1  # counts past this overflow the kernels' 32-bit indices
+
+
 @dataclass
 class TrainConfig:
     stage: str
@@ -63,7 +66,7 @@ class TrainConfig:
         for name in ("epochs", "max_steps"):
             _integer(name, getattr(self, name), low=1, optional=True)
         for name in ("batch_size", "grad_accum", "save_every", "keep"):
-            _integer(name, getattr(self, name), low=1)
+            _integer(name, getattr(self, name), low=1, high=MAX_COUNT)
         _integer("seed", self.seed, low=0, high=2**63 - 1)
         _integer("workers", self.workers, low=0, optional=True)
         _integer("eval_every", self.eval_every, low=1, optional=True)
@@ -75,7 +78,7 @@ class TrainConfig:
         if self.keep_best is not None and (not isinstance(self.keep_best, str) or not self.keep_best.startswith("eval/")):
             raise ValueError(f"keep_best must name a held-out metric (eval/loss, eval/unit_error_rate, "
                              f"eval/rewards/accuracies, ...), got {self.keep_best!r}")
-        _integer("max_tokens", self.max_tokens, low=1, optional=True)
+        _integer("max_tokens", self.max_tokens, low=1, high=MAX_COUNT, optional=True)
         if self.activation_checkpointing not in ("off", "selective", "full"):
             raise ValueError(f"activation_checkpointing must be one of off, selective, full, got "
                              f"{self.activation_checkpointing!r}")

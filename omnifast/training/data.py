@@ -34,6 +34,7 @@ from .media import audio_problem, image_problem, stamp_media
 from .stages import Stage
 
 MAX_PROBLEMS = 200           # problems listed in a DataError (the rest are counted)
+TEXT_BYTES_PER_POSITION = 16  # no tokenizer packs more text into one position: a cap on a record's text
 
 
 @dataclass
@@ -78,6 +79,8 @@ class RecordRules:
     unit_vocab: Optional[int] = None
     media_roots: Tuple[Path, ...] = ()
     audio_seconds: Optional[float] = None
+    max_units: Optional[int] = None          # the speech decoder's positions
+    max_text: Optional[int] = None           # bytes of text a record may hold
 
 
 def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Optional[Record]:
@@ -88,8 +91,10 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
         return None
     if "id" not in item:
         bad("id", "missing")
-    elif not isinstance(item["id"], (str, int)) or isinstance(item["id"], bool):
-        bad("id", f"must be a string or an integer, got {type(item['id']).__name__}")
+    elif not isinstance(item["id"], str) or not item["id"].strip():
+        shown = f"the {type(item['id']).__name__} {item['id']!r}" if not isinstance(item["id"], str) else "empty"
+        bad("id", f"must be a non-empty string, got {shown}" + (f" (write it as \"{item['id']}\")"
+                                                               if isinstance(item["id"], int) else ""))
     turns = item.get("conversations")
     if not isinstance(turns, list) or not turns or not all(
             isinstance(t, dict) and t.get("from") in ("human", "gpt", "system") and isinstance(t.get("value"), str)
@@ -97,6 +102,11 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
         bad("conversations", "must be a non-empty list of {from: human|gpt|system, value: text}")
         return None
     text = "".join(t["value"] for t in turns)
+    if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
+        bad("conversations", "a gpt turn is empty: there is nothing to learn from it")
+    if rules.max_text is not None and len(text.encode()) > rules.max_text:
+        bad("conversations", f"{len(text.encode())} bytes of text, more than this model can take "
+                             f"({rules.max_text}: its {rules.max_text // TEXT_BYTES_PER_POSITION} positions)")
     emotion = item.get("emotion")
     if emotion is not None and not isinstance(emotion, str):
         bad("emotion", f"must be text, got {type(emotion).__name__}")
@@ -111,6 +121,8 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
         for name in _paths(speech_files):
             if not isinstance(name, str):
                 bad("speech", "must be a path or a list of paths")
+            elif "\x00" in name:
+                bad("speech", f"{name!r} has a NUL byte: not a path")
             elif "none" in name:
                 record.spoken.append(None)
             else:
@@ -132,6 +144,9 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
         if text.count(token) != len(files):
             bad(key, f"{text.count(token)} {token} placeholders but {len(files)} files")
         for name in files:
+            if "\x00" in name:
+                bad(key, f"{name!r} has a NUL byte: not a path")
+                continue
             file = (root / name).resolve()
             if not any(file.is_relative_to(allowed) for allowed in rules.media_roots):
                 bad(key, f"{name} is outside the data folder {root} (allow its folder with --media-root)")
@@ -149,6 +164,8 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
             bad(key, "empty")
         elif rules.unit_vocab is not None and (min(units) < 0 or max(units) >= rules.unit_vocab):
             bad(key, f"unit out of range [0, {rules.unit_vocab}): {min(units)}..{max(units)}")
+        elif rules.max_units is not None and len(units) > rules.max_units:
+            bad(key, f"{len(units)} units, more than the speech decoder's {rules.max_units} positions")
         setattr(record, key, units)
     for key in rules.stage.requires:
         if key not in item or item[key] in (None, "", []):
@@ -212,17 +229,25 @@ class RecordFile(Sequence):
 
 
 def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_roots: Sequence = (),
-                 audio_seconds: Optional[float] = None, sampling_rate: Optional[int] = None) -> RecordFile:
+                 audio_seconds: Optional[float] = None, sampling_rate: Optional[int] = None,
+                 max_units: Optional[int] = None, max_positions: Optional[int] = None) -> RecordFile:
     """Read and validate a data file (a JSON list of records, or JSON Lines) for ``stage``: every
     field, every media file's header (audio: format, rate, channels, length against
     ``audio_seconds``; images: format, size, integrity), duplicate ids. Raise :class:`DataError`
     listing every problem (file, record id, field, what is wrong) before anything trains.
-    ``media_roots``: folders besides the data file's own that media may come from."""
+    ``media_roots``: folders besides the data file's own that media may come from;
+    ``max_units``: the speech decoder's positions; ``max_positions``: the LLM's (a record's text
+    may hold at most ``TEXT_BYTES_PER_POSITION`` bytes a position; its tokens are counted when it
+    is encoded)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: a folder, not a data file (a JSON list or JSON Lines file of records)")
     if not path.is_file():
         raise DataError(f"{path}: the data file does not exist")
     root = path.resolve().parent
-    rules = RecordRules(stage, unit_vocab, (root,) + tuple(Path(r).resolve() for r in media_roots), audio_seconds)
+    max_text = None if max_positions is None else max_positions * TEXT_BYTES_PER_POSITION
+    rules = RecordRules(stage, unit_vocab, (root,) + tuple(Path(r).resolve() for r in media_roots), audio_seconds,
+                        max_units, max_text)
     problems: List[str] = []
     counted = 0
     offsets, lengths, response_chars, units, hashes = (array("q") for _ in range(5))  # 8 bytes a value

@@ -45,6 +45,8 @@ def _scan_lines(path: Path) -> Iterator[Tuple[int, int, object]]:
                     value = json.loads(stripped)
                 except (json.JSONDecodeError, UnicodeDecodeError) as error:
                     raise DataError(f"{path}: line {number}: not JSON ({error})") from None
+                except RecursionError:
+                    raise DataError(f"{path}: line {number}: nested too deeply to be a record") from None
                 yield offset, len(line), value
             offset += len(line)
 
@@ -102,6 +104,9 @@ def _scan_list(path: Path) -> Iterator[Tuple[int, int, object]]:
                     if byte_at(len(text)) - byte_at(start) > MAX_RECORD_BYTES or not more():
                         raise DataError(f"{path}: not JSON at byte {byte_at(error.pos)} ({error.msg})") from None
                     start = position  # more() may have moved the text
+                except RecursionError:
+                    raise DataError(f"{path}: the record at byte {byte_at(start)} is nested too deeply to be "
+                                    f"a record") from None
             first, last = byte_at(start), byte_at(end)
             position = end
             yield first, last - first, value

@@ -76,6 +76,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         images = [load_image(path, record, "image") for path in record.images]
         audios = [load_audio(path, record, self.processor.sampling_rate) for path in clips]
         item = self.processor.encode_conversation(turns, images, audios)
+        positions = self.processor.config.llm.get("max_position_embeddings")
+        if positions is not None and item["input_ids"].numel() > positions:
+            raise DataError(f"record {record.id}: {item['input_ids'].numel()} tokens, more than the LLM's {positions} "
+                            f"positions")
         item.update(id=record.id, tgt_units=record.tgt_units, re_tgt_units=record.re_tgt_units, spoken=spoken)
         return item
 

@@ -38,10 +38,14 @@ def load_model(spec: str, seed: int = 0) -> Tuple[OmniModel, OmniProcessor]:
 
 def records_for(model: OmniModel, path, stage: Stage, media_roots=()) -> RecordFile:
     """A data file validated for ``stage`` and this model: its unit vocabulary, its speech window
-    and its sampling rate (for the length of ``.npy`` clips)."""
+    and its sampling rate (for the length of ``.npy`` clips), its LLM's and speech decoder's
+    positions."""
     config = model.config
-    return load_records(path, stage, (config.speech_decoder or {}).get("units"), media_roots=media_roots,
-                        audio_seconds=config.audio_seconds, sampling_rate=config.sampling_rate)
+    decoder = config.decoder_config()
+    return load_records(path, stage, None if decoder is None else decoder.units, media_roots=media_roots,
+                        audio_seconds=config.audio_seconds, sampling_rate=config.sampling_rate,
+                        max_units=None if decoder is None else decoder.max_positions,
+                        max_positions=config.llm.get("max_position_embeddings"))
 
 
 def _read_config_file(path) -> Dict:

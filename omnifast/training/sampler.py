@@ -51,8 +51,18 @@ class MicroBatches(torch.utils.data.Sampler):
         """Micro-batches in epoch ``epoch``."""
         return self.per_epoch
 
-    def total(self, epochs: int) -> int:
-        return sum(self.count(e) for e in range(epochs))
+    def total(self, epochs: int, cap: Optional[int] = None) -> int:
+        """Micro-batches in ``epochs`` epochs, or ``cap`` if there are at least that many (the
+        epochs past it are not counted: a run capped by max_steps plans no more)."""
+        if type(self).count is MicroBatches.count:  # every epoch alike
+            whole = self.per_epoch * epochs
+            return whole if cap is None else min(whole, cap)
+        total = 0
+        for epoch in range(epochs):
+            total += self.count(epoch)
+            if cap is not None and total >= cap:
+                return cap
+        return total
 
 
 class TokenBudgetBatches(MicroBatches):

@@ -134,12 +134,19 @@ class Trainer:
         if config.max_tokens is not None:
             factor = model.speech_decoder.config.upsample_factor if self.stage.loss in ("speech", "dpo") else None
             self.costs = record_costs(records, processor, factor)
-        total = math.ceil(self.micro_batches(0).total(epochs) / config.grad_accum) if len(records) else 0
+        cap = None if config.max_steps is None else config.max_steps * config.grad_accum
+        micro_total = self.micro_batches(0).total(epochs, cap) if len(records) else 0
+        if len(records) and config.grad_accum > micro_total:
+            raise ValueError(f"grad_accum={config.grad_accum}: the run has only {micro_total} micro-batches, not "
+                             f"enough for one optimizer step")
+        total = math.ceil(micro_total / config.grad_accum)
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         warmup = config.warmup_ratio if config.warmup_ratio is not None else self.stage.warmup_ratio
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps, math.ceil(self.total_steps * warmup)))
         self.step = 0
         self.workers = config.workers if config.workers is not None else default_workers(self.device)
+        if self.workers > (os.cpu_count() or 1):
+            raise ValueError(f"workers={self.workers}: this machine has {os.cpu_count()} CPUs")
         self._resumed = False
         self.flops_per_token = flops_per_token(model, self.trains) if self.device.type == "cuda" else 0.0
         check_report_to(config.report_to)
