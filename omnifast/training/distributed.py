@@ -59,17 +59,37 @@ def shard(root: nn.Module, model: nn.Module, trains: Iterable[str], bf16_on_cuda
 
 
 def wrap(root: nn.Module, model: nn.Module, trains: Iterable[str], world: int, fsdp: bool, device: torch.device,
-         bf16: bool) -> nn.Module:
+         bf16: bool, find_unused: bool = False) -> nn.Module:
     """The module the training step calls: ``root`` itself (one process, or sharded in place with
-    FSDP2), or a DistributedDataParallel around it."""
+    FSDP2), or a DistributedDataParallel around it. ``find_unused``: some step may leave a trained
+    parameter without a gradient (a media encoder on a batch without its media); only then does
+    DDP search the graph for them, an extra pass every step."""
     if world == 1:
         return root
     if fsdp:
         return shard(root, model, trains, bf16 and device.type == "cuda")
     from torch.nn.parallel import DistributedDataParallel
-    # batches without images leave the vision side unused: let DDP skip what got no gradient
     return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+                                   find_unused_parameters=find_unused)
+
+
+MEDIA_OF = {"vision": "images", "image_projector": "images", "speech": "speech", "speech_projector": "speech"}
+
+
+def may_leave_unused(trains: Iterable[str], records) -> bool:
+    """Whether a trained media encoder has records without its media (then a batch can leave it
+    without a gradient)."""
+    for component in trains:
+        media = MEDIA_OF.get(component)
+        if media is None:
+            continue
+        if hasattr(records, "count_with"):
+            having = records.count_with(media)
+        else:
+            having = sum(bool(r.images if media == "images" else r.audio_files()) for r in records)
+        if having < len(records):
+            return True
+    return False
 
 
 def _options(**kwargs):

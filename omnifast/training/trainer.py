@@ -120,7 +120,7 @@ class Trainer:
             model.speech_decoder.packing = config.packing
         apply_layer_options(model, self.trains, config.activation_checkpointing, config.compile)
         self.wrapped = distributed.wrap(self.loss_module, self.model, self.trains, self.world, config.fsdp,
-                                        self.device, self.bf16)
+                                        self.device, self.bf16, distributed.may_leave_unused(self.trains, records))
         # after wrapping: FSDP2 replaces the parameters it shards
         lr = config.lr if config.lr is not None else self.stage.lr
         groups = []

@@ -59,3 +59,10 @@ def test_quick_save_load_benchmark_compares_one_file_and_shards(tmp_path, capsys
     assert [r["layout"] for r in rows] == ["one file", "shards of 1MB"] and rows[1]["files"] > 1
     assert all(r["load_s"] > 0 and r["weight_bytes"] == rows[0]["weight_bytes"] for r in rows)
     assert "arithmetic for OpenOmni" in capsys.readouterr().out
+
+
+def test_quick_ddp_step_benchmark_times_both_settings(tmp_path):
+    assert cli.main(["bench", "ddp_step", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "quick_ddp_step.json").read_text())
+    assert set(payload["rows"]) == {"find_unused_parameters=True", "find_unused_parameters=False"}
+    assert all(row["median_step_s"] > 0 for row in payload["rows"].values()) and payload["speedup"] > 0

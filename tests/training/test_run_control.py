@@ -14,7 +14,7 @@ import time
 import pytest
 
 from omnifast import cli
-from omnifast.training import CheckpointError, latest_checkpoint, read_metrics
+from omnifast.training import CheckpointError, get_stage, latest_checkpoint, load_records, read_metrics
 
 from .test_training import assert_same_weights_bit_for_bit, data  # noqa: F401  (the shared fixture)
 
@@ -182,3 +182,14 @@ def test_component_learning_rates(data, tmp_path):  # noqa: F811
     state = json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())
     groups = {g["name"]: g["initial_lr"] for g in state["optimizer"]["param_groups"]}
     assert groups == {"speech_projector": 1e-3, "llm": 1e-5}
+
+
+def test_ddp_searches_for_unused_parameters_only_where_a_batch_can_leave_some(data):  # noqa: F811
+    from omnifast.training import distributed
+    s2t = load_records(data / "s2t.json", get_stage("s2t"))
+    sft = load_records(data / "i2t-sft.json", get_stage("i2t-sft"))
+    assert not distributed.may_leave_unused(("speech_projector",), s2t)  # every record has speech
+    assert not distributed.may_leave_unused(("llm", "image_projector", "vision"), sft)  # and here every one a picture
+    mixed = list(sft) + list(load_records(data / "speech-gen.json", get_stage("speech-gen")))
+    assert distributed.may_leave_unused(("llm", "vision"), mixed)  # a text-only batch leaves vision unused
+    assert not distributed.may_leave_unused(("llm",), mixed)
