@@ -1,4 +1,4 @@
-"""The ``omnifast`` command: ``omnifast train``, ``cache``, ``eval``, ``chat``, ``bench``,
+"""The ``omnifast`` command: ``omnifast init``, ``train``, ``cache``, ``eval``, ``chat``, ``bench``,
 ``tokenizer`` and ``demo``.
 
 ``main(argv)`` raises (for use from Python); the console command (``console``) prints a user's
@@ -49,6 +49,10 @@ def _run(argv=None) -> int:
     talk = commands.add_parser("chat", help="ask a trained model a written or spoken question; its answer printed "
                                "and spoken into a WAV file")
     chat.add_arguments(talk)
+    from omnifast.models import components
+    init = commands.add_parser("init", help="an omni model from your own LLM, vision and Whisper folders, saved for "
+                               "omnifast train --model")
+    components.add_init_arguments(init)
     from omnifast.speech import train as tokenizer_training
     tokenizer = commands.add_parser("tokenizer", help="train a speech tokenizer and unit vocoder")
     tokenizer_training.add_arguments(tokenizer)
@@ -57,6 +61,8 @@ def _run(argv=None) -> int:
         return tokenizer_training.train_command(args)
     if args.command == "train":
         return run.train_command(args)
+    if args.command == "init":
+        return components.init_command(args)
     if args.command == "eval":
         return run.eval_command(args)
     if args.command == "cache":

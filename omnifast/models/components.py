@@ -52,13 +52,13 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
             raise FileNotFoundError(f"{name}={directory} has no config.json: not a Hugging Face checkpoint directory")
     if config is not None and not isinstance(config, OmniConfig):
         raise TypeError(f"config must be an OmniConfig, got {type(config).__name__}")
-    tokenizer = _component_tokenizer(llm if tokenizer is None else tokenizer)
-    add_placeholder_tokens(tokenizer)
     llm_config = _checked_config("llm", llm)
     vision_config = _checked_config("vision", vision)
+    speech_config = _checked_config("speech", speech)
+    tokenizer = _component_tokenizer(llm if tokenizer is None else tokenizer)
+    add_placeholder_tokens(tokenizer)
     vision_type = "siglip" if "siglip" in vision_config.model_type else "clip"
     vision_config = getattr(vision_config, "vision_config", vision_config)
-    speech_config = _checked_config("speech", speech)
     sampling_rate, window = _audio_window(speech, speech_config)
     rows = max(llm_config.vocab_size, len(tokenizer))
     fixed = dict(llm={**_config_kwargs(llm_config), "vocab_size": rows}, vision=_config_kwargs(vision_config),
@@ -80,6 +80,7 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
         wanted = overrides.get(name, chosen.get(name))
         if wanted is not None and wanted != fixed[name]:
             raise ValueError(f"{name}={wanted} was asked for, but the components fix it at {fixed[name]}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     combined = OmniConfig(**{**dict(speech_projector_hidden=min(2048, hidden)), **chosen, **fixed,
                              "speech_decoder": decoder_dict, **overrides}).validate()
     if decoder_dict is not None and decoder_dict["llm_hidden"] != hidden:
@@ -98,7 +99,9 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
     model.speech = _load_hf(WhisperModel, "speech", speech, strict, allow_nonfinite, unexpected_ok=True).get_encoder()
     model.image_projector = model.image_projector.to_empty(device="cpu")
     model.speech_projector = model.speech_projector.to_empty(device="cpu")
-    for module in (model.image_projector, model.speech_projector):
+    if model.speech_ctc_head is not None:
+        model.speech_ctc_head = model.speech_ctc_head.to_empty(device="cpu")
+    for module in (model.image_projector, model.speech_projector, model.speech_ctc_head or nn.Identity()):
         for layer in module.modules():
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
@@ -202,3 +205,43 @@ def load_speech_decoder(path) -> SpeechDecoder:
                            f"{extra[:5]})")
     decoder.load_state_dict(check_tensors(tensors, expected, weights))
     return decoder
+
+
+def add_init_arguments(parser) -> None:
+    parser.add_argument("--llm", required=True, help="a Qwen2 (Qwen2.5) checkpoint folder with its tokenizer")
+    parser.add_argument("--vision", required=True, help="a CLIP or SigLIP vision tower (or whole model) folder")
+    parser.add_argument("--speech", required=True, help="a Whisper checkpoint folder (its encoder is used)")
+    parser.add_argument("--decoder", default=None, help="a speech decoder folder (save_speech_decoder); default: a "
+                        "fresh one in proportion to the LLM (OpenOmni's for a 7B)")
+    parser.add_argument("--units", type=int, default=6561,
+                        help="the fresh speech decoder's unit vocabulary (OpenOmni's NAR units: 6561; AR: 16384)")
+    parser.add_argument("--mode", choices=("nar", "ar"), default="nar",
+                        help="the fresh speech decoder: nar (CTC, streams) or ar (next unit)")
+    parser.add_argument("--speech-ctc", action="store_true",
+                        help="add a CTC head on the speech encoder (for the speech-pretrain stage)")
+    parser.add_argument("--out", required=True, help="where the model is saved (omnifast train --model OUT)")
+
+
+def init_command(args) -> int:
+    """``omnifast init``: an omni model from a user's own component folders, saved for
+    ``omnifast train --model``; the projectors (and a fresh decoder) start random."""
+    import sys
+    from dataclasses import replace
+
+    if args.units < 1:
+        raise ValueError(f"--units must be an integer >= 1, got {args.units}")
+    if args.decoder is not None and (args.units != 6561 or args.mode != "nar"):
+        raise ValueError("--units and --mode describe a fresh decoder: a --decoder folder brings its own")
+    model, processor = load_components(args.llm, args.vision, args.speech, args.decoder,
+                                       speech_decoder_mode=args.mode if args.decoder is None else None,
+                                       speech_ctc=args.speech_ctc)
+    if args.decoder is None and model.config.speech_decoder["units"] != args.units:
+        model.config.speech_decoder = {**model.config.speech_decoder, "units": args.units}
+        model.speech_decoder = SpeechDecoder(replace(model.config.decoder_config()), args.mode)
+    model.save_pretrained(args.out, processor)
+    c = model.config
+    print(f"saved to {args.out}: LLM {c.llm['num_hidden_layers']} layers x {c.hidden}, {c.image_tokens} image "
+          f"positions ({c.image_size} px), {c.speech_tokens} speech positions ({c.audio_seconds} s at "
+          f"{c.sampling_rate} Hz), speech decoder {model.speech_decoder.mode} over {c.speech_decoder['units']} units",
+          file=sys.stderr)
+    return 0

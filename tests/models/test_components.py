@@ -174,3 +174,19 @@ def test_broken_saves_are_named(tiny_model, tmp_path):
     (tmp_path / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(ValueError, match="the files it names must lie in"):
         OmniModel.from_pretrained(tmp_path)
+
+
+def test_omnifast_init_makes_a_trainable_model_from_component_folders(components, tmp_path, capsys):
+    from omnifast import cli
+    root, _, _ = components
+    out = tmp_path / "model"
+    assert cli.main(["init", "--llm", str(root / "llm"), "--vision", str(root / "vision"), "--speech",
+                     str(root / "speech"), "--units", "50", "--mode", "ar", "--speech-ctc", "--out", str(out)]) == 0
+    assert "speech decoder ar over 50 units" in capsys.readouterr().err
+    model = OmniModel.from_pretrained(out)
+    assert model.speech_decoder.mode == "ar" and model.config.decoder_config().units == 50
+    assert model.speech_ctc_head is not None and torch.isfinite(model.speech_ctc_head.weight).all()
+    assert OmniProcessor.from_pretrained(out, model.config).speech_token_id == model.config.speech_token_id
+    assert cli.console(["init", "--llm", str(root / "vision"), "--vision", str(root / "vision"), "--speech",
+                        str(root / "speech"), "--out", str(tmp_path / "x")]) == 2
+    assert "llm=" in capsys.readouterr().err and not (tmp_path / "x").exists()
