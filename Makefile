@@ -16,7 +16,8 @@ setup: $(STAMP)
 $(STAMP): .venv/bin/python $(SOURCES)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark pytest-xdist hypothesis matplotlib tensorboard
+	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark pytest-xdist hypothesis matplotlib tensorboard peft
+	$(PY) setup.py build_ext --inplace  # the C++ extension, its compile steps shown as they go
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import omnifast; omnifast.ops.require_cpu_extension()"
 	touch $(STAMP)

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 BENCHMARKS = ("ctc", "linear_ctc", "ctc_dpo", "ar_dpo", "moe", "speech_decoder", "openomni_patch", "train_step",
-              "length_spread", "loader", "data_scale", "save_load", "ddp_step")
+              "length_spread", "loader", "data_scale", "save_load", "ddp_step", "lora")
 CHECKS = ("gpu-check", "demo_time")  # not part of `bench all`
 
 

@@ -40,6 +40,11 @@ class TrainConfig:
     activation_checkpointing: str = "off"  # "selective": recompute the elementwise parts; "full": every layer
     compile: bool = False                  # torch.compile each transformer block of what trains
     workers: Optional[int] = None          # DataLoader worker processes; None: 4 on CUDA, 0 on the CPU
+    lora_r: Optional[int] = None           # LoRA rank for the LLM (stages that train it); None: no LoRA
+    lora_alpha: float = 16.0               # LoRA scale: the update is (alpha / r) B A
+    lora_dropout: float = 0.0
+    lora_targets: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_save: str = "merged"              # "merged": adapters merged into the saved model; "adapters": beside it
     report_to: Tuple[str, ...] = ()        # metric sinks besides metrics.jsonl: tensorboard, wandb (offline)
     eval_every: Optional[int] = None       # optimizer steps between held-out evaluations (and one at the end)
     keep_best: Optional[str] = None        # keep the checkpoint best by this held-out metric, e.g. eval/loss
@@ -70,6 +75,17 @@ class TrainConfig:
         _integer("seed", self.seed, low=0, high=2**63 - 1)
         _integer("workers", self.workers, low=0, optional=True)
         _integer("eval_every", self.eval_every, low=1, optional=True)
+        _integer("lora_r", self.lora_r, low=1, high=MAX_COUNT, optional=True)
+        _number("lora_alpha", self.lora_alpha, positive=True)
+        _number("lora_dropout", self.lora_dropout, low=0.0, high=1.0)
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        if not isinstance(self.lora_targets, (list, tuple)) or not self.lora_targets \
+                or not all(isinstance(t, str) for t in self.lora_targets):
+            raise TypeError(f"lora_targets must be module names, comma-separated, got {self.lora_targets!r}")
+        self.lora_targets = tuple(self.lora_targets)
+        if self.lora_save not in ("merged", "adapters"):
+            raise ValueError(f"lora_save must be merged or adapters, got {self.lora_save!r}")
         if isinstance(self.report_to, str):
             self.report_to = tuple(n.strip() for n in self.report_to.split(",") if n.strip() and n.strip() != "none")
         if not isinstance(self.report_to, (list, tuple)) or not all(isinstance(n, str) for n in self.report_to):

@@ -121,8 +121,11 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: Dict) -> None:
+    """Put a whole optimizer state back. A trained parameter that never got a gradient (CLIP's
+    last layer, when the features come from the one before) has no moments: that is not an error
+    (the state was checked against the run before, in ``resume.py``)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, state, options=_options())
+    set_optimizer_state_dict(model, optimizer, state, options=_options(strict=False))
 
 
 def gather_objects(value, world: int) -> list:

@@ -92,15 +92,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig(stage="s2t")
     kinds = {"trains": str, "component_lr": str, "lr": float, "warmup_ratio": float, "max_grad_norm": float,
              "weight_decay": float, "beta": float, "sft_weight": float, "speech_prob": float, "bf16": str,
-             "activation_checkpointing": str, "dpo_normalization": str, "report_to": str, "keep_best": str}
+             "activation_checkpointing": str, "dpo_normalization": str, "report_to": str, "keep_best": str,
+             "lora_alpha": float, "lora_dropout": float, "lora_targets": str, "lora_save": str}
     choices = {"bf16": ("auto", "on", "off"), "activation_checkpointing": ("off", "selective", "full"),
-               "dpo_normalization": ("sum", "length", "openomni")}
+               "dpo_normalization": ("sum", "length", "openomni"), "lora_save": ("merged", "adapters")}
     for f in option_fields():
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
         default = {"max_steps": "all epochs", "workers": "4 on CUDA, 0 on the CPU", "max_tokens": "--batch-size records",
                    "report_to": "metrics.jsonl only", "eval_every": "only at the end", "keep_best": "off",
-                   "trains": "the stage's components", "component_lr": "--lr for all"}.get(f.name)
+                   "trains": "the stage's components", "component_lr": "--lr for all", "lora_r": "off",
+                   "lora_targets": "every attention and MLP projection"}.get(f.name)
         if default is None:
             default = "the stage's" if value is None else value
         what = OPTION_HELP[f.name]
@@ -148,6 +150,12 @@ OPTION_HELP = {
     "keep_best": "keep the checkpoint best by this held-out metric (eval/loss, eval/unit_error_rate, "
                  "eval/rewards/accuracies, ...) besides the newest",
     "progress": "show a progress bar",
+    "lora_r": "train rank-r LoRA adapters in the LLM instead of its weights (stages that train the llm)",
+    "lora_alpha": "LoRA's scale: the update added to a weight is (alpha / r) B A",
+    "lora_dropout": "dropout on the LoRA adapters' input",
+    "lora_targets": "comma-separated names of the LLM's linear layers that get adapters",
+    "lora_save": "merged: the adapters merged into the saved model; adapters: the LLM saved as it was and the "
+                 "adapters in peft's layout in OUT/model/adapters",
 }
 
 

@@ -97,6 +97,13 @@ class Trainer:
                                             and torch.cuda.is_bf16_supported())
         self.model = model
         self.model.freeze(except_=self.trains)
+        if config.lora_r is not None:
+            if "llm" not in self.trains:
+                raise ValueError(f"lora_r: LoRA adapts the LLM, which stage {self.stage.name!r} does not train "
+                                 f"(it trains {', '.join(self.trains)})")
+            from .lora import add_adapters
+            torch.manual_seed(config.seed)
+            add_adapters(model.llm, config)
         self.references = ReferenceLogpCache() if self.stage.loss == "dpo" else None
         self.state_cache = None
         if state_cache is not None:
@@ -205,7 +212,8 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     SHAPING_OPTIONS = ("lr", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm", "weight_decay",
                        "max_steps", "seed", "beta", "sft_weight", "dpo_normalization", "speech_prob", "max_tokens",
-                       "bf16", "fsdp", "trains", "component_lr")
+                       "bf16", "fsdp", "trains", "component_lr", "lora_r", "lora_alpha", "lora_dropout",
+                       "lora_targets")
 
     def fingerprint(self) -> Dict[str, object]:
         """What shapes this run: the stage, every option that changes its numbers, the data."""
@@ -383,9 +391,22 @@ class Trainer:
         the processes): loss, grad_norm, lr and the loss module's own."""
         return run_step(self, batches)
 
+    def _finish_adapters(self, model_dir: Path) -> None:
+        """Merge the LoRA adapters into the LLM (or save them beside the model, and the LLM as
+        it was) before the model is saved."""
+        from . import lora
+        if self.config.lora_save == "adapters":
+            if self.rank == 0:
+                lora.save_adapters(self.model.llm, self.config, model_dir / "adapters")
+            lora.drop_adapters(self.model.llm)
+        else:
+            lora.merge_adapters(self.model.llm)
+
     def finish(self) -> Path:
         """The stage's output: the whole model (the next stage starts from it) and a loss curve."""
         model_dir = self.out_dir / "model"
+        if self.config.lora_r is not None:
+            self._finish_adapters(model_dir)
         state = distributed.model_state(self.model, trainable_only=False) if self.world > 1 else None
         if self.rank == 0:
             check_finite(state if state is not None else self.model.state_dict(), "the model")

@@ -66,3 +66,11 @@ def test_quick_ddp_step_benchmark_times_both_settings(tmp_path):
     payload = json.loads((tmp_path / "quick_ddp_step.json").read_text())
     assert set(payload["rows"]) == {"find_unused_parameters=True", "find_unused_parameters=False"}
     assert all(row["median_step_s"] > 0 for row in payload["rows"].values()) and payload["speedup"] > 0
+
+
+def test_quick_lora_benchmark_measures_both_settings(tmp_path):
+    assert cli.main(["bench", "lora", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "quick_lora.json").read_text())
+    full, lora = payload["rows"]["full fine-tuning"], payload["rows"]["LoRA r=16"]
+    assert 0 < lora["trained_parameters"] < full["trained_parameters"]
+    assert full["step_working_bytes"] > 0 and lora["step_s"] > 0
