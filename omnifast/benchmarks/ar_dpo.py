@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from omnifast.nn import SpeechDecoder, SpeechDecoderConfig
+from omnifast.nn import SpeechDecoderConfig, build_speech_decoder
 from omnifast.ops.dpo import normalize
 
 from ._harness import Benchmark
@@ -23,7 +23,7 @@ def make_inputs(shape, device, seed=0):
     torch.manual_seed(seed)
     c = SpeechDecoderConfig(llm_hidden=512, width=224, fusion_heads=4, fusion_head_dim=56, layers=layers, heads=14,
                             kv_heads=2, intermediate=1216, units=V, text_vocab=2048)
-    policy = SpeechDecoder(c, "ar").to(device)
+    policy = build_speech_decoder(c, "ar").to(device)
     reference = copy.deepcopy(policy).requires_grad_(False)
     hidden = torch.randn(B, N, c.llm_hidden, device=device)
     tokens = torch.randint(0, c.text_vocab, (B, N), device=device)

@@ -29,7 +29,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from omnifast.nn import SpeechDecoder, SpeechDecoderConfig
+from omnifast.nn import SpeechDecoder, SpeechDecoderConfig, build_speech_decoder
 from omnifast.training.layers import apply_layer_options
 from omnifast.training.loader import MicroBatches, TokenBudgetBatches
 
@@ -89,7 +89,7 @@ def plan(records: Records, case: Dict, batch: int) -> List[List[int]]:
 
 def build(config: SpeechDecoderConfig, case: Dict) -> SpeechDecoder:
     torch.manual_seed(0)
-    decoder = SpeechDecoder(config)
+    decoder = build_speech_decoder(config)
     decoder.packing = case["packing"]
 
     class Holder(torch.nn.Module):

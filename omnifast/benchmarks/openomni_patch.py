@@ -1,6 +1,6 @@
-"""OpenOmni's own training step with and without ``omnifast.patch.openomni``: its speech
+"""OpenOmni's own training step with and without ``omnifast.openomni.patch``: its speech
 generator (stage 4, CTC) and its DPO (stage 5: four generator calls against a frozen copy),
-forward and backward, on OpenOmni's modules rebuilt from its code (``openomni_modules.py``) at a
+forward and backward, on OpenOmni's modules rebuilt from its code (``omnifast/openomni/reference.py``) at a
 quarter of its decoder width with its 151,936-word text vocabulary, 12x upsampling and 6561 units.
 The patched step computes the same loss and gradients (tests/nn/test_openomni.py).
 Run ``python -m omnifast.benchmarks.openomni_patch`` (``--quick`` for a smoke run)."""
@@ -11,10 +11,10 @@ import sys
 
 import torch
 
-import omnifast.patch
+from omnifast.openomni import patch
 from omnifast.nn import SpeechDecoderConfig
 
-from . import openomni_modules as openomni
+from omnifast.openomni import reference as openomni
 from ._harness import Benchmark
 
 
@@ -41,14 +41,14 @@ def make_inputs(shape, device, seed=0):
 
 def implementations(inputs, device):
     model, args = inputs
-    patched = omnifast.patch.openomni(copy.deepcopy(model))
+    patched = patch(copy.deepcopy(model))
 
     def step(m):
         def run():
             m.zero_grad(set_to_none=True)
             m(*args).backward()
         return run
-    return {"OpenOmni": step(model), "OpenOmni + omnifast.patch": step(patched)}
+    return {"OpenOmni": step(model), "OpenOmni + omnifast.openomni.patch": step(patched)}
 
 
 BENCHMARK = Benchmark(

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from omnifast.nn import NaiveMoE, SpeechDecoder, SpeechDecoderConfig
+from omnifast.nn import NaiveMoE, SpeechDecoderConfig, build_speech_decoder
 
 from ._harness import Benchmark
 
@@ -31,7 +31,7 @@ def make_inputs(shape, device: torch.device, seed: int = 0):
     L, W, B, N, U = shape
     torch.manual_seed(seed)
     config = config_for(L, W)
-    decoder = SpeechDecoder(config).to(device)
+    decoder = build_speech_decoder(config).to(device)
     hidden = torch.randn(B, N, config.llm_hidden, device=device)
     tokens = torch.randint(0, config.text_vocab, (B, N), device=device)
     units = torch.randint(0, config.units, (B, U), device=device)
@@ -83,7 +83,7 @@ def streaming(quick: bool, device: torch.device):
     from 63 text tokens x 12), 4 text tokens per chunk, default-size decoder (tiny when quick)."""
     torch.manual_seed(0)
     config = SpeechDecoderConfig.tiny(upsample_factor=12) if quick else SpeechDecoderConfig()
-    decoder = SpeechDecoder(config).to(device).eval()
+    decoder = build_speech_decoder(config).to(device).eval()
     tokens_total, chunk = 63, 4
     hidden = torch.randn(tokens_total, config.llm_hidden, device=device)
     tokens = torch.randint(0, config.text_vocab, (tokens_total,), device=device)

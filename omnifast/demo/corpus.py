@@ -1,17 +1,24 @@
 """The demo corpus: eSpeak NG speech and Pillow pictures, turned into OpenOmni JSON records for
 every stage and held-out records for every evaluation.
 
-What it holds (all text lower case, no punctuation):
-- sentences: scene captions, the four picture questions, facts (``what colour is the sky`` ->
-  ``the sky is blue``), emotional statements with a fitting reply;
-- speech: each sentence spoken by three training voices in the four styles; a fourth voice
-  (``EVAL_VOICE``) speaks only held-out material;
-- records: ``llm-pretrain`` (text only: the tiny LLM's stand-in for a pretrained LLM), ``s2t``,
-  ``i2t-pretrain``, ``i2t-sft``, and the unit stages ``speech-gen`` / ``emotion-dpo``, whose units
-  come from the speech tokenizer trained on this corpus (:func:`with_units`);
-- held-out: ASR clips of unseen captions, VQA on unseen pictures with text questions and with
-  SPOKEN questions (no stage trains on image + speech), unseen facts for text-to-speech, and
-  dialogues with unseen emotional statements.
+The language (all text lower case, no punctuation): scene captions (``two red circles on the
+left``), four picture questions, facts (``what colour is the sky`` -> ``the sky is blue``), and
+emotional statements (happy, sad, angry) with a reply from a pool per emotion.
+
+What is held out, and from what:
+- the LLM's stand-in for a pretrained LLM (``llm-pretrain``) reads every sentence of the language:
+  what is held out is speech, pictures and spoken renditions, never the words;
+- voices: the speech encoder's stand-in for a pretrained Whisper (``speech-pretrain``) hears
+  twelve eSpeak voices; stages 1-3 hear three of them; ``EVAL_VOICE`` speaks only evaluation
+  clips (the ASR and the spoken VQA questions);
+- speech: no training clip says a held-out caption, and no unit target (stages 4-5) or tokenizer
+  clip says a held-out caption or a held-out fact's answer (text-to-speech);
+- pictures: the evaluation scenes are never drawn for training;
+- images and speech are never paired in a training record: the spoken-question VQA comes only
+  from language as the pivot (spoken alternatives of text records and spoken questions about a
+  written caption, ``test_corpus`` checks it);
+- emotion: half the statements of each emotion are held out of CTC-DPO; the emotion evaluation
+  is every held-out statement in a dialogue with ten facts.
 
 ``build_corpus`` writes it under a cache folder once; later calls return the folder.
 """
@@ -24,25 +31,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .images import Scene, draw, SHAPES, COLOURS, POSITIONS
-from .speech import STYLES, VOICES, Speaker
+from .images import COLOURS, POSITIONS, SHAPES, Scene, draw
+from .speech import EVAL_VOICE, PRETRAIN_VOICES, STYLES, TRAIN_VOICES, Speaker
 
-VERSION = 6
-TRAIN_VOICES, EVAL_VOICE = VOICES[:3], VOICES[3]
-UNIT_VOICE = VOICES[0]             # the voice whose clips give the answers' units
+VERSION = 7
+UNIT_VOICE = TRAIN_VOICES[0]       # the voice whose clips give the answers' units (and the tokenizer's)
 EMOTIONS = ("happy", "sad", "angry")
+WINDOW_SECONDS = 3                 # the demo model's speech window
 TRANSCRIBE = "what did you hear"   # the stage-1 instruction
 DESCRIBE = "describe the picture"  # the stage-2 instruction
 NUMBERS = ("one", "two", "three", "four", "five")
+HELD_OUT_STATEMENTS = 7            # per emotion, never in CTC-DPO
+TOKENIZER_BABBLE = 300             # random sequences among the tokenizer's clips (besides the language's)
+BABBLE = {"llm-pretrain": 300, "speech-pretrain": 300, "s2t": 600, "speech-gen": 300}
+FACT_REPEATS = 8                   # copies of each fact record in the LLM's text  # random word sequences
+EMOTION_EVAL_FACTS = 10            # facts each held-out statement is evaluated with
 
-CONTEXTS = {  # emotion -> (statement, reply); the last of each is held out
-    "happy": [("i just won a prize", "that is wonderful news"), ("my best friend is coming to visit", "how lovely"),
-              ("i passed my exam today", "well done that is great"), ("we are going to the beach", "what a happy day")],
-    "sad": [("i lost my old dog", "i am so sorry to hear that"), ("my friend moved far away", "that must feel lonely"),
-            ("i failed my test", "i am sorry that is hard"), ("it rained on my birthday", "oh that is a pity")],
-    "angry": [("the train was late again", "that is really annoying"), ("someone broke my bike", "that is outrageous"),
-              ("they lied to me", "that is not fair at all"), ("my order never arrived", "that is so frustrating")],
+STATEMENTS = {
+    "happy": ["i just won a prize", "my best friend is coming to visit", "i passed my exam today",
+              "we are going to the beach", "i got a new puppy", "my sister had a baby",
+              "i finished my first painting", "we won the football match", "i found my lost ring",
+              "my garden is full of flowers", "i got the job i wanted", "my team finished the project early",
+              "we are going on holiday tomorrow", "my grandmother is feeling better"],
+    "sad": ["i lost my old dog", "my friend moved far away", "i failed my test", "it rained on my birthday",
+            "my favourite cup broke", "nobody came to my party", "my cat is sick", "i miss my family",
+            "the old tree in our garden fell", "i lost my wallet", "my best friend forgot my birthday",
+            "the shop where i worked closed", "my plants all died", "i have to say goodbye to my class"],
+    "angry": ["the train was late again", "someone broke my bike", "they lied to me", "my order never arrived",
+              "my neighbour plays loud music", "someone ate my lunch", "the bus drove past without stopping",
+              "they charged me twice", "my brother broke my phone", "the shop sold me a broken lamp",
+              "somebody scratched my car", "they cancelled my flight again", "my landlord kept my deposit",
+              "the printer jammed again"],
 }
+REPLIES = {
+    "happy": ["that is wonderful news", "how lovely", "well done that is great", "what a happy day"],
+    "sad": ["i am so sorry to hear that", "that must feel lonely", "i am sorry that is hard", "oh that is a pity"],
+    "angry": ["that is really annoying", "that is outrageous", "that is not fair at all", "that is so frustrating"],
+}
+
+
+def reply_to(emotion: str, index: int) -> str:
+    return REPLIES[emotion][index % len(REPLIES[emotion])]
 
 
 def facts() -> List[Tuple[str, str]]:
@@ -68,17 +97,48 @@ def picture_questions(scene: Scene) -> List[Tuple[str, str]]:
     return [(q.lower().rstrip("?"), a) for q, a in scene.questions()]
 
 
+QUESTIONS = tuple(q for q, _ in picture_questions(scenes()[0]))
+
+
 def _slug(text: str) -> str:
     return text.replace(" ", "_")[:60]
 
 
 @dataclass(frozen=True)
 class Split:
-    """Which scenes, facts and statements are held out (a fixed draw from the seed)."""
+    """What is held out (a fixed draw from the seed): scenes, facts and emotional statements."""
     train_scenes: Tuple[Scene, ...]
     eval_scenes: Tuple[Scene, ...]
     train_facts: Tuple[Tuple[str, str], ...]
     eval_facts: Tuple[Tuple[str, str], ...]
+    train_statements: Tuple[Tuple[str, str, str], ...]   # (emotion, statement, reply)
+    eval_statements: Tuple[Tuple[str, str, str], ...]
+
+    def sentences(self) -> List[str]:
+        """Every sentence of the language, held-out ones included (what the LLM reads)."""
+        out = [s.caption() for s in self.train_scenes + self.eval_scenes] + list(QUESTIONS)
+        out += [t for pair in self.train_facts + self.eval_facts for t in pair]
+        out += [t for _, statement, _ in self.train_statements + self.eval_statements for t in (statement,)]
+        out += [r for replies in REPLIES.values() for r in replies]
+        return list(dict.fromkeys(out))
+
+    def words(self) -> List[str]:
+        return sorted({w for sentence in self.sentences() for w in sentence.split()})
+
+    def babble(self, rng: random.Random, count: int) -> List[str]:
+        """``count`` random sequences of 3-6 words of the language (none a held-out sentence): what
+        makes a model read words rather than recognise whole sentences."""
+        words, unheard, out = self.words(), self.unheard(), []
+        while len(out) < count:
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 6)))
+            if text not in unheard:
+                out.append(text)
+        return out
+
+    def unheard(self) -> set:
+        """Sentences no training clip of the omni model says: held-out captions and the answers of
+        held-out facts (the text-to-speech evaluation)."""
+        return {s.caption() for s in self.eval_scenes} | {a for _, a in self.eval_facts}
 
 
 def make_split(seed: int = 0, eval_scenes: int = 24, eval_facts: int = 6) -> Split:
@@ -86,8 +146,13 @@ def make_split(seed: int = 0, eval_scenes: int = 24, eval_facts: int = 6) -> Spl
     all_scenes, all_facts = scenes(), facts()
     rng.shuffle(all_scenes)
     rng.shuffle(all_facts)
+    statements = {e: [(e, s, reply_to(e, i)) for i, s in enumerate(ss)] for e, ss in STATEMENTS.items()}
+    for rows in statements.values():
+        rng.shuffle(rows)
+    train = tuple(row for rows in statements.values() for row in rows[HELD_OUT_STATEMENTS:])
+    held = tuple(row for rows in statements.values() for row in rows[:HELD_OUT_STATEMENTS])
     return Split(tuple(all_scenes[eval_scenes:]), tuple(all_scenes[:eval_scenes]), tuple(all_facts[eval_facts:]),
-                 tuple(all_facts[:eval_facts]))
+                 tuple(all_facts[:eval_facts]), train, held)
 
 
 class _Studio:
@@ -103,7 +168,13 @@ class _Studio:
     def clip(self, text: str, voice: str, style: str) -> str:
         name = f"audio/{_slug(text)}-{voice.replace('en+', '')}-{style}.wav"
         if name not in self.clips:
-            self.write_audio(self.root / name, self.speaker.say(text, style, voice), self.speaker.sampling_rate)
+            samples = self.speaker.say(text, style, voice)
+            if samples.size > WINDOW_SECONDS * self.speaker.sampling_rate:
+                if style != "neutral":  # a long random sequence said slowly: said plainly instead
+                    return self.clip(text, voice, "neutral")
+                raise ValueError(f"{text!r} in {voice} lasts {samples.size / self.speaker.sampling_rate:.2f} s, "
+                                 f"longer than the model's {WINDOW_SECONDS} s speech window")
+            self.write_audio(self.root / name, samples, self.speaker.sampling_rate)
             self.clips[name] = {"audio": "../" + name, "text": text, "emotion": style, "voice": voice}
         return name
 
@@ -124,52 +195,74 @@ def _dump(path: Path, records: List[Dict]) -> None:
     tmp.replace(path)
 
 
-def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3, progress: bool = True) -> Path:
+def _text_records(split: Split, rng: random.Random) -> List[Dict]:
+    """``llm-pretrain``: the language as text (copying, facts, reading captions, dialogues)."""
+    lm = [{"id": f"copy-{i}", "conversations": _turns(f"{t}\n{TRANSCRIBE}", t)}
+          for i, t in enumerate(split.sentences() + split.babble(rng, BABBLE["llm-pretrain"]))]
+    lm += [{"id": f"fact-{i}-{k}", "conversations": _turns(q, a)}  # a few facts among many records: repeated
+           for i, (q, a) in enumerate(split.train_facts + split.eval_facts) for k in range(FACT_REPEATS)]
+    # reading a caption to answer the picture questions: what the pictures will be read as (language as pivot)
+    lm += [{"id": f"read-{i}-{j}", "conversations": _turns(f"{s.caption()}\n{q}", a)}
+           for i, s in enumerate(split.train_scenes + split.eval_scenes) for j, (q, a) in enumerate(picture_questions(s))]
+    all_facts = split.train_facts + split.eval_facts
+    lm += [{"id": f"talk-{i}-{j}", "conversations": _turns(statement, reply, *fact)}
+           for i, (_, statement, reply) in enumerate(split.train_statements + split.eval_statements)
+           for j, fact in enumerate(rng.sample(all_facts, 4))]
+    return lm
+
+
+def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3, pretrain_takes: int = 6,
+                 progress: bool = True) -> Path:
     """Build (or find) the corpus under ``cache_dir``; returns its folder. ``takes``: how many
-    (voice, style) draws speak each stage-1 sentence."""
+    (voice, style) draws speak each stage-1 sentence; ``pretrain_takes``: each speech-encoder
+    pretraining sentence."""
     from tqdm.auto import tqdm
-    root = Path(cache_dir) / f"demo-corpus-v{VERSION}-s{seed}-i{image_size}-t{takes}"
+    root = Path(cache_dir) / f"demo-corpus-v{VERSION}-s{seed}-i{image_size}-t{takes}-p{pretrain_takes}"
     if (root / "done").is_file():
         return root
     building = root.with_name(root.name + ".tmp")
     shutil.rmtree(building, ignore_errors=True)
     studio, rng, split = _Studio(building), random.Random(seed), make_split(seed)
-    bar = tqdm(total=7, desc="corpus", disable=not progress)
+    bar = tqdm(total=8, desc="corpus", disable=not progress)
     combos = [(v, s) for v in TRAIN_VOICES for s in STYLES]
+    heard = [t for t in split.sentences() if t not in {s.caption() for s in split.eval_scenes}]
+    babble = {name: split.babble(rng, count) for name, count in BABBLE.items() if name != "llm-pretrain"}
 
-    # stage 0 (text): copying, facts, dialogues and picture questions as text, for the LLM
-    questions = [q for q, _ in picture_questions(split.train_scenes[0])]
-    sentences = [s.caption() for s in split.train_scenes] + questions
-    sentences += [t for pair in facts() for t in pair] + [t for pairs in CONTEXTS.values() for pair in pairs for t in pair]
-    lm = [{"id": f"copy-{i}", "conversations": _turns(f"{t}\n{TRANSCRIBE}", t)} for i, t in enumerate(sentences)]
-    lm += [{"id": f"fact-{i}", "conversations": _turns(q, a)} for i, (q, a) in enumerate(facts())]
-    # reading a caption to answer the picture questions: what the pictures will be read as (language as pivot)
-    lm += [{"id": f"read-{i}-{j}", "conversations": _turns(f"{s.caption()}\n{q}", a)}
-           for i, s in enumerate(split.train_scenes) for j, (q, a) in enumerate(picture_questions(s))]
-    lm += [{"id": f"talk-{e}-{i}-{j}", "conversations": _turns(s, r, q, a)}
-           for e, pairs in CONTEXTS.items() for i, (s, r) in enumerate(pairs) for j, (q, a) in enumerate(facts())]
+    # the stand-ins of pretrained models: the LLM reads the language, the speech encoder hears it
+    lm = _text_records(split, rng)
     _dump(building / "llm-pretrain.json", lm)
+    pretrain_combos = [(v, s) for v in PRETRAIN_VOICES for s in STYLES]
+    _dump(building / "speech-pretrain.json", [
+        {"id": f"hear-{i}-{k}", "speech": studio.clip(text, voice, style), "conversations": _turns("<speech>", text)}
+        for i, text in enumerate(heard) for k, (voice, style) in enumerate(rng.sample(pretrain_combos, pretrain_takes))]
+        + [{"id": f"hear-babble-{i}", "speech": studio.clip(text, *rng.choice(pretrain_combos)),
+            "conversations": _turns("<speech>", text)} for i, text in enumerate(babble["speech-pretrain"])])
     bar.update()
 
-    # stage 1: speech -> transcript (training voices); held out: unseen captions, unseen voice
+    # stage 1: speech -> text (training voices); held out: unseen captions, unseen voice
     s2t = []
-    for i, text in enumerate(sentences):
-        draws = combos if text in questions else rng.sample(combos, takes)  # the pivot: every voice and style
+    for text in heard + babble["s2t"]:
+        # the questions (the pivot) in every voice and style; a random sequence once
+        draws = combos if text in QUESTIONS else [rng.choice(combos)] if text not in heard else rng.sample(combos, takes)
         for voice, style in draws:
             s2t.append({"id": f"s2t-{len(s2t)}", "speech": studio.clip(text, voice, style),
                         "conversations": _turns(f"<speech>\n{TRANSCRIBE}", text)})
-    for question, answer in split.train_facts:  # spoken questions answered: speech the LLM understands, not only copies
-        for voice, style in rng.sample(combos, takes):
-            s2t.append({"id": f"s2t-{len(s2t)}", "speech": studio.clip(question, voice, style),
-                        "conversations": _turns("<speech>", answer)})
-    for i, scene in enumerate(split.train_scenes):  # a spoken question about a caption: speech in a text context
+    # spoken questions about a written caption: speech in a text context (no picture)
+    asked = []
+    for scene in split.train_scenes:
         for question, answer in rng.sample(picture_questions(scene), 2):
             voice, style = rng.choice(combos)
-            s2t.append({"id": f"s2t-{len(s2t)}", "speech": studio.clip(question, voice, style),
-                        "conversations": _turns(f"{scene.caption()}\n<speech>", answer)})
-    _dump(building / "s2t.json", s2t)
+            asked.append({"id": f"ask-{len(asked)}", "speech": studio.clip(question, voice, style),
+                          "conversations": _turns(f"{scene.caption()}\n<speech>", answer)})
+    # facts with spoken alternatives (OpenOmni's layout: one clip per human turn, drawn per epoch)
+    spoken_facts = [{"id": f"fact-spoken-{i}", "speech": [studio.clip(q, *rng.choice(combos))],
+                     "conversations": _turns(q, a)} for i, (q, a) in enumerate(split.train_facts)]
+    _dump(building / "s2t.json", s2t + asked + spoken_facts)
     _dump(building / "eval-s2t.json", [
         {"id": f"asr-{i}", "speech": studio.clip(s.caption(), EVAL_VOICE, rng.choice(list(STYLES))),
+         "conversations": _turns(f"<speech>\n{TRANSCRIBE}", s.caption())} for i, s in enumerate(split.eval_scenes)])
+    _dump(building / "eval-s2t-train-voices.json", [
+        {"id": f"asr-tv-{i}", "speech": studio.clip(s.caption(), *rng.choice(combos)),
          "conversations": _turns(f"<speech>\n{TRANSCRIBE}", s.caption())} for i, s in enumerate(split.eval_scenes)])
     bar.update()
 
@@ -179,11 +272,11 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
         for i, s in enumerate(split.train_scenes)])
     vqa = [{"id": f"vqa-{i}-{j}", "image": studio.picture(s, image_size), "conversations": _turns(f"<image>\n{q}", a)}
            for i, s in enumerate(split.train_scenes) for j, (q, a) in enumerate(picture_questions(s))]
-    # LLaVA's SFT mix keeps text-only conversations; so does ours (the copying and the facts)
-    # the tiny LLM forgets fast: the SFT mix also keeps the speech conversations of stage 1 (no record
-    # pairs a picture with speech)
-    _dump(building / "i2t-sft.json", vqa + [r for r in lm if r["id"].startswith(("copy", "fact"))] +
-          rng.sample(s2t, min(len(s2t), len(vqa) // 2)))
+    # LLaVA's SFT mix keeps text-only conversations (the language); ours also keeps the speech
+    # conversations of stage 1, so the LLM that trains here still reads speech (none has a picture)
+    text = [r for r in lm if r["id"].startswith(("copy", "fact", "read", "talk"))]
+    _dump(building / "i2t-sft.json", vqa + rng.sample(text, len(vqa) // 2) + asked + spoken_facts +
+          rng.sample(s2t, len(vqa) // 4))
     bar.update()
     eval_vqa = [(i, j, s, q, a) for i, s in enumerate(split.eval_scenes) for j, (q, a) in enumerate(picture_questions(s))]
     _dump(building / "eval-vqa-text.json", [
@@ -195,18 +288,25 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
         for i, j, s, q, a in eval_vqa])
     bar.update()
 
-    # stage 4: facts and replies, answered in neutral speech (units filled in by with_units)
+    # stage 4: answers in neutral speech (units filled in by with_units); nothing said is held out
     def spoken(texts: Sequence[str], style: str) -> List[str]:
         return [studio.clip(t, UNIT_VOICE, style) for t in texts]
 
-    pairs = split.train_facts + tuple(p for pairs in CONTEXTS.values() for p in pairs[:-1])
-    unheard = {t for pair in split.eval_facts for t in pair}  # held out for text-to-speech
-    pairs += tuple((f"{t}\n{TRANSCRIBE}", t) for t in sentences if t not in unheard)  # the copying, answered aloud
-    _dump(building / "speech-gen.pending.json", [
-        {"id": f"say-{i}", "conversations": _turns(q, a), "units_from": spoken([a], "neutral")}
-        for i, (q, a) in enumerate(pairs)])
+    unheard = split.unheard()
+    pairs = [(f"{t}\n{TRANSCRIBE}", t) for t in split.sentences() if t not in unheard]  # the copying, answered aloud
+    pairs += list(split.train_facts)
+    pairs += [(s, r) for _, s, r in split.train_statements + split.eval_statements]
+    gen = [{"id": f"say-{i}", "conversations": _turns(q, a), "units_from": spoken([a], "neutral")}
+           for i, (q, a) in enumerate(pairs)]
+    gen += [{"id": f"say-babble-{i}", "conversations": _turns(f"{t}\n{TRANSCRIBE}", t), "units_from": spoken([t], "neutral")}
+            for i, t in enumerate(babble["speech-gen"])]
+    gen += [{"id": f"say-talk-{i}-{j}", "conversations": _turns(s, r, *fact),
+             "units_from": spoken([r, fact[1]], "neutral")}
+            for i, (_, s, r) in enumerate(split.train_statements) for j, fact in enumerate(rng.sample(split.train_facts, 2))]
+    _dump(building / "speech-gen.pending.json", gen)
     prompts = list(split.eval_facts) + [(f"{s.caption()}\n{TRANSCRIBE}", s.caption()) for s in split.eval_scenes]
-    _dump(building / "eval-t2s.json", [{"id": f"t2s-{i}", "conversations": _turns(q, a)} for i, (q, a) in enumerate(prompts)])
+    _dump(building / "eval-t2s.pending.json", [{"id": f"t2s-{i}", "conversations": _turns(q, a),
+                                                "units_from": spoken([a], "neutral")} for i, (q, a) in enumerate(prompts)])
     bar.update()
 
     # stage 5: dialogues; chosen = the replies in the context's emotion, rejected = neutral
@@ -214,16 +314,28 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
         return {"id": rid, "emotion": emotion, "conversations": _turns(statement, reply, question, answer),
                 "units_from": spoken([reply, answer], emotion), "rejected_units_from": spoken([reply, answer], "neutral")}
 
-    train_talks = [(e, s, r, q, a) for e, pairs in CONTEXTS.items() for s, r in pairs[:-1] for q, a in split.train_facts]
+    train_talks = [(e, s, r, q, a) for e, s, r in split.train_statements for q, a in split.train_facts]
     _dump(building / "emotion-dpo.pending.json", [dialogue(f"dpo-{i}", *t) for i, t in enumerate(train_talks)])
-    eval_talks = [(e, *pairs[-1], *fact) for e, pairs in CONTEXTS.items() for fact in split.train_facts[:4] + split.eval_facts]
+    eval_facts = list(split.eval_facts) + list(split.train_facts[:EMOTION_EVAL_FACTS - len(split.eval_facts)])
+    eval_talks = [(e, s, r, q, a) for e, s, r in split.eval_statements for q, a in eval_facts]
     _dump(building / "eval-emotion.pending.json", [dialogue(f"emo-{i}", *t) for i, t in enumerate(eval_talks)])
     bar.update()
 
-    # the speech tokenizer's corpus: every training-voice clip, with its style and voice labels
+    # the speech tokenizer's corpus: the unit voice's clips in every style, held-out sentences apart
+    for text in split.sentences():
+        for style in STYLES:
+            studio.clip(text, UNIT_VOICE, style)
     (building / "tokenizer").mkdir(exist_ok=True)
-    rows = [row for row in studio.clips.values() if row["voice"] != EVAL_VOICE]
-    _dump(building / "tokenizer" / "metadata.json", rows)
+    language = set(split.sentences())
+    rows = [row for row in studio.clips.values() if row["voice"] == UNIT_VOICE and row["text"] in language]
+    rows += rng.sample([row for row in studio.clips.values() if row["voice"] == UNIT_VOICE
+                        and row["text"] not in language], TOKENIZER_BABBLE)
+    _dump(building / "tokenizer" / "metadata.json", [r for r in rows if r["text"] not in unheard])
+    _dump(building / "tokenizer" / "held-out.json", [r for r in rows if r["text"] in unheard])
+    bar.update()
+    # the judge's corpus: every clip of a pretraining voice (its unit-voice clips are heard round-tripped)
+    _dump(building / "judge.json", [r for r in studio.clips.values() if r["voice"] in PRETRAIN_VOICES
+                                    and r["text"] not in unheard])
     (building / "done").write_text(json.dumps({"clips": len(studio.clips), "version": VERSION}))
     bar.update()
     bar.close()
@@ -271,7 +383,9 @@ def subset(corpus: Path, name: str, out_dir: Path, limit: Optional[int], seed: i
     for record in records:
         for key in ("image", "speech"):
             if key in record:
-                record[key] = str((corpus / record[key]).resolve())
+                value = record[key]
+                record[key] = [str((corpus / v).resolve()) for v in value] if isinstance(value, list) \
+                    else str((corpus / value).resolve())
     out_dir.mkdir(parents=True, exist_ok=True)
     _dump(out_dir / f"{name}.json", records)
     return out_dir / f"{name}.json"

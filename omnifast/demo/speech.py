@@ -14,12 +14,17 @@ import numpy as np
 
 # words per minute, base pitch and pitch range (0-100), volume (0-200)
 STYLES = {
-    "neutral": dict(rate=165, pitch=45, range=40, volume=100),
-    "happy": dict(rate=190, pitch=78, range=95, volume=120),
-    "sad": dict(rate=120, pitch=25, range=10, volume=70),
-    "angry": dict(rate=205, pitch=50, range=75, volume=170),
+    "neutral": dict(rate=165, pitch=50, range=40, volume=100),
+    "happy": dict(rate=180, pitch=85, range=100, volume=110),
+    "sad": dict(rate=115, pitch=20, range=5, volume=60),
+    "angry": dict(rate=215, pitch=35, range=60, volume=190),
 }
-VOICES = ("en+m3", "en+f3", "en+m7", "en+f4")
+# eSpeak NG's English voice variants: three speak the omni model's training speech, nine more
+# only the speech encoder's pretraining (with those three), one only held-out evaluation speech
+TRAIN_VOICES = ("en+m3", "en+f3", "en+m7")
+PRETRAIN_VOICES = TRAIN_VOICES + ("en+m1", "en+m2", "en+m4", "en+m5", "en+m6", "en+m8", "en+f1", "en+f2", "en+f5")
+EVAL_VOICE = "en+f4"
+VOICES = PRETRAIN_VOICES + (EVAL_VOICE,)
 _PARAMETERS = {"rate": 1, "volume": 2, "pitch": 3, "range": 4}  # espeak_PARAMETER
 _SYNCHRONOUS, _POS_CHARACTERS = 2, 1
 _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)

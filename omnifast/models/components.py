@@ -9,6 +9,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from omnifast.nn import build_speech_decoder
 from omnifast.nn.speech_decoder import SpeechDecoder
 
 from .config import IMAGE_TOKEN, SPEECH_TOKEN, OmniConfig
@@ -106,7 +107,7 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
     model.speech_decoder = decoder_model if decoder_model is not None else (
-        None if combined.speech_decoder is None else SpeechDecoder(combined.decoder_config(), combined.speech_decoder_mode))
+        None if combined.speech_decoder is None else build_speech_decoder(combined.decoder_config(), combined.speech_decoder_mode))
     return model, OmniProcessor(tokenizer, combined)
 
 
@@ -193,7 +194,7 @@ def load_speech_decoder(path) -> SpeechDecoder:
         raise FileNotFoundError(f"{path} has no speech_decoder.json: not a directory written by save_speech_decoder")
     meta = read_json(path / "speech_decoder.json", "speech decoder settings")
     try:
-        decoder = SpeechDecoder(SpeechDecoderConfig.from_dict(meta["config"]), meta["mode"])
+        decoder = build_speech_decoder(SpeechDecoderConfig.from_dict(meta["config"]), meta["mode"])
     except (KeyError, TypeError, ValueError) as error:
         raise WeightsError(f"{path / 'speech_decoder.json'}: {error}") from None
     weights = path / "speech_decoder.safetensors"
@@ -237,7 +238,7 @@ def init_command(args) -> int:
                                        speech_ctc=args.speech_ctc)
     if args.decoder is None and model.config.speech_decoder["units"] != args.units:
         model.config.speech_decoder = {**model.config.speech_decoder, "units": args.units}
-        model.speech_decoder = SpeechDecoder(replace(model.config.decoder_config()), args.mode)
+        model.speech_decoder = build_speech_decoder(replace(model.config.decoder_config()), args.mode)
     model.save_pretrained(args.out, processor)
     c = model.config
     print(f"saved to {args.out}: LLM {c.llm['num_hidden_layers']} layers x {c.hidden}, {c.image_tokens} image "

@@ -13,7 +13,7 @@ from torch import nn
 from omnifast.constants import IGNORE_INDEX
 
 from omnifast.nn.packing import run_packed, unpack
-from omnifast.nn.speech_decoder import SpeechDecoder
+from omnifast.nn.decoders import build_speech_decoder
 from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
 from .config import OmniConfig
@@ -67,7 +67,7 @@ class OmniModel(OmniGeneration, nn.Module):
         self.speech_projector = SpeechProjector(config.speech["d_model"], config.speech_stack,
                                                 config.speech_projector_hidden, H)
         decoder_config = config.decoder_config()
-        self.speech_decoder = None if decoder_config is None else SpeechDecoder(decoder_config, config.speech_decoder_mode)
+        self.speech_decoder = None if decoder_config is None else build_speech_decoder(decoder_config, config.speech_decoder_mode)
         # a CTC head over the LLM's token ids on the speech encoder's frames: pretrains the encoder
         # (``speech-pretrain``) where no pretrained Whisper is at hand; blank is the last class
         self.speech_ctc_head = nn.Linear(config.speech["d_model"], config.llm["vocab_size"] + 1) \
@@ -262,20 +262,6 @@ class OmniModel(OmniGeneration, nn.Module):
         load_weights(model, path, device, allow_nonfinite)
         rebuild_buffers(model, device)
         return model
-
-    @classmethod
-    def from_openomni(cls, path, config: Optional[OmniConfig] = None, allow_nonfinite: bool = False) -> "OmniModel":
-        """An OpenOmni checkpoint folder, read by key name (see ``omnifast/models/openomni.py``)."""
-        from .openomni import load_openomni
-        return load_openomni(path, config, allow_nonfinite)
-
-    @classmethod
-    def from_components(cls, llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None,
-                        tokenizer=None, **overrides) -> "OmniModel":
-        """The model of :func:`omnifast.models.components.load_components` (which also gives its
-        processor)."""
-        from .components import load_components
-        return load_components(llm, vision, speech, decoder, config, tokenizer, **overrides)[0]
 
 
 def spec_augment(features: torch.Tensor, settings: Dict) -> torch.Tensor:

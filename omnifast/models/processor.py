@@ -61,7 +61,7 @@ class OmniProcessor:
         if missing:
             raise ValueError(f"the tokenizer lacks the special tokens {missing}: add them with "
                              f"omnifast.models.add_placeholder_tokens(tokenizer) and resize the LLM's embeddings to "
-                             f"len(tokenizer) (OmniModel.from_components does both)")
+                             f"len(tokenizer) (omnifast.models.load_components does both)")
         # the model's own system turn (OmniConfig.system_prompt, saved with it) unless one is given
         self.tokenizer, self.config = tokenizer, config
         self.system_prompt = config.system_prompt if system_prompt is None else system_prompt

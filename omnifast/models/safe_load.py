@@ -1,5 +1,5 @@
 """Reading weights and settings from disk without surprises, for every loader (``from_pretrained``,
-``from_openomni``, ``load_components``, the speech decoder's, the tokenizer's and vocoder's): each
+``load_openomni``, ``load_components``, the speech decoder's, the tokenizer's and vocoder's): each
 error names the file (and the tensor or key), a path a file names stays inside its folder, nothing
 is unpickled, and the tensors a model receives are checked: the shape it has, a floating dtype
 where it holds one (another floating dtype is cast, with a warning naming the tensor), and

@@ -4,11 +4,12 @@ from omnifast.constants import IGNORE_INDEX
 from .ar_decoder import ARSpeechDecoder
 from .ctc import CTCLoss
 from .ctc_decoder import CTCSpeechDecoder
+from .decoders import build_speech_decoder
 from .heads import CTCDPOLoss, LinearCTCHead
 from .moe import MoE, MoEOutput, NaiveMoE
 from .speech_decoder import SpeechDecoder, SpeechDecoderConfig, SpeechDecoderOutput
 from .text_guided import TextGuidedModule
 
 __all__ = ["CTCLoss", "LinearCTCHead", "CTCDPOLoss", "MoE", "NaiveMoE", "MoEOutput", "SpeechDecoder",
-           "SpeechDecoderConfig", "SpeechDecoderOutput", "CTCSpeechDecoder", "ARSpeechDecoder", "TextGuidedModule",
+           "SpeechDecoderConfig", "SpeechDecoderOutput", "CTCSpeechDecoder", "ARSpeechDecoder", "build_speech_decoder", "TextGuidedModule",
            "IGNORE_INDEX"]

@@ -24,7 +24,7 @@ from .speech_decoder import IGNORE_INDEX, SpeechDecoder, SpeechDecoderConfig, Sp
 
 
 class ARSpeechDecoder(SpeechDecoder):
-    """``SpeechDecoder(config, "ar")``: ``config.units`` units and an end of speech (= units)."""
+    """``build_speech_decoder(config, "ar")``: ``config.units`` units and an end of speech (= units)."""
 
     mode = "ar"
 

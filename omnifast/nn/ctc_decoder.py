@@ -21,7 +21,7 @@ from .speech_decoder import SpeechDecoder, SpeechDecoderConfig, SpeechDecoderOut
 
 
 class CTCSpeechDecoder(SpeechDecoder):
-    """``SpeechDecoder(config, "nar")``."""
+    """``build_speech_decoder(config, "nar")``."""
 
     mode = "nar"
 

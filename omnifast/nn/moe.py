@@ -110,25 +110,6 @@ class _MoEBase(torch.nn.Module):
     def expert_parameters(self):
         return self.w1, self.b1, self.w2, self.b2
 
-    def load_openomni_state_dict(self, state_dict: Dict[str, torch.Tensor], prefix: str = "") -> None:
-        """Load OpenOmni's ``MoE`` (``openomni/model/speech_generator_ctc/speech_generator.py``):
-        ``gate.fc.weight`` / ``gate.fc.bias`` and ``experts.{e}.fc1`` / ``fc2`` per expert, its
-        interleaved token split (token j takes output channels j::split) reordered to this
-        module's contiguous one. Needs a dense relu MoE with a gate bias; keys under ``prefix``."""
-        from .openomni import moe_state_dict
-        if self.top_k is not None or self.activation != "relu":
-            raise ValueError("an OpenOmni expert stack loads into a dense (top_k=None) relu MoE")
-        if self.gate.bias is None:
-            raise ValueError("OpenOmni's gate has a bias: build this MoE with gate_bias=True")
-        missing = [k for k in [f"{prefix}gate.fc.weight", f"{prefix}gate.fc.bias"] +
-                   [f"{prefix}experts.{e}.{p}" for e in range(self.experts)
-                    for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")] if k not in state_dict]
-        if missing:
-            raise KeyError(f"OpenOmni MoE keys missing: {', '.join(missing)}")
-        split = self.split_tokens
-        tensors, _ = moe_state_dict(state_dict, self.experts, self.out // split, split, prefix)
-        self.load_state_dict(tensors)
-
 
 class NaiveMoE(_MoEBase):
     """The reference: a loop over experts, masks to pick each expert's tokens, ``index_add`` to

@@ -12,8 +12,8 @@ response text attend to them) -> a ``transformers`` Qwen2 decoder (``Qwen2Model`
   [sos | fused text | task | units] with a chunked fused linear cross-entropy, its DPO on the
   same, sampled with a KV cache.
 
-``SpeechDecoder(config, mode)`` builds the one the mode names. OpenOmni's checkpoints load
-through ``omnifast/nn/openomni.py``.
+``build_speech_decoder(config, mode)`` (``decoders.py``) builds the one the mode names.
+OpenOmni's checkpoints load through ``omnifast/openomni``.
 
 ``SpeechDecoderConfig.openomni()`` computes exactly what OpenOmni's ``SpeechGeneratorCTC`` does
 (its text-guided attention sees every LLM state; its upsampling rounds in floating point). The
@@ -88,20 +88,12 @@ def uniform_upsample(x: torch.Tensor, lengths: torch.Tensor, factor: int,
 
 
 class SpeechDecoder(nn.Module):
-    """OpenOmni's speech generator (see the module docstring): ``SpeechDecoder(config, "nar")`` is
-    a :class:`~omnifast.nn.ctc_decoder.CTCSpeechDecoder`, ``SpeechDecoder(config, "ar")`` an
-    :class:`~omnifast.nn.ar_decoder.ARSpeechDecoder`; both hold this front end."""
+    """OpenOmni's speech generator's front end (see the module docstring), shared by
+    :class:`~omnifast.nn.ctc_decoder.CTCSpeechDecoder` (``mode="nar"``) and
+    :class:`~omnifast.nn.ar_decoder.ARSpeechDecoder` (``mode="ar"``); ``build_speech_decoder``
+    makes the one a mode names."""
 
     mode = "nar"
-
-    def __new__(cls, *args, **kwargs):
-        if cls is SpeechDecoder and (args or kwargs):  # (a bare call is copy's or pickle's)
-            mode = args[1] if len(args) > 1 else kwargs.get("mode", "nar")
-            check_choice("mode", mode, ("nar", "ar"))
-            from .ar_decoder import ARSpeechDecoder
-            from .ctc_decoder import CTCSpeechDecoder
-            cls = CTCSpeechDecoder if mode == "nar" else ARSpeechDecoder
-        return super().__new__(cls)
 
     def __init__(self, config: SpeechDecoderConfig, mode: Optional[str] = None, backend: Optional[str] = None):
         super().__init__()
@@ -219,16 +211,3 @@ class SpeechDecoder(nn.Module):
     def _require(self, mode: str) -> None:
         if self.mode != mode:
             raise ValueError(f"this needs a decoder in mode={mode!r}, this one is mode={self.mode!r}")
-
-    # ---- loading OpenOmni checkpoints ---------------------------------------------------------
-    @classmethod
-    def from_openomni_state_dict(cls, state_dict: Dict[str, torch.Tensor], config: SpeechDecoderConfig,
-                                 prefix: str = "", **kwargs) -> "SpeechDecoder":
-        """A NAR decoder holding OpenOmni's speech-generator weights (``SpeechGeneratorCTC``, see
-        ``omnifast/nn/openomni.py``); ``prefix``: the generator's key prefix in a whole-model
-        checkpoint (e.g. ``"model.speech_generator."``). The decoder takes the checkpoint's dtype."""
-        from .openomni import speech_generator_state_dict
-        converted = speech_generator_state_dict(state_dict, config, prefix)
-        model = SpeechDecoder(config, "nar", **kwargs).to(converted["head.weight"].dtype)  # the checkpoint's dtype
-        model.load_state_dict(converted)
-        return model

@@ -6,7 +6,8 @@ from .data import DataError, Record, RecordFile, load_records
 from .loader import ConversationDataset, MicroBatches
 from .stages import STAGES, Stage, get_stage
 from .metrics import read_metrics
-from .trainer import Trainer, latest_checkpoint
+from .checkpoint import latest_checkpoint
+from .trainer import Trainer
 
 __all__ = ["STAGES", "Stage", "get_stage", "Record", "RecordFile", "DataError", "load_records",
            "ConversationDataset", "MicroBatches", "Trainer", "TrainConfig", "latest_checkpoint", "read_metrics",

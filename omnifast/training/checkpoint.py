@@ -91,6 +91,12 @@ def complete_checkpoints(root: Path) -> List[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name))
 
 
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint (renamed from its temporary name, so never half-written)."""
+    found = complete_checkpoints(Path(out_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
 def prune(root: Path, keep: int, protect: Sequence[str] = ()) -> None:
     """Keep the newest ``keep`` complete checkpoints under ``root`` (and those named in
     ``protect``: the best one); also remove what an interrupted write (``.tmp``) or removal

@@ -16,7 +16,8 @@ from omnifast.models.omni import CONFIG_NAME
 from .config import TrainConfig, option_fields
 from .data import RecordFile, load_records
 from .stages import BY_NAME, STAGES, Stage, get_stage
-from .trainer import Trainer, check_model_for_stage, latest_checkpoint
+from .checkpoint import latest_checkpoint
+from .trainer import Trainer, check_model_for_stage
 
 PRESETS = {"tiny": OmniConfig.tiny, "small": OmniConfig.small}  # fresh models with the byte-level tokenizer
 

@@ -11,6 +11,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .checkpoint import latest_checkpoint
+
 # bf16 dense peak of the GPUs the MFU is given for (TFLOP/s); others report no MFU
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
                "B200": 2250.0}
@@ -61,7 +63,6 @@ def run_step(trainer, batches: List[Dict[str, object]], stop: bool = False) -> D
     values = {name: value / trainer.world for name, value in zip(names, reduce_sum(list(sums.values()), trainer.world))}
     if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
         trainer.optimizer.zero_grad(set_to_none=True)
-        from .trainer import latest_checkpoint
         raise TrainingDiverged(trainer.step + 1, values["loss"], values["grad_norm"],
                                latest_checkpoint(trainer.out_dir))
     values["lr"] = trainer.optimizer.param_groups[0]["lr"]  # the rate this step uses

@@ -27,7 +27,7 @@ from .config import TrainConfig
 from .data import Record, data_fingerprint
 from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
 from .cache import CachedDataset, StateCache, build_cache, collate_cached
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, latest_checkpoint
 from .cache import fingerprint as cache_fingerprint
 from .held_out import HeldOut, better
 from .layers import apply_layer_options
@@ -37,7 +37,7 @@ from .signals import TrainingStopped, stop_requests
 from .stages import Stage, get_stage
 from .step import TrainingDiverged, flops_per_token, reduce_sum, run_step, step_row
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "latest_checkpoint", "check_model_for_stage"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingStopped", "check_model_for_stage"]
 
 
 def check_model_for_stage(model: OmniModel, stage: Stage, trains=None) -> None:
@@ -60,12 +60,6 @@ def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise TrainingDiverged.of_weights(what, name)
-
-
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint (renamed from its temporary name, so never half-written)."""
-    found = checkpoint.complete_checkpoints(Path(out_dir) / "checkpoints")
-    return found[-1] if found else None
 
 
 class Trainer:

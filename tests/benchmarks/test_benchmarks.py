@@ -13,7 +13,7 @@ EXPECTED = {
     "moe": {"NaiveMoE", "omnifast.nn.MoE", "matmul lower bound"},
     "speech_decoder": {"OpenOmni-style", "omnifast SpeechDecoder"},
     "ar_dpo": {"OpenOmni four-pass", "omnifast"},
-    "openomni_patch": {"OpenOmni", "OpenOmni + omnifast.patch"},
+    "openomni_patch": {"OpenOmni", "OpenOmni + omnifast.openomni.patch"},
 }
 
 

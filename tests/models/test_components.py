@@ -68,7 +68,7 @@ def test_placeholders_are_added_and_the_embeddings_grow(components):
 
 def test_sizes_come_from_the_components_without_a_config(components):
     root, _, words = components
-    c = OmniModel.from_components(**folders(root)).config
+    c = load_components(**folders(root))[0].config
     assert (c.audio_seconds, c.image_size, c.speech_projector_hidden) == (1, 32, 128)
     assert c.decoder_config() == SpeechDecoderConfig.scaled_to(128, words + 2)
     assert SpeechDecoderConfig.scaled_to(3584, 152064) == SpeechDecoderConfig.openomni(text_vocab=152064)
@@ -78,19 +78,19 @@ def test_a_config_is_honoured_in_full(components):
     root, _, _ = components
     config = OmniConfig(**{**TINY.to_dict(), "speech_projector_hidden": 96, "speech_stack": 10,
                            "speech_decoder": {**TINY.speech_decoder, "layers": 3, "text_vocab": 400}})
-    model = OmniModel.from_components(**folders(root), config=config)
+    model = load_components(**folders(root), config=config)[0]
     c = model.config
     assert (c.speech_projector_hidden, c.speech_stack, c.audio_seconds) == (96, 10, 1)
     assert c.decoder_config() == SpeechDecoderConfig.from_dict({**config.speech_decoder, "llm_hidden": 128})
     assert model.speech_projector.net[0].in_features == 64 * 10 and model.speech_projector.net[0].out_features == 96
     assert len(model.speech_decoder.decoder.layers) == 3
-    assert OmniModel.from_components(**folders(root), config=config, speech_stack=5).config.speech_stack == 5
+    assert load_components(**folders(root), config=config, speech_stack=5)[0].config.speech_stack == 5
     with pytest.raises(ValueError, match="image_size=336 was asked for, but the components fix it at 32"):
-        OmniModel.from_components(**folders(root), config=OmniConfig.openomni_7b())
+        load_components(**folders(root), config=OmniConfig.openomni_7b())
     with pytest.raises(ValueError, match="audio_seconds=30 was asked for, but the components fix it at 1"):
-        OmniModel.from_components(**folders(root), config=config, audio_seconds=30)
+        load_components(**folders(root), config=config, audio_seconds=30)
     with pytest.raises(ValueError, match="embeds 100 text tokens but the tokenizer has 261"):
-        OmniModel.from_components(**folders(root), config=OmniConfig(**{**TINY.to_dict(), "speech_decoder": {
+        load_components(**folders(root), config=OmniConfig(**{**TINY.to_dict(), "speech_decoder": {
             **TINY.speech_decoder, "text_vocab": 100}}))
 
 
@@ -99,16 +99,16 @@ def test_a_saved_decoder_and_missing_pieces(components, tmp_path):
     torch.manual_seed(1)
     decoder = OmniModel(TINY).speech_decoder
     save_speech_decoder(decoder, tmp_path / "decoder")
-    built = OmniModel.from_components(**folders(root), decoder=tmp_path / "decoder")
+    built = load_components(**folders(root), decoder=tmp_path / "decoder")[0]
     for (name, a), b in zip(built.speech_decoder.state_dict().items(), decoder.state_dict().values()):
         assert torch.equal(a, b), name
     with pytest.raises(FileNotFoundError, match="config.json"):
-        OmniModel.from_components(**{**folders(root), "llm": tmp_path / "nothing"})
+        load_components(**{**folders(root), "llm": tmp_path / "nothing"})
     bare = tmp_path / "bare-llm"
     bare.mkdir()
     (bare / "config.json").write_text((root / "llm" / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="holds no tokenizer"):
-        OmniModel.from_components(**{**folders(root), "llm": bare})
+        load_components(**{**folders(root), "llm": bare})
 
 
 def test_processor_names_the_fix_for_a_tokenizer_without_placeholders():

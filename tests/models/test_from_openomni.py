@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from omnifast.models import OmniConfig, OmniModel
 from omnifast.nn import SpeechDecoderConfig
 
-from omnifast.benchmarks import openomni_modules as openomni
+from omnifast.openomni import load_openomni
+from omnifast.openomni import reference as openomni
 
 OPENAI_WHISPER = {"self_attn_layer_norm": "attn_ln", "self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key",
                   "self_attn.v_proj": "attn.value", "self_attn.out_proj": "attn.out", "final_layer_norm": "mlp_ln",
@@ -65,7 +66,7 @@ def small_config():
 def test_an_openomni_checkpoint_loads_by_key_name(tmp_path):
     config = small_config()
     source, generator, _ = openomni_checkpoint(tmp_path / "ckpt", config)
-    model = OmniModel.from_openomni(tmp_path / "ckpt", config)
+    model = load_openomni(tmp_path / "ckpt", config)
     for component in ("llm", "vision", "speech", "image_projector", "speech_projector"):
         ours, theirs = getattr(model, component).state_dict(), getattr(source, component).state_dict()
         assert ours.keys() == theirs.keys()
@@ -97,9 +98,9 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     edited["model.extra_head.weight"] = torch.zeros(2)
     save_file({k: v.clone().contiguous() for k, v in edited.items()}, str(folder / "model.safetensors"))
     with pytest.raises(ValueError) as error:
-        OmniModel.from_openomni(folder, config)
+        load_openomni(folder, config)
     message = str(error.value)
     assert "unexpected keys: model.extra_head.weight" in message and "missing keys: speech_projector.net.2.bias" in message
     assert index["weight_map"]
     with pytest.raises(FileNotFoundError, match="not an OpenOmni checkpoint folder"):
-        OmniModel.from_openomni(tmp_path / "nothing", config)
+        load_openomni(tmp_path / "nothing", config)

@@ -14,6 +14,7 @@ from omnifast.models import OmniConfig, OmniModel, save_speech_decoder
 from omnifast.models.components import load_components, load_speech_decoder
 from omnifast.models.safe_load import WeightsError
 from omnifast.models.weights import INDEX_NAME
+from omnifast.openomni import load_openomni
 
 from .test_components import components, folders  # noqa: F401  (the shared fixture)
 from .test_from_openomni import openomni_checkpoint, small_config
@@ -94,7 +95,7 @@ def test_from_openomni_keeps_to_its_folder_refuses_pickles_and_nan(tmp_path):
     index["weight_map"][name] = "../outside.safetensors"
     (folder / INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(WeightsError, match="the files it names must lie in"):
-        OmniModel.from_openomni(folder, config)
+        load_openomni(folder, config)
     index["weight_map"][name] = original
     (folder / INDEX_NAME).write_text(json.dumps(index))
     shard = folder / original
@@ -103,8 +104,8 @@ def test_from_openomni_keeps_to_its_folder_refuses_pickles_and_nan(tmp_path):
     tensors[nan_key] = tensors[nan_key].clone().fill_(math.inf)
     save_file(tensors, str(shard))
     with pytest.raises(WeightsError, match="holds NaN or infinite values"):
-        OmniModel.from_openomni(folder, config)
-    assert OmniModel.from_openomni(folder, config, allow_nonfinite=True) is not None
+        load_openomni(folder, config)
+    assert load_openomni(folder, config, allow_nonfinite=True) is not None
     pickled = tmp_path / "pickled"
     pickled.mkdir()
 
@@ -113,7 +114,7 @@ def test_from_openomni_keeps_to_its_folder_refuses_pickles_and_nan(tmp_path):
             return (print, ("this must never run",))
     (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": Payload()}))
     with pytest.raises(WeightsError, match="omnifast never unpickles objects or code"):
-        OmniModel.from_openomni(pickled, config)
+        load_openomni(pickled, config)
 
 
 def test_components_refuse_the_wrong_architecture_and_missing_weights(components, tmp_path):  # noqa: F811
@@ -136,8 +137,8 @@ def test_components_refuse_the_wrong_architecture_and_missing_weights(components
 
 
 def test_a_saved_speech_decoder_is_checked(tmp_path):
-    from omnifast.nn.speech_decoder import SpeechDecoder, SpeechDecoderConfig
-    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(), "nar")
+    from omnifast.nn import SpeechDecoderConfig, build_speech_decoder
+    decoder = build_speech_decoder(SpeechDecoderConfig.tiny(), "nar")
     save_speech_decoder(decoder, tmp_path)
     tensors = load_file(str(tmp_path / "speech_decoder.safetensors"))
     key = "head.weight"

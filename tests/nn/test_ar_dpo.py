@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omnifast.nn import SpeechDecoder, SpeechDecoderConfig
+from omnifast.nn import SpeechDecoderConfig, build_speech_decoder
 from omnifast.ops.dpo import normalize
 
 CFG = SpeechDecoderConfig.tiny()
@@ -49,7 +49,7 @@ def brute_force(decoder, hidden, tokens, mask, units):
 def test_ar_dpo_equals_the_brute_force_recipe(backend, normalization):
     hidden, tokens, mask, chosen, rejected = problem()
     torch.manual_seed(1)
-    policy = SpeechDecoder(CFG, "ar", backend=backend).double()
+    policy = build_speech_decoder(CFG, "ar", backend=backend).double()
     reference = copy.deepcopy(policy)
     with torch.no_grad():
         for p in reference.parameters():

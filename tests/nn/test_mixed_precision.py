@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 
-from omnifast.nn import LinearCTCHead, SpeechDecoder, SpeechDecoderConfig
+from omnifast.nn import LinearCTCHead, SpeechDecoderConfig, build_speech_decoder
 
 from ..devices import device_for
 from .test_speech_decoder import batch
@@ -22,7 +22,7 @@ def decoder_losses(backend, mode, seed=0):
     """(CTC loss, DPO loss) and the flat gradient of their sum, in ``mode`` (None: float32)."""
     device = device_for(backend)
     torch.manual_seed(seed)
-    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(), backend=backend).to(device)
+    decoder = build_speech_decoder(SpeechDecoderConfig.tiny(), backend=backend).to(device)
     hidden, tokens, mask, units = (t.to(device) for t in batch(seed=seed))
     context = contextlib.nullcontext()
     if mode is not None and mode.startswith("autocast"):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from omnifast.nn import MoE, NaiveMoE
 from omnifast.ops import moe as moe_ops
+from omnifast.openomni import load_moe_state_dict
 
 from ..devices import device_for
 from ..tolerances import TOL
@@ -177,14 +178,14 @@ def test_openomni_moe_loads_by_its_real_keys_and_interleaves_its_split():
     torch.manual_seed(0)
     theirs = OpenOmniMoE(8, 16, 4).double()
     moe = MoE(8, 16, 16, experts=4, top_k=None, split_tokens=4, gate_bias=True).double()
-    moe.load_openomni_state_dict({f"input_proj.{k}": v for k, v in theirs.state_dict().items()}, prefix="input_proj.")
+    load_moe_state_dict(moe, {f"input_proj.{k}": v for k, v in theirs.state_dict().items()}, prefix="input_proj.")
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     torch.testing.assert_close(moe(x).output, theirs(x), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="gate_bias=True"):
-        MoE(8, 16, 16, experts=4, top_k=None, split_tokens=4).load_openomni_state_dict(theirs.state_dict())
+        load_moe_state_dict(MoE(8, 16, 16, experts=4, top_k=None, split_tokens=4), theirs.state_dict())
     old_layout = {"gate.weight": torch.zeros(4, 8), **{f"experts.{e}.0.weight": torch.zeros(16, 8) for e in range(4)}}
     with pytest.raises(KeyError, match="gate.fc.weight, gate.fc.bias, experts.0.fc1.weight"):
-        moe.load_openomni_state_dict(old_layout)
+        load_moe_state_dict(moe, old_layout)
 
 
 def test_state_dict_round_trip_is_exact():

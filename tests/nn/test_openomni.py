@@ -1,16 +1,17 @@
 """Exactly OpenOmni when asked: with ``SpeechDecoderConfig.openomni()`` the speech decoder loaded
 from OpenOmni's keys reproduces OpenOmni's stage-4 CTC loss and its stage-5 DPO loss, and every
-gradient, in float64 (``omnifast/benchmarks/openomni_modules.py`` rebuilds OpenOmni's modules
+gradient, in float64 (``omnifast/openomni/reference.py`` rebuilds OpenOmni's modules
 from its code); omnifast's own defaults differ from it where the README says they do."""
 import pytest
 import torch
 
 from omnifast.models import response_states
 from omnifast.nn import SpeechDecoder, SpeechDecoderConfig
-from omnifast.nn.openomni import speech_generator_state_dict
+from omnifast.openomni import speech_decoder_from_state_dict
+from omnifast.openomni.keys import speech_generator_state_dict
 from omnifast.nn.speech_decoder import uniform_upsample
 
-from omnifast.benchmarks import openomni_modules as openomni
+from omnifast.openomni import reference as openomni
 
 FACTOR = 3
 
@@ -78,7 +79,7 @@ def assert_grads_equal(theirs, ours, config, text_reps_grads):
 def test_the_openomni_preset_reproduces_openomnis_ctc_loss_and_gradients():
     config, text_reps, labels, text_tokens, chosen, _ = problem()
     theirs = openomni.SpeechGenerator(config).double()
-    ours = SpeechDecoder.from_openomni_state_dict(theirs.state_dict(), config).double()
+    ours = speech_decoder_from_state_dict(theirs.state_dict(), config).double()
     reps_a = text_reps.clone().requires_grad_()
     loss_theirs = theirs(reps_a, labels, chosen, text_tokens)
     loss_theirs.backward()
@@ -91,7 +92,7 @@ def test_the_openomni_preset_reproduces_openomnis_ctc_loss_and_gradients():
                   for b in range(3)]
     assert all(loss > 0 for loss in per_record)  # every record feasible: none hidden by zero_infinity
     # omnifast's defaults (causal text-guided attention, exact upsampling) compute something else
-    default = SpeechDecoder.from_openomni_state_dict(theirs.state_dict(), SpeechDecoderConfig(
+    default = speech_decoder_from_state_dict(theirs.state_dict(), SpeechDecoderConfig(
         **{**config.to_dict(), "fusion_causal": True, "upsample_rounding": "exact"})).double()
     assert abs(float(default(*ours_inputs(text_reps, labels, text_tokens), units=chosen).loss - loss_theirs)) > 1e-6
 
@@ -107,8 +108,8 @@ def test_the_openomni_preset_reproduces_openomnis_dpo_loss_and_gradients():
     with torch.no_grad():
         for p in their_reference.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    ours = SpeechDecoder.from_openomni_state_dict(theirs.state_dict(), config).double()
-    reference = SpeechDecoder.from_openomni_state_dict(their_reference.state_dict(), config).double()
+    ours = speech_decoder_from_state_dict(theirs.state_dict(), config).double()
+    reference = speech_decoder_from_state_dict(their_reference.state_dict(), config).double()
     reps_a = text_reps.clone().requires_grad_()
     loss_theirs = openomni.dpo_loss(theirs, their_reference, reps_a, labels, chosen, rejected, text_tokens)
     loss_theirs.backward()
@@ -143,14 +144,14 @@ def test_openomni_upsampling_rounds_as_its_code_does():
 def test_the_patch_keeps_openomnis_losses_and_gradients(dpo):
     import copy
 
-    import omnifast.patch
+    from omnifast.openomni import patch
     config, text_reps, labels, text_tokens, chosen, rejected = problem(seed=2)
     plain = openomni.OpenOmniModel(config, dpo=dpo).double()
     if dpo:
         with torch.no_grad():
             for p in plain.get_model().speech_generator.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-    patched = omnifast.patch.openomni(copy.deepcopy(plain))
+    patched = patch(copy.deepcopy(plain))
     names = [n for n, _ in plain.named_parameters()]
     assert names == [n for n, _ in patched.named_parameters()]  # module names and weights kept
     results = []
@@ -170,4 +171,4 @@ def test_the_patch_keeps_openomnis_losses_and_gradients(dpo):
         torch.testing.assert_close(patched(text_reps, labels, chosen, rejected, text_tokens),
                                    plain(text_reps, labels, chosen, rejected, text_tokens), rtol=1e-11, atol=1e-13)
     with pytest.raises(ValueError, match="no OpenOmni speech generator"):
-        omnifast.patch.openomni(torch.nn.Linear(2, 2))
+        patch(torch.nn.Linear(2, 2))

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnifast.nn import SpeechDecoder, SpeechDecoderConfig, TextGuidedModule
+from omnifast.nn import SpeechDecoderConfig, TextGuidedModule, build_speech_decoder
+from omnifast.openomni import speech_decoder_from_state_dict
 from omnifast.nn.speech_decoder import uniform_upsample
 
 from ..devices import device_for
@@ -39,7 +40,7 @@ def full_logits_ctc(decoder, states, lengths, targets, reduction):
 
 def test_shapes_and_frame_counts():
     torch.manual_seed(0)
-    decoder = SpeechDecoder(CFG).to(DEVICE)
+    decoder = build_speech_decoder(CFG).to(DEVICE)
     hidden, tokens, mask, targets = batch(units=(30, 9, 4))
     out = decoder(hidden, tokens, mask, mask, targets)
     # frames = max(text length x 3, units): 7*3=21 < 30
@@ -60,7 +61,7 @@ def test_uniform_upsample_assignment():
 @pytest.mark.parametrize("normalization", ["openomni", "mean"])
 def test_fused_loss_equals_ctc_on_full_logits(normalization):
     torch.manual_seed(1)
-    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(loss_normalization=normalization)).double().to(DEVICE)
+    decoder = build_speech_decoder(SpeechDecoderConfig.tiny(loss_normalization=normalization)).double().to(DEVICE)
     hidden, tokens, mask, targets = batch(seed=1, dtype=torch.float64)
     ours = decoder(hidden, tokens, mask, mask, targets)
     ours_grads = torch.autograd.grad(ours.loss, list(decoder.parameters()), retain_graph=True)
@@ -77,7 +78,7 @@ def test_fused_loss_equals_ctc_on_full_logits(normalization):
 def test_overfitting_one_batch_then_greedy_decoding_returns_the_targets():
     torch.manual_seed(0)
     config = SpeechDecoderConfig.tiny(width=64, intermediate=128)
-    decoder = SpeechDecoder(config).to(DEVICE)
+    decoder = build_speech_decoder(config).to(DEVICE)
     hidden, tokens, mask, targets = batch(seed=0, lengths=(6, 4), units=(6, 4), config=config)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     losses = []
@@ -98,7 +99,7 @@ def test_overfitting_one_batch_then_greedy_decoding_returns_the_targets():
 @pytest.mark.parametrize("chunk", [1, 2, 3, 9])
 def test_streaming_equals_one_full_pass(chunk):
     torch.manual_seed(3)
-    decoder = SpeechDecoder(CFG).double().eval().to(DEVICE)
+    decoder = build_speech_decoder(CFG).double().eval().to(DEVICE)
     hidden, tokens, _, _ = batch(seed=3, lengths=(9,), dtype=torch.float64)
     full = decoder.generate(hidden, tokens)[0]
     streamed = []
@@ -109,13 +110,13 @@ def test_streaming_equals_one_full_pass(chunk):
 
 def test_bidirectional_decoder_sees_the_future_and_cannot_stream():
     torch.manual_seed(4)
-    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(causal=False, fusion_causal=False)).double().to(DEVICE)
+    decoder = build_speech_decoder(SpeechDecoderConfig.tiny(causal=False, fusion_causal=False)).double().to(DEVICE)
     hidden, tokens, _, _ = batch(seed=4, lengths=(5,), dtype=torch.float64)
     first = decoder(hidden, tokens).states
     changed = tokens.clone()
     changed[0, -1] = (changed[0, -1] + 1) % CFG.text_vocab
     assert (decoder(hidden, changed).states[0, 0] - first[0, 0]).abs().max() > 1e-6
-    causal = SpeechDecoder(CFG).double().to(DEVICE)
+    causal = build_speech_decoder(CFG).double().to(DEVICE)
     causal.load_state_dict(decoder.state_dict())
     a, b = causal(hidden, tokens).states, causal(hidden, changed).states
     torch.testing.assert_close(a[0, :12], b[0, :12])  # frames of the first 4 tokens: unchanged
@@ -154,7 +155,7 @@ def ar_reference_loss(decoder, hidden, tokens, mask, targets):
 
 def test_ar_loss_equals_next_unit_cross_entropy_and_sampling_learns():
     torch.manual_seed(6)
-    decoder = SpeechDecoder(SpeechDecoderConfig.tiny(layers=1), mode="ar").double().to(DEVICE)
+    decoder = build_speech_decoder(SpeechDecoderConfig.tiny(layers=1), mode="ar").double().to(DEVICE)
     hidden, tokens, mask, targets = batch(seed=6, lengths=(4, 3), units=(6, 3), dtype=torch.float64)
     torch.testing.assert_close(decoder(hidden, tokens, mask, mask, targets).loss.double(),
                                ar_reference_loss(decoder, hidden, tokens, mask, targets))
@@ -174,7 +175,7 @@ def test_ar_loss_equals_next_unit_cross_entropy_and_sampling_learns():
 
 def test_dpo_loss_equals_the_formula_on_the_decoders_own_likelihoods():
     torch.manual_seed(7)
-    decoder = SpeechDecoder(CFG).double().to(DEVICE)
+    decoder = build_speech_decoder(CFG).double().to(DEVICE)
     reference = copy.deepcopy(decoder)
     with torch.no_grad():
         for p in reference.parameters():
@@ -282,7 +283,7 @@ def test_openomni_state_dict_loads_and_computes_the_same():
     config = SpeechDecoderConfig.tiny(fusion_causal=False)  # OpenOmni's fusion sees all LLM states
     theirs = OpenOmniLikeGenerator(config).double()
     state = {f"speech_generator.{k}": v for k, v in theirs.state_dict().items()}
-    ours = SpeechDecoder.from_openomni_state_dict(state, config, prefix="speech_generator.").double()
+    ours = speech_decoder_from_state_dict(state, config, prefix="speech_generator.").double()
     hidden, tokens, _, _ = (t.cpu() for t in batch(seed=8, lengths=(6,), dtype=torch.float64, config=config))
     states, _ = ours.frame_states(hidden, tokens)
     torch.testing.assert_close(ours.head(states), theirs.logits(hidden, tokens))
@@ -298,7 +299,7 @@ def test_openomni_state_dict_loads_and_computes_the_same():
     (dict(text_tokens=torch.full((2, 4), CFG.text_vocab)), "text_tokens"),
 ])
 def test_bad_input(change, match):
-    decoder = SpeechDecoder(CFG)
+    decoder = build_speech_decoder(CFG)
     args = dict(hidden=torch.randn(2, 4, CFG.llm_hidden), text_tokens=torch.zeros(2, 4, dtype=torch.long),
                 hidden_mask=None, text_mask=None, units=torch.tensor([[1, 2], [3, 4]]))
     args.update(change)
@@ -310,10 +311,10 @@ def test_bad_config_and_stream_chunks():
     with pytest.raises(ValueError, match="upsample_factor"):
         SpeechDecoderConfig.tiny(upsample_factor=0)
     with pytest.raises(ValueError, match="mode"):
-        SpeechDecoder(CFG, mode="diffusion")
+        build_speech_decoder(CFG, mode="diffusion")
     with pytest.raises(ValueError, match="factor"):
         uniform_upsample(torch.zeros(1, 2, 3), torch.tensor([2]), 0)
-    decoder = SpeechDecoder(CFG)
+    decoder = build_speech_decoder(CFG)
     with pytest.raises(ValueError, match="one LLM state per text token"):
         next(decoder.stream([(torch.randn(3, CFG.llm_hidden), torch.zeros(2, dtype=torch.long))]))
     with pytest.raises(ValueError, match="chunk size"):

@@ -12,7 +12,7 @@ The folder is what OpenOmni's training saves (``transformers``' ``save_pretraine
   ``positional_embedding``, ``blocks.{i}.attn.query`` ..., ``ln_post``), renamed to
   ``transformers``' ``WhisperEncoder``;
 * ``model.speech_projector.linear{1,2}``: the frame-stacking speech projector;
-* ``model.speech_generator.*``: the CTC speech generator (``omnifast/nn/openomni.py``);
+* ``model.speech_generator.*``: the CTC speech generator (``keys.py``);
 * ``model.copy_speech_generator.*``: its DPO reference, which omnifast keeps as a cache of
   log-likelihoods instead; skipped.
 """
@@ -24,7 +24,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from omnifast.nn.openomni import speech_generator_state_dict
+from omnifast.models import OmniConfig, OmniModel
+from omnifast.models.weights import rebuild_buffers
+
+from .keys import speech_generator_state_dict
 
 SKIPPED = ("model.copy_speech_generator.",)
 WHISPER_BLOCK = {"attn_ln": "self_attn_layer_norm", "attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
@@ -35,8 +38,8 @@ WHISPER_BLOCK = {"attn_ln": "self_attn_layer_norm", "attn.query": "self_attn.q_p
 def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
     """Every tensor of the folder's weights: safetensors (its index's shards confined to the
     folder) or a ``pytorch_model.bin`` of plain tensors (nothing unpickled)."""
-    from .safe_load import read_safetensors, read_torch_weights
-    from .weights import INDEX_NAME, WEIGHTS_NAME, weight_files
+    from omnifast.models.safe_load import read_safetensors, read_torch_weights
+    from omnifast.models.weights import INDEX_NAME, WEIGHTS_NAME, weight_files
     if (folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
         return {k: v for shard in weight_files(folder) for k, v in read_safetensors(shard).items()}
     if (folder / "pytorch_model.bin").is_file():
@@ -87,14 +90,42 @@ def openomni_to_omnifast(state: Dict[str, torch.Tensor], config) -> Tuple[Dict[s
     return out, unused
 
 
+def load_moe_state_dict(moe, state_dict: Dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Load into omnifast's ``moe`` (an ``omnifast.nn.MoE``) OpenOmni's ``MoE``
+    (``openomni/model/speech_generator_ctc/speech_generator.py``): ``gate.fc.weight`` /
+    ``gate.fc.bias`` and ``experts.{e}.fc1`` / ``fc2`` per expert, its interleaved token split
+    (token j takes output channels j::split) reordered to the ``MoE``'s contiguous one. Needs a dense relu MoE with a gate bias; keys under ``prefix``."""
+    from .keys import moe_state_dict
+    if moe.top_k is not None or moe.activation != "relu":
+        raise ValueError("an OpenOmni expert stack loads into a dense (top_k=None) relu MoE")
+    if moe.gate.bias is None:
+        raise ValueError("OpenOmni's gate has a bias: build this MoE with gate_bias=True")
+    missing = [k for k in [f"{prefix}gate.fc.weight", f"{prefix}gate.fc.bias"] +
+               [f"{prefix}experts.{e}.{p}" for e in range(moe.experts)
+                for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")] if k not in state_dict]
+    if missing:
+        raise KeyError(f"OpenOmni MoE keys missing: {', '.join(missing)}")
+    split = moe.split_tokens
+    tensors, _ = moe_state_dict(state_dict, moe.experts, moe.out // split, split, prefix)
+    moe.load_state_dict(tensors)
+
+
+def speech_decoder_from_state_dict(state_dict: Dict[str, torch.Tensor], config, prefix: str = "", **kwargs):
+    """A NAR speech decoder holding OpenOmni's speech-generator weights (``SpeechGeneratorCTC``,
+    see ``keys.py``); ``prefix``: the generator's key prefix in a whole-model checkpoint (e.g.
+    ``"model.speech_generator."``). The decoder takes the checkpoint's dtype."""
+    from omnifast.nn import build_speech_decoder
+    converted = speech_generator_state_dict(state_dict, config, prefix)
+    model = build_speech_decoder(config, "nar", **kwargs).to(converted["head.weight"].dtype)
+    model.load_state_dict(converted)
+    return model
+
+
 def load_openomni(path, config=None, allow_nonfinite: bool = False):
-    """``OmniModel.from_openomni``: see the module docstring. ``config``: the model's sizes
+    """An OmniModel from an OpenOmni checkpoint folder: see the module docstring. ``config``: the model's sizes
     (default: ``OmniConfig.openomni_7b()`` with the folder's ``config.json`` LLM settings).
     Built on the meta device and given the checkpoint's tensors (in their dtype), so nothing is
     initialised twice. Raises ``ValueError`` naming every missing, unexpected or misshapen key."""
-    from .config import OmniConfig
-    from .omni import OmniModel
-    from .weights import rebuild_buffers
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not an OpenOmni checkpoint folder")
@@ -102,7 +133,7 @@ def load_openomni(path, config=None, allow_nonfinite: bool = False):
         config = OmniConfig.openomni_7b()
         config_file = folder / "config.json"
         if config_file.is_file():
-            from .safe_load import read_json
+            from omnifast.models.safe_load import read_json
             settings = read_json(config_file, "OpenOmni config")
             for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                         "num_key_value_heads", "rms_norm_eps", "max_position_embeddings"):
@@ -124,7 +155,7 @@ def load_openomni(path, config=None, allow_nonfinite: bool = False):
         problems.append(f"mismatched shapes: {'; '.join(wrong)}")
     if problems:
         raise ValueError(f"{folder}: not loadable as this OpenOmni model: " + " | ".join(problems))
-    from .safe_load import check_tensors, floating_dtype
+    from omnifast.models.safe_load import check_tensors, floating_dtype
     mapped = check_tensors(mapped, expected, folder, allow_nonfinite, floating_dtype(mapped))
     model.load_state_dict(mapped, assign=True)
     rebuild_buffers(model, torch.device("cpu"))

@@ -1,5 +1,5 @@
 """omnifast's fused ops inside OpenOmni's own training code, in the manner of Liger-Kernel's
-``apply_liger_kernel_to_*``: ``omnifast.patch.openomni(model)`` swaps, on a live OpenOmni model,
+``apply_liger_kernel_to_*``: ``omnifast.openomni.patch(model)`` swaps, on a live OpenOmni model,
 the speech generator's work for omnifast's, keeping its weights, its module names, and its
 forward's arguments and outputs:
 
@@ -27,7 +27,7 @@ from omnifast.ops import linear_ctc_loss
 GENERATORS = ("speech_generator", "copy_speech_generator")
 
 
-def openomni(model):
+def patch(model):
     """Patch an OpenOmni model (or one of its speech generators) in place; returns it."""
     inner = model.get_model() if hasattr(model, "get_model") else model
     found = [getattr(inner, name) for name in GENERATORS if getattr(inner, name, None) is not None]

@@ -2,7 +2,7 @@
 (``openomni/model/speech_generator_ctc/speech_generator.py``: ``MoE``, ``RLSIAT``,
 ``_uniform_assignment``, ``SpeechGeneratorCTC.forward``; ``language_model/llava_her_qwen.py``: the
 DPO of ``tune_speech_generator_dpo``), with its module names and key layout, batched and padded
-as it batches and pads: the ground truth the OpenOmni preset and ``omnifast.patch`` must
+as it batches and pads: the ground truth the OpenOmni preset and ``omnifast.openomni.patch`` must
 reproduce (in float64, in the tests) and the baseline they are timed against;
 its only departure is that the log-softmax runs in the model's dtype (OpenOmni's ``.float()``
 would round a float64 test to float32)."""
