@@ -36,7 +36,7 @@ bench: setup
 # no C++, and its failure is recorded, not fatal); results in $OUT, or gpu_check/.
 GPU_CHECK_OUT ?= $(or $(OUT),gpu_check)
 gpu-check:
-	python3 -m omnifast.benchmarks.gpu_check --install --out $(GPU_CHECK_OUT)
+	python3 -m benchmarks.gpu_check --install --out $(GPU_CHECK_OUT)
 
 # The GPU image's versions on this machine's CPU (no GPU needed): a venv with them, gpu-check's dry
 # run and the op, module and kernel tests there (the C++ backend's tests left out: the extension
@@ -48,7 +48,7 @@ IMAGE_VERSIONS := torch==2.11.0 triton==3.6.0 transformers==5.17.0 tokenizers==0
 compat-check:
 	test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install -q $(IMAGE_VERSIONS) pytest pytest-xdist hypothesis ninja pybind11
-	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m omnifast.benchmarks.gpu_check --dry-run --out compat_check
+	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m benchmarks.gpu_check --dry-run --out compat_check
 	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 -k "not cpu" \
 		tests/ops tests/nn tests/kernels
 

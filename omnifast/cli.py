@@ -86,11 +86,26 @@ def _run(argv=None) -> int:
             print("bench all: skipping train_step (it needs a GPU; `omnifast bench train_step --quick` runs it "
                   "at tiny size on the CPU)", file=sys.stderr)
             ops = tuple(op for op in ops if op != "train_step")
+    benchmarks_checkout()
     for op in ops:
-        status = importlib.import_module(f"omnifast.benchmarks.{op.replace('-', '_')}").main(args.rest)
+        status = importlib.import_module(f"benchmarks.{op.replace('-', '_')}").main(args.rest)
         if status:
             return status
     return 0
+
+
+def benchmarks_checkout():
+    """The checkout whose ``benchmarks/`` folder ``omnifast bench`` runs (put on ``sys.path``):
+    the benchmark scripts live beside the package in the repository, not in the installed wheel."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "_harness.py").is_file():
+        raise FileNotFoundError("omnifast bench runs the benchmark scripts of a checkout of the repository "
+                                f"(benchmarks/ beside omnifast/); {root} has none: clone the repository and run "
+                                "omnifast bench (or python -m benchmarks.<op>) there")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
 
 
 def user_errors():

@@ -105,7 +105,7 @@ def test_eval_prints_each_metric_with_its_unit(capsys):
 
 def test_bench_results_go_to_the_current_folder_not_the_sources(tmp_path, monkeypatch):
     import omnifast
-    from omnifast.benchmarks import _harness
+    from benchmarks import _harness
     monkeypatch.chdir(tmp_path)
     assert not _harness.RESULTS.is_absolute()
     package = __import__("pathlib").Path(omnifast.__file__).resolve().parent

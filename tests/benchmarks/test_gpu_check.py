@@ -6,7 +6,7 @@ a killed part leaves behind is removed."""
 import json
 
 from omnifast import cli
-from omnifast.benchmarks import gpu_check
+from benchmarks import gpu_check
 
 
 def test_dry_run_writes_every_part_within_the_file_limits(tmp_path):

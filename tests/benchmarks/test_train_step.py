@@ -5,7 +5,7 @@ import json
 import torch
 
 from omnifast import cli
-from omnifast.benchmarks import openomni_recipe, train_step
+from benchmarks import openomni_recipe, train_step
 from omnifast.models import OmniConfig, response_states
 
 

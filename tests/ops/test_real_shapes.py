@@ -6,7 +6,7 @@ at most twice the bf16 recipe's own error against float32."""
 import pytest
 import torch
 
-from omnifast.benchmarks import gpu_check
+from benchmarks import gpu_check
 
 pytestmark = pytest.mark.gpu_check(1)
 

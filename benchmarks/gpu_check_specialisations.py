@@ -1,5 +1,5 @@
 """How many Triton specialisations gpu-check's parts launch, and how long compiling them takes,
-measured without a GPU: ``python -m omnifast.benchmarks.gpu_check_specialisations``.
+measured without a GPU: ``python -m benchmarks.gpu_check_specialisations``.
 
 * parity: the tests marked ``gpu_check`` run under the interpreter with the sm_90 configurations
   (``OMNIFAST_TRITON_ARCH=90``) and the gpu-check hypothesis profile, every launch recorded;
@@ -39,7 +39,7 @@ def parity_specs(scratch: Path) -> List[dict]:
     env = {**os.environ, "OMNIFAST_TEST_DEVICE": "cpu", "OMNIFAST_TRITON_ARCH": "90", "HYPOTHESIS_PROFILE": "gpu-check",
            PARITY_VARIABLE: str(scratch / "parity.json"), SPECS_VARIABLE: str(specs)}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-               "omnifast.benchmarks.gpu_check_plugin", "-m", "gpu_check", "-k", "not cpu", "tests"]
+               "benchmarks.gpu_check_plugin", "-m", "gpu_check", "-k", "not cpu", "tests"]
     run = subprocess.run(command, env=env, capture_output=True, text=True)
     print(run.stdout[-1500:])
     return json.loads(specs.read_text())
@@ -49,7 +49,7 @@ def headline_specs() -> Dict[str, List[dict]]:
     """{case: the specialisations its omnifast implementations launch} (run in a child process
     with the interpreter and the Triton backend forced)."""
     code = ("import json, sys, torch\n"
-            "from omnifast.benchmarks import gpu_check\n"
+            "from benchmarks import gpu_check\n"
             "from omnifast.kernels import _launch\n"
             "ROUTING = ('_route_kernel', '_slot_histogram_kernel', '_slot_rank_kernel')\n"
             "out, errors = {}, {}\n"

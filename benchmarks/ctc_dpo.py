@@ -5,7 +5,7 @@ head and the policy head, chosen and rejected) and the DPO loss on top. omnifast
 reference log-likelihoods are cached (computed once, as training does), the policy scored by
 ``ctc_dpo_loss`` in one pass; without length normalisation it takes the sparse path (logits
 only for each pair's own columns), with it (``-norm`` rows, OpenOmni's setting) the dense fused
-path. Float32, beta 0.1, blank = V - 1. Run ``python -m omnifast.benchmarks.ctc_dpo``."""
+path. Float32, beta 0.1, blank = V - 1. Run ``python -m benchmarks.ctc_dpo``."""
 from __future__ import annotations
 
 import sys
@@ -66,7 +66,7 @@ def implementations(x, device):
 
 
 BENCHMARK = Benchmark(
-    op="ctc_dpo", module="omnifast.benchmarks.ctc_dpo", fields="BTDVL",
+    op="ctc_dpo", module="benchmarks.ctc_dpo", fields="BTDVL",
     shapes=[(8, 800, 896, 6561, 300), (16, 1200, 896, 6561, 500)],
     quick_shapes=[(2, 40, 16, 50, 8)],
     make_inputs=make_inputs, implementations=implementations, description=__doc__,

@@ -1,6 +1,6 @@
 """How long ``omnifast demo --quick`` takes once set up (corpus cached, as a second run finds it),
 against its 3-minute budget; the full demo with ``--full``. Prints the time of each step and
-writes JSON. Run ``python -m omnifast.benchmarks.demo_time``."""
+writes JSON. Run ``python -m benchmarks.demo_time``."""
 from __future__ import annotations
 
 import argparse

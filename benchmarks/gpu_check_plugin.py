@@ -1,4 +1,4 @@
-"""The pytest plugin of gpu-check's parity part (``pytest -p omnifast.benchmarks.gpu_check_plugin
+"""The pytest plugin of gpu-check's parity part (``pytest -p benchmarks.gpu_check_plugin
 -m gpu_check``): the tests marked ``gpu_check(rank)`` run lowest rank first, and after every test
 the controlling process (not an xdist worker) rewrites the JSON file named by
 ``OMNIFAST_GPU_CHECK_PARITY`` with every result so far, so a run cut short keeps what finished."""

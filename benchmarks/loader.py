@@ -8,7 +8,7 @@ The records are OpenOmni-sized: a 5-second spoken question (44.1 kHz stereo FLAC
 336-pixel crop), with a text answer. The step is a GPU-bound step as the host sees it: the
 training thread waits ``--step-ms`` (default 250, a 7B stage step of a few records) while the
 workers run; with 0 workers the batch is built on that thread between steps.
-Run ``python -m omnifast.benchmarks.loader`` (``--quick`` for a smoke run).
+Run ``python -m benchmarks.loader`` (``--quick`` for a smoke run).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Each record is a speech-generation record like OpenOmni's (a question, an answer
 its units): about 1.3 kB, 1.3 GB for a million. Every case runs in a fresh subprocess whose
 peak RSS above its start is read (``VmHWM``), so the figure is what one rank holds. Then a
 thousand records are read back at random positions through the offset index.
-Run ``python -m omnifast.benchmarks.data_scale`` (``--records N``; ``--quick``: 20,000).
+Run ``python -m benchmarks.data_scale`` (``--records N``; ``--quick``: 20,000).
 """
 from __future__ import annotations
 

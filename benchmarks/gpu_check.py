@@ -1,5 +1,5 @@
 """Every GPU claim checked in one run that fits a short GPU loan: ``make gpu-check`` (or
-``python -m omnifast.benchmarks.gpu_check --install --out DIR`` from a checkout; results in
+``python -m benchmarks.gpu_check --install --out DIR`` from a checkout; results in
 ``$OUT`` or ``gpu_check/``).
 
 It runs from the source tree: ``--install`` first tries ``pip install -e .`` without the C++
@@ -102,7 +102,7 @@ PROFILED = (0, 6)  # CTC (16,1200,6561,500) and MoE top-2 E8
 
 def _benchmark(family: str):
     import importlib
-    return importlib.import_module(f"omnifast.benchmarks.{family}").BENCHMARK
+    return importlib.import_module(f"benchmarks.{family}").BENCHMARK
 
 
 def _context(case: Case, device: torch.device):
@@ -260,7 +260,7 @@ def part_parity(out: Path, dry_run: bool, budget_s: float) -> None:
     path = out / "parity.json"
     env = {**os.environ, "OMNIFAST_TEST_DEVICE": "cpu" if dry_run else "cuda", "HYPOTHESIS_PROFILE": "gpu-check",
            PARITY_VARIABLE: str(path)}
-    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "omnifast.benchmarks.gpu_check_plugin",
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check_plugin",
             "-m", "gpu_check"]
     selection = None
     if dry_run:  # the whole selection must still be collectable
@@ -440,7 +440,7 @@ PART_FUNCTIONS = {"parity": part_parity, "headline": part_headline, "train_step"
 # --- the driver: install, each part in a process under its budget, the summary after each --------
 
 def _source_tree() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[1]
 
 
 def _environment() -> Dict[str, str]:
@@ -476,7 +476,7 @@ def install(log) -> Dict[str, object]:
 
 
 def run_part(part: str, out: Path, dry_run: bool, budget_s: float, log) -> Dict[str, object]:
-    command = [sys.executable, "-m", "omnifast.benchmarks.gpu_check", "--part", part, "--out", str(out.resolve()),
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--part", part, "--out", str(out.resolve()),
                "--budget", str(budget_s)] + (["--dry-run"] if dry_run else [])
     env = _environment()
     if dry_run:

@@ -2,7 +2,7 @@
 
 torch (``Linear`` + ``log_softmax`` + ``F.ctc_loss`` + backward) against
 ``omnifast.linear_ctc_loss``, which never holds the (B, T, V) logits. Float32, blank = V - 1.
-Run ``python -m omnifast.benchmarks.linear_ctc`` (``--quick`` for a smoke run)."""
+Run ``python -m benchmarks.linear_ctc`` (``--quick`` for a smoke run)."""
 from __future__ import annotations
 
 import sys
@@ -46,7 +46,7 @@ def implementations(inputs, device):
 
 
 BENCHMARK = Benchmark(
-    op="linear_ctc", module="omnifast.benchmarks.linear_ctc", fields="BTDVL",
+    op="linear_ctc", module="benchmarks.linear_ctc", fields="BTDVL",
     shapes=[(8, 800, 896, 6561, 300), (16, 1200, 896, 6561, 500)],
     quick_shapes=[(2, 40, 16, 50, 8)],
     make_inputs=make_inputs, implementations=implementations, description=__doc__)

@@ -14,7 +14,7 @@ alone). The cases:
 Reported: units/s over the whole epoch, the padding fraction of the decoder's frames, and the
 step's working set per frame (peak RSS growth over a step, in a fresh process), from which the
 largest token budget that fits ``--memory-gib`` is derived.
-Run ``python -m omnifast.benchmarks.length_spread`` (``--quick`` for a smoke run).
+Run ``python -m benchmarks.length_spread`` (``--quick`` for a smoke run).
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     for name in names:
         row = measure(name, config, data, args.batch, args.steps or args.repeats or (2 if args.quick else 6))
         if not args.no_memory:
-            command = [sys.executable, "-m", "omnifast.benchmarks.length_spread", "--working-set-of", name,
+            command = [sys.executable, "-m", "benchmarks.length_spread", "--working-set-of", name,
                        "--sigma", str(args.sigma), "--records", str(count), "--batch", str(args.batch)]
             command += ["--quick"] if args.quick else []
             env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), **__import__("os").environ}

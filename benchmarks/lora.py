@@ -4,7 +4,7 @@ every attention and MLP projection instead. Per setting: the trained parameters,
 step (peak RSS growth over the first optimizer step of a fresh process: activations, gradients,
 AdamW's moments) and the step time. CPU figures; the ratios carry to a GPU, where the optimizer's
 two moments of every trained weight are what LoRA takes away.
-Run ``python -m omnifast.benchmarks.lora`` (``--quick``: the tiny model).
+Run ``python -m benchmarks.lora`` (``--quick``: the tiny model).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def run(config_name: str) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, extra in SETTINGS.items():
-            command = [sys.executable, "-m", "omnifast.benchmarks.lora", "--measure", config_name,
+            command = [sys.executable, "-m", "benchmarks.lora", "--measure", config_name,
                        str(int(bool(extra))), scratch]
             out = subprocess.run(command, check=True, capture_output=True, text=True,
                                  env={**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}).stdout

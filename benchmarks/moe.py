@@ -9,7 +9,7 @@ all rows with every expert side by side; megablocks' dMoE joins when it is insta
 Cases: CPU, float32: OpenOmni's dense 4-expert layer and an 8-expert top-2 layer. CUDA, bf16:
 top-2 of 8 at 16k and 64k tokens, top-8 of 64 fine-grained experts (H2048 F1024), OpenOmni's
 dense split-4 speech projector (H3584 -> 4 x 896), and the top-2 layer in float32.
-Run ``python -m omnifast.benchmarks.moe`` (``--device cuda`` on a GPU)."""
+Run ``python -m benchmarks.moe`` (``--device cuda`` on a GPU)."""
 from __future__ import annotations
 
 import sys
@@ -121,7 +121,7 @@ def _megablocks_dmoe(moe: MoE, device: torch.device):
 
 
 BENCHMARK = Benchmark(
-    op="moe", module="omnifast.benchmarks.moe", fields=("N", "H", "F", "O", "E", "K", "split", "dtype"),
+    op="moe", module="benchmarks.moe", fields=("N", "H", "F", "O", "E", "K", "split", "dtype"),
     shapes=[(4096, 896, 3584, 896, 4, 0, 1, "fp32"), (4096, 896, 3584, 896, 8, 2, 1, "fp32"),
             (16384, 896, 3584, 896, 4, 0, 1, "fp32"), (16384, 896, 3584, 896, 8, 2, 1, "fp32")],
     cuda_shapes=[(16384, 896, 3584, 896, 8, 2, 1, "bf16"), (65536, 896, 3584, 896, 8, 2, 1, "bf16"),

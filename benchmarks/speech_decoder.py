@@ -7,7 +7,7 @@ full (B, T, V) unit logits -> log_softmax -> ``F.ctc_loss``. Both share the weig
 Shape fields: L decoder layers, W width (896: the OpenOmni sizes, LLM 3584 wide, 6561 units;
 anything else: the tiny config at that width), B batch, N text tokens (x12 upsampling), U units.
 Beside the table: streaming (``SpeechDecoder.stream``) first-unit latency and real-time factor
-for 30 s of speech (750 units at 25 Hz). Run ``python -m omnifast.benchmarks.speech_decoder``."""
+for 30 s of speech (750 units at 25 Hz). Run ``python -m benchmarks.speech_decoder``."""
 from __future__ import annotations
 
 import sys
@@ -103,7 +103,7 @@ def streaming(quick: bool, device: torch.device):
 
 
 BENCHMARK = Benchmark(
-    op="speech_decoder", module="omnifast.benchmarks.speech_decoder", fields="LWBNU",
+    op="speech_decoder", module="benchmarks.speech_decoder", fields="LWBNU",
     shapes=[(4, 896, 4, 60, 300), (24, 896, 4, 60, 300)],
     quick_shapes=[(1, 32, 2, 6, 10)],
     make_inputs=make_inputs, implementations=implementations, baseline="OpenOmni-style",

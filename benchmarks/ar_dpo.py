@@ -3,7 +3,7 @@ does; the policy's chosen and rejected in one decoder pass through the fused per
 cross-entropy) against OpenOmni's four-pass recipe (the policy and a frozen reference each run
 chosen and rejected, full (B, U, V) logits and log_softmax), forward and backward, on the same
 ``ARSpeechDecoder`` weights. OpenOmni's AR unit vocabulary (16,384), its decoder at a quarter of
-its width, OpenOmni's batch normalisation. Run ``python -m omnifast.benchmarks.ar_dpo``."""
+its width, OpenOmni's batch normalisation. Run ``python -m benchmarks.ar_dpo``."""
 from __future__ import annotations
 
 import copy
@@ -66,7 +66,7 @@ def implementations(inputs, device):
 
 
 BENCHMARK = Benchmark(
-    op="ar_dpo", module="omnifast.benchmarks.ar_dpo", fields=("B", "N", "U", "V", "layers"),
+    op="ar_dpo", module="benchmarks.ar_dpo", fields=("B", "N", "U", "V", "layers"),
     shapes=[(4, 40, 400, 16384, 6)], quick_shapes=[(2, 6, 20, 64, 1)],
     make_inputs=make_inputs, implementations=implementations, baseline="OpenOmni four-pass", description=__doc__)
 main = BENCHMARK.main

@@ -7,7 +7,7 @@ model a save writes is built before the measurement starts; a load is timed and 
 every weight has been read once (safetensors maps the file, so untouched weights cost nothing
 yet). The 9.24B-parameter OpenOmni model
 is stated by arithmetic from the measured ratio of peak memory to weight bytes.
-Run ``python -m omnifast.benchmarks.save_load``.
+Run ``python -m benchmarks.save_load``.
 """
 from __future__ import annotations
 

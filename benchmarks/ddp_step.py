@@ -2,7 +2,7 @@
 training the speech decoder (stage 4) of the ``small`` model, with ``find_unused_parameters`` on
 (what every run paid before) and off (what a run pays now unless a trained media encoder has
 records without its media). Median step time of each, and the ratio.
-Run ``python -m omnifast.benchmarks.ddp_step`` (``--quick``: the tiny model, a smoke run).
+Run ``python -m benchmarks.ddp_step`` (``--quick``: the tiny model, a smoke run).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def run(config: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         for find_unused in (True, False):
             command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                       str(29700 + find_unused), "-m", "omnifast.benchmarks.ddp_step", "--worker", config,
+                       str(29700 + find_unused), "-m", "benchmarks.ddp_step", "--worker", config,
                        str(int(find_unused)), str(steps), scratch]
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
             times = json.loads((Path(scratch) / f"times-{find_unused}.json").read_text())

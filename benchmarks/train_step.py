@@ -22,7 +22,7 @@ step's working set (peak RSS of a fresh process above what it held before the fi
 optimizer state included) plus the bytes of the weights the implementation keeps on the device
 (counted: the decoder alone from the cache; the whole model otherwise).
 ``--estimate`` prints the GPU figures estimated from counted work (``train_step_estimate.py``).
-Run ``python -m omnifast.benchmarks.train_step`` (or ``omnifast bench train_step``).
+Run ``python -m benchmarks.train_step`` (or ``omnifast bench train_step``).
 """
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ def _working_set(trainer: Trainer) -> int:
 def memory_subprocess(args: List[str]) -> Optional[int]:
     env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), **__import__("os").environ}
     try:
-        out = subprocess.run([sys.executable, "-m", "omnifast.benchmarks.train_step", *args], capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *args], capture_output=True,
                              text=True, check=True, env=env, timeout=900).stdout
     except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as error:
         print(f"memory not measured: {error}", file=sys.stderr)

@@ -3,7 +3,7 @@ generator (stage 4, CTC) and its DPO (stage 5: four generator calls against a fr
 forward and backward, on OpenOmni's modules rebuilt from its code (``omnifast/openomni/reference.py``) at a
 quarter of its decoder width with its 151,936-word text vocabulary, 12x upsampling and 6561 units.
 The patched step computes the same loss and gradients (tests/nn/test_openomni.py).
-Run ``python -m omnifast.benchmarks.openomni_patch`` (``--quick`` for a smoke run)."""
+Run ``python -m benchmarks.openomni_patch`` (``--quick`` for a smoke run)."""
 from __future__ import annotations
 
 import copy
@@ -52,7 +52,7 @@ def implementations(inputs, device):
 
 
 BENCHMARK = Benchmark(
-    op="openomni_patch", module="omnifast.benchmarks.openomni_patch", fields=("B", "N", "U", "stage", "quick"),
+    op="openomni_patch", module="benchmarks.openomni_patch", fields=("B", "N", "U", "stage", "quick"),
     shapes=[(4, 40, 400, "ctc", 0), (4, 40, 400, "dpo", 0)],
     quick_shapes=[(2, 6, 30, "ctc", 1), (2, 6, 30, "dpo", 1)],
     make_inputs=make_inputs, implementations=implementations, baseline="OpenOmni", description=__doc__)

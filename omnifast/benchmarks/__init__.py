@@ -1,1 +1,0 @@
-"""Benchmarks of every op family against the reference ops (installed as ``omnifast.benchmarks``)."""
