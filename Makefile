@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip
 STAMP   := .venv/.omnifast-installed
 SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h)
 
-.PHONY: setup demo test test-sanitize bench gpu-check compat-check clean
+.PHONY: setup demo test test-sanitize lint bench gpu-check compat-check clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): .venv/bin/python $(SOURCES)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark pytest-xdist hypothesis matplotlib tensorboard peft
+	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark pytest-xdist hypothesis matplotlib tensorboard peft ruff
 	$(PY) setup.py build_ext --inplace  # the C++ extension, its compile steps shown as they go
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import omnifast; omnifast.ops.require_cpu_extension()"
@@ -27,6 +27,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# ruff's lint and format check (pyproject.toml), as pre-commit runs them
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 bench: setup
 	$(PY) -m omnifast.cli bench all

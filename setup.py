@@ -1,7 +1,9 @@
 """Build omnifast: the Python package (its Triton kernels in ``omnifast.kernels``) and the C++
 CPU extension ``omnifast._C``, compiled with ninja through torch's cpp_extension. The benchmark
-scripts (``benchmarks/``) run from a checkout and stay out of the package. ``OMNIFAST_NO_EXTENSION=1`` installs the package alone (the GPU
-check needs no C++; the CPU backend then falls back to the torch reference with a warning)."""
+scripts (``benchmarks/``) run from a checkout and stay out of the package.
+``OMNIFAST_NO_EXTENSION=1`` installs the package alone (the GPU check needs no C++; the CPU
+backend then falls back to the torch reference with a warning)."""
+
 import os
 
 from setuptools import find_packages, setup
@@ -19,7 +21,6 @@ if os.environ.get("OMNIFAST_SANITIZE"):
     sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
     cxx_flags = ["-O1", "-g", "-fopenmp"] + sanitize
     link_flags = ["-fopenmp"] + sanitize
-
 
 
 def compile_jobs() -> int:
@@ -41,9 +42,12 @@ def compile_jobs() -> int:
 extension = {}
 if not os.environ.get("OMNIFAST_NO_EXTENSION"):
     os.environ["MAX_JOBS"] = str(compile_jobs())  # read by torch's ninja build
-    print(f"omnifast: compiling the C++ extension with {os.environ['MAX_JOBS']} parallel jobs "
-          f"(MAX_JOBS to change it)", flush=True)
+    print(
+        f"omnifast: compiling the C++ extension with {os.environ['MAX_JOBS']} parallel jobs (MAX_JOBS to change it)",
+        flush=True,
+    )
     from torch.utils.cpp_extension import BuildExtension, CppExtension
+
     extension = dict(
         ext_modules=[
             CppExtension(

@@ -6,6 +6,7 @@ glibc's mmap threshold fixed so that the peak follows the bytes live at once), o
 ``max_memory_allocated`` in this process. A comparator that fails on this build is dropped and
 its error recorded. Results go to a table on stdout, ``<out>/<op>[-cuda].json`` (``--out``,
 default ``bench-results/`` in the current directory) and a PNG chart beside it."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,8 +34,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _drop_failing(fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                  failures: Dict[str, str]) -> Dict[str, Callable[[], object]]:
+def _drop_failing(
+    fns: Dict[str, Callable[[], object]], device: torch.device, warmup: int, failures: Dict[str, str]
+) -> Dict[str, Callable[[], object]]:
     """Warm every implementation up; one that raises (a comparator that does not apply on this
     build, say) is dropped and its error kept in ``failures``."""
     kept = {}
@@ -51,8 +53,9 @@ def _drop_failing(fns: Dict[str, Callable[[], object]], device: torch.device, wa
     return kept
 
 
-def time_alternating(fns: Dict[str, Callable[[], object]], device: torch.device,
-                     repeats: int, warmup: int = 1) -> Dict[str, List[float]]:
+def time_alternating(
+    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 1
+) -> Dict[str, List[float]]:
     """Seconds per call of each function, interleaved so drift hits all of them alike. On CUDA
     each call is timed with CUDA events (the GPU's own clock, launch gaps included)."""
     for fn in fns.values():
@@ -62,7 +65,7 @@ def time_alternating(fns: Dict[str, Callable[[], object]], device: torch.device,
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             if device.type == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -119,16 +122,23 @@ def peak_memory_subprocess(module: str, case: int, impl: str, device: str) -> Op
     # allocations (the same run read 69 or 134 MiB), not on the bytes live at once.
     env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), **os.environ}
     try:
-        out = subprocess.run([sys.executable, "-m", module, "--memory-of", str(case), impl, "--device", device],
-                             capture_output=True, text=True, check=True, env=env, timeout=MEMORY_TIMEOUT_S).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", module, "--memory-of", str(case), impl, "--device", device],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            timeout=MEMORY_TIMEOUT_S,
+        ).stdout
     except subprocess.TimeoutExpired:
         print(f"memory of {impl} not measured: over {MEMORY_TIMEOUT_S} s", file=sys.stderr)
         return None
     return int(out.strip().splitlines()[-1])
 
 
-def peak_memory(benchmark: "Benchmark", case: int, impl: str, fn: Callable[[], object],
-                device: torch.device) -> Optional[int]:
+def peak_memory(
+    benchmark: "Benchmark", case: int, impl: str, fn: Callable[[], object], device: torch.device
+) -> Optional[int]:
     """Peak bytes above the inputs of one call. CUDA: in this process (the allocator's own peak
     counter, reset before the call). CPU: in a fresh subprocess (RSS cannot be reset here)."""
     if device.type == "cuda":
@@ -138,9 +148,13 @@ def peak_memory(benchmark: "Benchmark", case: int, impl: str, fn: Callable[[], o
 
 
 def environment(device: torch.device) -> Dict[str, object]:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "device": str(device)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -149,8 +163,10 @@ def environment(device: torch.device) -> Dict[str, object]:
 def summarise(times: Dict[str, List[float]], baselines: Dict[str, str]) -> Dict[str, Dict[str, float]]:
     """Median seconds of each implementation and its speed-up over its baseline."""
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {name: {"median_s": m, "vs": baselines[name], "speedup": medians[baselines[name]] / m,
-                   "runs": len(times[name])} for name, m in medians.items()}
+    return {
+        name: {"median_s": m, "vs": baselines[name], "speedup": medians[baselines[name]] / m, "runs": len(times[name])}
+        for name, m in medians.items()
+    }
 
 
 def print_table(op: str, rows: Sequence[Dict[str, object]], baseline: str) -> None:
@@ -162,8 +178,10 @@ def print_table(op: str, rows: Sequence[Dict[str, object]], baseline: str) -> No
         for name, result in row["results"].items():
             peak = result.get("peak_bytes")
             peak_text = f"{peak / 2**20:9.1f}" if peak is not None else f"{'-':>9s}"
-            print(f"{row['case']:28s} {name:30s} {result['median_s']:10.4f} "
-                  f"{result['speedup']:8.2f}x {result['vs']:12s} {peak_text}")
+            print(
+                f"{row['case']:28s} {name:30s} {result['median_s']:10.4f} "
+                f"{result['speedup']:8.2f}x {result['vs']:12s} {peak_text}"
+            )
 
 
 def write_json(path: Path, payload, default: Optional[Callable[[object], object]] = None) -> Path:
@@ -198,6 +216,7 @@ def write_results(op: str, payload: Dict[str, object], baseline: str, out_dir: P
 
 def _plot(op: str, rows, baseline: str, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -224,6 +243,7 @@ def _plot(op: str, rows, baseline: str, path: Path) -> None:
 class Benchmark:
     """One op family's benchmark: shapes, how to build inputs for a shape, and the
     implementations to compare (a dict name -> zero-argument callable doing forward+backward)."""
+
     op: str
     module: str
     shapes: List[Tuple[int, ...]]
@@ -268,8 +288,14 @@ class Benchmark:
                 row["skipped"] = failures
             rows.append(row)
             print(f"done: {self.case_name(shape)}", file=sys.stderr)
-        payload = {"op": self.op, "baseline": self.baseline, "description": self.description,
-                   "environment": environment(device), "repeats": repeats, "cases": rows}
+        payload = {
+            "op": self.op,
+            "baseline": self.baseline,
+            "description": self.description,
+            "environment": environment(device),
+            "repeats": repeats,
+            "cases": rows,
+        }
         if self.extras is not None:
             payload["extras"] = self.extras(quick, device)
         return payload

@@ -4,6 +4,7 @@ torch (``log_softmax`` + ``F.ctc_loss`` + backward) against omnifast's drop-in `
 (fed the same ``log_softmax``) and ``ctc_loss_with_logits``; on CUDA also cuDNN's CTC where it
 applies (targets of at most 256; labels rolled so that blank is 0). Run
 ``python -m benchmarks.ctc`` (``--quick`` for a smoke run)."""
+
 from __future__ import annotations
 
 import sys
@@ -54,15 +55,21 @@ def implementations(inputs, device: torch.device) -> Dict[str, Callable[[], obje
         def cudnn_ctc():
             x = rolled.detach().requires_grad_()
             F.ctc_loss(x.log_softmax(-1), flat, in32, tl32, blank=0).backward()
+
         impls["torch (cuDNN)"] = cudnn_ctc
     return impls
 
 
 BENCHMARK = Benchmark(
-    op="ctc", module="benchmarks.ctc", fields="BTVL",
+    op="ctc",
+    module="benchmarks.ctc",
+    fields="BTVL",
     shapes=[(8, 400, 1024, 150), (8, 800, 6561, 300), (16, 1200, 6561, 500), (32, 1500, 6561, 600)],
     quick_shapes=[(2, 50, 64, 10), (2, 80, 128, 20)],
-    make_inputs=make_inputs, implementations=implementations, description=__doc__)
+    make_inputs=make_inputs,
+    implementations=implementations,
+    description=__doc__,
+)
 main = BENCHMARK.main
 
 if __name__ == "__main__":

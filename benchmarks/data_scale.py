@@ -7,6 +7,7 @@ peak RSS above its start is read (``VmHWM``), so the figure is what one rank hol
 thousand records are read back at random positions through the offset index.
 Run ``python -m benchmarks.data_scale`` (``--records N``; ``--quick``: 20,000).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,16 +21,23 @@ from pathlib import Path
 
 from ._harness import RESULTS, environment, write_json
 
-WORDS = ("the sky is blue and the grass is green while a small red circle sits on the left of a square "
-         "she said that it would rain tomorrow so we stayed at home and read old letters").split()
+WORDS = (
+    "the sky is blue and the grass is green while a small red circle sits on the left of a square "
+    "she said that it would rain tomorrow so we stayed at home and read old letters"
+).split()
 
 
 def record(i: int, rng: random.Random) -> dict:
     answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60)))
     units = " ".join(str(rng.randrange(6561)) for _ in range(rng.randint(80, 200)))
-    return {"id": f"rec-{i:07d}", "tgt_units": units,
-            "conversations": [{"from": "human", "value": f"Please answer question {i} aloud."},
-                              {"from": "gpt", "value": answer}]}
+    return {
+        "id": f"rec-{i:07d}",
+        "tgt_units": units,
+        "conversations": [
+            {"from": "human", "value": f"Please answer question {i} aloud."},
+            {"from": "gpt", "value": answer},
+        ],
+    }
 
 
 def write_files(root: Path, records: int) -> dict:
@@ -93,11 +101,20 @@ def main(argv=None) -> int:
     print(f"\nload_records: {count} speech-gen records, validated, in one fresh process")
     print(f"{'layout':12s} {'file MB':>9s} {'load s':>8s} {'records/s':>10s} {'peak MiB':>9s} {'read one':>10s}")
     for r in rows:
-        print(f"{r['layout']:12s} {r['file_bytes'] / 1e6:9.0f} {r['load_s']:8.1f} {r['records'] / r['load_s']:10.0f} "
-              f"{r['peak_bytes'] / 2**20:9.1f} {r['read_one_s'] * 1e6:8.0f} us")
-    path = write_json(Path(args.out) / f"{'quick_' if args.quick else ''}data_scale.json",
-                      {"op": "data_scale", "description": __doc__, "records": count,
-                       "environment": environment(__import__("torch").device("cpu")), "rows": rows})
+        print(
+            f"{r['layout']:12s} {r['file_bytes'] / 1e6:9.0f} {r['load_s']:8.1f} {r['records'] / r['load_s']:10.0f} "
+            f"{r['peak_bytes'] / 2**20:9.1f} {r['read_one_s'] * 1e6:8.0f} us"
+        )
+    path = write_json(
+        Path(args.out) / f"{'quick_' if args.quick else ''}data_scale.json",
+        {
+            "op": "data_scale",
+            "description": __doc__,
+            "records": count,
+            "environment": environment(__import__("torch").device("cpu")),
+            "rows": rows,
+        },
+    )
     print(f"\nwrote {path}")
     return 0
 

@@ -4,6 +4,7 @@ training the speech decoder (stage 4) of the ``small`` model, with ``find_unused
 records without its media). Median step time of each, and the ratio.
 Run ``python -m benchmarks.ddp_step`` (``--quick``: the tiny model, a smoke run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ def _worker(config: str, find_unused: bool, steps: int, scratch: Path) -> None:
     from omnifast.training import TrainConfig, Trainer, distributed, get_stage, load_records
 
     from .train_step import build_model, config_named, step_batches, write_records
+
     torch.set_num_threads(1)
     distributed.may_leave_unused = lambda trains, records: find_unused  # the setting under test, forced
     model_config = config_named(config)
@@ -36,9 +38,16 @@ def _worker(config: str, find_unused: bool, steps: int, scratch: Path) -> None:
     if not data.is_file():
         write_records(data, 16, 24, 20, 60, model_config.decoder_config().units)
     records = load_records(data, get_stage("speech-gen"), model_config.decoder_config().units)
-    trainer = Trainer(model, processor, records, TrainConfig(stage="speech-gen", batch_size=2, max_steps=steps + 1,
-                                                             epochs=100, progress=False, save_every=10**6),
-                      scratch / f"out-{find_unused}", device="cpu")
+    trainer = Trainer(
+        model,
+        processor,
+        records,
+        TrainConfig(
+            stage="speech-gen", batch_size=2, max_steps=steps + 1, epochs=100, progress=False, save_every=10**6
+        ),
+        scratch / f"out-{find_unused}",
+        device="cpu",
+    )
     trainer.train_step(step_batches(trainer, 0))
     times = []
     for i in range(steps):
@@ -54,16 +63,38 @@ def run(config: str, steps: int) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         for find_unused in (True, False):
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                       str(29700 + find_unused), "-m", "benchmarks.ddp_step", "--worker", config,
-                       str(int(find_unused)), str(steps), scratch]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(29700 + find_unused),
+                "-m",
+                "benchmarks.ddp_step",
+                "--worker",
+                config,
+                str(int(find_unused)),
+                str(steps),
+                scratch,
+            ]
             subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
             times = json.loads((Path(scratch) / f"times-{find_unused}.json").read_text())
             rows["find_unused_parameters=True" if find_unused else "find_unused_parameters=False"] = {
-                "median_step_s": statistics.median(times), "steps": len(times)}
+                "median_step_s": statistics.median(times),
+                "steps": len(times),
+            }
     on, off = rows["find_unused_parameters=True"], rows["find_unused_parameters=False"]
-    return {"op": "ddp_step", "description": __doc__, "environment": environment(__import__("torch").device("cpu")),
-            "config": config, "processes": 2, "rows": rows, "speedup": on["median_step_s"] / off["median_step_s"]}
+    return {
+        "op": "ddp_step",
+        "description": __doc__,
+        "environment": environment(__import__("torch").device("cpu")),
+        "config": config,
+        "processes": 2,
+        "rows": rows,
+        "speedup": on["median_step_s"] / off["median_step_s"],
+    }
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ most the 7 files of ``FILES``. Each part records how many Triton specialisations
 ``--dry-run`` runs the same code on the CPU at tiny shapes (the Triton kernels interpreted; the
 whole test selection collected, a few of its tests run); the test suite runs it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,13 @@ DRY_RUN_TESTS = "test_fsq or test_streaming_equals_one_full_pass or test_a_packe
 
 # --- the headline cases -------------------------------------------------------------------------
 
+
 @dataclass
 class Case:
     """One headline shape of an op family: the benchmark module that builds its inputs and
     implementations, the dtype it runs in, the torch recipe it is compared with, and the targets
     (minimum speed-up over that recipe, maximum share of its peak memory) it was built for."""
+
     family: str
     shape: Tuple
     dry_shape: Tuple
@@ -80,20 +83,56 @@ class Case:
 
 
 HEADLINE_CASES = (
-    Case("ctc", (16, 1200, 6561, 500), (2, 40, 30, 8),
-         speedup_targets={"omnifast.ctc_loss_with_logits": 2.0, "omnifast.ctc_loss": 1.5}),
-    Case("ctc", (32, 1500, 6561, 600), (2, 60, 30, 12),
-         speedup_targets={"omnifast.ctc_loss_with_logits": 2.0, "omnifast.ctc_loss": 1.5}),
-    Case("linear_ctc", (16, 1200, 896, 6562, 500), (2, 40, 16, 30, 8),
-         speedup_targets={"omnifast.linear_ctc_loss": 1.0}, memory_targets={"omnifast.linear_ctc_loss": 1 / 8}),
-    Case("linear_ctc", (16, 1200, 896, 6562, 500), (2, 40, 16, 30, 8), "bf16",
-         speedup_targets={"omnifast.linear_ctc_loss": 1.0}, memory_targets={"omnifast.linear_ctc_loss": 1 / 8}),
-    Case("ctc_dpo", (16, 1200, 896, 6562, 500), (2, 40, 16, 30, 8),
-         speedup_targets={"omnifast (sparse)": 3.0}, memory_targets={"omnifast (sparse)": 1 / 8}),
-    Case("ctc_dpo", (16, 1200, 896, 6562, 500), (2, 40, 16, 30, 8), "bf16",
-         speedup_targets={"omnifast (sparse)": 3.0}, memory_targets={"omnifast (sparse)": 1 / 8}),
-    Case("moe", (16384, 896, 3584, 896, 8, 2, 1, "bf16"), (64, 16, 32, 16, 8, 2, 1, "fp32"), "bf16", "NaiveMoE",
-         speedup_targets={"omnifast.nn.MoE": 2.0}),
+    Case(
+        "ctc",
+        (16, 1200, 6561, 500),
+        (2, 40, 30, 8),
+        speedup_targets={"omnifast.ctc_loss_with_logits": 2.0, "omnifast.ctc_loss": 1.5},
+    ),
+    Case(
+        "ctc",
+        (32, 1500, 6561, 600),
+        (2, 60, 30, 12),
+        speedup_targets={"omnifast.ctc_loss_with_logits": 2.0, "omnifast.ctc_loss": 1.5},
+    ),
+    Case(
+        "linear_ctc",
+        (16, 1200, 896, 6562, 500),
+        (2, 40, 16, 30, 8),
+        speedup_targets={"omnifast.linear_ctc_loss": 1.0},
+        memory_targets={"omnifast.linear_ctc_loss": 1 / 8},
+    ),
+    Case(
+        "linear_ctc",
+        (16, 1200, 896, 6562, 500),
+        (2, 40, 16, 30, 8),
+        "bf16",
+        speedup_targets={"omnifast.linear_ctc_loss": 1.0},
+        memory_targets={"omnifast.linear_ctc_loss": 1 / 8},
+    ),
+    Case(
+        "ctc_dpo",
+        (16, 1200, 896, 6562, 500),
+        (2, 40, 16, 30, 8),
+        speedup_targets={"omnifast (sparse)": 3.0},
+        memory_targets={"omnifast (sparse)": 1 / 8},
+    ),
+    Case(
+        "ctc_dpo",
+        (16, 1200, 896, 6562, 500),
+        (2, 40, 16, 30, 8),
+        "bf16",
+        speedup_targets={"omnifast (sparse)": 3.0},
+        memory_targets={"omnifast (sparse)": 1 / 8},
+    ),
+    Case(
+        "moe",
+        (16384, 896, 3584, 896, 8, 2, 1, "bf16"),
+        (64, 16, 32, 16, 8, 2, 1, "fp32"),
+        "bf16",
+        "NaiveMoE",
+        speedup_targets={"omnifast.nn.MoE": 2.0},
+    ),
     Case("moe", (16384, 2048, 1024, 2048, 64, 8, 1, "bf16"), (64, 16, 8, 16, 16, 4, 1, "fp32"), "bf16", "NaiveMoE"),
     Case("moe", (16384, 3584, 3584, 3584, 4, 0, 4, "bf16"), (64, 16, 32, 16, 4, 0, 4, "fp32"), "bf16", "NaiveMoE"),
 )
@@ -102,6 +141,7 @@ PROFILED = (0, 6)  # CTC (16,1200,6561,500) and MoE top-2 E8
 
 def _benchmark(family: str):
     import importlib
+
     return importlib.import_module(f"benchmarks.{family}").BENCHMARK
 
 
@@ -126,11 +166,14 @@ def implementations(case: Case, device: torch.device, dry_run: bool) -> Dict[str
         def run():
             with _context(case, device):
                 return fn()
+
         return run
+
     return {name: under_context(fn) for name, fn in fns.items()}
 
 
 # --- parity at the headline shapes -----------------------------------------------------------------
+
 
 def _values(fn, leaves: List[torch.Tensor], context, module: Optional[torch.nn.Module] = None) -> List[torch.Tensor]:
     """The output of ``fn`` on fresh copies of ``leaves`` and the gradient of each leaf (and of
@@ -151,6 +194,7 @@ def parity_values(case: Case, device: torch.device, dry_run: bool):
 
     import omnifast
     from omnifast.nn import MoE
+
     benchmark = _benchmark(case.family)
     x = benchmark.make_inputs(case.dry_shape if dry_run else case.shape, device)
     exact, context = contextlib.nullcontext(), _context(case, device)
@@ -160,16 +204,23 @@ def parity_values(case: Case, device: torch.device, dry_run: bool):
         def run(module, dtype):
             module = copy.deepcopy(module).to(dtype)
             return _values(lambda z: module(z).output, [tokens.to(dtype)], exact, module)
-        return run(naive, torch.float32), {"NaiveMoE": run(naive, tokens.dtype),
-                                           "omnifast.nn.MoE": run(MoE.from_naive(naive), tokens.dtype)}
+
+        return run(naive, torch.float32), {
+            "NaiveMoE": run(naive, tokens.dtype),
+            "omnifast.nn.MoE": run(MoE.from_naive(naive), tokens.dtype),
+        }
     if case.family == "ctc":
         logits, targets, il, tl = x
         blank = logits.shape[-1] - 1
-        fns = {"torch": lambda z: F.ctc_loss(z.log_softmax(-1), targets, il, tl, blank=blank, reduction="none"),
-               "omnifast.ctc_loss": lambda z: omnifast.ctc_loss(z.log_softmax(-1), targets, il, tl, blank=blank,
-                                                                reduction="none"),
-               "omnifast.ctc_loss_with_logits": lambda z: omnifast.ctc_loss_with_logits(
-                   z, targets, il, tl, blank=blank, reduction="none")}
+        fns = {
+            "torch": lambda z: F.ctc_loss(z.log_softmax(-1), targets, il, tl, blank=blank, reduction="none"),
+            "omnifast.ctc_loss": lambda z: omnifast.ctc_loss(
+                z.log_softmax(-1), targets, il, tl, blank=blank, reduction="none"
+            ),
+            "omnifast.ctc_loss_with_logits": lambda z: omnifast.ctc_loss_with_logits(
+                z, targets, il, tl, blank=blank, reduction="none"
+            ),
+        }
         leaves = [logits]
     elif case.family == "linear_ctc":
         hidden, weight, bias, targets, il, tl = x
@@ -178,12 +229,25 @@ def parity_values(case: Case, device: torch.device, dry_run: bool):
         def recipe(h, w, b):
             log_probs = F.linear(h, w, b).float().log_softmax(-1).transpose(0, 1)
             return F.ctc_loss(log_probs, targets, il, tl, blank=blank, reduction="none")
-        fns = {"torch": recipe, "omnifast.linear_ctc_loss": lambda h, w, b: omnifast.linear_ctc_loss(
-            h, w, b, targets, il, tl, reduction="none")}
+
+        fns = {
+            "torch": recipe,
+            "omnifast.linear_ctc_loss": lambda h, w, b: omnifast.linear_ctc_loss(
+                h, w, b, targets, il, tl, reduction="none"
+            ),
+        }
         leaves = [hidden, weight, bias]
     else:
-        refs = omnifast.ops.reference_logps(x["hidden"], x["ref_weight"], x["bias"], x["chosen"], x["rejected"],
-                                            x["input_lengths"], x["chosen_lengths"], x["rejected_lengths"])
+        refs = omnifast.ops.reference_logps(
+            x["hidden"],
+            x["ref_weight"],
+            x["bias"],
+            x["chosen"],
+            x["rejected"],
+            x["input_lengths"],
+            x["chosen_lengths"],
+            x["rejected_lengths"],
+        )
         blank = x["weight"].shape[0] - 1
         pairs = ((x["chosen"], x["chosen_lengths"]), (x["rejected"], x["rejected_lengths"]))
 
@@ -193,8 +257,18 @@ def parity_values(case: Case, device: torch.device, dry_run: bool):
             return -F.logsigmoid(0.1 * ((pw - refs[0]) - (pl - refs[1]))).mean()
 
         def ours(h, w, b):
-            return omnifast.ctc_dpo_loss(h, w, b, x["chosen"], x["rejected"], x["input_lengths"], x["chosen_lengths"],
-                                         x["rejected_lengths"], *refs).loss
+            return omnifast.ctc_dpo_loss(
+                h,
+                w,
+                b,
+                x["chosen"],
+                x["rejected"],
+                x["input_lengths"],
+                x["chosen_lengths"],
+                x["rejected_lengths"],
+                *refs,
+            ).loss
+
         fns = {"torch": recipe, "omnifast (sparse)": ours}
         leaves = [x["hidden"], x["weight"], x["bias"]]
     return _values(fns[case.baseline], leaves, exact), {name: _values(fn, leaves, context) for name, fn in fns.items()}
@@ -231,23 +305,27 @@ def check_parity(case: Case, device: torch.device, dry_run: bool) -> Dict[str, o
 
 # --- the parts ------------------------------------------------------------------------------------
 
+
 def _device(dry_run: bool) -> torch.device:
     return torch.device("cpu" if dry_run else "cuda")
 
 
 def _write_json(path: Path, payload) -> None:
     from ._harness import write_json
+
     write_json(path, payload, default=str)
 
 
 def _specialisations() -> int:
     """Triton specialisations launched by this process so far."""
     from omnifast.kernels import _launch
+
     return len(_launch.recorded())
 
 
 def _record_launches() -> None:
     from omnifast.kernels import _launch
+
     _launch.record_launches()
 
 
@@ -257,30 +335,56 @@ def part_parity(out: Path, dry_run: bool, budget_s: float) -> None:
     after every test; a dry run collects the whole selection and runs a few of its tests on the
     CPU."""
     from .gpu_check_plugin import PARITY_VARIABLE
+
     path = out / "parity.json"
-    env = {**os.environ, "OMNIFAST_TEST_DEVICE": "cpu" if dry_run else "cuda", "HYPOTHESIS_PROFILE": "gpu-check",
-           PARITY_VARIABLE: str(path)}
-    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "benchmarks.gpu_check_plugin",
-            "-m", "gpu_check"]
+    env = {
+        **os.environ,
+        "OMNIFAST_TEST_DEVICE": "cpu" if dry_run else "cuda",
+        "HYPOTHESIS_PROFILE": "gpu-check",
+        PARITY_VARIABLE: str(path),
+    }
+    base = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "benchmarks.gpu_check_plugin",
+        "-m",
+        "gpu_check",
+    ]
     selection = None
     if dry_run:  # the whole selection must still be collectable
-        collected = subprocess.run(base + ["-k", "not cpu", "--collect-only", *TEST_FOLDERS], capture_output=True,
-                                   text=True, env={**env, PARITY_VARIABLE: ""})
+        collected = subprocess.run(
+            base + ["-k", "not cpu", "--collect-only", *TEST_FOLDERS],
+            capture_output=True,
+            text=True,
+            env={**env, PARITY_VARIABLE: ""},
+        )
         print(collected.stdout[-2000:], collected.stderr[-2000:])
-        selection = {"returncode": collected.returncode,
-                     "tests": sum(1 for line in collected.stdout.splitlines() if "::" in line)}
+        selection = {
+            "returncode": collected.returncode,
+            "tests": sum(1 for line in collected.stdout.splitlines() if "::" in line),
+        }
         if collected.returncode != 0:
             raise SystemExit(f"the GPU test selection no longer collects:\n{collected.stdout[-3000:]}")
     workers = 2 if dry_run else max(1, min(8, (os.cpu_count() or 2) // 2))
     keyword = f"not cpu and ({DRY_RUN_TESTS})" if dry_run else "not cpu"
     # the marked tests live in tests/ops and tests/nn; a module elsewhere that needs what the GPU
     # image lacks (soundfile, scipy) must not stop the run
-    command = base + ["-k", keyword, "--continue-on-collection-errors"] + (["-n", str(workers)] if _xdist() else []) \
+    command = (
+        base
+        + ["-k", keyword, "--continue-on-collection-errors"]
+        + (["-n", str(workers)] if _xdist() else [])
         + list(TEST_FOLDERS)
+    )
     start = time.monotonic()
     try:
-        run = subprocess.run(command, env=env, text=True, timeout=budget_s * 0.9, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT)
+        run = subprocess.run(
+            command, env=env, text=True, timeout=budget_s * 0.9, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         print(run.stdout[-20000:])
         status = run.returncode
     except subprocess.TimeoutExpired:
@@ -322,16 +426,21 @@ def warm(dry_run: bool, workers: int) -> Dict[str, object]:
     """Every headline case run once, ``workers`` cases at a time in spawned processes."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
     start = time.monotonic()
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         done = list(pool.map(_warm_case, range(len(HEADLINE_CASES)), [dry_run] * len(HEADLINE_CASES)))
-    return {"seconds": time.monotonic() - start, "workers": workers,
-            "cases": {HEADLINE_CASES[i].name(dry_run): {"seconds": s, "error": e} for i, s, e in done}}
+    return {
+        "seconds": time.monotonic() - start,
+        "workers": workers,
+        "cases": {HEADLINE_CASES[i].name(dry_run): {"seconds": s, "error": e} for i, s, e in done},
+    }
 
 
 def part_headline(out: Path, dry_run: bool, budget_s: float) -> None:
     from ._harness import environment, peak_memory_here, time_alternating
+
     _record_launches()
     device = _device(dry_run)
     payload = {"environment": environment(device), "cases": []}
@@ -381,6 +490,7 @@ def part_headline(out: Path, dry_run: bool, budget_s: float) -> None:
 
 def part_train_step(out: Path, dry_run: bool, budget_s: float) -> None:
     from . import train_step
+
     _record_launches()
     device = _device(dry_run)
     cases = len(train_step.STAGES) * len(train_step.IMPLEMENTATIONS)
@@ -390,13 +500,24 @@ def part_train_step(out: Path, dry_run: bool, budget_s: float) -> None:
     def keep(payload):  # after every case
         payload["specialisations"] = _specialisations()
         _write_json(out / "train_step.json", payload)
-    keep(train_step.run("tiny" if dry_run else "openomni_7b", device, steps=1 if dry_run else 2,
-                        batch=2 if dry_run else 8, records=8 if dry_run else 16, shape=shape, memory=False,
-                        on_row=keep))
+
+    keep(
+        train_step.run(
+            "tiny" if dry_run else "openomni_7b",
+            device,
+            steps=1 if dry_run else 2,
+            batch=2 if dry_run else 8,
+            records=8 if dry_run else 16,
+            shape=shape,
+            memory=False,
+            on_row=keep,
+        )
+    )
 
 
 def part_profile(out: Path, dry_run: bool, budget_s: float) -> None:
     from torch.profiler import ProfilerActivity, profile
+
     _record_launches()
     device = _device(dry_run)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -413,12 +534,19 @@ def part_profile(out: Path, dry_run: bool, budget_s: float) -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             averages = prof.key_averages()
-            tables.append(f"## {case.name(dry_run)}: {name}\n\n"
-                          + averages.table(sort_by=sort_by, row_limit=15, max_name_column_width=60))
+            tables.append(
+                f"## {case.name(dry_run)}: {name}\n\n"
+                + averages.table(sort_by=sort_by, row_limit=15, max_name_column_width=60)
+            )
             rows = sorted(averages, key=lambda e: getattr(e, sort_by), reverse=True)[:15]
-            payload["cases"].append({"case": case.name(dry_run), "implementation": name, "sorted_by": sort_by,
-                                     "kernels": [{"name": e.key, "calls": e.count,
-                                                  "self_us": getattr(e, sort_by)} for e in rows]})
+            payload["cases"].append(
+                {
+                    "case": case.name(dry_run),
+                    "implementation": name,
+                    "sorted_by": sort_by,
+                    "kernels": [{"name": e.key, "calls": e.count, "self_us": getattr(e, sort_by)} for e in rows],
+                }
+            )
             payload["specialisations"] = _specialisations()
             (out / "profile.txt").write_text("\n\n".join(tables) + "\n")
             _write_json(out / "profile.json", payload)
@@ -428,16 +556,22 @@ def part_profile(out: Path, dry_run: bool, budget_s: float) -> None:
 
 def _free(device: torch.device) -> None:
     import gc
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-PART_FUNCTIONS = {"parity": part_parity, "headline": part_headline, "train_step": part_train_step,
-                  "profile": part_profile}
+PART_FUNCTIONS = {
+    "parity": part_parity,
+    "headline": part_headline,
+    "train_step": part_train_step,
+    "profile": part_profile,
+}
 
 
 # --- the driver: install, each part in a process under its budget, the summary after each --------
+
 
 def _source_tree() -> Path:
     return Path(__file__).resolve().parents[1]
@@ -454,8 +588,9 @@ def _run_logged(name: str, command: List[str], env: Dict[str, str], budget_s: fl
     log.write(f"\n===== {name} (budget {budget_s:.0f} s) =====\n")
     log.flush()
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                               cwd=_source_tree())
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=_source_tree()
+    )
     try:
         status = process.wait(timeout=budget_s)
     except subprocess.TimeoutExpired:
@@ -476,8 +611,17 @@ def install(log) -> Dict[str, object]:
 
 
 def run_part(part: str, out: Path, dry_run: bool, budget_s: float, log) -> Dict[str, object]:
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--part", part, "--out", str(out.resolve()),
-               "--budget", str(budget_s)] + (["--dry-run"] if dry_run else [])
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_check",
+        "--part",
+        part,
+        "--out",
+        str(out.resolve()),
+        "--budget",
+        str(budget_s),
+    ] + (["--dry-run"] if dry_run else [])
     env = _environment()
     if dry_run:
         env["TRITON_INTERPRET"] = "1"
@@ -487,6 +631,7 @@ def run_part(part: str, out: Path, dry_run: bool, budget_s: float, log) -> Dict[
 def remove_leftovers(out: Path) -> List[str]:
     """Everything in ``out`` but ``FILES`` (a killed part's temporary files) removed; their names."""
     import shutil
+
     removed = []
     for entry in out.iterdir():
         if entry.name not in FILES:
@@ -505,6 +650,7 @@ def _cap_log(path: Path) -> None:
 
 def run_all(out: Path, dry_run: bool, parts=PARTS, with_install: bool = False) -> Dict[str, Dict[str, object]]:
     from .gpu_check_report import summary_markdown
+
     out.mkdir(parents=True, exist_ok=True)
     budgets = DRY_RUN_BUDGET_S if dry_run else BUDGET_S
     runs: Dict[str, Dict[str, object]] = {}
@@ -520,6 +666,7 @@ def run_all(out: Path, dry_run: bool, parts=PARTS, with_install: bool = False) -
             print(f"gpu-check {step}: {runs[step]['status']} in {runs[step]['seconds']:.1f} s", flush=True)
             _cap_log(out / "log.txt")
             from ._harness import write_text
+
             write_text(out / "summary.md", summary_markdown(out, runs, dry_run))
     return runs
 
@@ -528,8 +675,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the JSON, summary.md, profile tables and log")
     parser.add_argument("--dry-run", action="store_true", help="the same code on the CPU at tiny shapes")
-    parser.add_argument("--install", action="store_true",
-                        help="first pip install -e . without the C++ extension (a failure is recorded, not fatal)")
+    parser.add_argument(
+        "--install",
+        action="store_true",
+        help="first pip install -e . without the C++ extension (a failure is recorded, not fatal)",
+    )
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)  # a part's own subprocess
     parser.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)

@@ -2,6 +2,7 @@
 -m gpu_check``): the tests marked ``gpu_check(rank)`` run lowest rank first, and after every test
 the controlling process (not an xdist worker) rewrites the JSON file named by
 ``OMNIFAST_GPU_CHECK_PARITY`` with every result so far, so a run cut short keeps what finished."""
+
 from __future__ import annotations
 
 import json
@@ -35,6 +36,7 @@ def pytest_collection_finish(session):
 def _launched() -> set:
     """The Triton specialisations this process launched (``tests/conftest.py`` records them)."""
     from omnifast.kernels import _launch
+
     return {json.dumps(spec, sort_keys=True) for spec in _launch.recorded()}
 
 
@@ -57,17 +59,23 @@ def _write(extra=None) -> None:
     if not target or not _controller():
         return
     from ._harness import write_json
-    payload = {"tests": _state["tests"], "collected": _state["collected"],
-               "specialisations": len(_state["specialisations"] | _launched()),
-               "seconds": time.monotonic() - _state["started"], **(extra or {})}
+
+    payload = {
+        "tests": _state["tests"],
+        "collected": _state["collected"],
+        "specialisations": len(_state["specialisations"] | _launched()),
+        "seconds": time.monotonic() - _state["started"],
+        **(extra or {}),
+    }
     write_json(target, payload, default=str)
 
 
 def pytest_runtest_logreport(report) -> None:
     if report.when != "call" and report.passed:
         return
-    entry = _state["tests"].setdefault(report.nodeid.split("[")[0],
-                                       {"passed": 0, "failed": 0, "skipped": 0, "seconds": 0.0, "failures": []})
+    entry = _state["tests"].setdefault(
+        report.nodeid.split("[")[0], {"passed": 0, "failed": 0, "skipped": 0, "seconds": 0.0, "failures": []}
+    )
     entry["seconds"] += report.duration
     entry[report.outcome] += 1
     if report.failed:

@@ -16,6 +16,7 @@ step's working set per frame (peak RSS growth over a step, in a fresh process), 
 largest token budget that fits ``--memory-gib`` is derived.
 Run ``python -m benchmarks.length_spread`` (``--quick`` for a smoke run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,19 +36,22 @@ from omnifast.training.loader import MicroBatches, TokenBudgetBatches
 
 from ._harness import RESULTS, environment, write_json
 
-CASES = {"padded": dict(budget=False, packing=False, compile=False, checkpointing="off"),
-         "bucketed": dict(budget=True, packing=False, compile=False, checkpointing="off"),
-         "packed": dict(budget=True, packing=True, compile=False, checkpointing="off"),
-         "packed + compiled": dict(budget=True, packing=True, compile=True, checkpointing="off"),
-         "packed + selective": dict(budget=True, packing=True, compile=False, checkpointing="selective"),
-         "packed + full": dict(budget=True, packing=True, compile=False, checkpointing="full")}
+CASES = {
+    "padded": dict(budget=False, packing=False, compile=False, checkpointing="off"),
+    "bucketed": dict(budget=True, packing=False, compile=False, checkpointing="off"),
+    "packed": dict(budget=True, packing=True, compile=False, checkpointing="off"),
+    "packed + compiled": dict(budget=True, packing=True, compile=True, checkpointing="off"),
+    "packed + selective": dict(budget=True, packing=True, compile=False, checkpointing="selective"),
+    "packed + full": dict(budget=True, packing=True, compile=False, checkpointing="full"),
+}
 
 
 def decoder_config(quick: bool) -> SpeechDecoderConfig:
     if quick:
         return SpeechDecoderConfig.tiny(upsample_factor=12)
-    return SpeechDecoderConfig(llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14,
-                               kv_heads=2, intermediate=1216)  # OmniConfig.small()'s decoder
+    return SpeechDecoderConfig(
+        llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14, kv_heads=2, intermediate=1216
+    )  # OmniConfig.small()'s decoder
 
 
 def lengths(records: int, sigma: float, seed: int = 0) -> np.ndarray:
@@ -71,8 +75,8 @@ class Records:
         text = torch.zeros(len(indices), N, dtype=torch.long)
         units = torch.full((len(indices), U), -100, dtype=torch.long)
         for row, i in enumerate(indices):
-            states[row, :n[row]], text[row, :n[row]] = self.states[i], self.text[i]
-            units[row, :len(self.units[i])] = self.units[i]
+            states[row, : n[row]], text[row, : n[row]] = self.states[i], self.text[i]
+            units[row, : len(self.units[i])] = self.units[i]
         mask = torch.arange(N)[None] < n[:, None]
         return states, text, mask, units
 
@@ -96,6 +100,7 @@ def build(config: SpeechDecoderConfig, case: Dict) -> SpeechDecoder:
         def __init__(self):
             super().__init__()
             self.speech_decoder = decoder
+
     apply_layer_options(Holder(), ["speech_decoder"], case["checkpointing"], case["compile"])
     return decoder
 
@@ -120,21 +125,27 @@ def measure(name: str, config: SpeechDecoderConfig, records: Records, batch: int
     batches = plan(records, case, batch)
     step(decoder, optimizer, records, batches[0])  # warm-up (and the compile)
     step(decoder, optimizer, records, batches[-1])  # another shape
-    timed = batches[1:1 + steps]
+    timed = batches[1 : 1 + steps]
     start = time.perf_counter()
     for indices in timed:
         step(decoder, optimizer, records, indices)
     seconds = time.perf_counter() - start
     units = sum(len(records.units[i]) for b in timed for i in b)
-    return {"case": name, "steps": len(timed), "units_per_s": units / seconds, "seconds": seconds,
-            "records_per_step": float(np.mean([len(b) for b in batches])),
-            "frames_per_step": float(np.mean([records.frames[b].sum() for b in batches])),
-            "padding_fraction": padding_fraction(records, batches, case["packing"])}
+    return {
+        "case": name,
+        "steps": len(timed),
+        "units_per_s": units / seconds,
+        "seconds": seconds,
+        "records_per_step": float(np.mean([len(b) for b in batches])),
+        "frames_per_step": float(np.mean([records.frames[b].sum() for b in batches])),
+        "padding_fraction": padding_fraction(records, batches, case["packing"]),
+    }
 
 
 def working_set(name: str, quick: bool, sigma: float, records: int, batch: int) -> Dict:
     """In a fresh process: peak RSS growth over one step of the largest batch, and its frames."""
     from ._harness import peak_memory_here
+
     config = decoder_config(quick)
     data = Records(lengths(records, sigma), config)
     case = CASES[name]
@@ -142,8 +153,9 @@ def working_set(name: str, quick: bool, sigma: float, records: int, batch: int) 
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=1e-4)
     batches = plan(data, case, batch)
     step(decoder, optimizer, data, batches[0])  # optimizer state and the compile in place first
-    largest = max(batches, key=lambda b: int(data.frames[b].max()) * len(b) if not case["packing"]
-                  else int(data.frames[b].sum()))
+    largest = max(
+        batches, key=lambda b: int(data.frames[b].max()) * len(b) if not case["packing"] else int(data.frames[b].sum())
+    )
     frames = int(data.frames[largest].sum()) if case["packing"] else int(data.frames[largest].max()) * len(largest)
     peak = peak_memory_here(lambda: step(decoder, optimizer, data, largest), torch.device("cpu"))
     return {"peak_bytes": peak, "frames": frames}
@@ -178,12 +190,26 @@ def main(argv=None) -> int:
     for name in names:
         row = measure(name, config, data, args.batch, args.steps or args.repeats or (2 if args.quick else 6))
         if not args.no_memory:
-            command = [sys.executable, "-m", "benchmarks.length_spread", "--working-set-of", name,
-                       "--sigma", str(args.sigma), "--records", str(count), "--batch", str(args.batch)]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.length_spread",
+                "--working-set-of",
+                name,
+                "--sigma",
+                str(args.sigma),
+                "--records",
+                str(count),
+                "--batch",
+                str(args.batch),
+            ]
             command += ["--quick"] if args.quick else []
             env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), **__import__("os").environ}
-            measured = json.loads(subprocess.run(command, capture_output=True, text=True, check=True,
-                                                 env=env).stdout.strip().splitlines()[-1])
+            measured = json.loads(
+                subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             row["bytes_per_frame"] = measured["peak_bytes"] / measured["frames"]
             row["largest_budget_frames"] = int(args.memory_gib * 2**30 / row["bytes_per_frame"])
         rows.append(row)
@@ -193,18 +219,32 @@ def main(argv=None) -> int:
         row["speedup_vs_padded"] = row["units_per_s"] / base["units_per_s"]
         if "largest_budget_frames" in row and "largest_budget_frames" in base:
             row["budget_vs_padded"] = row["largest_budget_frames"] / base["largest_budget_frames"]
-    print(f"\nlength spread (log-normal median 60 tokens, sigma {args.sigma}), {count} records, "
-          f"{'tiny' if args.quick else 'small-config'} decoder, CPU")
-    print(f"{'case':20s} {'units/s':>9s} {'vs padded':>9s} {'padding':>8s} {'records/step':>12s} "
-          f"{'KiB/frame':>9s} {'budget vs padded':>16s}")
+    print(
+        f"\nlength spread (log-normal median 60 tokens, sigma {args.sigma}), {count} records, "
+        f"{'tiny' if args.quick else 'small-config'} decoder, CPU"
+    )
+    print(
+        f"{'case':20s} {'units/s':>9s} {'vs padded':>9s} {'padding':>8s} {'records/step':>12s} "
+        f"{'KiB/frame':>9s} {'budget vs padded':>16s}"
+    )
     for r in rows:
         per_frame = f"{r['bytes_per_frame'] / 1024:9.1f}" if "bytes_per_frame" in r else f"{'-':>9s}"
         budget = f"{r['budget_vs_padded']:15.2f}x" if "budget_vs_padded" in r else f"{'-':>16s}"
-        print(f"{r['case']:20s} {r['units_per_s']:9.1f} {r['speedup_vs_padded']:8.2f}x "
-              f"{r['padding_fraction']:7.1%} {r['records_per_step']:12.1f} {per_frame} {budget}")
-    path = write_json(Path(args.out) / f"{'quick_' if args.quick else ''}length_spread.json",
-                      {"op": "length_spread", "description": __doc__, "sigma": args.sigma, "records": count,
-                       "environment": environment(torch.device("cpu")), "rows": rows})
+        print(
+            f"{r['case']:20s} {r['units_per_s']:9.1f} {r['speedup_vs_padded']:8.2f}x "
+            f"{r['padding_fraction']:7.1%} {r['records_per_step']:12.1f} {per_frame} {budget}"
+        )
+    path = write_json(
+        Path(args.out) / f"{'quick_' if args.quick else ''}length_spread.json",
+        {
+            "op": "length_spread",
+            "description": __doc__,
+            "sigma": args.sigma,
+            "records": count,
+            "environment": environment(torch.device("cpu")),
+            "rows": rows,
+        },
+    )
     print(f"\nwrote {path}")
     return 0
 

@@ -3,6 +3,7 @@
 torch (``Linear`` + ``log_softmax`` + ``F.ctc_loss`` + backward) against
 ``omnifast.linear_ctc_loss``, which never holds the (B, T, V) logits. Float32, blank = V - 1.
 Run ``python -m benchmarks.linear_ctc`` (``--quick`` for a smoke run)."""
+
 from __future__ import annotations
 
 import sys
@@ -19,7 +20,7 @@ def make_inputs(shape, device: torch.device, seed: int = 0):
     B, T, D, V, L = shape
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, D, generator=gen).to(device)
-    weight = (torch.randn(V, D, generator=gen) / D ** 0.5).to(device)
+    weight = (torch.randn(V, D, generator=gen) / D**0.5).to(device)
     bias = torch.zeros(V).to(device)
     targets = torch.randint(0, V - 1, (B, L), generator=gen).to(device)
     input_lengths = torch.full((B,), T, dtype=torch.long, device=device)
@@ -46,10 +47,15 @@ def implementations(inputs, device):
 
 
 BENCHMARK = Benchmark(
-    op="linear_ctc", module="benchmarks.linear_ctc", fields="BTDVL",
+    op="linear_ctc",
+    module="benchmarks.linear_ctc",
+    fields="BTDVL",
     shapes=[(8, 800, 896, 6561, 300), (16, 1200, 896, 6561, 500)],
     quick_shapes=[(2, 40, 16, 50, 8)],
-    make_inputs=make_inputs, implementations=implementations, description=__doc__)
+    make_inputs=make_inputs,
+    implementations=implementations,
+    description=__doc__,
+)
 main = BENCHMARK.main
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ training thread waits ``--step-ms`` (default 250, a 7B stage step of a few recor
 workers run; with 0 workers the batch is built on that thread between steps.
 Run ``python -m benchmarks.loader`` (``--quick`` for a smoke run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ from ._harness import RESULTS, environment, write_json
 def write_records(root: Path, count: int) -> Path:
     import soundfile
     from PIL import Image
+
     rng = np.random.default_rng(0)
     rows = []
     for i in range(count):
@@ -34,15 +36,24 @@ def write_records(root: Path, count: int) -> Path:
         wave = 0.1 * np.sin(2 * np.pi * (200 + 20 * i) * t) + 0.01 * rng.standard_normal(t.size)
         soundfile.write(root / f"q{i}.flac", np.stack([wave, wave * 0.9], 1).astype(np.float32), 44100)
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(root / f"p{i}.jpg", quality=90)
-        rows.append({"id": f"r{i}", "image": f"p{i}.jpg", "speech": f"q{i}.flac", "conversations": [
-            {"from": "human", "value": "<image>\n<speech>"},
-            {"from": "gpt", "value": "There are two red circles on the left of the picture."}]})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "image": f"p{i}.jpg",
+                "speech": f"q{i}.flac",
+                "conversations": [
+                    {"from": "human", "value": "<image>\n<speech>"},
+                    {"from": "gpt", "value": "There are two red circles on the left of the picture."},
+                ],
+            }
+        )
     (root / "data.json").write_text(json.dumps(rows))
     return root / "data.json"
 
 
 def processor():
     from omnifast.models import OmniConfig, OmniProcessor, build_tiny_tokenizer
+
     config = OmniConfig.openomni_7b()  # its media sizes, with the byte tokenizer's placeholder ids
     config.image_token_id, config.speech_token_id = 259, 260
     return OmniProcessor(build_tiny_tokenizer(), config)
@@ -53,10 +64,12 @@ def run(path: Path, workers: int, batch: int, steps: int, step_s: float) -> dict
 
     from omnifast.training import get_stage, load_records
     from omnifast.training.loader import ConversationDataset, MicroBatches, make_loader
+
     records = load_records(path, get_stage("i2t-sft"), audio_seconds=30, sampling_rate=16000)
     dataset = ConversationDataset(records, processor())
-    loader = make_loader(dataset, MicroBatches(len(dataset), batch, seed=0, stop=steps + 1), workers,
-                         torch.device("cpu"))
+    loader = make_loader(
+        dataset, MicroBatches(len(dataset), batch, seed=0, stop=steps + 1), workers, torch.device("cpu")
+    )
     batches = iter(loader)
     next(batches)  # workers started and the first batch built: the steady state is measured
     waited, start = 0.0, time.perf_counter()
@@ -67,8 +80,16 @@ def run(path: Path, workers: int, batch: int, steps: int, step_s: float) -> dict
         time.sleep(step_s)  # the device's step; the host thread waits for it
     total = time.perf_counter() - start
     del batches, loader
-    return {"workers": workers, "steps": steps, "batch": batch, "step_s": step_s, "seconds": total,
-            "records_per_s": steps * batch / total, "wait_share": waited / total, "wait_s_per_step": waited / steps}
+    return {
+        "workers": workers,
+        "steps": steps,
+        "batch": batch,
+        "step_s": step_s,
+        "seconds": total,
+        "records_per_s": steps * batch / total,
+        "wait_share": waited / total,
+        "wait_s_per_step": waited / steps,
+    }
 
 
 def loader_rate(path: Path, workers: int, batch: int, steps: int) -> float:
@@ -95,16 +116,22 @@ def main(argv=None) -> int:
             row["loader_only_records_per_s"] = loader_rate(path, workers, args.batch, steps)
             rows.append(row)
             print(f"done: workers {workers}", file=sys.stderr)
-    print(f"\nloader: batches of {args.batch} records (5 s 44.1 kHz stereo FLAC + 640x480 JPEG each), "
-          f"{args.step_ms:.0f} ms device step")
+    print(
+        f"\nloader: batches of {args.batch} records (5 s 44.1 kHz stereo FLAC + 640x480 JPEG each), "
+        f"{args.step_ms:.0f} ms device step"
+    )
     print(f"{'workers':>7s} {'loader records/s':>17s} {'training records/s':>19s} {'waiting':>8s} {'wait/step':>10s}")
     for r in rows:
-        print(f"{r['workers']:7d} {r['loader_only_records_per_s']:17.1f} {r['records_per_s']:19.1f} "
-              f"{r['wait_share']:7.1%} {r['wait_s_per_step'] * 1e3:8.1f} ms")
+        print(
+            f"{r['workers']:7d} {r['loader_only_records_per_s']:17.1f} {r['records_per_s']:19.1f} "
+            f"{r['wait_share']:7.1%} {r['wait_s_per_step'] * 1e3:8.1f} ms"
+        )
     import torch
-    path = write_json(Path(args.out) / f"{'quick_' if args.quick else ''}loader.json",
-                      {"op": "loader", "description": __doc__, "rows": rows,
-                       "environment": environment(torch.device("cpu"))})
+
+    path = write_json(
+        Path(args.out) / f"{'quick_' if args.quick else ''}loader.json",
+        {"op": "loader", "description": __doc__, "rows": rows, "environment": environment(torch.device("cpu"))},
+    )
     print(f"\nwrote {path}")
     return 0
 

@@ -6,6 +6,7 @@ AdamW's moments) and the step time. CPU figures; the ratios carry to a GPU, wher
 two moments of every trained weight are what LoRA takes away.
 Run ``python -m benchmarks.lora`` (``--quick``: the tiny model).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,22 +30,26 @@ def _trainer(config_name: str, lora: bool, scratch: Path):
     from omnifast.training import TrainConfig, Trainer, get_stage, load_records
 
     from .train_step import build_model, config_named, write_records
+
     config = config_named(config_name)
     model = build_model(config, torch.device("cpu"), torch.float32)
     data = scratch / "text.json"
     if not data.is_file():
         write_records(data, 8, 64, 60, 4, 4)
     records = load_records(data, get_stage("llm-pretrain"))
-    options = TrainConfig(stage="llm-pretrain", batch_size=2, max_steps=4, progress=False, save_every=10**6,
-                          lora_r=16 if lora else None)
-    return Trainer(model, OmniProcessor(build_tiny_tokenizer(), config), records, options, scratch / "out",
-                   device="cpu")
+    options = TrainConfig(
+        stage="llm-pretrain", batch_size=2, max_steps=4, progress=False, save_every=10**6, lora_r=16 if lora else None
+    )
+    return Trainer(
+        model, OmniProcessor(build_tiny_tokenizer(), config), records, options, scratch / "out", device="cpu"
+    )
 
 
 def _measure(config_name: str, lora: bool, scratch: Path) -> dict:
     """In this (fresh) process: trained parameters, the first step's working set, step times."""
     from ._harness import peak_memory_here
     from .train_step import step_batches
+
     trainer = _trainer(config_name, lora, scratch)
     trained = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
     batches = step_batches(trainer, 0)
@@ -62,16 +67,33 @@ def run(config_name: str) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name, extra in SETTINGS.items():
-            command = [sys.executable, "-m", "benchmarks.lora", "--measure", config_name,
-                       str(int(bool(extra))), scratch]
-            out = subprocess.run(command, check=True, capture_output=True, text=True,
-                                 env={**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)}).stdout
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.lora",
+                "--measure",
+                config_name,
+                str(int(bool(extra))),
+                scratch,
+            ]
+            out = subprocess.run(
+                command,
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": str(128 << 10)},
+            ).stdout
             rows[name] = json.loads(out.strip().splitlines()[-1])
     full, lora = rows["full fine-tuning"], rows["LoRA r=16"]
-    return {"op": "lora", "description": __doc__, "environment": environment(__import__("torch").device("cpu")),
-            "config": config_name, "rows": rows,
-            "memory_ratio": lora["step_working_bytes"] / max(full["step_working_bytes"], 1),
-            "trained_ratio": lora["trained_parameters"] / full["trained_parameters"]}
+    return {
+        "op": "lora",
+        "description": __doc__,
+        "environment": environment(__import__("torch").device("cpu")),
+        "config": config_name,
+        "rows": rows,
+        "memory_ratio": lora["step_working_bytes"] / max(full["step_working_bytes"], 1),
+        "trained_ratio": lora["trained_parameters"] / full["trained_parameters"],
+    }
 
 
 def main(argv=None) -> int:
@@ -87,10 +109,14 @@ def main(argv=None) -> int:
         return 0
     payload = run("tiny" if args.quick else "small")
     for name, row in payload["rows"].items():
-        print(f"{name:18s} trained {row['trained_parameters']:>12,d}  step working set "
-              f"{row['step_working_bytes'] / 2**20:8.1f} MiB  step {row['step_s']:.3f} s")
-    print(f"LoRA: {payload['memory_ratio']:.2f}x the step memory, {payload['trained_ratio']:.4f}x the trained "
-          f"parameters ({payload['config']})")
+        print(
+            f"{name:18s} trained {row['trained_parameters']:>12,d}  step working set "
+            f"{row['step_working_bytes'] / 2**20:8.1f} MiB  step {row['step_s']:.3f} s"
+        )
+    print(
+        f"LoRA: {payload['memory_ratio']:.2f}x the step memory, {payload['trained_ratio']:.4f}x the trained "
+        f"parameters ({payload['config']})"
+    )
     path = write_json(Path(args.out) / ("quick_lora.json" if args.quick else "lora.json"), payload)
     print(f"wrote {path}")
     return 0

@@ -10,6 +10,7 @@ Cases: CPU, float32: OpenOmni's dense 4-expert layer and an 8-expert top-2 layer
 top-2 of 8 at 16k and 64k tokens, top-8 of 64 fine-grained experts (H2048 F1024), OpenOmni's
 dense split-4 speech projector (H3584 -> 4 x 896), and the top-2 layer in float32.
 Run ``python -m benchmarks.moe`` (``--device cuda`` on a GPU)."""
+
 from __future__ import annotations
 
 import sys
@@ -48,6 +49,7 @@ def _grouped_mm_pair(moe: MoE, x: torch.Tensor):
         z, a, b = (t.detach().requires_grad_() for t in (sorted_x, w1, w2))
         hidden = F.relu(torch._grouped_mm(z, a.transpose(1, 2), offs=offs))
         (torch._grouped_mm(hidden, b.transpose(1, 2), offs=offs) * probe).sum().backward()
+
     return run
 
 
@@ -61,6 +63,7 @@ def _dense_gemm_pair(moe: MoE, x: torch.Tensor):
     def run():
         z, a, b = (t.detach().requires_grad_() for t in (x, w1, w2))
         (F.linear(F.relu(F.linear(z, a)), b) * probe).sum().backward()
+
     return run
 
 
@@ -72,6 +75,7 @@ def implementations(inputs, device):
             z = x.detach().requires_grad_()
             module.zero_grad(set_to_none=True)
             module(z).output.float().sum().backward()
+
         return run
 
     impls = {"NaiveMoE": step(naive), "omnifast.nn.MoE": step(moe)}
@@ -94,13 +98,16 @@ def implementations(inputs, device):
             z = sorted_x.detach().requires_grad_()
             w1, b1, w2, b2 = (w.requires_grad_() for w in weights)
             moe_ops.expert_mlp(z, offsets, w1, b1, w2, b2, moe.activation).sum().backward()
+
         impls["matmul lower bound"] = lower_bound
     dmoe = _megablocks_dmoe(moe, x.device)
     if dmoe is not None:
+
         def megablocks():
             z = x.detach().view(x.shape[0], 1, -1).requires_grad_()
             dmoe.zero_grad(set_to_none=True)
             dmoe(z)[0].float().sum().backward()
+
         impls["megablocks dMoE"] = megablocks
     return impls
 
@@ -114,21 +121,42 @@ def _megablocks_dmoe(moe: MoE, device: torch.device):
         from megablocks.layers.dmoe import dMoE
     except ImportError:
         return None
-    args = Arguments(hidden_size=moe.hidden, ffn_hidden_size=moe.ffn, moe_num_experts=moe.experts,
-                     moe_top_k=moe.top_k, mlp_impl="grouped", activation_fn=torch.relu, device=device,
-                     bf16=moe.w1.dtype == torch.bfloat16)
+    args = Arguments(
+        hidden_size=moe.hidden,
+        ffn_hidden_size=moe.ffn,
+        moe_num_experts=moe.experts,
+        moe_top_k=moe.top_k,
+        mlp_impl="grouped",
+        activation_fn=torch.relu,
+        device=device,
+        bf16=moe.w1.dtype == torch.bfloat16,
+    )
     return dMoE(args)
 
 
 BENCHMARK = Benchmark(
-    op="moe", module="benchmarks.moe", fields=("N", "H", "F", "O", "E", "K", "split", "dtype"),
-    shapes=[(4096, 896, 3584, 896, 4, 0, 1, "fp32"), (4096, 896, 3584, 896, 8, 2, 1, "fp32"),
-            (16384, 896, 3584, 896, 4, 0, 1, "fp32"), (16384, 896, 3584, 896, 8, 2, 1, "fp32")],
-    cuda_shapes=[(16384, 896, 3584, 896, 8, 2, 1, "bf16"), (65536, 896, 3584, 896, 8, 2, 1, "bf16"),
-                 (16384, 2048, 1024, 2048, 64, 8, 1, "bf16"), (16384, 3584, 3584, 3584, 4, 0, 4, "bf16"),
-                 (16384, 896, 3584, 896, 8, 2, 1, "fp32")],
+    op="moe",
+    module="benchmarks.moe",
+    fields=("N", "H", "F", "O", "E", "K", "split", "dtype"),
+    shapes=[
+        (4096, 896, 3584, 896, 4, 0, 1, "fp32"),
+        (4096, 896, 3584, 896, 8, 2, 1, "fp32"),
+        (16384, 896, 3584, 896, 4, 0, 1, "fp32"),
+        (16384, 896, 3584, 896, 8, 2, 1, "fp32"),
+    ],
+    cuda_shapes=[
+        (16384, 896, 3584, 896, 8, 2, 1, "bf16"),
+        (65536, 896, 3584, 896, 8, 2, 1, "bf16"),
+        (16384, 2048, 1024, 2048, 64, 8, 1, "bf16"),
+        (16384, 3584, 3584, 3584, 4, 0, 4, "bf16"),
+        (16384, 896, 3584, 896, 8, 2, 1, "fp32"),
+    ],
     quick_shapes=[(64, 16, 32, 16, 4, 0, 1, "fp32"), (64, 16, 32, 16, 8, 2, 1, "fp32")],
-    make_inputs=make_inputs, implementations=implementations, baseline="NaiveMoE", description=__doc__)
+    make_inputs=make_inputs,
+    implementations=implementations,
+    baseline="NaiveMoE",
+    description=__doc__,
+)
 main = BENCHMARK.main
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ omnifast model (so the two are timed on the same numbers), each piece after Open
 ``OpenOmniRecipeLoss`` is a loss module for ``Trainer(loss=...)``: the same trainer, optimizer
 and step run it as run omnifast's own loss.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,14 +51,23 @@ def openomni_generator_nll(decoder, states, tokens, mask, units, vocab_logits: b
     context = context * (pos[None] <= n[:, None] + 1)[..., None].to(context.dtype)
     moe = decoder.moe  # MoE.forward: the gate, every expert's output stacked, the weighted sum
     gate = torch.softmax(F.linear(context.float(), moe.gate.weight.float(), moe.gate.bias.float()), -1)
-    experts = torch.stack([F.linear(F.relu(F.linear(context, moe.w1[e], moe.b1[e])), moe.w2[e], moe.b2[e])
-                           for e in range(c.experts)], dim=-2)
+    experts = torch.stack(
+        [F.linear(F.relu(F.linear(context, moe.w1[e], moe.b1[e])), moe.w2[e], moe.b2[e]) for e in range(c.experts)],
+        dim=-2,
+    )
     expanded = (gate.to(experts.dtype)[..., None] * experts).sum(-2)
     expanded = expanded.reshape(B, (N + 2) * c.split_tokens, c.width)
-    context_mask = torch.arange((N + 2) * c.split_tokens, device=states.device)[None] < (n[:, None] + 2) * c.split_tokens
+    context_mask = (
+        torch.arange((N + 2) * c.split_tokens, device=states.device)[None] < (n[:, None] + 2) * c.split_tokens
+    )
     queries = decoder.decoder.embed_tokens(tokens.masked_fill(~mask, 0))
-    fused = _rlsiat(decoder.text_guided, queries, expanded.to(queries.dtype), context_mask,
-                    (pos.repeat_interleave(c.split_tokens) - 1)[None] if c.fusion_causal else None)
+    fused = _rlsiat(
+        decoder.text_guided,
+        queries,
+        expanded.to(queries.dtype),
+        context_mask,
+        (pos.repeat_interleave(c.split_tokens) - 1)[None] if c.fusion_causal else None,
+    )
     unit_lengths = torch.full((B,), units.shape[1], device=states.device)
     frames, lengths = uniform_upsample(fused, n, c.upsample_factor, unit_lengths)
     hidden = decoder.run_decoder(frames, lengths)
@@ -77,7 +87,7 @@ def _rlsiat(module, queries, context, context_mask, groups):
     for layer in module.layers:
         a = layer.attn
         B, Nq, _ = queries.shape
-        q = a.to_q(a.norm_query(queries)) * a.head_dim ** -0.5
+        q = a.to_q(a.norm_query(queries)) * a.head_dim**-0.5
         k, v = a.to_kv(a.norm_context(context)).chunk(2, dim=-1)
         q, k, v = (t.view(B, t.shape[1], a.heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
         sim = torch.einsum("bhid,bhjd->bhij", q, k).masked_fill(~mask[:, None], float("-inf"))
@@ -92,8 +102,15 @@ class OpenOmniRecipeLoss(nn.Module):
     unused text-vocabulary logits (LLM and decoder); ``blank_media``: run the encoders on blank
     inputs every record; ``checkpointing``: recompute the decoder layers in the backward."""
 
-    def __init__(self, model: OmniModel, stage: Stage, beta: float = 0.1, vocab_logits: bool = True,
-                 blank_media: bool = True, checkpointing: bool = True):
+    def __init__(
+        self,
+        model: OmniModel,
+        stage: Stage,
+        beta: float = 0.1,
+        vocab_logits: bool = True,
+        blank_media: bool = True,
+        checkpointing: bool = True,
+    ):
         super().__init__()
         self.model, self.stage, self.beta = model, stage, beta
         self.vocab_logits, self.blank_media = vocab_logits, blank_media

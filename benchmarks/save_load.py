@@ -9,6 +9,7 @@ yet). The 9.24B-parameter OpenOmni model
 is stated by arithmetic from the measured ratio of peak memory to weight bytes.
 Run ``python -m benchmarks.save_load``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,13 @@ LAYOUTS = ("one file", "shards of 5GB", "shards of 1GB")
 
 
 def measure(action: str, layout: str, folder: Path, size: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, action, layout, str(folder), size], capture_output=True,
-                         text=True, check=True, timeout=1800)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, action, layout, str(folder), size],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -90,33 +96,60 @@ def main(argv=None) -> int:
             saved = measure("save", layout, folder, size)
             loaded = measure("load", layout, folder, size)
             files = sorted(p.name for p in folder.glob("model*.safetensors"))
-            rows.append({"layout": layout, "how": "built and initialised, then filled" if layout == "one file"
-                         else "built on meta, filled shard by shard", "files": len(files),
-                         "save_s": saved["seconds"], "save_peak_bytes": saved["peak_bytes"],
-                         "load_s": loaded["seconds"], "load_peak_bytes": loaded["peak_bytes"],
-                         "weight_bytes": loaded["weight_bytes"], "parameters": loaded["parameters"]})
+            rows.append(
+                {
+                    "layout": layout,
+                    "how": "built and initialised, then filled"
+                    if layout == "one file"
+                    else "built on meta, filled shard by shard",
+                    "files": len(files),
+                    "save_s": saved["seconds"],
+                    "save_peak_bytes": saved["peak_bytes"],
+                    "load_s": loaded["seconds"],
+                    "load_peak_bytes": loaded["peak_bytes"],
+                    "weight_bytes": loaded["weight_bytes"],
+                    "parameters": loaded["parameters"],
+                }
+            )
     weights = rows[0]["weight_bytes"]
-    print(f"\nsave and load, {rows[0]['parameters'] / 1e6:.0f}M parameters ({weights / 2**20:.0f} MiB float32), "
-          f"fresh process each, CPU")
-    print(f"{'layout':14s} {'files':>5s} {'save s':>7s} {'save peak MiB':>14s} {'load s':>7s} {'load peak MiB':>14s} "
-          f"{'load peak / weights':>20s}")
+    print(
+        f"\nsave and load, {rows[0]['parameters'] / 1e6:.0f}M parameters ({weights / 2**20:.0f} MiB float32), "
+        f"fresh process each, CPU"
+    )
+    print(
+        f"{'layout':14s} {'files':>5s} {'save s':>7s} {'save peak MiB':>14s} {'load s':>7s} {'load peak MiB':>14s} "
+        f"{'load peak / weights':>20s}"
+    )
     for r in rows:
-        print(f"{r['layout']:14s} {r['files']:5d} {r['save_s']:7.2f} {r['save_peak_bytes'] / 2**20:14.0f} "
-              f"{r['load_s']:7.2f} {r['load_peak_bytes'] / 2**20:14.0f} {r['load_peak_bytes'] / weights:19.2f}x")
+        print(
+            f"{r['layout']:14s} {r['files']:5d} {r['save_s']:7.2f} {r['save_peak_bytes'] / 2**20:14.0f} "
+            f"{r['load_s']:7.2f} {r['load_peak_bytes'] / 2**20:14.0f} {r['load_peak_bytes'] / weights:19.2f}x"
+        )
     per_parameter = weights / rows[0]["parameters"]
     arithmetic = {}
     for r in rows:
         ratio = r["load_peak_bytes"] / r["weight_bytes"]
         for dtype, size in (("float32", 4), ("bfloat16", 2)):
-            arithmetic[f"{r['layout']}, {dtype}"] = {"weight_gb": OPENOMNI_PARAMETERS * size / 1e9,
-                                                     "load_peak_gb": OPENOMNI_PARAMETERS * size * ratio / 1e9}
-    print(f"\narithmetic for OpenOmni ({OPENOMNI_PARAMETERS / 1e9:.2f}B parameters), by the measured "
-          f"load peak / weights ratio ({per_parameter:.0f} bytes per parameter measured):")
+            arithmetic[f"{r['layout']}, {dtype}"] = {
+                "weight_gb": OPENOMNI_PARAMETERS * size / 1e9,
+                "load_peak_gb": OPENOMNI_PARAMETERS * size * ratio / 1e9,
+            }
+    print(
+        f"\narithmetic for OpenOmni ({OPENOMNI_PARAMETERS / 1e9:.2f}B parameters), by the measured "
+        f"load peak / weights ratio ({per_parameter:.0f} bytes per parameter measured):"
+    )
     for name, values in arithmetic.items():
         print(f"  {name:26s} weights {values['weight_gb']:5.1f} GB, load peak {values['load_peak_gb']:5.1f} GB")
-    path = write_json(Path(args.out) / f"{'quick_' if args.quick else ''}save_load.json",
-                      {"op": "save_load", "description": __doc__, "rows": rows, "openomni_arithmetic": arithmetic,
-                       "environment": environment(__import__("torch").device("cpu"))})
+    path = write_json(
+        Path(args.out) / f"{'quick_' if args.quick else ''}save_load.json",
+        {
+            "op": "save_load",
+            "description": __doc__,
+            "rows": rows,
+            "openomni_arithmetic": arithmetic,
+            "environment": environment(__import__("torch").device("cpu")),
+        },
+    )
     print(f"\nwrote {path}")
     return 0
 

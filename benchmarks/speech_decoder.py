@@ -8,6 +8,7 @@ Shape fields: L decoder layers, W width (896: the OpenOmni sizes, LLM 3584 wide,
 anything else: the tiny config at that width), B batch, N text tokens (x12 upsampling), U units.
 Beside the table: streaming (``SpeechDecoder.stream``) first-unit latency and real-time factor
 for 30 s of speech (750 units at 25 Hz). Run ``python -m benchmarks.speech_decoder``."""
+
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from omnifast.nn import NaiveMoE, SpeechDecoderConfig, build_speech_decoder
+from omnifast.nn import NaiveMoE, SpeechDecoder, SpeechDecoderConfig, build_speech_decoder
 
 from ._harness import Benchmark
 
@@ -44,8 +45,14 @@ class OpenOmniStyle:
     def __init__(self, decoder: SpeechDecoder):
         c = decoder.config
         self.decoder = decoder
-        self.naive_moe = NaiveMoE(c.llm_hidden, c.width * c.split_tokens, c.width * c.split_tokens,
-                                  experts=c.experts, split_tokens=c.split_tokens, gate_bias=True).to(decoder.moe.w1.device)
+        self.naive_moe = NaiveMoE(
+            c.llm_hidden,
+            c.width * c.split_tokens,
+            c.width * c.split_tokens,
+            experts=c.experts,
+            split_tokens=c.split_tokens,
+            gate_bias=True,
+        ).to(decoder.moe.w1.device)
         self.naive_moe.load_state_dict(decoder.moe.state_dict())
         self.lm_head = torch.randn(c.text_vocab, c.width, device=decoder.moe.w1.device) * 0.02
 
@@ -72,10 +79,13 @@ def implementations(inputs, device):
         def run():
             decoder.zero_grad(set_to_none=True)
             loss_fn().backward()
+
         return run
 
-    return {"OpenOmni-style": step(lambda: reference.loss(hidden, tokens, units)),
-            "omnifast SpeechDecoder": step(lambda: decoder(hidden, tokens, units=units).loss)}
+    return {
+        "OpenOmni-style": step(lambda: reference.loss(hidden, tokens, units)),
+        "omnifast SpeechDecoder": step(lambda: decoder(hidden, tokens, units=units).loss),
+    }
 
 
 def streaming(quick: bool, device: torch.device):
@@ -87,7 +97,7 @@ def streaming(quick: bool, device: torch.device):
     tokens_total, chunk = 63, 4
     hidden = torch.randn(tokens_total, config.llm_hidden, device=device)
     tokens = torch.randint(0, config.text_vocab, (tokens_total,), device=device)
-    chunks = [(hidden[i:i + chunk], tokens[i:i + chunk]) for i in range(0, tokens_total, chunk)]
+    chunks = [(hidden[i : i + chunk], tokens[i : i + chunk]) for i in range(0, tokens_total, chunk)]
     list(decoder.stream(chunks[:1]))  # warm-up
     start = time.perf_counter()
     first_unit, count = None, 0
@@ -97,17 +107,29 @@ def streaming(quick: bool, device: torch.device):
             first_unit = time.perf_counter() - start
     total = time.perf_counter() - start
     audio_s = tokens_total * config.upsample_factor / 25.0
-    return {"streaming first-unit latency s": round(first_unit, 4), "streaming total s": round(total, 3),
-            "streaming audio s": audio_s, "streaming real-time factor": round(total / audio_s, 4),
-            "streaming units": count, "streaming chunk tokens": chunk, "streaming layers": config.layers}
+    return {
+        "streaming first-unit latency s": round(first_unit, 4),
+        "streaming total s": round(total, 3),
+        "streaming audio s": audio_s,
+        "streaming real-time factor": round(total / audio_s, 4),
+        "streaming units": count,
+        "streaming chunk tokens": chunk,
+        "streaming layers": config.layers,
+    }
 
 
 BENCHMARK = Benchmark(
-    op="speech_decoder", module="benchmarks.speech_decoder", fields="LWBNU",
+    op="speech_decoder",
+    module="benchmarks.speech_decoder",
+    fields="LWBNU",
     shapes=[(4, 896, 4, 60, 300), (24, 896, 4, 60, 300)],
     quick_shapes=[(1, 32, 2, 6, 10)],
-    make_inputs=make_inputs, implementations=implementations, baseline="OpenOmni-style",
-    description=__doc__, extras=streaming)
+    make_inputs=make_inputs,
+    implementations=implementations,
+    baseline="OpenOmni-style",
+    description=__doc__,
+    extras=streaming,
+)
 main = BENCHMARK.main
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ optimizer state included) plus the bytes of the weights the implementation keeps
 ``--estimate`` prints the GPU figures estimated from counted work (``train_step_estimate.py``).
 Run ``python -m benchmarks.train_step`` (or ``omnifast bench train_step``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ import torch
 
 from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
 from omnifast.models.omni import rebuild_buffers
-from omnifast.training import MicroBatches, Trainer, TrainConfig, get_stage, load_records
+from omnifast.training import MicroBatches, TrainConfig, Trainer, get_stage, load_records
 from omnifast.training.cache import build_cache, collate_cached
 from omnifast.training.loader import collate_batch
 
@@ -98,18 +99,39 @@ def write_records(path: Path, count: int, prompt: int, response: int, units: int
     for i in range(count):
         text = "".join(letters[j] for j in torch.randint(0, len(letters), (prompt + response,), generator=generator))
         chosen, rejected = (torch.randint(0, unit_vocab, (units,), generator=generator).tolist() for _ in range(2))
-        rows.append({"id": f"r{i}", "tgt_units": chosen, "re_tgt_units": rejected,
-                     "conversations": [{"from": "human", "value": text[:prompt]},
-                                       {"from": "gpt", "value": text[prompt:]}]})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "tgt_units": chosen,
+                "re_tgt_units": rejected,
+                "conversations": [{"from": "human", "value": text[:prompt]}, {"from": "gpt", "value": text[prompt:]}],
+            }
+        )
     path.write_text(json.dumps(rows))
     return path
 
 
-def make_trainer(name: str, model: OmniModel, processor, records, stage: str, setting: str, batch: int, device,
-                 out_dir: Path, cache: Optional[Path]) -> Trainer:
+def make_trainer(
+    name: str,
+    model: OmniModel,
+    processor,
+    records,
+    stage: str,
+    setting: str,
+    batch: int,
+    device,
+    out_dir: Path,
+    cache: Optional[Path],
+) -> Trainer:
     size, accum = (1, 4) if setting == "1 x 4" else (batch, 1)
-    config = TrainConfig(stage=stage, batch_size=size, grad_accum=accum, max_steps=10 ** 6, progress=False,
-                         bf16="on" if device.type == "cuda" else "off")
+    config = TrainConfig(
+        stage=stage,
+        batch_size=size,
+        grad_accum=accum,
+        max_steps=10**6,
+        progress=False,
+        bf16="on" if device.type == "cuda" else "off",
+    )
     if name == "omnifast, state cache":
         return Trainer(model, processor, records, config, out_dir, device=str(device), state_cache=cache)
     loss = None if name == "omnifast, no cache" else OpenOmniRecipeLoss(model, get_stage(stage), config.beta)
@@ -119,8 +141,9 @@ def make_trainer(name: str, model: OmniModel, processor, records, stage: str, se
 def step_batches(trainer: Trainer, start: int) -> List[Dict[str, object]]:
     """The micro-batches of one optimizer step, from the trainer's own data set, on its device."""
     accum = trainer.config.grad_accum
-    sampler = MicroBatches(len(trainer.dataset), trainer.config.batch_size, 0, start=start * accum,
-                           stop=(start + 1) * accum)
+    sampler = MicroBatches(
+        len(trainer.dataset), trainer.config.batch_size, 0, start=start * accum, stop=(start + 1) * accum
+    )
     pad = trainer.processor.tokenizer.pad_token_id
     collate = collate_cached if trainer.state_cache is not None else (lambda items: collate_batch(items, pad))
     return [trainer.to_device(collate([trainer.dataset[key] for key in keys])) for keys in sampler]
@@ -153,6 +176,7 @@ def _deadline_hook(deadline: float):
     def check(module, inputs):
         if time.monotonic() > deadline:
             raise SearchTimeUp
+
     return check
 
 
@@ -185,8 +209,10 @@ def largest_batch(trainer: Trainer, device, cap: int, seconds: Optional[float] =
 
 def device_weight_bytes(name: str, model: OmniModel, stage: str) -> int:
     """Bytes of the weights an implementation keeps on the device besides its step's working set."""
+
     def nbytes(module):
         return sum(p.numel() * p.element_size() for p in module.parameters())
+
     if name == "omnifast, state cache":
         return nbytes(model.speech_decoder)
     return nbytes(model) + (nbytes(model.speech_decoder) if stage == "emotion-dpo" else 0)  # + the reference copy
@@ -196,8 +222,9 @@ class Bench:
     """One stage's model, processor, records and state cache; every case starts from the same
     decoder weights (restored after each)."""
 
-    def __init__(self, config_name: str, device: torch.device, stage: str, records: int, shape: Dict[str, int],
-                 scratch: Path):
+    def __init__(
+        self, config_name: str, device: torch.device, stage: str, records: int, shape: Dict[str, int], scratch: Path
+    ):
         self.device, self.stage = device, stage
         config = config_named(config_name)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -205,8 +232,9 @@ class Bench:
         self.processor = OmniProcessor(build_tiny_tokenizer(), config)
         data = scratch / f"{stage}.json"
         if not data.is_file():
-            write_records(data, records, shape["prompt"], shape["response"], shape["units"],
-                          config.decoder_config().units)
+            write_records(
+                data, records, shape["prompt"], shape["response"], shape["units"], config.decoder_config().units
+            )
         self.records = load_records(data, get_stage(stage), config.decoder_config().units)
         self.cache, self.build_s = scratch / f"cache-{stage}", None
         self.decoder_state = {k: v.clone() for k, v in self.model.speech_decoder.state_dict().items()}
@@ -214,8 +242,16 @@ class Bench:
     def build_cache(self) -> None:
         if not (self.cache / "index.json").is_file():
             start = time.perf_counter()
-            build_cache(self.cache, self.model, self.processor, self.records, get_stage(self.stage),
-                        bf16=self.device.type == "cuda", device=self.device, progress=False)
+            build_cache(
+                self.cache,
+                self.model,
+                self.processor,
+                self.records,
+                get_stage(self.stage),
+                bf16=self.device.type == "cuda",
+                device=self.device,
+                progress=False,
+            )
             synchronize(self.device)
             self.build_s = time.perf_counter() - start
 
@@ -225,19 +261,27 @@ class Bench:
         (getattr(decoder, "activation_checkpointing_disable", None) or decoder.gradient_checkpointing_disable)()
         if name == "omnifast, state cache":
             self.build_cache()
-        return make_trainer(name, self.model, self.processor, self.records, self.stage, setting, batch, self.device,
-                            out_dir, self.cache)
+        return make_trainer(
+            name, self.model, self.processor, self.records, self.stage, setting, batch, self.device, out_dir, self.cache
+        )
 
 
-def measure_case(bench: Bench, name: str, setting: str, batch: int, steps: int, shape: Dict[str, int],
-                 out_dir: Path) -> Dict:
+def measure_case(
+    bench: Bench, name: str, setting: str, batch: int, steps: int, shape: Dict[str, int], out_dir: Path
+) -> Dict:
     device = bench.device
     trainer = bench.trainer(name, setting, batch, out_dir)
     times = time_steps(trainer, steps, warmup=1, device=device)
-    row = {"stage": bench.stage, "implementation": name, "setting": setting, "step_s": statistics.median(times),
-           "steps": len(times), "records_per_step": trainer.config.batch_size * trainer.config.grad_accum,
-           "cache_build_s": bench.build_s if name == "omnifast, state cache" else None,
-           "device_weight_bytes": device_weight_bytes(name, bench.model, bench.stage)}
+    row = {
+        "stage": bench.stage,
+        "implementation": name,
+        "setting": setting,
+        "step_s": statistics.median(times),
+        "steps": len(times),
+        "records_per_step": trainer.config.batch_size * trainer.config.grad_accum,
+        "cache_build_s": bench.build_s if name == "omnifast, state cache" else None,
+        "device_weight_bytes": device_weight_bytes(name, bench.model, bench.stage),
+    }
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -252,6 +296,7 @@ def measure_case(bench: Bench, name: str, setting: str, batch: int, steps: int, 
 def _working_set(trainer: Trainer) -> int:
     """Peak RSS growth over the first optimizer step (activations, gradients, optimizer state)."""
     from ._harness import peak_memory_here
+
     batches = step_batches(trainer, 0)
     return peak_memory_here(lambda: trainer.train_step(batches), torch.device("cpu"))
 
@@ -259,16 +304,31 @@ def _working_set(trainer: Trainer) -> int:
 def memory_subprocess(args: List[str]) -> Optional[int]:
     env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10), **__import__("os").environ}
     try:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", *args], capture_output=True,
-                             text=True, check=True, env=env, timeout=900).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.train_step", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            timeout=900,
+        ).stdout
     except (subprocess.TimeoutExpired, subprocess.CalledProcessError) as error:
         print(f"memory not measured: {error}", file=sys.stderr)
         return None
     return int(out.strip().splitlines()[-1])
 
 
-def run(config_name: str, device: torch.device, steps: int, batch: int, records: int, shape: Dict[str, int],
-        memory: bool = True, implementations=IMPLEMENTATIONS, on_row=None) -> Dict:
+def run(
+    config_name: str,
+    device: torch.device,
+    steps: int,
+    batch: int,
+    records: int,
+    shape: Dict[str, int],
+    memory: bool = True,
+    implementations=IMPLEMENTATIONS,
+    on_row=None,
+) -> Dict:
     """Every (stage, implementation, setting) case; ``on_row(payload)`` after each, with the
     rows so far (gpu-check keeps them when its time runs out)."""
     rows = []
@@ -280,9 +340,24 @@ def run(config_name: str, device: torch.device, steps: int, batch: int, records:
                 for setting in SETTINGS:
                     row = measure_case(bench, name, setting, batch, steps, shape, scratch / "out")
                     if device.type == "cpu" and memory and setting == "equal batch":
-                        working = memory_subprocess(["--memory-of", stage, name, setting, "--config", config_name,
-                                                     "--batch", str(batch), "--records", str(records),
-                                                     "--scratch", str(scratch), "--shape", json.dumps(shape)])
+                        working = memory_subprocess(
+                            [
+                                "--memory-of",
+                                stage,
+                                name,
+                                setting,
+                                "--config",
+                                config_name,
+                                "--batch",
+                                str(batch),
+                                "--records",
+                                str(records),
+                                "--scratch",
+                                str(scratch),
+                                "--shape",
+                                json.dumps(shape),
+                            ]
+                        )
                         row["step_working_bytes"] = working
                         if working is not None:
                             row["peak_bytes"] = working + row["device_weight_bytes"]
@@ -296,8 +371,9 @@ def run(config_name: str, device: torch.device, steps: int, batch: int, records:
     return _payload(rows, config_name, device, batch, records, shape)
 
 
-def _payload(rows: List[Dict], config_name: str, device: torch.device, batch: int, records: int,
-             shape: Dict[str, int]) -> Dict:
+def _payload(
+    rows: List[Dict], config_name: str, device: torch.device, batch: int, records: int, shape: Dict[str, int]
+) -> Dict:
     """The rows with their derived figures (units/s, whole run, ratios) and the run's settings."""
     rows = [dict(row) for row in rows]
     for row in rows:
@@ -306,8 +382,16 @@ def _payload(rows: List[Dict], config_name: str, device: torch.device, batch: in
         row["whole_run_s"] = steps_per_run * row["step_s"] + (row["cache_build_s"] or 0.0)
     for row in rows:
         for base_name, key in ((IMPLEMENTATIONS[2], "vs_recipe"), (IMPLEMENTATIONS[1], "vs_no_cache")):
-            base = next((r for r in rows if r["stage"] == row["stage"] and r["setting"] == row["setting"]
-                         and r["implementation"] == base_name), None)
+            base = next(
+                (
+                    r
+                    for r in rows
+                    if r["stage"] == row["stage"]
+                    and r["setting"] == row["setting"]
+                    and r["implementation"] == base_name
+                ),
+                None,
+            )
             if base is None:
                 continue
             row[f"speedup_{key}"] = base["step_s"] / row["step_s"]
@@ -316,31 +400,47 @@ def _payload(rows: List[Dict], config_name: str, device: torch.device, batch: in
                 row[f"memory_{key}"] = row["peak_bytes"] / base["peak_bytes"]
             if row.get("largest_batch") and base.get("largest_batch"):
                 row[f"largest_batch_{key}"] = row["largest_batch"] / base["largest_batch"]
-    return {"op": "train_step", "description": __doc__, "environment": environment(device), "config": config_name,
-            "dtype": "torch.bfloat16" if device.type == "cuda" else "torch.float32", "batch": batch,
-            "records": records, "shape": shape, "rows": rows}
+    return {
+        "op": "train_step",
+        "description": __doc__,
+        "environment": environment(device),
+        "config": config_name,
+        "dtype": "torch.bfloat16" if device.type == "cuda" else "torch.float32",
+        "batch": batch,
+        "records": records,
+        "shape": shape,
+        "rows": rows,
+    }
 
 
 def print_table(payload: Dict) -> None:
     estimate = "ESTIMATE " if "ESTIMATE" in payload["description"][:20] else ""
-    print(f"\n{estimate}train_step ({payload['config']}, {payload['dtype']}): optimizer step, whole run over "
-          f"OpenOmni's epochs, memory")
-    header = (f"{'stage':12s} {'implementation':28s} {'setting':12s} {'step s':>9s} {'vs recipe':>9s} "
-              f"{'vs no cache':>11s} {'units/s':>9s} {'run vs recipe':>13s} {'GiB':>7s} {'mem vs recipe':>13s} "
-              f"{'max batch':>9s}")
+    print(
+        f"\n{estimate}train_step ({payload['config']}, {payload['dtype']}): optimizer step, whole run over "
+        f"OpenOmni's epochs, memory"
+    )
+    header = (
+        f"{'stage':12s} {'implementation':28s} {'setting':12s} {'step s':>9s} {'vs recipe':>9s} "
+        f"{'vs no cache':>11s} {'units/s':>9s} {'run vs recipe':>13s} {'GiB':>7s} {'mem vs recipe':>13s} "
+        f"{'max batch':>9s}"
+    )
     print(header)
     print("-" * len(header))
     for r in payload["rows"]:
-        def cell(key, fmt, width, unit=""):
+
+        def cell(key, fmt, width, unit="", r=r):
             value = r.get(key)
             return f"{value:{width}{fmt}}{unit}" if value is not None else f"{'-':>{width + len(unit)}s}"
+
         peak = r.get("peak_bytes")
         gib = f"{peak / 2**30:7.2f}" if peak else f"{'-':>7s}"
-        print(f"{r['stage']:12s} {r['implementation']:28s} {r.get('setting', '-'):12s} {r['step_s']:9.4f} "
-              f"{cell('speedup_vs_recipe', '.2f', 8, 'x')} {cell('speedup_vs_no_cache', '.2f', 10, 'x')} "
-              f"{r['units_per_s']:9.0f} {cell('whole_run_speedup_vs_recipe', '.2f', 12, 'x')} "
-              f"{gib} {cell('memory_vs_recipe', '.2f', 13)} "
-              f"{cell('largest_batch', 'd', 9)}")
+        print(
+            f"{r['stage']:12s} {r['implementation']:28s} {r.get('setting', '-'):12s} {r['step_s']:9.4f} "
+            f"{cell('speedup_vs_recipe', '.2f', 8, 'x')} {cell('speedup_vs_no_cache', '.2f', 10, 'x')} "
+            f"{r['units_per_s']:9.0f} {cell('whole_run_speedup_vs_recipe', '.2f', 12, 'x')} "
+            f"{gib} {cell('memory_vs_recipe', '.2f', 13)} "
+            f"{cell('largest_batch', 'd', 9)}"
+        )
 
 
 def plot(payload: Dict, path: Path) -> bool:
@@ -350,6 +450,7 @@ def plot(payload: Dict, path: Path) -> bool:
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = [r for r in payload["rows"] if r.get("setting", "equal batch") == "equal batch"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     names = list(dict.fromkeys(r["implementation"] for r in rows))
@@ -374,15 +475,24 @@ def plot(payload: Dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="OmniConfig.tiny() on the CPU: a smoke run of the same code")
+    parser.add_argument(
+        "--quick", action="store_true", help="OmniConfig.tiny() on the CPU: a smoke run of the same code"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", choices=("tiny", "small", "openomni_7b"), default=None,
-                        help="default: openomni_7b on a GPU, small on the CPU, tiny with --quick")
+    parser.add_argument(
+        "--config",
+        choices=("tiny", "small", "openomni_7b"),
+        default=None,
+        help="default: openomni_7b on a GPU, small on the CPU, tiny with --quick",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per case (default 5; quick 1)")
     parser.add_argument("--batch", type=int, default=None, help="records of the equal-batch setting (default 8; CPU 4)")
     parser.add_argument("--records", type=int, default=None, help="records in the data set (default 32; quick 8)")
-    parser.add_argument("--estimate", action="store_true",
-                        help="no GPU: the 7B figures estimated from counted FLOPs and bytes, labelled so")
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="no GPU: the 7B figures estimated from counted FLOPs and bytes, labelled so",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--repeats", type=int, default=None, help=argparse.SUPPRESS)  # `omnifast bench all` passes it
@@ -407,8 +517,15 @@ def main(argv=None) -> int:
         bench = Bench(config_name, device, stage, records, json.loads(args.shape), Path(args.scratch))
         print(_working_set(bench.trainer(name, setting, batch, Path(args.scratch) / "out")))
         return 0
-    payload = run(config_name, device, args.steps or args.repeats or (1 if tiny else 5), batch, records, shape,
-                  memory=not args.no_memory)
+    payload = run(
+        config_name,
+        device,
+        args.steps or args.repeats or (1 if tiny else 5),
+        batch,
+        records,
+        shape,
+        memory=not args.no_memory,
+    )
     print_table(payload)
     name = ("quick_" if args.quick else "") + "train_step" + ("-cuda" if device.type == "cuda" else "")
     return _write(payload, Path(args.out), name)

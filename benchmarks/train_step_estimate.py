@@ -19,6 +19,7 @@ The implementations:
   Whisper-large-v3 on a 30-s mel per record, the LLM's and the decoder's 152k-vocabulary logits,
   the decoder layers recomputed (gradient checkpointing), four generator passes for DPO.
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -44,17 +45,28 @@ def sizes() -> Dict[str, float]:
 
     def count(module):
         return sum(p.numel() for p in module.parameters())
-    return {"llm_layers": count(model.llm.model.layers), "vision": count(model.vision), "speech": count(model.speech),
-            "decoder_layers": count(d.decoder.layers), "moe": count(d.moe), "decoder": count(d),
-            "frozen": count(model) - count(d), "hidden": config.hidden}
+
+    return {
+        "llm_layers": count(model.llm.model.layers),
+        "vision": count(model.vision),
+        "speech": count(model.speech),
+        "decoder_layers": count(d.decoder.layers),
+        "moe": count(d.moe),
+        "decoder": count(d),
+        "frozen": count(model) - count(d),
+        "hidden": config.hidden,
+    }
 
 
 def step(name: str, stage: str, batch: int, prompt: int, response: int, units: int, s: Dict[str, float]):
     """(seconds, device bytes, activation bytes per record) of one step of ``batch`` records."""
     c = OmniConfig.openomni_7b().decoder_config()
     dpo = stage == "emotion-dpo"
-    tokens, frames, rows = batch * (prompt + response), batch * max(c.upsample_factor * response, units), \
-        batch * (response + 2)
+    tokens, frames, rows = (
+        batch * (prompt + response),
+        batch * max(c.upsample_factor * response, units),
+        batch * (response + 2),
+    )
     head = 2 * frames * c.width * (c.units + 1)
     decoder_fwd = 2 * s["decoder_layers"] * frames + 2 * s["moe"] * rows + head
     llm_fwd = 2 * s["llm_layers"] * tokens
@@ -78,7 +90,9 @@ def step(name: str, stage: str, batch: int, prompt: int, response: int, units: i
     vocab = 2 * tokens * s["hidden"] * TEXT_VOCAB + 2 * frames * c.width * TEXT_VOCAB * (passes_train + passes_fwd)
     recompute = decoder_fwd * passes_train  # checkpointed layers run their forward again in the backward
     gemm = llm_fwd + encoders + vocab
-    seconds = gemm / MATMUL_RATE + (3 * decoder_fwd * passes_train + recompute + decoder_fwd * passes_fwd) / DECODER_RATE
+    seconds = (
+        gemm / MATMUL_RATE + (3 * decoder_fwd * passes_train + recompute + decoder_fwd * passes_fwd) / DECODER_RATE
+    )
     seconds += TORCH_CTC_S_PER_FRAME * frames / batch * (passes_train + passes_fwd)
     seconds += 2 * logits_bytes * (passes_train + passes_fwd) / BANDWIDTH + 16 * s["decoder"] / BANDWIDTH
     checkpointed = frames * c.width * 2 * c.layers  # layer inputs kept, the rest recomputed
@@ -102,24 +116,45 @@ def estimate(batch: int = 8, prompt: int = 64, response: int = 80, units: int = 
                 llm = 2 * s["llm_layers"] * (prompt + response) / MATMUL_RATE
                 reference = 2 * s["decoder"] * max(12 * response, units) / DECODER_RATE if stage == "emotion-dpo" else 0
                 run_s += records * (llm + reference)
-            rows.append({"stage": stage, "implementation": name, "batch": batch, "step_s": seconds,
-                         "response_tokens_per_s": batch * response / seconds, "units_per_s": batch * units / seconds,
-                         "peak_bytes": peak, "largest_batch": int((GPU_BYTES - fixed) // per_record),
-                         "whole_run_s": run_s, "epochs": EPOCHS[stage], "records": records, "estimate": True})
+            rows.append(
+                {
+                    "stage": stage,
+                    "implementation": name,
+                    "batch": batch,
+                    "step_s": seconds,
+                    "response_tokens_per_s": batch * response / seconds,
+                    "units_per_s": batch * units / seconds,
+                    "peak_bytes": peak,
+                    "largest_batch": int((GPU_BYTES - fixed) // per_record),
+                    "whole_run_s": run_s,
+                    "epochs": EPOCHS[stage],
+                    "records": records,
+                    "estimate": True,
+                }
+            )
     for row in rows:
         base = next(r for r in rows if r["stage"] == row["stage"] and r["implementation"] == IMPLEMENTATIONS[2])
         row["speedup_vs_recipe"] = base["step_s"] / row["step_s"]
         row["memory_vs_recipe"] = row["peak_bytes"] / base["peak_bytes"]
         row["largest_batch_vs_recipe"] = row["largest_batch"] / base["largest_batch"]
         row["whole_run_speedup_vs_recipe"] = base["whole_run_s"] / row["whole_run_s"]
-    return {"op": "train_step", "description": "ESTIMATE from counted FLOPs and bytes, not a measurement: " + __doc__,
-            "environment": {"gpu": "H100 80 GB (estimate, no GPU measurement)"}, "config": "openomni_7b (estimate)",
-            "dtype": "torch.bfloat16", "shape": {"batch": batch, "prompt": prompt, "response": response,
-                                                "units": units},
-            "assumptions": {"matmul_flops_per_s": MATMUL_RATE, "decoder_flops_per_s": DECODER_RATE,
-                            "bytes_per_s": BANDWIDTH, "gpu_bytes": GPU_BYTES,
-                            "torch_ctc_s_per_frame": TORCH_CTC_S_PER_FRAME,
-                            "omnifast_ctc_s_per_frame": OURS_CTC_S_PER_FRAME}, "rows": rows}
+    return {
+        "op": "train_step",
+        "description": "ESTIMATE from counted FLOPs and bytes, not a measurement: " + __doc__,
+        "environment": {"gpu": "H100 80 GB (estimate, no GPU measurement)"},
+        "config": "openomni_7b (estimate)",
+        "dtype": "torch.bfloat16",
+        "shape": {"batch": batch, "prompt": prompt, "response": response, "units": units},
+        "assumptions": {
+            "matmul_flops_per_s": MATMUL_RATE,
+            "decoder_flops_per_s": DECODER_RATE,
+            "bytes_per_s": BANDWIDTH,
+            "gpu_bytes": GPU_BYTES,
+            "torch_ctc_s_per_frame": TORCH_CTC_S_PER_FRAME,
+            "omnifast_ctc_s_per_frame": OURS_CTC_S_PER_FRAME,
+        },
+        "rows": rows,
+    }
 
 
 def fits_24gb() -> Dict[str, float]:
@@ -127,5 +162,8 @@ def fits_24gb() -> Dict[str, float]:
     decoder's 16 bytes per parameter and the activations of one record of the shape above."""
     s = sizes()
     _, peak, per_record = step("omnifast, state cache", "emotion-dpo", 1, 64, 80, 300, s)
-    return {"decoder_state_gib": 16 * s["decoder"] / 2**30, "one_record_activations_gib": per_record / 2**30,
-            "records_that_fit_24gib": int((24 * 2**30 - 16 * s["decoder"]) // per_record)}
+    return {
+        "decoder_state_gib": 16 * s["decoder"] / 2**30,
+        "one_record_activations_gib": per_record / 2**30,
+        "records_that_fit_24gib": int((24 * 2**30 - 16 * s["decoder"]) // per_record),
+    }

@@ -7,6 +7,7 @@ the resampler librosa itself calls by default (``res_type="soxr_hq"``), used dir
 reading audio does not import librosa. A ``.npy`` file holds float samples with no rate of
 their own: it is taken to be at the rate it is read for.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ class AudioError(ValueError):
 
 @dataclass(frozen=True)
 class AudioInfo:
-    format: str        # "WAV", "FLAC", "OGG", "MP3", or "NPY"
-    subtype: str       # e.g. "PCM_16", "FLOAT", "VORBIS"
+    format: str  # "WAV", "FLAC", "OGG", "MP3", or "NPY"
+    subtype: str  # e.g. "PCM_16", "FLOAT", "VORBIS"
     rate: Optional[int]  # None for .npy (no rate of its own)
     channels: int
     frames: int
@@ -48,17 +49,21 @@ def audio_info(path, verify_end: bool = False) -> AudioInfo:
         except (ValueError, OSError) as error:
             raise AudioError(f"{path}: not a readable .npy array ({error})") from None
         if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.floating):
-            raise AudioError(f"{path}: a .npy clip must hold 1-D (or samples x channels) float samples, "
-                             f"got shape {array.shape} and dtype {array.dtype}")
+            raise AudioError(
+                f"{path}: a .npy clip must hold 1-D (or samples x channels) float samples, "
+                f"got shape {array.shape} and dtype {array.dtype}"
+            )
         return AudioInfo("NPY", str(array.dtype), None, 1 if array.ndim == 1 else array.shape[1], array.shape[0])
     import soundfile
+
     try:
         info = soundfile.info(str(path))
     except (RuntimeError, soundfile.LibsndfileError, TypeError) as error:
         raise AudioError(f"{path}: not audio that libsndfile reads ({error})") from None
     if info.frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
-        raise AudioError(f"{path}: empty or malformed audio ({info.frames} frames, {info.samplerate} Hz, "
-                         f"{info.channels} channels)")
+        raise AudioError(
+            f"{path}: empty or malformed audio ({info.frames} frames, {info.samplerate} Hz, {info.channels} channels)"
+        )
     if verify_end:
         try:
             with soundfile.SoundFile(str(path)) as handle:
@@ -82,6 +87,7 @@ def read_audio(path, rate: Optional[int] = None) -> Tuple[np.ndarray, int]:
         samples, native = np.load(path, allow_pickle=False).astype(np.float32), rate
     else:
         import soundfile
+
         try:
             samples, native = soundfile.read(str(path), dtype="float32", always_2d=False)
         except (RuntimeError, soundfile.LibsndfileError) as error:
@@ -112,6 +118,7 @@ def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target or samples.size == 0:
         return samples
     import soxr
+
     return soxr.resample(samples, rate, target, quality="HQ").astype(np.float32)
 
 
@@ -119,5 +126,6 @@ def write_audio(path, samples: np.ndarray, rate: int = 16000) -> None:
     """Mono float samples in [-1, 1] -> a 16-bit PCM WAV file, written to a temporary name, fsynced
     and renamed, so that a reader never sees half a file."""
     import soundfile
+
     clipped = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
     write_durably(path, lambda handle: soundfile.write(handle, clipped, rate, format="WAV", subtype="PCM_16"))

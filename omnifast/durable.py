@@ -1,13 +1,14 @@
 """Files that survive a crash: written to a temporary name, flushed to disk, renamed over the final
 name (atomic), and the folder flushed after the rename. A reader sees the old file or the new one,
 never half of either; after a machine crash a file that has its final name has all its data."""
+
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
-import errno
-from typing import Callable, IO
+from typing import IO, Callable
 
 
 class DiskFull(OSError):
@@ -15,8 +16,11 @@ class DiskFull(OSError):
     is untouched."""
 
     def __init__(self, path, error: OSError):
-        super().__init__(errno.ENOSPC, f"no space left on the device to write {path} (it was not written; what "
-                                       f"was there before is intact): {error.strerror or error}")
+        super().__init__(
+            errno.ENOSPC,
+            f"no space left on the device to write {path} (it was not written; what "
+            f"was there before is intact): {error.strerror or error}",
+        )
         self.path = path
 
 
@@ -29,6 +33,7 @@ def _cleanup_on_error(tmp: Path, final: Path, run: Callable[[], None]) -> None:
         if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
             raise DiskFull(final, error if isinstance(error, OSError) else OSError(str(error))) from None
         raise
+
 
 def fsync_path(path) -> None:
     """Flush a file's or a folder's data and metadata to disk."""
@@ -49,6 +54,7 @@ def write_durably(path, write: Callable[[IO[bytes]], None]) -> Path:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+
     _cleanup_on_error(tmp, path, run)
     os.replace(tmp, path)
     fsync_path(path.parent)

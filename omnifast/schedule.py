@@ -1,5 +1,6 @@
 """The learning-rate schedule of every optimiser in omnifast: a linear warmup and a cosine decay to
 0, as a factor of the base rate for ``torch.optim.lr_scheduler.LambdaLR``."""
+
 from __future__ import annotations
 
 import math
@@ -22,4 +23,5 @@ def warmup_cosine(total: int, warmup: int, *, decay_from_start: bool = False) ->
         if step < decay_start:
             return ramp
         return ramp * 0.5 * (1 + math.cos(math.pi * (step - decay_start) / max(1, total - decay_start)))
+
     return factor

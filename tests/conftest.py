@@ -9,6 +9,7 @@
 * hypothesis runs a bounded number of examples so the suite stays fast (``HYPOTHESIS_PROFILE=
   thorough`` draws ten times more).
 """
+
 import os
 
 import pytest
@@ -22,12 +23,26 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("omnifast", deadline=None, max_examples=40, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", deadline=None, max_examples=400,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("gpu-check", deadline=None, max_examples=8, derandomize=True,  # make gpu-check
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "omnifast",
+    deadline=None,
+    max_examples=40,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=400,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "gpu-check",
+    deadline=None,
+    max_examples=8,
+    derandomize=True,  # make gpu-check
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "omnifast"))
 
 # Import the Triton kernels now, while TRITON_INTERPRET=1 is set: @triton.jit decides at import
@@ -40,19 +55,28 @@ from omnifast.kernels import _launch  # noqa: E402
 
 _launch.record_launches()
 
-TEST_PACKAGES = sorted(entry.name for entry in os.scandir(os.path.dirname(__file__))
-                       if entry.is_dir() and os.path.exists(os.path.join(entry.path, "__init__.py")))
+TEST_PACKAGES = sorted(
+    entry.name
+    for entry in os.scandir(os.path.dirname(__file__))
+    if entry.is_dir() and os.path.exists(os.path.join(entry.path, "__init__.py"))
+)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "last: run after every other test (it reads what they recorded)")
-    config.addinivalue_line("markers", "cpu_only: a CPU-side test (C++ kernels, the interpreter, CLI on "
-                                       "the CPU) that the CUDA test mode does not repeat")
+    config.addinivalue_line(
+        "markers",
+        "cpu_only: a CPU-side test (C++ kernels, the interpreter, CLI on "
+        "the CPU) that the CUDA test mode does not repeat",
+    )
     config.addinivalue_line("markers", "cuda_only: a test at real shapes that only the CUDA test mode runs")
-    config.addinivalue_line("markers", "gpu_check(rank): in `make gpu-check`'s GPU parity run (pytest -m gpu_check), "
-                                       "lower ranks first: 1 every op family at its real shape, 2 the CTC family, "
-                                       "3 linear-CTC, 4 CTC-DPO, 5 MoE, 6 the speech decoder, 7 packing, FSQ and "
-                                       "mixed precision")
+    config.addinivalue_line(
+        "markers",
+        "gpu_check(rank): in `make gpu-check`'s GPU parity run (pytest -m gpu_check), "
+        "lower ranks first: 1 every op family at its real shape, 2 the CTC family, "
+        "3 linear-CTC, 4 CTC-DPO, 5 MoE, 6 the speech decoder, 7 packing, FSQ and "
+        "mixed precision",
+    )
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -66,6 +90,7 @@ def pytest_collection_modifyitems(session, config, items):
                 item.add_marker(skip)
     if TEST_DEVICE == "cuda":
         import torch
+
         if not torch.cuda.is_available():
             skip = pytest.mark.skip(reason="OMNIFAST_TEST_DEVICE=cuda but no CUDA device is present")
         else:

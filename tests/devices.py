@@ -3,6 +3,7 @@ kernels through the interpreter). ``OMNIFAST_TEST_DEVICE=cuda`` moves the tensor
 triton backends, and of the module, model and training tests, to the GPU (compiled Triton); the
 C++ backend's tests stay on the CPU, where it runs. Inputs are always drawn on the CPU (seeded
 generators) and moved, so both modes test the same numbers."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 supported format gives the features of its 16 kHz mono rendering (within resampling and codec
 tolerance), and every unreadable, cut-short or too-long file is a DataError naming the file, the
 record and the field before the first step."""
+
 import json
 
 import numpy as np
@@ -73,11 +74,17 @@ def test_every_rendering_gives_the_features_of_the_16k_mono_signal(processor, re
 def test_the_dataset_resamples_each_file_from_its_own_rate(processor, renderings, tmp_path):
     """A 44.1 kHz stereo clip in a record: the features the model gets are those of the signal
     at 16 kHz, not of 2.2x as many samples taken as 16 kHz."""
-    rows = [{"id": "a", "speech": str(renderings / "stereo-48k.flac"),
-             "conversations": [{"from": "human", "value": "<speech>"}, {"from": "gpt", "value": "hi"}]}]
+    rows = [
+        {
+            "id": "a",
+            "speech": str(renderings / "stereo-48k.flac"),
+            "conversations": [{"from": "human", "value": "<speech>"}, {"from": "gpt", "value": "hi"}],
+        }
+    ]
     (tmp_path / "d.json").write_text(json.dumps(rows))
-    records = load_records(tmp_path / "d.json", get_stage("s2t"), media_roots=[renderings], audio_seconds=1,
-                           sampling_rate=16000)
+    records = load_records(
+        tmp_path / "d.json", get_stage("s2t"), media_roots=[renderings], audio_seconds=1, sampling_rate=16000
+    )
     item = ConversationDataset(records, processor)[0]
     reference = processor.audio_to_features([signal(16000)])
     assert float((item["speech_features"] - reference).abs().max()) < 0.02
@@ -85,8 +92,12 @@ def test_the_dataset_resamples_each_file_from_its_own_rate(processor, renderings
 
 def test_resample_and_write(tmp_path):
     wave = signal(16000)
-    torch.testing.assert_close(torch.from_numpy(resample(resample(wave, 16000, 48000), 48000, 16000)[200:-200]),
-                               torch.from_numpy(wave[200:-200]), atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        torch.from_numpy(resample(resample(wave, 16000, 48000), 48000, 16000)[200:-200]),
+        torch.from_numpy(wave[200:-200]),
+        atol=2e-3,
+        rtol=0,
+    )
     write_audio(tmp_path / "w.wav", wave, 16000)
     back, rate = read_audio(tmp_path / "w.wav")
     assert rate == 16000 and np.abs(back - wave).max() < 1e-4
@@ -104,6 +115,7 @@ def write_bad_files(root, renderings):
     (root / "cut.flac").write_bytes(flac[: len(flac) // 2])
     soundfile.write(root / "long.wav", np.zeros(16000 * 2, np.float32), 16000)
     from PIL import Image
+
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "ok.png")
     png = (root / "ok.png").read_bytes()
     (root / "cut.png").write_bytes(png[: len(png) // 2])
@@ -122,22 +134,43 @@ def test_every_bad_media_file_is_named_with_its_record_and_field_before_step_one
             out["image"] = image
         return out
 
-    rows = [row("r0", "good.wav"), row("r1", "text.wav"), row("r2", "cut.flac"), row("r3", "long.wav"),
-            row("r4", image="cut.png"), row("r5", "bad.npy"), row("r6", "../outside.wav"),
-            row("r7", "/etc/hostname")]
+    rows = [
+        row("r0", "good.wav"),
+        row("r1", "text.wav"),
+        row("r2", "cut.flac"),
+        row("r3", "long.wav"),
+        row("r4", image="cut.png"),
+        row("r5", "bad.npy"),
+        row("r6", "../outside.wav"),
+        row("r7", "/etc/hostname"),
+    ]
     (tmp_path / "data.json").write_text(json.dumps(rows))
     out = tmp_path / "out"
     with pytest.raises(DataError) as error:
-        cli.main(["train", "--stage", "s2t", "--model", "tiny", "--data", str(tmp_path / "data.json"),
-                  "--out", str(out), "--no-progress"])
+        cli.main(
+            [
+                "train",
+                "--stage",
+                "s2t",
+                "--model",
+                "tiny",
+                "--data",
+                str(tmp_path / "data.json"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
     message = str(error.value)
-    for expected in (f"record r1: speech: {tmp_path / 'text.wav'}: not audio",
-                     f"record r2: speech: {tmp_path / 'cut.flac'}: cut short",
-                     f"record r3: speech: {tmp_path / 'long.wav'}: 2.00 s of audio is longer than the model's 1 s",
-                     f"record r4: image: {tmp_path / 'cut.png'}: not a readable image",
-                     f"record r5: speech: {tmp_path / 'bad.npy'}: not a readable .npy",
-                     "record r6: speech: ../outside.wav is outside the data folder",
-                     "record r7: speech: /etc/hostname is outside the data folder"):
+    for expected in (
+        f"record r1: speech: {tmp_path / 'text.wav'}: not audio",
+        f"record r2: speech: {tmp_path / 'cut.flac'}: cut short",
+        f"record r3: speech: {tmp_path / 'long.wav'}: 2.00 s of audio is longer than the model's 1 s",
+        f"record r4: image: {tmp_path / 'cut.png'}: not a readable image",
+        f"record r5: speech: {tmp_path / 'bad.npy'}: not a readable .npy",
+        "record r6: speech: ../outside.wav is outside the data folder",
+        "record r7: speech: /etc/hostname is outside the data folder",
+    ):
         assert expected in message, expected
     assert "record r0:" not in message and message.startswith("8 problem(s)")  # r4 also lacks its speech
     assert not out.exists()

@@ -3,6 +3,7 @@ scripts (a folder without ``__init__.py``, run from a checkout as ``python -m be
 not installed). Nothing else there may look like a package: a folder at the root with a package's
 name would shadow that package whenever the root is on ``sys.path`` (as under ``python -m
 pytest``): a top-level ``kernels/`` did, hiding the ``kernels`` package transformers imports."""
+
 import importlib.util
 import sysconfig
 from pathlib import Path

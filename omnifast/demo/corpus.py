@@ -22,6 +22,7 @@ What is held out, and from what:
 
 ``build_corpus`` writes it under a cache folder once; later calls return the folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,33 +36,67 @@ from .images import COLOURS, POSITIONS, SHAPES, Scene, draw
 from .speech import EVAL_VOICE, PRETRAIN_VOICES, STYLES, TRAIN_VOICES, Speaker
 
 VERSION = 7
-UNIT_VOICE = TRAIN_VOICES[0]       # the voice whose clips give the answers' units (and the tokenizer's)
+UNIT_VOICE = TRAIN_VOICES[0]  # the voice whose clips give the answers' units (and the tokenizer's)
 EMOTIONS = ("happy", "sad", "angry")
-WINDOW_SECONDS = 3                 # the demo model's speech window
-TRANSCRIBE = "what did you hear"   # the stage-1 instruction
+WINDOW_SECONDS = 3  # the demo model's speech window
+TRANSCRIBE = "what did you hear"  # the stage-1 instruction
 DESCRIBE = "describe the picture"  # the stage-2 instruction
 NUMBERS = ("one", "two", "three", "four", "five")
-HELD_OUT_STATEMENTS = 7            # per emotion, never in CTC-DPO
-TOKENIZER_BABBLE = 300             # random sequences among the tokenizer's clips (besides the language's)
+HELD_OUT_STATEMENTS = 7  # per emotion, never in CTC-DPO
+TOKENIZER_BABBLE = 300  # random sequences among the tokenizer's clips (besides the language's)
 BABBLE = {"llm-pretrain": 300, "speech-pretrain": 300, "s2t": 600, "speech-gen": 300}
-FACT_REPEATS = 8                   # copies of each fact record in the LLM's text  # random word sequences
-EMOTION_EVAL_FACTS = 10            # facts each held-out statement is evaluated with
+FACT_REPEATS = 8  # copies of each fact record in the LLM's text  # random word sequences
+EMOTION_EVAL_FACTS = 10  # facts each held-out statement is evaluated with
 
 STATEMENTS = {
-    "happy": ["i just won a prize", "my best friend is coming to visit", "i passed my exam today",
-              "we are going to the beach", "i got a new puppy", "my sister had a baby",
-              "i finished my first painting", "we won the football match", "i found my lost ring",
-              "my garden is full of flowers", "i got the job i wanted", "my team finished the project early",
-              "we are going on holiday tomorrow", "my grandmother is feeling better"],
-    "sad": ["i lost my old dog", "my friend moved far away", "i failed my test", "it rained on my birthday",
-            "my favourite cup broke", "nobody came to my party", "my cat is sick", "i miss my family",
-            "the old tree in our garden fell", "i lost my wallet", "my best friend forgot my birthday",
-            "the shop where i worked closed", "my plants all died", "i have to say goodbye to my class"],
-    "angry": ["the train was late again", "someone broke my bike", "they lied to me", "my order never arrived",
-              "my neighbour plays loud music", "someone ate my lunch", "the bus drove past without stopping",
-              "they charged me twice", "my brother broke my phone", "the shop sold me a broken lamp",
-              "somebody scratched my car", "they cancelled my flight again", "my landlord kept my deposit",
-              "the printer jammed again"],
+    "happy": [
+        "i just won a prize",
+        "my best friend is coming to visit",
+        "i passed my exam today",
+        "we are going to the beach",
+        "i got a new puppy",
+        "my sister had a baby",
+        "i finished my first painting",
+        "we won the football match",
+        "i found my lost ring",
+        "my garden is full of flowers",
+        "i got the job i wanted",
+        "my team finished the project early",
+        "we are going on holiday tomorrow",
+        "my grandmother is feeling better",
+    ],
+    "sad": [
+        "i lost my old dog",
+        "my friend moved far away",
+        "i failed my test",
+        "it rained on my birthday",
+        "my favourite cup broke",
+        "nobody came to my party",
+        "my cat is sick",
+        "i miss my family",
+        "the old tree in our garden fell",
+        "i lost my wallet",
+        "my best friend forgot my birthday",
+        "the shop where i worked closed",
+        "my plants all died",
+        "i have to say goodbye to my class",
+    ],
+    "angry": [
+        "the train was late again",
+        "someone broke my bike",
+        "they lied to me",
+        "my order never arrived",
+        "my neighbour plays loud music",
+        "someone ate my lunch",
+        "the bus drove past without stopping",
+        "they charged me twice",
+        "my brother broke my phone",
+        "the shop sold me a broken lamp",
+        "somebody scratched my car",
+        "they cancelled my flight again",
+        "my landlord kept my deposit",
+        "the printer jammed again",
+    ],
 }
 REPLIES = {
     "happy": ["that is wonderful news", "how lovely", "well done that is great", "what a happy day"],
@@ -76,16 +111,33 @@ def reply_to(emotion: str, index: int) -> str:
 
 def facts() -> List[Tuple[str, str]]:
     """Question -> answer pairs the LLM learns as text and the speech decoder learns to speak."""
-    things = [("sky", "blue"), ("grass", "green"), ("banana", "yellow"), ("tomato", "red"), ("lemon", "yellow"),
-              ("leaf", "green"), ("sea", "blue"), ("cherry", "red"), ("strawberry", "red"), ("frog", "green"),
-              ("sun", "yellow"), ("blueberry", "blue")]
+    things = [
+        ("sky", "blue"),
+        ("grass", "green"),
+        ("banana", "yellow"),
+        ("tomato", "red"),
+        ("lemon", "yellow"),
+        ("leaf", "green"),
+        ("sea", "blue"),
+        ("cherry", "red"),
+        ("strawberry", "red"),
+        ("frog", "green"),
+        ("sun", "yellow"),
+        ("blueberry", "blue"),
+    ]
     out = [(f"what colour is the {thing}", f"the {thing} is {colour}") for thing, colour in things]
-    out += [("how many sides does a triangle have", "a triangle has three sides"),
-            ("how many sides does a square have", "a square has four sides")]
+    out += [
+        ("how many sides does a triangle have", "a triangle has three sides"),
+        ("how many sides does a square have", "a square has four sides"),
+    ]
     for a in range(1, 5):
         for b in range(1, 6 - a):
-            out.append((f"what is {NUMBERS[a - 1]} plus {NUMBERS[b - 1]}", f"{NUMBERS[a - 1]} plus {NUMBERS[b - 1]} is "
-                        f"{NUMBERS[a + b - 1]}"))
+            out.append(
+                (
+                    f"what is {NUMBERS[a - 1]} plus {NUMBERS[b - 1]}",
+                    f"{NUMBERS[a - 1]} plus {NUMBERS[b - 1]} is {NUMBERS[a + b - 1]}",
+                )
+            )
     return out
 
 
@@ -107,11 +159,12 @@ def _slug(text: str) -> str:
 @dataclass(frozen=True)
 class Split:
     """What is held out (a fixed draw from the seed): scenes, facts and emotional statements."""
+
     train_scenes: Tuple[Scene, ...]
     eval_scenes: Tuple[Scene, ...]
     train_facts: Tuple[Tuple[str, str], ...]
     eval_facts: Tuple[Tuple[str, str], ...]
-    train_statements: Tuple[Tuple[str, str, str], ...]   # (emotion, statement, reply)
+    train_statements: Tuple[Tuple[str, str, str], ...]  # (emotion, statement, reply)
     eval_statements: Tuple[Tuple[str, str, str], ...]
 
     def sentences(self) -> List[str]:
@@ -151,8 +204,14 @@ def make_split(seed: int = 0, eval_scenes: int = 24, eval_facts: int = 6) -> Spl
         rng.shuffle(rows)
     train = tuple(row for rows in statements.values() for row in rows[HELD_OUT_STATEMENTS:])
     held = tuple(row for rows in statements.values() for row in rows[:HELD_OUT_STATEMENTS])
-    return Split(tuple(all_scenes[eval_scenes:]), tuple(all_scenes[:eval_scenes]), tuple(all_facts[eval_facts:]),
-                 tuple(all_facts[:eval_facts]), train, held)
+    return Split(
+        tuple(all_scenes[eval_scenes:]),
+        tuple(all_scenes[:eval_scenes]),
+        tuple(all_facts[eval_facts:]),
+        tuple(all_facts[:eval_facts]),
+        train,
+        held,
+    )
 
 
 class _Studio:
@@ -160,6 +219,7 @@ class _Studio:
 
     def __init__(self, root: Path):
         from omnifast.audio import write_audio
+
         self.root, self.speaker, self.write_audio = root, Speaker(), write_audio
         (root / "audio").mkdir(parents=True, exist_ok=True)
         (root / "images").mkdir(parents=True, exist_ok=True)
@@ -172,8 +232,10 @@ class _Studio:
             if samples.size > WINDOW_SECONDS * self.speaker.sampling_rate:
                 if style != "neutral":  # a long random sequence said slowly: said plainly instead
                     return self.clip(text, voice, "neutral")
-                raise ValueError(f"{text!r} in {voice} lasts {samples.size / self.speaker.sampling_rate:.2f} s, "
-                                 f"longer than the model's {WINDOW_SECONDS} s speech window")
+                raise ValueError(
+                    f"{text!r} in {voice} lasts {samples.size / self.speaker.sampling_rate:.2f} s, "
+                    f"longer than the model's {WINDOW_SECONDS} s speech window"
+                )
             self.write_audio(self.root / name, samples, self.speaker.sampling_rate)
             self.clips[name] = {"audio": "../" + name, "text": text, "emotion": style, "voice": voice}
         return name
@@ -197,26 +259,38 @@ def _dump(path: Path, records: List[Dict]) -> None:
 
 def _text_records(split: Split, rng: random.Random) -> List[Dict]:
     """``llm-pretrain``: the language as text (copying, facts, reading captions, dialogues)."""
-    lm = [{"id": f"copy-{i}", "conversations": _turns(f"{t}\n{TRANSCRIBE}", t)}
-          for i, t in enumerate(split.sentences() + split.babble(rng, BABBLE["llm-pretrain"]))]
-    lm += [{"id": f"fact-{i}-{k}", "conversations": _turns(q, a)}  # a few facts among many records: repeated
-           for i, (q, a) in enumerate(split.train_facts + split.eval_facts) for k in range(FACT_REPEATS)]
+    lm = [
+        {"id": f"copy-{i}", "conversations": _turns(f"{t}\n{TRANSCRIBE}", t)}
+        for i, t in enumerate(split.sentences() + split.babble(rng, BABBLE["llm-pretrain"]))
+    ]
+    lm += [
+        {"id": f"fact-{i}-{k}", "conversations": _turns(q, a)}  # a few facts among many records: repeated
+        for i, (q, a) in enumerate(split.train_facts + split.eval_facts)
+        for k in range(FACT_REPEATS)
+    ]
     # reading a caption to answer the picture questions: what the pictures will be read as (language as pivot)
-    lm += [{"id": f"read-{i}-{j}", "conversations": _turns(f"{s.caption()}\n{q}", a)}
-           for i, s in enumerate(split.train_scenes + split.eval_scenes) for j, (q, a) in enumerate(picture_questions(s))]
+    lm += [
+        {"id": f"read-{i}-{j}", "conversations": _turns(f"{s.caption()}\n{q}", a)}
+        for i, s in enumerate(split.train_scenes + split.eval_scenes)
+        for j, (q, a) in enumerate(picture_questions(s))
+    ]
     all_facts = split.train_facts + split.eval_facts
-    lm += [{"id": f"talk-{i}-{j}", "conversations": _turns(statement, reply, *fact)}
-           for i, (_, statement, reply) in enumerate(split.train_statements + split.eval_statements)
-           for j, fact in enumerate(rng.sample(all_facts, 4))]
+    lm += [
+        {"id": f"talk-{i}-{j}", "conversations": _turns(statement, reply, *fact)}
+        for i, (_, statement, reply) in enumerate(split.train_statements + split.eval_statements)
+        for j, fact in enumerate(rng.sample(all_facts, 4))
+    ]
     return lm
 
 
-def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3, pretrain_takes: int = 6,
-                 progress: bool = True) -> Path:
+def build_corpus(
+    cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3, pretrain_takes: int = 6, progress: bool = True
+) -> Path:
     """Build (or find) the corpus under ``cache_dir``; returns its folder. ``takes``: how many
     (voice, style) draws speak each stage-1 sentence; ``pretrain_takes``: each speech-encoder
     pretraining sentence."""
     from tqdm.auto import tqdm
+
     root = Path(cache_dir) / f"demo-corpus-v{VERSION}-s{seed}-i{image_size}-t{takes}-p{pretrain_takes}"
     if (root / "done").is_file():
         return root
@@ -232,60 +306,136 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
     lm = _text_records(split, rng)
     _dump(building / "llm-pretrain.json", lm)
     pretrain_combos = [(v, s) for v in PRETRAIN_VOICES for s in STYLES]
-    _dump(building / "speech-pretrain.json", [
-        {"id": f"hear-{i}-{k}", "speech": studio.clip(text, voice, style), "conversations": _turns("<speech>", text)}
-        for i, text in enumerate(heard) for k, (voice, style) in enumerate(rng.sample(pretrain_combos, pretrain_takes))]
-        + [{"id": f"hear-babble-{i}", "speech": studio.clip(text, *rng.choice(pretrain_combos)),
-            "conversations": _turns("<speech>", text)} for i, text in enumerate(babble["speech-pretrain"])])
+    _dump(
+        building / "speech-pretrain.json",
+        [
+            {
+                "id": f"hear-{i}-{k}",
+                "speech": studio.clip(text, voice, style),
+                "conversations": _turns("<speech>", text),
+            }
+            for i, text in enumerate(heard)
+            for k, (voice, style) in enumerate(rng.sample(pretrain_combos, pretrain_takes))
+        ]
+        + [
+            {
+                "id": f"hear-babble-{i}",
+                "speech": studio.clip(text, *rng.choice(pretrain_combos)),
+                "conversations": _turns("<speech>", text),
+            }
+            for i, text in enumerate(babble["speech-pretrain"])
+        ],
+    )
     bar.update()
 
     # stage 1: speech -> text (training voices); held out: unseen captions, unseen voice
     s2t = []
     for text in heard + babble["s2t"]:
         # the questions (the pivot) in every voice and style; a random sequence once
-        draws = combos if text in QUESTIONS else [rng.choice(combos)] if text not in heard else rng.sample(combos, takes)
+        draws = (
+            combos if text in QUESTIONS else [rng.choice(combos)] if text not in heard else rng.sample(combos, takes)
+        )
         for voice, style in draws:
-            s2t.append({"id": f"s2t-{len(s2t)}", "speech": studio.clip(text, voice, style),
-                        "conversations": _turns(f"<speech>\n{TRANSCRIBE}", text)})
+            s2t.append(
+                {
+                    "id": f"s2t-{len(s2t)}",
+                    "speech": studio.clip(text, voice, style),
+                    "conversations": _turns(f"<speech>\n{TRANSCRIBE}", text),
+                }
+            )
     # spoken questions about a written caption: speech in a text context (no picture)
     asked = []
     for scene in split.train_scenes:
         for question, answer in rng.sample(picture_questions(scene), 2):
             voice, style = rng.choice(combos)
-            asked.append({"id": f"ask-{len(asked)}", "speech": studio.clip(question, voice, style),
-                          "conversations": _turns(f"{scene.caption()}\n<speech>", answer)})
+            asked.append(
+                {
+                    "id": f"ask-{len(asked)}",
+                    "speech": studio.clip(question, voice, style),
+                    "conversations": _turns(f"{scene.caption()}\n<speech>", answer),
+                }
+            )
     # facts with spoken alternatives (OpenOmni's layout: one clip per human turn, drawn per epoch)
-    spoken_facts = [{"id": f"fact-spoken-{i}", "speech": [studio.clip(q, *rng.choice(combos))],
-                     "conversations": _turns(q, a)} for i, (q, a) in enumerate(split.train_facts)]
+    spoken_facts = [
+        {"id": f"fact-spoken-{i}", "speech": [studio.clip(q, *rng.choice(combos))], "conversations": _turns(q, a)}
+        for i, (q, a) in enumerate(split.train_facts)
+    ]
     _dump(building / "s2t.json", s2t + asked + spoken_facts)
-    _dump(building / "eval-s2t.json", [
-        {"id": f"asr-{i}", "speech": studio.clip(s.caption(), EVAL_VOICE, rng.choice(list(STYLES))),
-         "conversations": _turns(f"<speech>\n{TRANSCRIBE}", s.caption())} for i, s in enumerate(split.eval_scenes)])
-    _dump(building / "eval-s2t-train-voices.json", [
-        {"id": f"asr-tv-{i}", "speech": studio.clip(s.caption(), *rng.choice(combos)),
-         "conversations": _turns(f"<speech>\n{TRANSCRIBE}", s.caption())} for i, s in enumerate(split.eval_scenes)])
+    _dump(
+        building / "eval-s2t.json",
+        [
+            {
+                "id": f"asr-{i}",
+                "speech": studio.clip(s.caption(), EVAL_VOICE, rng.choice(list(STYLES))),
+                "conversations": _turns(f"<speech>\n{TRANSCRIBE}", s.caption()),
+            }
+            for i, s in enumerate(split.eval_scenes)
+        ],
+    )
+    _dump(
+        building / "eval-s2t-train-voices.json",
+        [
+            {
+                "id": f"asr-tv-{i}",
+                "speech": studio.clip(s.caption(), *rng.choice(combos)),
+                "conversations": _turns(f"<speech>\n{TRANSCRIBE}", s.caption()),
+            }
+            for i, s in enumerate(split.eval_scenes)
+        ],
+    )
     bar.update()
 
     # stages 2 and 3: pictures
-    _dump(building / "i2t-pretrain.json", [
-        {"id": f"cap-{i}", "image": studio.picture(s, image_size), "conversations": _turns(f"<image>\n{DESCRIBE}", s.caption())}
-        for i, s in enumerate(split.train_scenes)])
-    vqa = [{"id": f"vqa-{i}-{j}", "image": studio.picture(s, image_size), "conversations": _turns(f"<image>\n{q}", a)}
-           for i, s in enumerate(split.train_scenes) for j, (q, a) in enumerate(picture_questions(s))]
+    _dump(
+        building / "i2t-pretrain.json",
+        [
+            {
+                "id": f"cap-{i}",
+                "image": studio.picture(s, image_size),
+                "conversations": _turns(f"<image>\n{DESCRIBE}", s.caption()),
+            }
+            for i, s in enumerate(split.train_scenes)
+        ],
+    )
+    vqa = [
+        {"id": f"vqa-{i}-{j}", "image": studio.picture(s, image_size), "conversations": _turns(f"<image>\n{q}", a)}
+        for i, s in enumerate(split.train_scenes)
+        for j, (q, a) in enumerate(picture_questions(s))
+    ]
     # LLaVA's SFT mix keeps text-only conversations (the language); ours also keeps the speech
     # conversations of stage 1, so the LLM that trains here still reads speech (none has a picture)
     text = [r for r in lm if r["id"].startswith(("copy", "fact", "read", "talk"))]
-    _dump(building / "i2t-sft.json", vqa + rng.sample(text, len(vqa) // 2) + asked + spoken_facts +
-          rng.sample(s2t, len(vqa) // 4))
+    _dump(
+        building / "i2t-sft.json",
+        vqa + rng.sample(text, len(vqa) // 2) + asked + spoken_facts + rng.sample(s2t, len(vqa) // 4),
+    )
     bar.update()
-    eval_vqa = [(i, j, s, q, a) for i, s in enumerate(split.eval_scenes) for j, (q, a) in enumerate(picture_questions(s))]
-    _dump(building / "eval-vqa-text.json", [
-        {"id": f"vqa-text-{i}-{j}", "image": studio.picture(s, image_size), "conversations": _turns(f"<image>\n{q}", a)}
-        for i, j, s, q, a in eval_vqa])
-    _dump(building / "eval-vqa-speech.json", [
-        {"id": f"vqa-speech-{i}-{j}", "image": studio.picture(s, image_size),
-         "speech": studio.clip(q, EVAL_VOICE, rng.choice(list(STYLES))), "conversations": _turns("<image>\n<speech>", a)}
-        for i, j, s, q, a in eval_vqa])
+    eval_vqa = [
+        (i, j, s, q, a) for i, s in enumerate(split.eval_scenes) for j, (q, a) in enumerate(picture_questions(s))
+    ]
+    _dump(
+        building / "eval-vqa-text.json",
+        [
+            {
+                "id": f"vqa-text-{i}-{j}",
+                "image": studio.picture(s, image_size),
+                "conversations": _turns(f"<image>\n{q}", a),
+            }
+            for i, j, s, q, a in eval_vqa
+        ],
+    )
+    _dump(
+        building / "eval-vqa-speech.json",
+        [
+            {
+                "id": f"vqa-speech-{i}-{j}",
+                "image": studio.picture(s, image_size),
+                "speech": studio.clip(q, EVAL_VOICE, rng.choice(list(STYLES))),
+                "conversations": _turns("<image>\n<speech>", a),
+            }
+            for i, j, s, q, a in eval_vqa
+        ],
+    )
     bar.update()
 
     # stage 4: answers in neutral speech (units filled in by with_units); nothing said is held out
@@ -296,27 +446,47 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
     pairs = [(f"{t}\n{TRANSCRIBE}", t) for t in split.sentences() if t not in unheard]  # the copying, answered aloud
     pairs += list(split.train_facts)
     pairs += [(s, r) for _, s, r in split.train_statements + split.eval_statements]
-    gen = [{"id": f"say-{i}", "conversations": _turns(q, a), "units_from": spoken([a], "neutral")}
-           for i, (q, a) in enumerate(pairs)]
-    gen += [{"id": f"say-babble-{i}", "conversations": _turns(f"{t}\n{TRANSCRIBE}", t), "units_from": spoken([t], "neutral")}
-            for i, t in enumerate(babble["speech-gen"])]
-    gen += [{"id": f"say-talk-{i}-{j}", "conversations": _turns(s, r, *fact),
-             "units_from": spoken([r, fact[1]], "neutral")}
-            for i, (_, s, r) in enumerate(split.train_statements) for j, fact in enumerate(rng.sample(split.train_facts, 2))]
+    gen = [
+        {"id": f"say-{i}", "conversations": _turns(q, a), "units_from": spoken([a], "neutral")}
+        for i, (q, a) in enumerate(pairs)
+    ]
+    gen += [
+        {
+            "id": f"say-babble-{i}",
+            "conversations": _turns(f"{t}\n{TRANSCRIBE}", t),
+            "units_from": spoken([t], "neutral"),
+        }
+        for i, t in enumerate(babble["speech-gen"])
+    ]
+    gen += [
+        {"id": f"say-talk-{i}-{j}", "conversations": _turns(s, r, *fact), "units_from": spoken([r, fact[1]], "neutral")}
+        for i, (_, s, r) in enumerate(split.train_statements)
+        for j, fact in enumerate(rng.sample(split.train_facts, 2))
+    ]
     _dump(building / "speech-gen.pending.json", gen)
     prompts = list(split.eval_facts) + [(f"{s.caption()}\n{TRANSCRIBE}", s.caption()) for s in split.eval_scenes]
-    _dump(building / "eval-t2s.pending.json", [{"id": f"t2s-{i}", "conversations": _turns(q, a),
-                                                "units_from": spoken([a], "neutral")} for i, (q, a) in enumerate(prompts)])
+    _dump(
+        building / "eval-t2s.pending.json",
+        [
+            {"id": f"t2s-{i}", "conversations": _turns(q, a), "units_from": spoken([a], "neutral")}
+            for i, (q, a) in enumerate(prompts)
+        ],
+    )
     bar.update()
 
     # stage 5: dialogues; chosen = the replies in the context's emotion, rejected = neutral
     def dialogue(rid: str, emotion: str, statement: str, reply: str, question: str, answer: str) -> Dict:
-        return {"id": rid, "emotion": emotion, "conversations": _turns(statement, reply, question, answer),
-                "units_from": spoken([reply, answer], emotion), "rejected_units_from": spoken([reply, answer], "neutral")}
+        return {
+            "id": rid,
+            "emotion": emotion,
+            "conversations": _turns(statement, reply, question, answer),
+            "units_from": spoken([reply, answer], emotion),
+            "rejected_units_from": spoken([reply, answer], "neutral"),
+        }
 
     train_talks = [(e, s, r, q, a) for e, s, r in split.train_statements for q, a in split.train_facts]
     _dump(building / "emotion-dpo.pending.json", [dialogue(f"dpo-{i}", *t) for i, t in enumerate(train_talks)])
-    eval_facts = list(split.eval_facts) + list(split.train_facts[:EMOTION_EVAL_FACTS - len(split.eval_facts)])
+    eval_facts = list(split.eval_facts) + list(split.train_facts[: EMOTION_EVAL_FACTS - len(split.eval_facts)])
     eval_talks = [(e, s, r, q, a) for e, s, r in split.eval_statements for q, a in eval_facts]
     _dump(building / "eval-emotion.pending.json", [dialogue(f"emo-{i}", *t) for i, t in enumerate(eval_talks)])
     bar.update()
@@ -328,14 +498,18 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
     (building / "tokenizer").mkdir(exist_ok=True)
     language = set(split.sentences())
     rows = [row for row in studio.clips.values() if row["voice"] == UNIT_VOICE and row["text"] in language]
-    rows += rng.sample([row for row in studio.clips.values() if row["voice"] == UNIT_VOICE
-                        and row["text"] not in language], TOKENIZER_BABBLE)
+    rows += rng.sample(
+        [row for row in studio.clips.values() if row["voice"] == UNIT_VOICE and row["text"] not in language],
+        TOKENIZER_BABBLE,
+    )
     _dump(building / "tokenizer" / "metadata.json", [r for r in rows if r["text"] not in unheard])
     _dump(building / "tokenizer" / "held-out.json", [r for r in rows if r["text"] in unheard])
     bar.update()
     # the judge's corpus: every clip of a pretraining voice (its unit-voice clips are heard round-tripped)
-    _dump(building / "judge.json", [r for r in studio.clips.values() if r["voice"] in PRETRAIN_VOICES
-                                    and r["text"] not in unheard])
+    _dump(
+        building / "judge.json",
+        [r for r in studio.clips.values() if r["voice"] in PRETRAIN_VOICES and r["text"] not in unheard],
+    )
     (building / "done").write_text(json.dumps({"clips": len(studio.clips), "version": VERSION}))
     bar.update()
     bar.close()
@@ -344,8 +518,7 @@ def build_corpus(cache_dir, seed: int = 0, image_size: int = 48, takes: int = 3,
     return root
 
 
-def with_units(corpus: Path, name: str, encode, out_dir: Path, limit: Optional[int] = None,
-               seed: int = 0) -> Path:
+def with_units(corpus: Path, name: str, encode, out_dir: Path, limit: Optional[int] = None, seed: int = 0) -> Path:
     """``<name>.pending.json`` with ``units_from`` clips turned into ``tgt_units`` (and
     ``rejected_units_from`` into ``re_tgt_units``) by ``encode(path) -> list of units``; media
     paths made absolute. Writes ``out_dir/<name>.json`` (at most ``limit`` records, a seeded
@@ -384,8 +557,11 @@ def subset(corpus: Path, name: str, out_dir: Path, limit: Optional[int], seed: i
         for key in ("image", "speech"):
             if key in record:
                 value = record[key]
-                record[key] = [str((corpus / v).resolve()) for v in value] if isinstance(value, list) \
+                record[key] = (
+                    [str((corpus / v).resolve()) for v in value]
+                    if isinstance(value, list)
                     else str((corpus / value).resolve())
+                )
     out_dir.mkdir(parents=True, exist_ok=True)
     _dump(out_dir / f"{name}.json", records)
     return out_dir / f"{name}.json"

@@ -3,6 +3,7 @@ statistics of its log-mel spectrogram (per-band mean and spread, frames per char
 level), by multinomial logistic regression on standardised features. It is trained on the
 corpus' clips after the same round trip generated speech takes (units -> vocoder), so the two
 are judged alike."""
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -16,9 +17,19 @@ def prosody_features(mel: np.ndarray, characters: int) -> np.ndarray:
     mel = np.asarray(mel, dtype=np.float32)
     level = mel.max(0)
     voiced = mel[:, level > level.max() - 0.6] if (level > level.max() - 0.6).any() else mel
-    return np.concatenate([voiced.mean(1), voiced.std(1), np.diff(voiced, axis=1).std(1),
-                           [mel.shape[1] / max(characters, 1) / 10.0, voiced.shape[1] / max(characters, 1) / 10.0,
-                            level.mean(), level.std()]]).astype(np.float32)
+    return np.concatenate(
+        [
+            voiced.mean(1),
+            voiced.std(1),
+            np.diff(voiced, axis=1).std(1),
+            [
+                mel.shape[1] / max(characters, 1) / 10.0,
+                voiced.shape[1] / max(characters, 1) / 10.0,
+                level.mean(),
+                level.std(),
+            ],
+        ]
+    ).astype(np.float32)
 
 
 class StyleClassifier:

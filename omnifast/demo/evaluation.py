@@ -15,6 +15,7 @@
   CTC-DPO's rewards on the held-out pairs;
 - latency: time to the first unit and the real-time factor of streamed generation.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,12 +26,18 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from omnifast.audio import read_audio, write_audio
+from omnifast.audio import write_audio
 from omnifast.models import OmniModel, OmniProcessor
-from omnifast.speech.style import StyleClassifier, two_proportion_test
+from omnifast.speech.style import two_proportion_test
 from omnifast.training.data import load_records as _load_records
-from omnifast.training.evaluate import (answer_accuracy, emotion_accuracy, generate_answers, preference_metrics,
-                                        references, response_text, unit_error_rate)
+from omnifast.training.evaluate import (
+    answer_accuracy,
+    emotion_accuracy,
+    generate_answers,
+    preference_metrics,
+    references,
+    unit_error_rate,
+)
 from omnifast.training.stages import BY_NAME
 
 from .speech import STYLES
@@ -44,8 +51,10 @@ def normalise(text: str) -> str:
 
 def cer(references_: Sequence[str], hypotheses: Sequence[str]) -> float:
     import jiwer
-    return float(jiwer.cer([normalise(r) or "<empty>" for r in references_],
-                           [normalise(h) or "<empty>" for h in hypotheses]))
+
+    return float(
+        jiwer.cer([normalise(r) or "<empty>" for r in references_], [normalise(h) or "<empty>" for h in hypotheses])
+    )
 
 
 def load(directory: Path):
@@ -80,8 +89,14 @@ def speak(model: OmniModel, processor: OmniProcessor, vocoder, records) -> List[
     out = []
     for record in records:
         item = processor.encode_conversation(record.conversations[:-1], add_generation_prompt=True)
-        answer = model.generate(item["input_ids"], max_new_tokens=60, eos_token_id=eos, speak=True, unit_chunk=4,
-                                tokenizer=processor.tokenizer)
+        answer = model.generate(
+            item["input_ids"],
+            max_new_tokens=60,
+            eos_token_id=eos,
+            speak=True,
+            unit_chunk=4,
+            tokenizer=processor.tokenizer,
+        )
         out.append({"prompt": record.conversations[-2]["value"], "text": answer.text, "units": answer.units})
     for row, wave in zip(out, vocoder.synthesize_many([row["units"] for row in out])):
         row["wave"] = wave
@@ -106,11 +121,19 @@ def streaming_latency(model: OmniModel, processor: OmniProcessor, records) -> Di
     return {"first_unit_s": float(np.mean(first)), "rtf": total / (units / UNIT_RATE), "latency_n": len(first)}
 
 
-def evaluate_demo(out: Path, files: Dict[str, Path], stage_dirs: Dict[str, Path], kit, size, progress: bool = True,
-                  media_root: Optional[Path] = None) -> Dict:
+def evaluate_demo(
+    out: Path,
+    files: Dict[str, Path],
+    stage_dirs: Dict[str, Path],
+    kit,
+    size,
+    progress: bool = True,
+    media_root: Optional[Path] = None,
+) -> Dict:
     """Every figure of the report. ``kit``: the tokenizer's vocoder, the judge, the style classifier
     and the held-out round trips (``run.py``)."""
     from tqdm.auto import tqdm
+
     results: Dict[str, object] = {}
     wav_dir = out / "wavs"
     wav_dir.mkdir(parents=True, exist_ok=True)
@@ -145,10 +168,12 @@ def evaluate_demo(out: Path, files: Dict[str, Path], stage_dirs: Dict[str, Path]
     results["t2s_ceiling_cer"] = cer(kit.ceiling_texts, kit.judge.transcribe(kit.ceiling_waves))
     results["t2s_ceiling_n"] = len(kit.ceiling_waves)
     results["t2s_unit_error_rate"] = unit_error_rate(final, processor, t2s)["unit_error_rate"]
-    results["t2s_examples"] = [{"prompt": s["prompt"], "said": s["text"], "heard": h, "units": len(s["units"])}
-                               for s, h in zip(spoken[:5], heard)]
+    results["t2s_examples"] = [
+        {"prompt": s["prompt"], "said": s["text"], "heard": h, "units": len(s["units"])}
+        for s, h in zip(spoken[:5], heard)
+    ]
     results.update(streaming_latency(final, processor, t2s))
-    for i, s in enumerate(spoken[:size.wavs]):
+    for i, s in enumerate(spoken[: size.wavs]):
         write_audio(wav_dir / f"t2s-{i}.wav", s["wave"])
     bar.update()
 
@@ -168,8 +193,9 @@ def evaluate_demo(out: Path, files: Dict[str, Path], stage_dirs: Dict[str, Path]
     results["emotion_n"] = len(dialogues)
     results["emotion_contexts"] = len({r.conversations[0]["value"] for r in dialogues})
     results["emotion_chance"] = 1.0 / len(STYLES)
-    z, p = two_proportion_test(results["emotion_before_correct"], len(dialogues), results["emotion_after_correct"],
-                               len(dialogues))
+    z, p = two_proportion_test(
+        results["emotion_before_correct"], len(dialogues), results["emotion_after_correct"], len(dialogues)
+    )
     results["emotion_z"], results["emotion_p"] = z, p
     results["dpo_held_out"] = preference_metrics(final, processor, dialogues, before_model)
     bar.update()

@@ -1,6 +1,7 @@
 """Images for the demo corpus, drawn with Pillow: 1-3 shapes (circle, square, triangle) of one
 colour, placed left, centre or right, with a caption and question/answer pairs whose answers
 can be checked exactly."""
+
 from __future__ import annotations
 
 import random
@@ -17,17 +18,20 @@ NUMBERS = ("one", "two", "three")
 class Scene:
     shape: str
     colour: str
-    count: int       # 1-3 shapes, stacked vertically
-    position: str    # which third of the image holds them
+    count: int  # 1-3 shapes, stacked vertically
+    position: str  # which third of the image holds them
 
     def caption(self) -> str:
         plural = self.shape + ("s" if self.count > 1 else "")
         return f"{NUMBERS[self.count - 1]} {self.colour} {plural} on the {self.position}"
 
     def questions(self) -> List[Tuple[str, str]]:
-        return [("What shape is in the picture?", self.shape), ("What colour are the shapes?", self.colour),
-                ("How many shapes are there?", NUMBERS[self.count - 1]),
-                ("Where are the shapes?", self.position)]
+        return [
+            ("What shape is in the picture?", self.shape),
+            ("What colour are the shapes?", self.colour),
+            ("How many shapes are there?", NUMBERS[self.count - 1]),
+            ("Where are the shapes?", self.position),
+        ]
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -37,6 +41,7 @@ def random_scene(rng: random.Random) -> Scene:
 def draw(scene: Scene, size: int = 64):
     """The scene on a light grey background, as an RGB PIL image of ``size`` x ``size``."""
     from PIL import Image, ImageDraw
+
     image = Image.new("RGB", (size, size), (235, 235, 235))
     pen = ImageDraw.Draw(image)
     third = size / 3

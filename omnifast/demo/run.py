@@ -8,6 +8,7 @@ The model is ``OmniConfig.tiny()`` grown a little (a 4-layer LLM of width 192, 4
 3-second clips, a CTC head on its speech encoder) with a speech decoder over the tokenizer's
 units. Every number in the report is measured by this run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,22 +28,29 @@ from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tok
 from omnifast.nn.speech_decoder import SpeechDecoderConfig
 from omnifast.training.data import load_records
 from omnifast.training.stages import PRETRAINING, STAGES
-from omnifast.training.trainer import Trainer, TrainConfig
+from omnifast.training.trainer import TrainConfig, Trainer
 
 from . import corpus as demo_corpus
 from .speech import STYLES
 
 TRAIN_FILES = ("llm-pretrain", "speech-pretrain", "s2t", "i2t-pretrain", "i2t-sft")
 EVAL_FILES = ("eval-s2t", "eval-s2t-train-voices", "eval-vqa-text", "eval-vqa-speech")
-LEARNING_RATES = {"llm-pretrain": 2e-3, "speech-pretrain": 2e-3, "s2t": 3e-3, "i2t-pretrain": 2e-3, "i2t-sft": 5e-4,
-                  "speech-gen": 3e-3, "emotion-dpo": 5e-4}
+LEARNING_RATES = {
+    "llm-pretrain": 2e-3,
+    "speech-pretrain": 2e-3,
+    "s2t": 3e-3,
+    "i2t-pretrain": 2e-3,
+    "i2t-sft": 5e-4,
+    "speech-gen": 3e-3,
+    "emotion-dpo": 5e-4,
+}
 # The tiny LLM stand-in reads speech through stage 1's projector only if it learns to: stage 1
 # trains it with the projector, at a tenth of the projector's rate (OpenOmni's 7B LLM stays frozen).
 TRAINS = {"s2t": ("speech_projector", "llm")}
 COMPONENT_LR = {"s2t": {"llm": 3e-4}}
 SFT_WEIGHT = 1.0  # CTC-DPO alone shortens the tiny decoder's speech to win the margin; the chosen NLL holds it
 TOKENIZER_LEVELS = (4, 4, 4, 4)  # 256 units: a codebook the tiny decoder can learn from a few hundred sentences
-TOKENIZER_CTC_WEIGHT = 0.1       # units alone must also carry the prosody: the content loss only guides them
+TOKENIZER_CTC_WEIGHT = 0.1  # units alone must also carry the prosody: the content loss only guides them
 
 
 @dataclass(frozen=True)
@@ -50,38 +58,89 @@ class DemoSize:
     name: str
     tokenizer_steps: int
     judge_steps: int
-    steps: Dict[str, int]                  # optimizer steps per stage
+    steps: Dict[str, int]  # optimizer steps per stage
     batch_size: int
     batch_sizes: Dict[str, int] = field(default_factory=dict)  # per stage, where not batch_size
-    train_limit: Optional[int] = None      # records per training file (None: all)
-    eval_limit: Optional[int] = None       # records per evaluation file
-    judge_clips: int = 1200                # real clips of the pretraining voices the judge hears
-    wavs: int = 3                          # generated answers saved as WAV per kind
+    train_limit: Optional[int] = None  # records per training file (None: all)
+    eval_limit: Optional[int] = None  # records per evaluation file
+    judge_clips: int = 1200  # real clips of the pretraining voices the judge hears
+    wavs: int = 3  # generated answers saved as WAV per kind
 
 
-FULL = DemoSize("full", 800, 600, {"llm-pretrain": 300, "speech-pretrain": 500, "s2t": 500, "i2t-pretrain": 150,
-                                   "i2t-sft": 400, "speech-gen": 1000, "emotion-dpo": 300},
-                batch_size=16, batch_sizes={"speech-pretrain": 32})
-QUICK = DemoSize("quick", 40, 20, {"llm-pretrain": 12, "speech-pretrain": 8, "s2t": 8, "i2t-pretrain": 4,
-                                   "i2t-sft": 8, "speech-gen": 150, "emotion-dpo": 4},
-                 batch_size=8, train_limit=48, eval_limit=6, judge_clips=48, wavs=1)
+FULL = DemoSize(
+    "full",
+    800,
+    600,
+    {
+        "llm-pretrain": 300,
+        "speech-pretrain": 500,
+        "s2t": 500,
+        "i2t-pretrain": 150,
+        "i2t-sft": 400,
+        "speech-gen": 1000,
+        "emotion-dpo": 300,
+    },
+    batch_size=16,
+    batch_sizes={"speech-pretrain": 32},
+)
+QUICK = DemoSize(
+    "quick",
+    40,
+    20,
+    {
+        "llm-pretrain": 12,
+        "speech-pretrain": 8,
+        "s2t": 8,
+        "i2t-pretrain": 4,
+        "i2t-sft": 8,
+        "speech-gen": 150,
+        "emotion-dpo": 4,
+    },
+    batch_size=8,
+    train_limit=48,
+    eval_limit=6,
+    judge_clips=48,
+    wavs=1,
+)
 
 
 def demo_config(units: int) -> OmniConfig:
     config = OmniConfig.tiny()
-    config.llm.update(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-                      num_key_value_heads=2)
-    config.vision.update(image_size=48)          # 8-pixel patches: 36 image positions
-    config.speech.update(num_mel_bins=40, max_source_positions=150, d_model=128, encoder_layers=3,
-                         encoder_attention_heads=4, encoder_ffn_dim=256, dropout=0.1,  # 3 s: 150 frames
-                         apply_spec_augment=True, mask_time_prob=0.05, mask_time_length=10, mask_time_min_masks=2,
-                         mask_feature_prob=0.1, mask_feature_length=8)
+    config.llm.update(
+        hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2
+    )
+    config.vision.update(image_size=48)  # 8-pixel patches: 36 image positions
+    config.speech.update(
+        num_mel_bins=40,
+        max_source_positions=150,
+        d_model=128,
+        encoder_layers=3,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=256,
+        dropout=0.1,  # 3 s: 150 frames
+        apply_spec_augment=True,
+        mask_time_prob=0.05,
+        mask_time_length=10,
+        mask_time_min_masks=2,
+        mask_feature_prob=0.1,
+        mask_feature_length=8,
+    )
     config.image_size, config.audio_seconds, config.speech_projector_hidden = 48, 3, 256
-    config.speech_stack, config.speech_ctc = 3, True   # 50 LLM positions per clip; the encoder pretrained by CTC
+    config.speech_stack, config.speech_ctc = 3, True  # 50 LLM positions per clip; the encoder pretrained by CTC
     config.system_prompt = ""  # a short system turn: a third fewer tokens in every step of stages 0-3
-    config.speech_decoder = asdict(SpeechDecoderConfig.tiny(
-        llm_hidden=192, text_vocab=320, units=units, upsample_factor=4, width=128, intermediate=256, layers=3,
-        fusion_heads=4, fusion_head_dim=32))
+    config.speech_decoder = asdict(
+        SpeechDecoderConfig.tiny(
+            llm_hidden=192,
+            text_vocab=320,
+            units=units,
+            upsample_factor=4,
+            width=128,
+            intermediate=256,
+            layers=3,
+            fusion_heads=4,
+            fusion_head_dim=32,
+        )
+    )
     return config.validate()
 
 
@@ -103,6 +162,7 @@ class Kit:
     """What the evaluation judges with: the tokenizer's vocoder, the judge, the style classifier
     (and its held-out accuracy), and the ceiling's clips (real clips of the held-out answers in the
     unit voice, through tokenizer + vocoder)."""
+
     vocoder: object
     judge: object
     classifier: object
@@ -125,38 +185,50 @@ def build_kit(corpus: Path, size: DemoSize, out: Path, seed: int, progress: bool
     judge and the style classifier trained on them."""
     from omnifast.speech import SpeechTokenizer, SpeechTokenizerConfig, UnitVocoder
     from omnifast.speech.style import StyleClassifier
-    from omnifast.speech.train import config_for, evaluate_tokenizer, train_tokenizer as fit
+    from omnifast.speech.train import config_for, evaluate_tokenizer
+    from omnifast.speech.train import train_tokenizer as fit
+
     from .judge import train_judge
+
     with timer("tokenizer"):
         train = _clips(corpus, "metadata.json", size.train_limit and 8 * size.train_limit, seed)
         held = _clips(corpus, "held-out.json", size.eval_limit and 4 * size.eval_limit, seed)
         torch.manual_seed(seed)
-        tokenizer = SpeechTokenizer(config_for(train + held, SpeechTokenizerConfig.tiny(
-            levels=TOKENIZER_LEVELS, style_dim=0, ctc_weight=TOKENIZER_CTC_WEIGHT)))
+        tokenizer = SpeechTokenizer(
+            config_for(
+                train + held,
+                SpeechTokenizerConfig.tiny(levels=TOKENIZER_LEVELS, style_dim=0, ctc_weight=TOKENIZER_CTC_WEIGHT),
+            )
+        )
         fit(tokenizer, train, size.tokenizer_steps, 16, 3e-3, seed, progress)
         vocoder = UnitVocoder(tokenizer, n_iter=16)
         vocoder.save_pretrained(out / "tokenizer")
         report = evaluate_tokenizer(tokenizer, train[:200], held)
     with timer("judges"):
+
         def round_trip(rows):
             return vocoder.synthesize_many([tokenizer.encode(r["wave"])[0].tolist() for r in rows])
+
         train_rt, held_rt = round_trip(train), round_trip(held)
-        classifier = StyleClassifier(list(STYLES)).fit(train_rt, [r["text"] for r in train],
-                                                       [r["emotion"] for r in train], seed=seed)
+        classifier = StyleClassifier(list(STYLES)).fit(
+            train_rt, [r["text"] for r in train], [r["emotion"] for r in train], seed=seed
+        )
         accuracy = classifier.accuracy(held_rt, [r["text"] for r in held], [r["emotion"] for r in held])
         real = json.loads((corpus / "judge.json").read_text())
         real = random.Random(seed).sample(real, min(len(real), size.judge_clips))
         clips = [(read_audio(corpus / "tokenizer" / r["audio"], 16000)[0], r["text"]) for r in real]
-        judge = train_judge(clips + [(w, r["text"]) for w, r in zip(train_rt, train)], size.judge_steps, seed=seed,
-                            progress=progress)
+        judge = train_judge(
+            clips + [(w, r["text"]) for w, r in zip(train_rt, train)], size.judge_steps, seed=seed, progress=progress
+        )
     ceiling = [(w, r["text"]) for w, r in zip(held_rt, held) if r["emotion"] == "neutral"]
-    return Kit(vocoder, judge, classifier, accuracy, len(held), [w for w, _ in ceiling], [t for _, t in ceiling],
-               report)
+    return Kit(
+        vocoder, judge, classifier, accuracy, len(held), [w for w, _ in ceiling], [t for _, t in ceiling], report
+    )
 
 
-def run_demo(out_dir="demo_out", cache_dir=".cache", quick: bool = False, seed: int = 0,
-             progress: bool = True) -> Dict:
+def run_demo(out_dir="demo_out", cache_dir=".cache", quick: bool = False, seed: int = 0, progress: bool = True) -> Dict:
     from . import evaluation, report
+
     size = QUICK if quick else FULL
     out, timer = Path(out_dir), Timer()
     out.mkdir(parents=True, exist_ok=True)
@@ -184,18 +256,34 @@ def run_demo(out_dir="demo_out", cache_dir=".cache", quick: bool = False, seed: 
     stage_dirs = {}
     for stage in PRETRAINING + STAGES:
         with timer(f"stage {stage.index} {stage.name}"):
-            records = load_records(files[stage.name], stage, config.speech_decoder["units"], media_roots=[corpus],
-                                   audio_seconds=config.audio_seconds, sampling_rate=config.sampling_rate)
-            options = TrainConfig(stage=stage.name, lr=LEARNING_RATES[stage.name], epochs=10 ** 6,
-                                  max_steps=size.steps[stage.name],
-                                  batch_size=size.batch_sizes.get(stage.name, size.batch_size), save_every=10 ** 6,
-                                  keep=1, seed=seed, progress=progress, warmup_ratio=0.1,
-                                  trains=TRAINS.get(stage.name), component_lr=COMPONENT_LR.get(stage.name),
-                                  sft_weight=SFT_WEIGHT)
+            records = load_records(
+                files[stage.name],
+                stage,
+                config.speech_decoder["units"],
+                media_roots=[corpus],
+                audio_seconds=config.audio_seconds,
+                sampling_rate=config.sampling_rate,
+            )
+            options = TrainConfig(
+                stage=stage.name,
+                lr=LEARNING_RATES[stage.name],
+                epochs=10**6,
+                max_steps=size.steps[stage.name],
+                batch_size=size.batch_sizes.get(stage.name, size.batch_size),
+                save_every=10**6,
+                keep=1,
+                seed=seed,
+                progress=progress,
+                warmup_ratio=0.1,
+                trains=TRAINS.get(stage.name),
+                component_lr=COMPONENT_LR.get(stage.name),
+                sft_weight=SFT_WEIGHT,
+            )
             # the speech stages train the decoder on the frozen front's states, cached once
             cache = out / "cache" / stage.name if stage.loss in ("speech", "dpo") else None
-            stage_dirs[stage.name] = Trainer(model, processor, records, options,
-                                             out / "train" / f"{stage.index}-{stage.name}", state_cache=cache).train()
+            stage_dirs[stage.name] = Trainer(
+                model, processor, records, options, out / "train" / f"{stage.index}-{stage.name}", state_cache=cache
+            ).train()
     with timer("evaluation"):
         results = evaluation.evaluate_demo(out, files, stage_dirs, kit, size, progress, corpus)
     results["tokenizer"] = kit.report

@@ -1,6 +1,7 @@
 """Speech for the demo corpus from eSpeak NG, through its C library: the one bundled in the
 ``espeakng-loader`` wheel, or the system's ``libespeak-ng``. Styles are made with eSpeak's
 prosody controls (rate, pitch, pitch range, volume) and voice variants."""
+
 from __future__ import annotations
 
 import ctypes
@@ -33,12 +34,15 @@ _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctype
 def _library() -> Tuple[ctypes.CDLL, Optional[str]]:
     try:
         import espeakng_loader
+
         return ctypes.CDLL(espeakng_loader.get_library_path()), os.path.dirname(espeakng_loader.get_data_path())
     except (ImportError, OSError):
         found = ctypes.util.find_library("espeak-ng")
         if found is None:
-            raise RuntimeError("eSpeak NG is not available: install the espeak-ng system package "
-                               "(libespeak-ng) or `pip install espeakng-loader`") from None
+            raise RuntimeError(
+                "eSpeak NG is not available: install the espeak-ng system package "
+                "(libespeak-ng) or `pip install espeakng-loader`"
+            ) from None
         return ctypes.CDLL(found), None
 
 
@@ -78,6 +82,7 @@ class Speaker:
             samples = np.concatenate(chunks).astype(np.float32) / 32768.0 if chunks else np.zeros(0, np.float32)
         if native_rate != self.sampling_rate:
             from omnifast.audio import resample
+
             samples = resample(samples, native_rate, self.sampling_rate)
         return samples.astype(np.float32)
 
@@ -86,8 +91,16 @@ class Speaker:
 def _engine():
     lib, data_dir = _library()
     lib.espeak_Initialize.restype = ctypes.c_int
-    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    lib.espeak_Synth.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_uint,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     native_rate = lib.espeak_Initialize(_SYNCHRONOUS, 0, data_dir.encode() if data_dir else None, 0)
     if native_rate <= 0:
         raise RuntimeError("eSpeak NG failed to initialise")

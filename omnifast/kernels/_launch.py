@@ -1,8 +1,10 @@
 """The one way omnifast launches a Triton kernel: every argument by its name in the kernel's
-signature, checked against ``kernel.arg_names`` before the launch. Because every launch passes here, the test suite can record each specialisation it runs
-(kernel, argument dtypes, constexprs, warps) and compile exactly that set for real GPUs
+signature, checked against ``kernel.arg_names`` before the launch. Because every launch passes
+here, the test suite can record each specialisation it runs (kernel, argument dtypes,
+constexprs, warps) and compile exactly that set for real GPUs
 (``omnifast.kernels.aot``, ``tests/kernels/test_aot.py``), including signatures only the
 interpreter has seen so far (a bf16 buffer under autocast, say)."""
+
 from __future__ import annotations
 
 import inspect
@@ -12,9 +14,18 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-_DTYPES = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
-           torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-           torch.bool: "i1"}
+_DTYPES = {
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 
 _recorded: Optional[Dict[str, dict]] = None
 _execute: Union[bool, Callable[[str], bool]] = True
@@ -45,7 +56,7 @@ def _type_of(value) -> str:
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
@@ -61,8 +72,11 @@ def _constexpr_names(kernel) -> frozenset:
         if params is not None:
             names = frozenset(param.name for param in params if param.is_constexpr)
         else:
-            names = frozenset(name for name, param in inspect.signature(kernel.fn).parameters.items()
-                              if "constexpr" in str(param.annotation))
+            names = frozenset(
+                name
+                for name, param in inspect.signature(kernel.fn).parameters.items()
+                if "constexpr" in str(param.annotation)
+            )
         _CONSTEXPRS[kernel] = names
     return names
 
@@ -80,14 +94,20 @@ def _split_arguments(kernel, arguments: Dict[str, object]):
     return runtime, {name: arguments[name] for name in names if name in constexpr}
 
 
-def specialisation(kernel, runtime: Dict[str, object], constexprs: Dict[str, object], num_warps: int,
-                   num_stages: Optional[int] = None) -> dict:
+def specialisation(
+    kernel, runtime: Dict[str, object], constexprs: Dict[str, object], num_warps: int, num_stages: Optional[int] = None
+) -> dict:
     """The compile-time identity of one launch, in a form ``triton.compile`` can be given again."""
     fn = kernel.fn
     signature = {name: _type_of(value) for name, value in runtime.items()}
     signature.update({name: "constexpr" for name in constexprs})
-    spec = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
-            "constexprs": dict(sorted(constexprs.items())), "num_warps": num_warps}
+    spec = {
+        "module": fn.__module__,
+        "kernel": fn.__name__,
+        "signature": signature,
+        "constexprs": dict(sorted(constexprs.items())),
+        "num_warps": num_warps,
+    }
     if num_stages is not None:
         spec["num_stages"] = num_stages
     return spec

@@ -1,4 +1,5 @@
 """Host-side helpers every kernel file shares."""
+
 from __future__ import annotations
 
 import torch

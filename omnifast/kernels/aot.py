@@ -10,6 +10,7 @@ test gap. By hand: ``python -m omnifast.kernels.aot --specs launches.json``.
 Run without ``TRITON_INTERPRET=1``: the interpreter replaces ``@triton.jit`` functions with
 Python ones that cannot be compiled.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-KERNEL_MODULES = ("omnifast.kernels.ctc", "omnifast.kernels.linear_ctc", "omnifast.kernels.moe",
-                  "omnifast.kernels.fsq")
+KERNEL_MODULES = ("omnifast.kernels.ctc", "omnifast.kernels.linear_ctc", "omnifast.kernels.moe", "omnifast.kernels.fsq")
 
 
 def kernel_names() -> Set[str]:
@@ -48,8 +48,12 @@ def _resource_usage(cubin: bytes) -> Dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
         handle.write(cubin)
         handle.flush()
-        out = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", handle.name],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [os.path.join(tools, "cuobjdump"), "--dump-resource-usage", handle.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     usage = {}
     for key, field in (("registers", "REG"), ("stack", "STACK"), ("spill_bytes", "LOCAL"), ("shared", "SHARED")):
         found = re.search(rf"\b{field}:(\d+)", out)
@@ -88,19 +92,24 @@ def compile_all(specs: List[dict], archs: List[int], workers: int = 0) -> int:
     """Compile every spec for every arch (in ``workers`` processes; 0: one per CPU), print one
     row each; the number of failures."""
     from concurrent.futures import ProcessPoolExecutor
+
     jobs = [(spec, arch) for spec in sorted(specs, key=describe) for arch in archs]
     with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         results = list(pool.map(_compile_or_error, jobs, chunksize=4))
-    print(f"{'kernel [pointer dtypes | constexprs | warps]':100s} {'arch':6s} {'regs':>5s} {'spill':>6s} "
-          f"{'stack':>6s} {'smem':>6s}")
+    print(
+        f"{'kernel [pointer dtypes | constexprs | warps]':100s} {'arch':6s} {'regs':>5s} {'spill':>6s} "
+        f"{'stack':>6s} {'smem':>6s}"
+    )
     failures = 0
     for r, error in results:
         if error is not None:
             failures += 1
             print(error)
             continue
-        print(f"{r['kernel']:100s} {r['arch']:6s} {r['registers']:5d} {r['spill_bytes']:6d} {r['stack']:6d} "
-              f"{r['shared']:6d}")
+        print(
+            f"{r['kernel']:100s} {r['arch']:6s} {r['registers']:5d} {r['spill_bytes']:6d} {r['stack']:6d} "
+            f"{r['shared']:6d}"
+        )
     print(f"compiled {len(jobs) - failures} kernels, {failures} failed")
     return failures
 
@@ -109,8 +118,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--specs", required=True, help="JSON list of recorded launch specialisations")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    parser.add_argument("--require-all", action="store_true",
-                        help="also fail when a *_kernel was never launched (a test gap)")
+    parser.add_argument(
+        "--require-all", action="store_true", help="also fail when a *_kernel was never launched (a test gap)"
+    )
     args = parser.parse_args(argv)
     with open(args.specs) as handle:
         specs = json.load(handle)

@@ -35,6 +35,7 @@ backward; and no atomics. One host read-back a call (the argument checks). Accum
 float32 (float64 for float64). Measurements and estimates: ``docs/perf.md``.
 Contract: ``omnifast/ops/_reference.py``.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -47,7 +48,7 @@ from ._launch import launch
 from ._util import as_int32, block_size
 
 MAX_STATES = 16384  # 2L+1 held in one register tile by the recursion: targets up to 8191 units
-ROW_STATES = 1024   # the row kernels walk the states in tiles of this many
+ROW_STATES = 1024  # the row kernels walk the states in tiles of this many
 
 
 @triton.jit
@@ -65,10 +66,26 @@ def _spread(flag, like):
 
 
 @triton.jit
-def _emissions_kernel(x_ptr, stride_xb, stride_xt, lse_ptr, stride_lb, ext_ptr, tgt_len_ptr, in_len_ptr,
-                      emit_ptr, T, S_max, V, rows_per_seq, t0,
-                      COMPUTE_LSE: tl.constexpr, READ_LSE: tl.constexpr, BLOCK_V: tl.constexpr,
-                      BLOCK_S: tl.constexpr):
+def _emissions_kernel(
+    x_ptr,
+    stride_xb,
+    stride_xt,
+    lse_ptr,
+    stride_lb,
+    ext_ptr,
+    tgt_len_ptr,
+    in_len_ptr,
+    emit_ptr,
+    T,
+    S_max,
+    V,
+    rows_per_seq,
+    t0,
+    COMPUTE_LSE: tl.constexpr,
+    READ_LSE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Row (b, t0 + i): the row's log-sum-exp computed and stored (``COMPUTE_LSE``), loaded
     (``READ_LSE``), or neither (a normaliser of 0: log-probs, or CTC-DPO's unnormalised scores);
     then emit[b, t0 + i, s] = x[label_s] - lse."""
@@ -144,8 +161,9 @@ def _row(buf_ptr, b, t, side, T, S_max, FULL: tl.constexpr):
 
 
 @triton.jit
-def _split_kernel(emit_ptr, buf_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T, S_max,
-                  FULL: tl.constexpr, BLOCK_S: tl.constexpr):
+def _split_kernel(
+    emit_ptr, buf_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T, S_max, FULL: tl.constexpr, BLOCK_S: tl.constexpr
+):
     """Grid (B, 2), the first half of the recursion: program 0 runs alpha forward over frames
     [0, m), program 1 beta backward over [m, frames), m = ceil(frames / 2), side by side."""
     b = tl.program_id(0)
@@ -202,8 +220,9 @@ def _occupancy(a, beta, e, ll):
 
 
 @triton.jit
-def _join_kernel(emit_ptr, buf_ptr, ll_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T, S_max,
-                 GAMMA: tl.constexpr, BLOCK_S: tl.constexpr):
+def _join_kernel(
+    emit_ptr, buf_ptr, ll_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T, S_max, GAMMA: tl.constexpr, BLOCK_S: tl.constexpr
+):
     """After ``_split_kernel``: log p = logsumexp_s(alpha[m - 1, s] + carry[s]), carry being what
     beta at m passes back (at m = frames: 0 on the last two states). Both programs of a sequence
     compute it from the same rows with the same code, so they agree bit for bit; program 0 stores
@@ -219,11 +238,11 @@ def _join_kernel(emit_ptr, buf_ptr, ll_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T,
     s, valid, jump_in, jump_out = _state_masks(ext_ptr, b, S_max, S, BLOCK_S)
     m = (frames + 1) // 2
     has_beta = _spread(m < frames, s)
-    lo = tl.load(_row(buf_ptr, b, m - 1, 0, T, S_max, GAMMA) + s, mask=valid & _spread(frames > 0, s),
-                 other=float("-inf"))
+    lo = tl.load(
+        _row(buf_ptr, b, m - 1, 0, T, S_max, GAMMA) + s, mask=valid & _spread(frames > 0, s), other=float("-inf")
+    )
     hi = tl.load(_row(buf_ptr, b, m, 1, T, S_max, GAMMA) + s, mask=valid & has_beta, other=float("-inf"))
-    carry = tl.where(has_beta, _beta_carry(hi, s, S, jump_out, BLOCK_S),
-                     tl.where(s >= S - 2, 0.0, float("-inf")))
+    carry = tl.where(has_beta, _beta_carry(hi, s, S, jump_out, BLOCK_S), tl.where(s >= S - 2, 0.0, float("-inf")))
     carry = tl.where(valid, carry, float("-inf"))
     x = lo + carry
     top = tl.max(x, 0)
@@ -239,8 +258,11 @@ def _join_kernel(emit_ptr, buf_ptr, ll_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T,
             e1 = tl.load(emit + m * S_max + s, mask=valid & has_beta, other=float("-inf"))
             o1 = hi
             e2 = tl.load(emit + (m + 1) * S_max + s, mask=valid & _spread(m + 1 < frames, s), other=float("-inf"))
-            o2 = tl.load(_row(buf_ptr, b, m + 1, 1, T, S_max, GAMMA) + s, mask=valid & _spread(m + 1 < frames, s),
-                         other=float("-inf"))
+            o2 = tl.load(
+                _row(buf_ptr, b, m + 1, 1, T, S_max, GAMMA) + s,
+                mask=valid & _spread(m + 1 < frames, s),
+                other=float("-inf"),
+            )
             for t in range(m, frames):
                 ahead = valid & _spread(t + 2 < frames, s)
                 e3 = tl.load(emit + (t + 2) * S_max + s, mask=ahead, other=float("-inf"))
@@ -256,8 +278,9 @@ def _join_kernel(emit_ptr, buf_ptr, ll_ptr, ext_ptr, tgt_len_ptr, in_len_ptr, T,
             e1 = tl.load(emit + (m - 1) * S_max + s, mask=present, other=float("-inf"))
             o1 = lo
             e2 = tl.load(emit + (m - 2) * S_max + s, mask=valid & _spread(m >= 2, s), other=float("-inf"))
-            o2 = tl.load(_row(buf_ptr, b, m - 2, 0, T, S_max, GAMMA) + s, mask=valid & _spread(m >= 2, s),
-                         other=float("-inf"))
+            o2 = tl.load(
+                _row(buf_ptr, b, m - 2, 0, T, S_max, GAMMA) + s, mask=valid & _spread(m >= 2, s), other=float("-inf")
+            )
             for i in range(0, m):
                 t = m - 1 - i
                 behind = valid & _spread(t >= 2, s)
@@ -278,9 +301,31 @@ def _segment_sum(a, a_starts, b, b_starts):
 
 
 @triton.jit
-def _grad_kernel(x_ptr, stride_xb, stride_xt, grad_ptr, lse_ptr, stride_lb, occ_ptr, order_ptr, sorted_ptr,
-                 tgt_len_ptr, in_len_ptr, base_coef_ptr, coef_ptr, poison_ptr, T, S_max, V, rows_per_seq, t0,
-                 BASE: tl.constexpr, SOFTMAX: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr):
+def _grad_kernel(
+    x_ptr,
+    stride_xb,
+    stride_xt,
+    grad_ptr,
+    lse_ptr,
+    stride_lb,
+    occ_ptr,
+    order_ptr,
+    sorted_ptr,
+    tgt_len_ptr,
+    in_len_ptr,
+    base_coef_ptr,
+    coef_ptr,
+    poison_ptr,
+    T,
+    S_max,
+    V,
+    rows_per_seq,
+    t0,
+    BASE: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Row (b, t0 + i) of the gradient, laid out like ``x`` (``grad`` may be ``x``: in place).
 
     BASE: write the row first: softmax(x) * base_coef[b] (SOFTMAX) or 0, NaN for poisoned
@@ -322,7 +367,12 @@ def _grad_kernel(x_ptr, stride_xb, stride_xt, grad_ptr, lse_ptr, stride_lb, occ_
             in_row = c0 + cols < V
             g = tl.zeros([BLOCK_V], acc)
             if SOFTMAX:
-                g = tl.exp(tl.load(x_row + c0 + cols, mask=in_row & _spread(live, cols), other=float("-inf")).to(acc) - lse) * base_coef
+                g = (
+                    tl.exp(
+                        tl.load(x_row + c0 + cols, mask=in_row & _spread(live, cols), other=float("-inf")).to(acc) - lse
+                    )
+                    * base_coef
+                )
             g = tl.where(poisoned, float("nan"), g)
             g = tl.where(live, g, 0.0)
             tl.store(g_row + c0 + cols, g.to(grad_ptr.dtype.element_ty), mask=in_row)
@@ -334,6 +384,7 @@ def _grad_kernel(x_ptr, stride_xb, stride_xt, grad_ptr, lse_ptr, stride_lb, occ_
 
 
 # --- host side --------------------------------------------------------------------------------
+
 
 def _state_warps(block_s: int) -> int:
     return max(4, min(16, block_s // 128))
@@ -365,8 +416,16 @@ def sorted_states(ext: torch.Tensor, target_lengths: torch.Tensor) -> Tuple[torc
 NORMALISERS = ("none", "compute", "read")
 
 
-def emissions(x: torch.Tensor, lse: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tensor,
-              input_lengths: torch.Tensor, out: torch.Tensor, t0: int, normaliser: str) -> None:
+def emissions(
+    x: torch.Tensor,
+    lse: torch.Tensor,
+    ext: torch.Tensor,
+    target_lengths: torch.Tensor,
+    input_lengths: torch.Tensor,
+    out: torch.Tensor,
+    t0: int,
+    normaliser: str,
+) -> None:
     """Fill ``out[:, t0:t0 + t]`` (B, T, S) with the state emissions of ``x`` laid out (B, t, V)
     by its strides (last stride 1), minus the row's log-sum-exp ``lse`` (B, t) as ``normaliser``
     says: ``"compute"`` it (and store it in ``lse``), ``"read"`` it from ``lse``, or ``"none"``
@@ -376,16 +435,33 @@ def emissions(x: torch.Tensor, lse: torch.Tensor, ext: torch.Tensor, target_leng
     B, rows, V = x.shape
     if B == 0 or rows == 0:
         return
-    launch(_emissions_kernel, (B * rows,), x_ptr=x, stride_xb=x.stride(0), stride_xt=x.stride(1),
-           lse_ptr=lse, stride_lb=lse.stride(0), ext_ptr=ext, tgt_len_ptr=target_lengths,
-           in_len_ptr=input_lengths, emit_ptr=out, T=out.shape[1], S_max=out.shape[2], V=V,
-           rows_per_seq=rows, t0=t0, COMPUTE_LSE=normaliser == "compute", READ_LSE=normaliser == "read",
-           BLOCK_V=block_size(V, 2048),
-           BLOCK_S=block_size(out.shape[2], ROW_STATES))
+    launch(
+        _emissions_kernel,
+        (B * rows,),
+        x_ptr=x,
+        stride_xb=x.stride(0),
+        stride_xt=x.stride(1),
+        lse_ptr=lse,
+        stride_lb=lse.stride(0),
+        ext_ptr=ext,
+        tgt_len_ptr=target_lengths,
+        in_len_ptr=input_lengths,
+        emit_ptr=out,
+        T=out.shape[1],
+        S_max=out.shape[2],
+        V=V,
+        rows_per_seq=rows,
+        t0=t0,
+        COMPUTE_LSE=normaliser == "compute",
+        READ_LSE=normaliser == "read",
+        BLOCK_V=block_size(V, 2048),
+        BLOCK_S=block_size(out.shape[2], ROW_STATES),
+    )
 
 
-def recursion(emit: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tensor, input_lengths: torch.Tensor,
-              occupancy: bool) -> torch.Tensor:
+def recursion(
+    emit: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tensor, input_lengths: torch.Tensor, occupancy: bool
+) -> torch.Tensor:
     """log p(y|x) (B,) from the state emissions (B, T, S); with ``occupancy`` the occupancies
     overwrite ``emit``. Two launches, each of T/2 dependent steps with alpha and beta side by
     side: ``_split_kernel`` (keeping every row in one (B, T, S) buffer, or without ``occupancy``
@@ -397,33 +473,99 @@ def recursion(emit: torch.Tensor, ext: torch.Tensor, target_lengths: torch.Tenso
         return ll
     buf = torch.empty(B, T if occupancy else 2, S_max, dtype=emit.dtype, device=emit.device)
     warps = _state_warps(block_s)
-    launch(_split_kernel, (B, 2), emit_ptr=emit, buf_ptr=buf, ext_ptr=ext, tgt_len_ptr=target_lengths,
-           in_len_ptr=input_lengths, T=T, S_max=S_max, FULL=occupancy, BLOCK_S=block_s, num_warps=warps)
-    launch(_join_kernel, (B, 2) if occupancy else (B,), emit_ptr=emit, buf_ptr=buf, ll_ptr=ll, ext_ptr=ext,
-           tgt_len_ptr=target_lengths, in_len_ptr=input_lengths, T=T, S_max=S_max, GAMMA=occupancy,
-           BLOCK_S=block_s, num_warps=warps)
+    launch(
+        _split_kernel,
+        (B, 2),
+        emit_ptr=emit,
+        buf_ptr=buf,
+        ext_ptr=ext,
+        tgt_len_ptr=target_lengths,
+        in_len_ptr=input_lengths,
+        T=T,
+        S_max=S_max,
+        FULL=occupancy,
+        BLOCK_S=block_s,
+        num_warps=warps,
+    )
+    launch(
+        _join_kernel,
+        (B, 2) if occupancy else (B,),
+        emit_ptr=emit,
+        buf_ptr=buf,
+        ll_ptr=ll,
+        ext_ptr=ext,
+        tgt_len_ptr=target_lengths,
+        in_len_ptr=input_lengths,
+        T=T,
+        S_max=S_max,
+        GAMMA=occupancy,
+        BLOCK_S=block_s,
+        num_warps=warps,
+    )
     return ll
 
 
-def gradient_rows(x: torch.Tensor, grad: torch.Tensor, lse: torch.Tensor, occ: torch.Tensor, order: torch.Tensor,
-                  labels: torch.Tensor, target_lengths: torch.Tensor, input_lengths: torch.Tensor,
-                  base_coef: torch.Tensor, coef: torch.Tensor, poison: torch.Tensor, t0: int, base: bool,
-                  softmax: bool) -> None:
+def gradient_rows(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    lse: torch.Tensor,
+    occ: torch.Tensor,
+    order: torch.Tensor,
+    labels: torch.Tensor,
+    target_lengths: torch.Tensor,
+    input_lengths: torch.Tensor,
+    base_coef: torch.Tensor,
+    coef: torch.Tensor,
+    poison: torch.Tensor,
+    t0: int,
+    base: bool,
+    softmax: bool,
+) -> None:
     """Launch ``_grad_kernel`` over the (B, t, V) rows of ``x``/``grad`` (same strides)."""
     B, rows, V = x.shape
     if B == 0 or rows == 0:
         return
     S_max = occ.shape[2]
     block_s = block_size(S_max, MAX_STATES)
-    launch(_grad_kernel, (B * rows,), x_ptr=x, stride_xb=x.stride(0), stride_xt=x.stride(1), grad_ptr=grad,
-           lse_ptr=lse, stride_lb=lse.stride(0), occ_ptr=occ, order_ptr=order, sorted_ptr=labels,
-           tgt_len_ptr=target_lengths, in_len_ptr=input_lengths, base_coef_ptr=base_coef, coef_ptr=coef,
-           poison_ptr=poison, T=occ.shape[1], S_max=S_max, V=V, rows_per_seq=rows, t0=t0, BASE=base,
-           SOFTMAX=softmax, BLOCK_V=block_size(V, 2048), BLOCK_S=block_s, num_warps=_state_warps(block_s))
+    launch(
+        _grad_kernel,
+        (B * rows,),
+        x_ptr=x,
+        stride_xb=x.stride(0),
+        stride_xt=x.stride(1),
+        grad_ptr=grad,
+        lse_ptr=lse,
+        stride_lb=lse.stride(0),
+        occ_ptr=occ,
+        order_ptr=order,
+        sorted_ptr=labels,
+        tgt_len_ptr=target_lengths,
+        in_len_ptr=input_lengths,
+        base_coef_ptr=base_coef,
+        coef_ptr=coef,
+        poison_ptr=poison,
+        T=occ.shape[1],
+        S_max=S_max,
+        V=V,
+        rows_per_seq=rows,
+        t0=t0,
+        BASE=base,
+        SOFTMAX=softmax,
+        BLOCK_V=block_size(V, 2048),
+        BLOCK_S=block_s,
+        num_warps=_state_warps(block_s),
+    )
 
 
-def ctc_forward(inputs: torch.Tensor, targets: torch.Tensor, input_lengths: torch.Tensor,
-                target_lengths: torch.Tensor, blank: int, from_logits: bool, want_grad: bool):
+def ctc_forward(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank: int,
+    from_logits: bool,
+    want_grad: bool,
+):
     """log p(y|x) (B,) of (T, B, C) inputs and what :func:`ctc_backward` needs: (lse, occupancies,
     sorted states) or None without ``want_grad``."""
     T, B, C = inputs.shape
@@ -440,14 +582,35 @@ def ctc_forward(inputs: torch.Tensor, targets: torch.Tensor, input_lengths: torc
     return ll, (lse, emit) + sorted_states(ext, target_lengths)
 
 
-def ctc_backward(inputs: torch.Tensor, saved, target_lengths: torch.Tensor, input_lengths: torch.Tensor,
-                 coef: torch.Tensor, poison: torch.Tensor, from_logits: bool) -> torch.Tensor:
+def ctc_backward(
+    inputs: torch.Tensor,
+    saved,
+    target_lengths: torch.Tensor,
+    input_lengths: torch.Tensor,
+    coef: torch.Tensor,
+    poison: torch.Tensor,
+    from_logits: bool,
+) -> torch.Tensor:
     """The (T, B, C) gradient in the inputs' dtype: softmax * coef - coef * gamma (logits) or
     -coef * gamma (log-probs), per sequence coefficient ``coef`` (B,); NaN rows for ``poison``."""
     lse, occ, order, labels = saved
     in_len, tgt_len = as_int32(input_lengths, target_lengths)
     grad = torch.empty_like(inputs, memory_format=torch.contiguous_format)
     coef = coef.to(occ.dtype).contiguous()
-    gradient_rows(inputs.transpose(0, 1), grad.transpose(0, 1), lse, occ, order, labels, tgt_len, in_len, coef,
-                  coef, poison.to(torch.int8).contiguous(), 0, base=True, softmax=from_logits)
+    gradient_rows(
+        inputs.transpose(0, 1),
+        grad.transpose(0, 1),
+        lse,
+        occ,
+        order,
+        labels,
+        tgt_len,
+        in_len,
+        coef,
+        coef,
+        poison.to(torch.int8).contiguous(),
+        0,
+        base=True,
+        softmax=from_logits,
+    )
     return grad

@@ -1,6 +1,7 @@
 """Triton kernels of finite scalar quantisation: a block of rows per program, bounded, rounded
 (half to even, as torch.round), scaled and folded into code indices in one pass; the backward
 recomputes tanh from z. Contract: ``fsq_forward`` / ``fsq_backward`` of ``omnifast/ops/_reference.py``."""
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,20 @@ def _round_half_even(x):
 
 
 @triton.jit
-def _fsq_forward_kernel(z_ptr, half_level_ptr, offset_ptr, shift_ptr, half_width_ptr, basis_ptr, codes_ptr,
-                        indices_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fsq_forward_kernel(
+    z_ptr,
+    half_level_ptr,
+    offset_ptr,
+    shift_ptr,
+    half_width_ptr,
+    basis_ptr,
+    codes_ptr,
+    indices_ptr,
+    N,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < N) & (dims[None, :] < D)
@@ -37,8 +50,11 @@ def _fsq_forward_kernel(z_ptr, half_level_ptr, offset_ptr, shift_ptr, half_width
     half_width = tl.load(half_width_ptr + dims, mask=dims < D, other=1.0)
     basis = tl.load(basis_ptr + dims, mask=dims < D, other=0)
     q = _round_half_even(_tanh(z + shift[None, :]) * half_level[None, :] - offset[None, :])
-    tl.store(codes_ptr + rows[:, None] * D + dims[None, :], (q / half_width[None, :]).to(codes_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        codes_ptr + rows[:, None] * D + dims[None, :],
+        (q / half_width[None, :]).to(codes_ptr.dtype.element_ty),
+        mask=mask,
+    )
     nan = mask & (q != q)
     digits = (tl.where(nan, 0.0, q) + half_width[None, :]).to(tl.int64) * basis[None, :]
     index = tl.sum(tl.where(mask, digits, 0), 1)
@@ -47,8 +63,18 @@ def _fsq_forward_kernel(z_ptr, half_level_ptr, offset_ptr, shift_ptr, half_width
 
 
 @triton.jit
-def _fsq_backward_kernel(grad_ptr, z_ptr, half_level_ptr, shift_ptr, half_width_ptr, grad_z_ptr, N, D,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _fsq_backward_kernel(
+    grad_ptr,
+    z_ptr,
+    half_level_ptr,
+    shift_ptr,
+    half_width_ptr,
+    grad_z_ptr,
+    N,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < N) & (dims[None, :] < D)
@@ -59,8 +85,11 @@ def _fsq_backward_kernel(grad_ptr, z_ptr, half_level_ptr, shift_ptr, half_width_
     shift = tl.load(shift_ptr + dims, mask=dims < D, other=0.0)
     half_width = tl.load(half_width_ptr + dims, mask=dims < D, other=1.0)
     t = _tanh(z + shift[None, :])
-    tl.store(grad_z_ptr + at, (g * half_level[None, :] * (1.0 - t * t) / half_width[None, :]).to(grad_z_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(
+        grad_z_ptr + at,
+        (g * half_level[None, :] * (1.0 - t * t) / half_width[None, :]).to(grad_z_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def _blocks(D: int):
@@ -75,9 +104,22 @@ def fsq_forward(z, half_level, offset, shift, half_width, basis):
     indices = torch.empty(N, dtype=torch.int64, device=z.device)
     BLOCK_N, BLOCK_D = _blocks(D)
     if N:
-        launch(_fsq_forward_kernel, (triton.cdiv(N, BLOCK_N),), z_ptr=z, half_level_ptr=half_level,
-               offset_ptr=offset, shift_ptr=shift, half_width_ptr=half_width, basis_ptr=basis,
-               codes_ptr=codes, indices_ptr=indices, N=N, D=D, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        launch(
+            _fsq_forward_kernel,
+            (triton.cdiv(N, BLOCK_N),),
+            z_ptr=z,
+            half_level_ptr=half_level,
+            offset_ptr=offset,
+            shift_ptr=shift,
+            half_width_ptr=half_width,
+            basis_ptr=basis,
+            codes_ptr=codes,
+            indices_ptr=indices,
+            N=N,
+            D=D,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+        )
     return codes, indices
 
 
@@ -87,7 +129,18 @@ def fsq_backward(grad_codes, z, half_level, shift, half_width):
     grad_z = torch.empty_like(z)
     BLOCK_N, BLOCK_D = _blocks(D)
     if N:
-        launch(_fsq_backward_kernel, (triton.cdiv(N, BLOCK_N),), grad_ptr=grad_codes, z_ptr=z,
-               half_level_ptr=half_level, shift_ptr=shift, half_width_ptr=half_width,
-               grad_z_ptr=grad_z, N=N, D=D, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
+        launch(
+            _fsq_backward_kernel,
+            (triton.cdiv(N, BLOCK_N),),
+            grad_ptr=grad_codes,
+            z_ptr=z,
+            half_level_ptr=half_level,
+            shift_ptr=shift,
+            half_width_ptr=half_width,
+            grad_z_ptr=grad_z,
+            N=N,
+            D=D,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=BLOCK_D,
+        )
     return grad_z

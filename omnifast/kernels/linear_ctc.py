@@ -7,6 +7,7 @@ arithmetic in float32, so no float32 copy of a half-precision chunk is made. Con
 functions of the same names in ``omnifast/ops/_reference.py``. The passes over a chunk's logits
 are a small part of its GEMMs' time (``docs/perf.md``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,7 +43,21 @@ def chunk_grad(logits, lse, t0, input_lengths, softmax_coef, exts, target_length
     for k, (ext, lengths, occ, coef) in enumerate(zip(exts, target_lengths, occupancies, coefs)):
         order, labels = sorted_states(ext, lengths)
         (tgt_len,) = as_int32(lengths)
-        gradient_rows(logits, grad, lse, occ, order, labels, tgt_len, in_len, softmax_coef,
-                      coef.to(acc).contiguous(), poison, t0, base=k == 0, softmax=True)
+        gradient_rows(
+            logits,
+            grad,
+            lse,
+            occ,
+            order,
+            labels,
+            tgt_len,
+            in_len,
+            softmax_coef,
+            coef.to(acc).contiguous(),
+            poison,
+            t0,
+            base=k == 0,
+            softmax=True,
+        )
     if grad is not logits:
         logits.copy_(grad)

@@ -13,6 +13,7 @@ runs); the weight-gradient GEMM gathers both of its operands the same way.
 On sm_90 with bf16 the ops use ``torch._grouped_mm`` (CUTLASS) instead; this kernel is the path
 for other architectures, float16 and sizes that one cannot take. Figures: ``docs/perf.md``.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,19 @@ SORT_BLOCK = 1024  # slots per program of the counting sort
 
 
 @triton.jit
-def _route_kernel(logits_ptr, probs_ptr, weights_ptr, experts_ptr, lse_ptr, N, E,
-                  TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_kernel(
+    logits_ptr,
+    probs_ptr,
+    weights_ptr,
+    experts_ptr,
+    lse_ptr,
+    N,
+    E,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < N
@@ -73,8 +85,9 @@ def _slot_histogram_kernel(experts_ptr, hist_ptr, slots, E, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def _slot_rank_kernel(experts_ptr, starts_ptr, order_ptr, position_ptr, slots, E,
-                      BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _slot_rank_kernel(
+    experts_ptr, starts_ptr, order_ptr, position_ptr, slots, E, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr
+):
     """Each slot's place in expert order: where its expert's slots of this block begin
     (``starts[block, e]``, from the histogram's scan) plus its rank among them (an exclusive
     prefix sum of one-hot rows), so the sort is stable and needs no atomics."""
@@ -91,8 +104,9 @@ def _slot_rank_kernel(experts_ptr, starts_ptr, order_ptr, position_ptr, slots, E
 
 
 @triton.jit
-def _unpermute_kernel(y_ptr, position_ptr, weights_ptr, out_ptr, O,
-                      TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_O: tl.constexpr):
+def _unpermute_kernel(
+    y_ptr, position_ptr, weights_ptr, out_ptr, O, TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_O: tl.constexpr
+):
     n = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     acc = tl.zeros([BLOCK_O], tl.float32)
@@ -106,9 +120,19 @@ def _unpermute_kernel(y_ptr, position_ptr, weights_ptr, out_ptr, O,
 
 
 @triton.jit
-def _unpermute_backward_kernel(grad_ptr, y_ptr, position_ptr, weights_ptr, grad_y_ptr, grad_w_ptr, O,
-                               TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, WEIGHT_GRAD: tl.constexpr,
-                               BLOCK_O: tl.constexpr):
+def _unpermute_backward_kernel(
+    grad_ptr,
+    y_ptr,
+    position_ptr,
+    weights_ptr,
+    grad_y_ptr,
+    grad_w_ptr,
+    O,
+    TOP_K: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+):
     n = tl.program_id(0)
     cols = tl.arange(0, BLOCK_O)
     for j in tl.static_range(TOP_K):
@@ -134,11 +158,30 @@ def _through(index_ptr, rows, mine, INDEXED: tl.constexpr):
 
 
 @triton.jit
-def _grouped_mm_kernel(a_ptr, w_ptr, b_ptr, c_ptr, a_rows_ptr, c_rows_ptr, tile_expert_ptr, tile_row_ptr,
-                       offsets_ptr, N, K, stride_we, stride_wn, stride_wk,
-                       HAS_BIAS: tl.constexpr, A_ROWS: tl.constexpr, C_ROWS: tl.constexpr,
-                       PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_mm_kernel(
+    a_ptr,
+    w_ptr,
+    b_ptr,
+    c_ptr,
+    a_rows_ptr,
+    c_rows_ptr,
+    tile_expert_ptr,
+    tile_row_ptr,
+    offsets_ptr,
+    N,
+    K,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    HAS_BIAS: tl.constexpr,
+    A_ROWS: tl.constexpr,
+    C_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # c[c_row(m)] = a[a_row(m)] @ w[e].T (+ b[e]) for the rows m of segment e, where a_row and
     # c_row are m itself or read from a_rows / c_rows. Each row tile lies inside one segment (see
     # _tiles); the grid has room for the worst case and spare tiles (expert -1) exit.
@@ -154,24 +197,48 @@ def _grouped_mm_kernel(a_ptr, w_ptr, b_ptr, c_ptr, a_rows_ptr, c_rows_ptr, tile_
         w_e = w_ptr + e * stride_we
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr + a_row[:, None].to(tl.int64) * K + k0 + ks[None, :],
-                        mask=mine[:, None] & (k0 + ks[None, :] < K), other=0.0)
-            b = tl.load(w_e + cols[None, :] * stride_wn + (k0 + ks[:, None]) * stride_wk,
-                        mask=(cols[None, :] < N) & (k0 + ks[:, None] < K), other=0.0)
+            a = tl.load(
+                a_ptr + a_row[:, None].to(tl.int64) * K + k0 + ks[None, :],
+                mask=mine[:, None] & (k0 + ks[None, :] < K),
+                other=0.0,
+            )
+            b = tl.load(
+                w_e + cols[None, :] * stride_wn + (k0 + ks[:, None]) * stride_wk,
+                mask=(cols[None, :] < N) & (k0 + ks[:, None] < K),
+                other=0.0,
+            )
             if DOT_F32:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(c_ptr + c_row[:, None].to(tl.int64) * N + cols[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=mine[:, None] & (cols[None, :] < N))
+        tl.store(
+            c_ptr + c_row[:, None].to(tl.int64) * N + cols[None, :],
+            acc.to(c_ptr.dtype.element_ty),
+            mask=mine[:, None] & (cols[None, :] < N),
+        )
 
 
 @triton.jit
-def _grouped_weight_grad_kernel(g_ptr, x_ptr, g_rows_ptr, x_rows_ptr, grad_w_ptr, grad_b_ptr, offsets_ptr, N, K,
-                                BIAS_GRAD: tl.constexpr, G_ROWS: tl.constexpr, X_ROWS: tl.constexpr,
-                                PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grouped_weight_grad_kernel(
+    g_ptr,
+    x_ptr,
+    g_rows_ptr,
+    x_rows_ptr,
+    grad_w_ptr,
+    grad_b_ptr,
+    offsets_ptr,
+    N,
+    K,
+    BIAS_GRAD: tl.constexpr,
+    G_ROWS: tl.constexpr,
+    X_ROWS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # grad_w[e] = g[segment e].T @ x[segment e] (N, K) and grad_b[e] = g[segment e].sum(0), with
     # the rows of g and x read in place or through g_rows / x_rows.
     e = tl.program_id(0)
@@ -186,18 +253,27 @@ def _grouped_weight_grad_kernel(g_ptr, x_ptr, g_rows_ptr, x_rows_ptr, grad_w_ptr
         mine = rows < end
         g_row = _through(g_rows_ptr, rows, mine, G_ROWS)
         x_row = _through(x_rows_ptr, rows, mine, X_ROWS)
-        g = tl.load(g_ptr + g_row[:, None].to(tl.int64) * N + cols_n[None, :],
-                    mask=mine[:, None] & (cols_n[None, :] < N), other=0.0)
-        x = tl.load(x_ptr + x_row[:, None].to(tl.int64) * K + cols_k[None, :],
-                    mask=mine[:, None] & (cols_k[None, :] < K), other=0.0)
+        g = tl.load(
+            g_ptr + g_row[:, None].to(tl.int64) * N + cols_n[None, :],
+            mask=mine[:, None] & (cols_n[None, :] < N),
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + x_row[:, None].to(tl.int64) * K + cols_k[None, :],
+            mask=mine[:, None] & (cols_k[None, :] < K),
+            other=0.0,
+        )
         if DOT_F32:
             g, x = g.to(tl.float32), x.to(tl.float32)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
         if BIAS_GRAD:
             bias += tl.sum(g.to(tl.float32), 0)
     out = grad_w_ptr + e.to(tl.int64) * N * K
-    tl.store(out + cols_n[:, None] * K + cols_k[None, :], acc.to(grad_w_ptr.dtype.element_ty),
-             mask=(cols_n[:, None] < N) & (cols_k[None, :] < K))
+    tl.store(
+        out + cols_n[:, None] * K + cols_k[None, :],
+        acc.to(grad_w_ptr.dtype.element_ty),
+        mask=(cols_n[:, None] < N) & (cols_k[None, :] < K),
+    )
     if BIAS_GRAD:
         if tl.program_id(2) == 0:
             tl.store(grad_b_ptr + e * N + cols_n, bias.to(grad_b_ptr.dtype.element_ty), mask=cols_n < N)
@@ -227,13 +303,17 @@ def _segment_sum_kernel(g_ptr, out_ptr, offsets_ptr, N, BLOCK_M: tl.constexpr, B
     acc = tl.zeros([BLOCK_N], tl.float32)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        g = tl.load(g_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
-                    mask=(rows[:, None] < end) & (cols[None, :] < N), other=0.0)
+        g = tl.load(
+            g_ptr + rows[:, None].to(tl.int64) * N + cols[None, :],
+            mask=(rows[:, None] < end) & (cols[None, :] < N),
+            other=0.0,
+        )
         acc += tl.sum(g.to(tl.float32), 0)
     tl.store(out_ptr + e * N + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
 
 
 # --- host side --------------------------------------------------------------------------------
+
 
 def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -282,9 +362,21 @@ def route(logits: torch.Tensor, top_k: int, normalize: bool):
     BLOCK_E = block_size(E, 1 << 16)
     BLOCK_N = max(1, min(128, 4096 // BLOCK_E))
     if N:
-        launch(_route_kernel, (triton.cdiv(N, BLOCK_N),), logits_ptr=logits, probs_ptr=probs,
-               weights_ptr=weights, experts_ptr=experts, lse_ptr=lse, N=N, E=E, TOP_K=top_k,
-               NORMALIZE=normalize, BLOCK_N=BLOCK_N, BLOCK_E=BLOCK_E)
+        launch(
+            _route_kernel,
+            (triton.cdiv(N, BLOCK_N),),
+            logits_ptr=logits,
+            probs_ptr=probs,
+            weights_ptr=weights,
+            experts_ptr=experts,
+            lse_ptr=lse,
+            N=N,
+            E=E,
+            TOP_K=top_k,
+            NORMALIZE=normalize,
+            BLOCK_N=BLOCK_N,
+            BLOCK_E=BLOCK_E,
+        )
     return (probs, weights, experts, lse) + sort_slots(experts.view(-1), E)
 
 
@@ -298,8 +390,16 @@ def sort_slots(experts: torch.Tensor, E: int):
     BLOCK_E = block_size(E, 1 << 16)
     hist = torch.zeros(blocks, E, dtype=torch.int64, device=device)
     if slots:
-        launch(_slot_histogram_kernel, (blocks,), experts_ptr=experts, hist_ptr=hist, slots=slots, E=E,
-               BLOCK=SORT_BLOCK, BLOCK_E=BLOCK_E)
+        launch(
+            _slot_histogram_kernel,
+            (blocks,),
+            experts_ptr=experts,
+            hist_ptr=hist,
+            slots=slots,
+            E=E,
+            BLOCK=SORT_BLOCK,
+            BLOCK_E=BLOCK_E,
+        )
     counts = hist.sum(0)
     offsets = torch.zeros(E + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(counts, 0)
@@ -307,8 +407,18 @@ def sort_slots(experts: torch.Tensor, E: int):
     order = torch.empty(slots, dtype=torch.int64, device=device)
     position = torch.empty_like(order)
     if slots:
-        launch(_slot_rank_kernel, (blocks,), experts_ptr=experts, starts_ptr=starts, order_ptr=order,
-               position_ptr=position, slots=slots, E=E, BLOCK=SORT_BLOCK, BLOCK_E=BLOCK_E)
+        launch(
+            _slot_rank_kernel,
+            (blocks,),
+            experts_ptr=experts,
+            starts_ptr=starts,
+            order_ptr=order,
+            position_ptr=position,
+            slots=slots,
+            E=E,
+            BLOCK=SORT_BLOCK,
+            BLOCK_E=BLOCK_E,
+        )
     return counts, offsets, order, position
 
 
@@ -318,9 +428,18 @@ def unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.T
     out = y.new_empty(N, O)
     BLOCK_O = block_size(O, 1024)
     if N and O:
-        launch(_unpermute_kernel, (N, triton.cdiv(O, BLOCK_O)), y_ptr=y, position_ptr=position,
-               weights_ptr=weights if weights is not None else y, out_ptr=out, O=O, TOP_K=top_k,
-               HAS_WEIGHTS=weights is not None, BLOCK_O=BLOCK_O)
+        launch(
+            _unpermute_kernel,
+            (N, triton.cdiv(O, BLOCK_O)),
+            y_ptr=y,
+            position_ptr=position,
+            weights_ptr=weights if weights is not None else y,
+            out_ptr=out,
+            O=O,
+            TOP_K=top_k,
+            HAS_WEIGHTS=weights is not None,
+            BLOCK_O=BLOCK_O,
+        )
     return out
 
 
@@ -330,11 +449,21 @@ def unpermute_backward(grad_out, y, position, weights, top_k: int, want_weight_g
     grad_y = grad_out.new_empty(N * top_k, O)
     grad_w = grad_out.new_empty(N, top_k, dtype=torch.float32) if want_weight_grad else None
     if N and O:
-        launch(_unpermute_backward_kernel, (N,), grad_ptr=grad_out,
-               y_ptr=y.contiguous() if want_weight_grad else grad_out, position_ptr=position,
-               weights_ptr=weights if weights is not None else grad_out, grad_y_ptr=grad_y,
-               grad_w_ptr=grad_w if want_weight_grad else grad_out, O=O, TOP_K=top_k,
-               HAS_WEIGHTS=weights is not None, WEIGHT_GRAD=want_weight_grad, BLOCK_O=block_size(O, 1024))
+        launch(
+            _unpermute_backward_kernel,
+            (N,),
+            grad_ptr=grad_out,
+            y_ptr=y.contiguous() if want_weight_grad else grad_out,
+            position_ptr=position,
+            weights_ptr=weights if weights is not None else grad_out,
+            grad_y_ptr=grad_y,
+            grad_w_ptr=grad_w if want_weight_grad else grad_out,
+            O=O,
+            TOP_K=top_k,
+            HAS_WEIGHTS=weights is not None,
+            WEIGHT_GRAD=want_weight_grad,
+            BLOCK_O=block_size(O, 1024),
+        )
     elif want_weight_grad:
         grad_w.zero_()
     return grad_y, grad_w
@@ -354,9 +483,16 @@ def _tiles(offsets: torch.Tensor, rows: int, block_m: int):
     return torch.where(expert < E, owner, -1), first_row
 
 
-def grouped_mm(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], offsets: torch.Tensor,
-               transpose: bool = True, a_rows: Optional[torch.Tensor] = None,
-               c_rows: Optional[torch.Tensor] = None, out_rows: Optional[int] = None) -> torch.Tensor:
+def grouped_mm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    b: Optional[torch.Tensor],
+    offsets: torch.Tensor,
+    transpose: bool = True,
+    a_rows: Optional[torch.Tensor] = None,
+    c_rows: Optional[torch.Tensor] = None,
+    out_rows: Optional[int] = None,
+) -> torch.Tensor:
     """Rows of segment e times w[e].T (transpose=True, w (E, N, K)) or w[e] (w (E, K, N)), plus
     b[e]. Row m of the segments reads a[a_rows[m]] (else a[m]) and writes c[c_rows[m]] (else
     c[m]); ``out_rows``: the number of rows of c (default: as many as segment rows)."""
@@ -369,19 +505,42 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], offs
     config = mm_config(target_arch(a.device), a.dtype, M, N, K)
     if M and N:
         tile_expert, tile_row = _tiles(offsets, M, config["BLOCK_M"])
-        launch(_grouped_mm_kernel, (tile_expert.numel(), triton.cdiv(N, config["BLOCK_N"])), a_ptr=a,
-               w_ptr=w, b_ptr=b if b is not None else w, c_ptr=c,
-               a_rows_ptr=a_rows if a_rows is not None else offsets,
-               c_rows_ptr=c_rows if c_rows is not None else offsets, tile_expert_ptr=tile_expert,
-               tile_row_ptr=tile_row, offsets_ptr=offsets, N=N, K=K, stride_we=w.stride(0),
-               stride_wn=stride_wn, stride_wk=stride_wk, HAS_BIAS=b is not None,
-               A_ROWS=a_rows is not None, C_ROWS=c_rows is not None, PRECISION=_precision(a.dtype),
-               DOT_F32=_dot_in_float32(a.dtype), **config)
+        launch(
+            _grouped_mm_kernel,
+            (tile_expert.numel(), triton.cdiv(N, config["BLOCK_N"])),
+            a_ptr=a,
+            w_ptr=w,
+            b_ptr=b if b is not None else w,
+            c_ptr=c,
+            a_rows_ptr=a_rows if a_rows is not None else offsets,
+            c_rows_ptr=c_rows if c_rows is not None else offsets,
+            tile_expert_ptr=tile_expert,
+            tile_row_ptr=tile_row,
+            offsets_ptr=offsets,
+            N=N,
+            K=K,
+            stride_we=w.stride(0),
+            stride_wn=stride_wn,
+            stride_wk=stride_wk,
+            HAS_BIAS=b is not None,
+            A_ROWS=a_rows is not None,
+            C_ROWS=c_rows is not None,
+            PRECISION=_precision(a.dtype),
+            DOT_F32=_dot_in_float32(a.dtype),
+            **config,
+        )
     return c
 
 
-def grouped_weight_grad(g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, experts: int, bias_grad: bool,
-                        g_rows: Optional[torch.Tensor] = None, x_rows: Optional[torch.Tensor] = None):
+def grouped_weight_grad(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    experts: int,
+    bias_grad: bool,
+    g_rows: Optional[torch.Tensor] = None,
+    x_rows: Optional[torch.Tensor] = None,
+):
     """grad_w (E, N, K) = per-segment g.T @ x and grad_b (E, N) = per-segment g.sum(0), the rows
     of g and x read through g_rows / x_rows where given."""
     g, x = g.contiguous(), x.contiguous()
@@ -391,13 +550,25 @@ def grouped_weight_grad(g: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor,
     grad_b = g.new_empty(experts, N) if bias_grad else None
     config = wgrad_config(target_arch(g.device), g.dtype, M, N, K)
     if N and K:
-        launch(_grouped_weight_grad_kernel,
-               (experts, triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(K, config["BLOCK_K"])),
-               g_ptr=g, x_ptr=x, g_rows_ptr=g_rows if g_rows is not None else offsets,
-               x_rows_ptr=x_rows if x_rows is not None else offsets, grad_w_ptr=grad_w,
-               grad_b_ptr=grad_b if bias_grad else grad_w, offsets_ptr=offsets, N=N, K=K,
-               BIAS_GRAD=bias_grad, G_ROWS=g_rows is not None, X_ROWS=x_rows is not None,
-               PRECISION=_precision(g.dtype), DOT_F32=_dot_in_float32(g.dtype), **config)
+        launch(
+            _grouped_weight_grad_kernel,
+            (experts, triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(K, config["BLOCK_K"])),
+            g_ptr=g,
+            x_ptr=x,
+            g_rows_ptr=g_rows if g_rows is not None else offsets,
+            x_rows_ptr=x_rows if x_rows is not None else offsets,
+            grad_w_ptr=grad_w,
+            grad_b_ptr=grad_b if bias_grad else grad_w,
+            offsets_ptr=offsets,
+            N=N,
+            K=K,
+            BIAS_GRAD=bias_grad,
+            G_ROWS=g_rows is not None,
+            X_ROWS=x_rows is not None,
+            PRECISION=_precision(g.dtype),
+            DOT_F32=_dot_in_float32(g.dtype),
+            **config,
+        )
     elif bias_grad:
         grad_b.zero_()
     return grad_w, grad_b
@@ -410,9 +581,17 @@ def add_segment_bias(y: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) ->
     if M and N:
         rows = torch.arange(M, device=y.device)
         row_expert = (torch.searchsorted(offsets[1:], rows, right=True)).to(torch.int32)
-        launch(_segment_bias_kernel, (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)), y_ptr=y,
-               b_ptr=b.contiguous(), row_expert_ptr=row_expert, M=M, N=N, BLOCK_M=BLOCK_M,
-               BLOCK_N=BLOCK_N)
+        launch(
+            _segment_bias_kernel,
+            (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N)),
+            y_ptr=y,
+            b_ptr=b.contiguous(),
+            row_expert_ptr=row_expert,
+            M=M,
+            N=N,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+        )
     return y
 
 
@@ -424,6 +603,14 @@ def segment_sum(g: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> t
     out = torch.empty(E, N, dtype=dtype, device=g.device)
     BLOCK_M, BLOCK_N = 32, block_size(N, 128)
     if N:
-        launch(_segment_sum_kernel, (E, triton.cdiv(N, BLOCK_N)), g_ptr=g, out_ptr=out, offsets_ptr=offsets,
-               N=N, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+        launch(
+            _segment_sum_kernel,
+            (E, triton.cdiv(N, BLOCK_N)),
+            g_ptr=g,
+            out_ptr=out,
+            offsets_ptr=offsets,
+            N=N,
+            BLOCK_M=BLOCK_M,
+            BLOCK_N=BLOCK_N,
+        )
     return out

@@ -1,6 +1,7 @@
 """An omni model assembled from local Hugging Face checkpoint folders (an LLM with its tokenizer,
 a vision tower, a Whisper encoder) and optionally a speech decoder saved on its own; and that
 decoder's own save and load."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,13 +16,24 @@ from omnifast.nn.speech_decoder import SpeechDecoder
 from .config import IMAGE_TOKEN, SPEECH_TOKEN, OmniConfig
 from .omni import OmniModel, vision_classes
 
+MODEL_TYPES = {
+    "llm": ("qwen2",),
+    "vision": ("clip", "clip_vision_model", "siglip", "siglip_vision_model"),
+    "speech": ("whisper",),
+}
 
-MODEL_TYPES = {"llm": ("qwen2",), "vision": ("clip", "clip_vision_model", "siglip", "siglip_vision_model"),
-               "speech": ("whisper",)}
 
-
-def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConfig] = None, tokenizer=None,
-                    strict: bool = True, allow_nonfinite: bool = False, **overrides):
+def load_components(
+    llm,
+    vision,
+    speech,
+    decoder=None,
+    config: Optional[OmniConfig] = None,
+    tokenizer=None,
+    strict: bool = True,
+    allow_nonfinite: bool = False,
+    **overrides,
+):
     """An omni model and its processor from local Hugging Face checkpoint directories
     (``Qwen2ForCausalLM`` with its tokenizer, a CLIP or SigLIP vision tower or whole model,
     ``WhisperModel``) and optionally a speech decoder saved by :func:`save_speech_decoder`; the
@@ -42,11 +54,12 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
     infinite values are refused unless ``allow_nonfinite``."""
     import dataclasses
 
-    from transformers import AutoConfig, Qwen2ForCausalLM, WhisperModel
+    from transformers import Qwen2ForCausalLM, WhisperModel
 
     from omnifast.nn.speech_decoder import SpeechDecoderConfig
 
     from .processor import OmniProcessor, add_placeholder_tokens
+
     dirs = {"llm": llm, "vision": vision, "speech": speech}
     for name, directory in dirs.items():
         if not (Path(directory) / "config.json").is_file():
@@ -62,11 +75,17 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
     vision_config = getattr(vision_config, "vision_config", vision_config)
     sampling_rate, window = _audio_window(speech, speech_config)
     rows = max(llm_config.vocab_size, len(tokenizer))
-    fixed = dict(llm={**_config_kwargs(llm_config), "vocab_size": rows}, vision=_config_kwargs(vision_config),
-                 speech=_config_kwargs(speech_config), image_size=vision_config.image_size, vision_type=vision_type,
-                 sampling_rate=sampling_rate, audio_seconds=window,
-                 image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                 speech_token_id=tokenizer.convert_tokens_to_ids(SPEECH_TOKEN))
+    fixed = dict(
+        llm={**_config_kwargs(llm_config), "vocab_size": rows},
+        vision=_config_kwargs(vision_config),
+        speech=_config_kwargs(speech_config),
+        image_size=vision_config.image_size,
+        vision_type=vision_type,
+        sampling_rate=sampling_rate,
+        audio_seconds=window,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        speech_token_id=tokenizer.convert_tokens_to_ids(SPEECH_TOKEN),
+    )
     hidden = llm_config.hidden_size
     decoder_model = load_speech_decoder(decoder) if decoder is not None else None
     if decoder_model is not None:
@@ -82,21 +101,32 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
         if wanted is not None and wanted != fixed[name]:
             raise ValueError(f"{name}={wanted} was asked for, but the components fix it at {fixed[name]}")
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    combined = OmniConfig(**{**dict(speech_projector_hidden=min(2048, hidden)), **chosen, **fixed,
-                             "speech_decoder": decoder_dict, **overrides}).validate()
+    combined = OmniConfig(
+        **{
+            **dict(speech_projector_hidden=min(2048, hidden)),
+            **chosen,
+            **fixed,
+            "speech_decoder": decoder_dict,
+            **overrides,
+        }
+    ).validate()
     if decoder_dict is not None and decoder_dict["llm_hidden"] != hidden:
-        raise ValueError(f"the speech decoder takes LLM states of width {decoder_dict['llm_hidden']} but the "
-                         f"LLM's hidden size is {hidden}")
+        raise ValueError(
+            f"the speech decoder takes LLM states of width {decoder_dict['llm_hidden']} but the "
+            f"LLM's hidden size is {hidden}"
+        )
     if decoder_dict is not None and decoder_dict["text_vocab"] < len(tokenizer):
-        raise ValueError(f"the speech decoder embeds {decoder_dict['text_vocab']} text tokens but the tokenizer "
-                         f"has {len(tokenizer)}")
+        raise ValueError(
+            f"the speech decoder embeds {decoder_dict['text_vocab']} text tokens but the tokenizer has {len(tokenizer)}"
+        )
     with torch.device("meta"):
         model = OmniModel(combined)
     model.llm = _load_hf(Qwen2ForCausalLM, "llm", llm, strict, allow_nonfinite)
     if model.llm.get_input_embeddings().num_embeddings < rows:
         model.llm.resize_token_embeddings(rows)
-    model.vision = _load_hf(vision_classes(vision_type)[1], "vision", vision, strict, allow_nonfinite,
-                            unexpected_ok=True)
+    model.vision = _load_hf(
+        vision_classes(vision_type)[1], "vision", vision, strict, allow_nonfinite, unexpected_ok=True
+    )
     model.speech = _load_hf(WhisperModel, "speech", speech, strict, allow_nonfinite, unexpected_ok=True).get_encoder()
     model.image_projector = model.image_projector.to_empty(device="cpu")
     model.speech_projector = model.speech_projector.to_empty(device="cpu")
@@ -106,8 +136,15 @@ def load_components(llm, vision, speech, decoder=None, config: Optional[OmniConf
         for layer in module.modules():
             if isinstance(layer, nn.Linear):
                 layer.reset_parameters()
-    model.speech_decoder = decoder_model if decoder_model is not None else (
-        None if combined.speech_decoder is None else build_speech_decoder(combined.decoder_config(), combined.speech_decoder_mode))
+    model.speech_decoder = (
+        decoder_model
+        if decoder_model is not None
+        else (
+            None
+            if combined.speech_decoder is None
+            else build_speech_decoder(combined.decoder_config(), combined.speech_decoder_mode)
+        )
+    )
     return model, OmniProcessor(tokenizer, combined)
 
 
@@ -116,10 +153,13 @@ def _checked_config(name: str, folder):
     from transformers import AutoConfig
 
     from .safe_load import WeightsError, read_json
+
     model_type = read_json(Path(folder) / "config.json", "model config").get("model_type")
     if model_type not in MODEL_TYPES[name]:
-        raise WeightsError(f"{name}={folder} holds a {model_type!r} model (its config.json's model_type); {name} takes "
-                           f"{' or '.join(MODEL_TYPES[name])}")
+        raise WeightsError(
+            f"{name}={folder} holds a {model_type!r} model (its config.json's model_type); {name} takes "
+            f"{' or '.join(MODEL_TYPES[name])}"
+        )
     return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
 
 
@@ -127,13 +167,19 @@ def _load_hf(cls, name: str, folder, strict: bool, allow_nonfinite: bool, unexpe
     """``cls.from_pretrained`` of a local folder, what transformers reports missing (or, unless
     ``unexpected_ok``, unexpected) refused by name when ``strict``; the weights checked finite."""
     from .safe_load import WeightsError, check_finite
+
     model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True)
-    problems = [f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
-                for kind in ("missing_keys", "mismatched_keys") + (() if unexpected_ok else ("unexpected_keys",))
-                for keys in [list(info.get(kind) or [])] if keys]
+    problems = [
+        f"{kind.replace('_', ' ')}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
+        for kind in ("missing_keys", "mismatched_keys") + (() if unexpected_ok else ("unexpected_keys",))
+        for keys in [list(info.get(kind) or [])]
+        if keys
+    ]
     if problems and strict:
-        raise WeightsError(f"{name}={folder}: the weights do not fit {cls.__name__} ({'; '.join(problems)}); "
-                           f"strict=False loads it anyway, the missing ones freshly initialised")
+        raise WeightsError(
+            f"{name}={folder}: the weights do not fit {cls.__name__} ({'; '.join(problems)}); "
+            f"strict=False loads it anyway, the missing ones freshly initialised"
+        )
     check_finite(model, f"{name}={folder}", allow_nonfinite)
     return model
 
@@ -141,6 +187,7 @@ def _load_hf(cls, name: str, folder, strict: bool, allow_nonfinite: bool, unexpe
 def _component_tokenizer(source):
     """A tokenizer object as it is, or the one saved in a folder."""
     from transformers import AutoTokenizer
+
     if not isinstance(source, (str, Path)):
         return source
     folder = Path(source)
@@ -154,6 +201,7 @@ def _audio_window(speech, speech_config):
     mel frames, a frame every ``hop_length`` samples (the folder's feature extractor settings,
     else Whisper's 16 kHz and 160)."""
     import json
+
     settings = {}
     preprocessor = Path(speech) / "preprocessor_config.json"
     if preprocessor.is_file():
@@ -161,8 +209,9 @@ def _audio_window(speech, speech_config):
     rate, hop = int(settings.get("sampling_rate", 16000)), int(settings.get("hop_length", 160))
     samples = 2 * speech_config.max_source_positions * hop
     if samples % rate:
-        raise ValueError(f"speech={speech}: its window of {samples} samples at {rate} Hz is not a whole number "
-                         f"of seconds")
+        raise ValueError(
+            f"speech={speech}: its window of {samples} samples at {rate} Hz is not a whole number of seconds"
+        )
     return rate, samples // rate
 
 
@@ -170,6 +219,7 @@ def _config_kwargs(config) -> Dict:
     """A local component's config as OmniConfig settings: its architecture's keyword arguments
     only (an ``auto_map``, an attention implementation or anything else is left behind)."""
     from .config import allowed_component_keys
+
     allowed = allowed_component_keys(type(config)) - {"dtype", "id2label", "label2id"}
     return {k: v for k, v in config.to_dict().items() if k in allowed}
 
@@ -179,6 +229,7 @@ def save_speech_decoder(decoder: SpeechDecoder, path) -> None:
     import json
 
     from safetensors.torch import save_model
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_model(decoder, str(path / "speech_decoder.safetensors"))
@@ -189,6 +240,7 @@ def load_speech_decoder(path) -> SpeechDecoder:
     from omnifast.nn.speech_decoder import SpeechDecoderConfig
 
     from .safe_load import WeightsError, check_tensors, read_json, read_safetensors
+
     path = Path(path)
     if not (path / "speech_decoder.json").is_file():
         raise FileNotFoundError(f"{path} has no speech_decoder.json: not a directory written by save_speech_decoder")
@@ -202,8 +254,9 @@ def load_speech_decoder(path) -> SpeechDecoder:
     expected = decoder.state_dict()
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise WeightsError(f"{weights}: does not hold this decoder's tensors (missing: {missing[:5]}; unexpected: "
-                           f"{extra[:5]})")
+        raise WeightsError(
+            f"{weights}: does not hold this decoder's tensors (missing: {missing[:5]}; unexpected: {extra[:5]})"
+        )
     decoder.load_state_dict(check_tensors(tensors, expected, weights))
     return decoder
 
@@ -212,14 +265,27 @@ def add_init_arguments(parser) -> None:
     parser.add_argument("--llm", required=True, help="a Qwen2 (Qwen2.5) checkpoint folder with its tokenizer")
     parser.add_argument("--vision", required=True, help="a CLIP or SigLIP vision tower (or whole model) folder")
     parser.add_argument("--speech", required=True, help="a Whisper checkpoint folder (its encoder is used)")
-    parser.add_argument("--decoder", default=None, help="a speech decoder folder (save_speech_decoder); default: a "
-                        "fresh one in proportion to the LLM (OpenOmni's for a 7B)")
-    parser.add_argument("--units", type=int, default=6561,
-                        help="the fresh speech decoder's unit vocabulary (OpenOmni's NAR units: 6561; AR: 16384)")
-    parser.add_argument("--mode", choices=("nar", "ar"), default="nar",
-                        help="the fresh speech decoder: nar (CTC, streams) or ar (next unit)")
-    parser.add_argument("--speech-ctc", action="store_true",
-                        help="add a CTC head on the speech encoder (for the speech-pretrain stage)")
+    parser.add_argument(
+        "--decoder",
+        default=None,
+        help="a speech decoder folder (save_speech_decoder); default: a "
+        "fresh one in proportion to the LLM (OpenOmni's for a 7B)",
+    )
+    parser.add_argument(
+        "--units",
+        type=int,
+        default=6561,
+        help="the fresh speech decoder's unit vocabulary (OpenOmni's NAR units: 6561; AR: 16384)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("nar", "ar"),
+        default="nar",
+        help="the fresh speech decoder: nar (CTC, streams) or ar (next unit)",
+    )
+    parser.add_argument(
+        "--speech-ctc", action="store_true", help="add a CTC head on the speech encoder (for the speech-pretrain stage)"
+    )
     parser.add_argument("--out", required=True, help="where the model is saved (omnifast train --model OUT)")
 
 
@@ -233,16 +299,23 @@ def init_command(args) -> int:
         raise ValueError(f"--units must be an integer >= 1, got {args.units}")
     if args.decoder is not None and (args.units != 6561 or args.mode != "nar"):
         raise ValueError("--units and --mode describe a fresh decoder: a --decoder folder brings its own")
-    model, processor = load_components(args.llm, args.vision, args.speech, args.decoder,
-                                       speech_decoder_mode=args.mode if args.decoder is None else None,
-                                       speech_ctc=args.speech_ctc)
+    model, processor = load_components(
+        args.llm,
+        args.vision,
+        args.speech,
+        args.decoder,
+        speech_decoder_mode=args.mode if args.decoder is None else None,
+        speech_ctc=args.speech_ctc,
+    )
     if args.decoder is None and model.config.speech_decoder["units"] != args.units:
         model.config.speech_decoder = {**model.config.speech_decoder, "units": args.units}
         model.speech_decoder = build_speech_decoder(replace(model.config.decoder_config()), args.mode)
     model.save_pretrained(args.out, processor)
     c = model.config
-    print(f"saved to {args.out}: LLM {c.llm['num_hidden_layers']} layers x {c.hidden}, {c.image_tokens} image "
-          f"positions ({c.image_size} px), {c.speech_tokens} speech positions ({c.audio_seconds} s at "
-          f"{c.sampling_rate} Hz), speech decoder {model.speech_decoder.mode} over {c.speech_decoder['units']} units",
-          file=sys.stderr)
+    print(
+        f"saved to {args.out}: LLM {c.llm['num_hidden_layers']} layers x {c.hidden}, {c.image_tokens} image "
+        f"positions ({c.image_size} px), {c.speech_tokens} speech positions ({c.audio_seconds} s at "
+        f"{c.sampling_rate} Hz), speech decoder {model.speech_decoder.mode} over {c.speech_decoder['units']} units",
+        file=sys.stderr,
+    )
     return 0

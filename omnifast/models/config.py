@@ -1,6 +1,7 @@
 """``OmniConfig``: the sizes of every component of an omni model, as plain dataclasses that
 round-trip through JSON. The component settings are the keyword arguments of the matching
 ``transformers`` config classes (``Qwen2Config``, ``CLIPVisionConfig``, ``WhisperConfig``)."""
+
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ _PROVENANCE = ("self", "kwargs", "transformers_version", "architectures")
 
 def component_config_class(name: str, vision_type: str = "clip"):
     import transformers
+
     if name == "llm":
         return transformers.Qwen2Config
     if name == "speech":
@@ -29,38 +31,42 @@ def allowed_component_keys(config_class) -> set:
     """The explicit keyword arguments of a transformers config class: its architecture's settings
     (nothing that names code to load or an attention implementation to fetch)."""
     import inspect
+
     return set(inspect.signature(config_class.__init__).parameters) - set(_PROVENANCE)
 
 
 def check_component_keys(name: str, values, config_class) -> None:
     if not isinstance(values, dict):
-        raise TypeError(f"OmniConfig.{name} must be a dict of {config_class.__name__} settings, got "
-                        f"{type(values).__name__}")
+        raise TypeError(
+            f"OmniConfig.{name} must be a dict of {config_class.__name__} settings, got {type(values).__name__}"
+        )
     unknown = sorted(set(values) - allowed_component_keys(config_class))
     if unknown:
-        raise ValueError(f"OmniConfig.{name}: {', '.join(unknown)} are not {config_class.__name__} settings "
-                         f"omnifast accepts (the architecture's keyword arguments only)")
+        raise ValueError(
+            f"OmniConfig.{name}: {', '.join(unknown)} are not {config_class.__name__} settings "
+            f"omnifast accepts (the architecture's keyword arguments only)"
+        )
 
 
 @dataclass
 class OmniConfig:
-    llm: Dict[str, Any]                     # Qwen2Config kwargs
-    vision: Dict[str, Any]                  # CLIPVisionConfig (or SiglipVisionConfig) kwargs
-    speech: Dict[str, Any]                  # WhisperConfig kwargs (the encoder's are used)
+    llm: Dict[str, Any]  # Qwen2Config kwargs
+    vision: Dict[str, Any]  # CLIPVisionConfig (or SiglipVisionConfig) kwargs
+    speech: Dict[str, Any]  # WhisperConfig kwargs (the encoder's are used)
     speech_decoder: Optional[Dict[str, Any]] = None  # SpeechDecoderConfig fields; None: no decoder
     speech_decoder_mode: str = "nar"
-    vision_type: str = "clip"               # "clip" or "siglip"
-    vision_feature_layer: int = -2          # hidden state taken from the vision tower (CLIP's CLS dropped)
+    vision_type: str = "clip"  # "clip" or "siglip"
+    vision_feature_layer: int = -2  # hidden state taken from the vision tower (CLIP's CLS dropped)
     image_projector: str = "mlp2x_gelu"
-    speech_stack: int = 5                   # speech projector: concatenate k encoder frames
+    speech_stack: int = 5  # speech projector: concatenate k encoder frames
     speech_projector_hidden: int = 2048
-    speech_ctc: bool = False                # a CTC head on the speech encoder (the speech-pretrain stage)
+    speech_ctc: bool = False  # a CTC head on the speech encoder (the speech-pretrain stage)
     system_prompt: str = "You are a helpful assistant."  # the system turn every conversation starts with
     image_size: int = 336
     sampling_rate: int = 16000
-    audio_seconds: int = 30                 # the Whisper window every clip is padded to
-    image_token_id: int = 151665            # the ids of <image> / <speech> in the tokenizer
-    speech_token_id: int = 151666           # (for Qwen2.5: the first two added tokens)
+    audio_seconds: int = 30  # the Whisper window every clip is padded to
+    image_token_id: int = 151665  # the ids of <image> / <speech> in the tokenizer
+    speech_token_id: int = 151666  # (for Qwen2.5: the first two added tokens)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     # ---- derived sizes -----------------------------------------------------------------------
@@ -87,17 +93,28 @@ class OmniConfig:
         for name in ("llm", "vision", "speech"):
             check_component_keys(name, getattr(self, name), component_config_class(name, self.vision_type))
         if self.speech["max_source_positions"] % self.speech_stack:
-            raise ValueError(f"speech_stack={self.speech_stack} must divide the speech encoder's "
-                             f"max_source_positions={self.speech['max_source_positions']}")
+            raise ValueError(
+                f"speech_stack={self.speech_stack} must divide the speech encoder's "
+                f"max_source_positions={self.speech['max_source_positions']}"
+            )
         if 2 * self.speech["max_source_positions"] * 160 != self.audio_seconds * self.sampling_rate:
-            raise ValueError(f"audio_seconds={self.audio_seconds} at {self.sampling_rate} Hz must be the speech "
-                             f"encoder's window: max_source_positions={self.speech['max_source_positions']} positions "
-                             f"are {self.speech['max_source_positions'] / 50:g} s of Whisper features (160-sample hop)")
-        if self.image_size % self.vision["patch_size"] or self.vision.get("image_size", self.image_size) != self.image_size:
-            raise ValueError(f"image_size={self.image_size} must be the vision tower's and a multiple of its patch size")
+            raise ValueError(
+                f"audio_seconds={self.audio_seconds} at {self.sampling_rate} Hz must be the speech "
+                f"encoder's window: max_source_positions={self.speech['max_source_positions']} positions "
+                f"are {self.speech['max_source_positions'] / 50:g} s of Whisper features (160-sample hop)"
+            )
+        if (
+            self.image_size % self.vision["patch_size"]
+            or self.vision.get("image_size", self.image_size) != self.image_size
+        ):
+            raise ValueError(
+                f"image_size={self.image_size} must be the vision tower's and a multiple of its patch size"
+            )
         if self.speech_decoder is not None and self.speech_decoder.get("llm_hidden", self.hidden) != self.hidden:
-            raise ValueError(f"the speech decoder's llm_hidden ({self.speech_decoder['llm_hidden']}) must equal the "
-                             f"LLM hidden size ({self.hidden})")
+            raise ValueError(
+                f"the speech decoder's llm_hidden ({self.speech_decoder['llm_hidden']}) must equal the "
+                f"LLM hidden size ({self.hidden})"
+            )
         if self.speech_decoder_mode not in ("nar", "ar"):
             raise ValueError(f"speech_decoder_mode must be 'nar' or 'ar', got {self.speech_decoder_mode!r}")
         if not isinstance(self.system_prompt, str):
@@ -115,19 +132,50 @@ class OmniConfig:
     def tiny(cls) -> "OmniConfig":
         """A few million parameters: every test and the CPU demo use it."""
         return cls(
-            llm=dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-            vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                        image_size=32, patch_size=8, projection_dim=64),
-            speech=dict(num_mel_bins=16, d_model=64, encoder_layers=2, encoder_attention_heads=2,
-                        encoder_ffn_dim=128, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
-                        max_source_positions=50, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        decoder_start_token_id=3),
-            speech_decoder=asdict(SpeechDecoderConfig.tiny(llm_hidden=128, text_vocab=320, width=64,
-                                                           intermediate=128)),
-            speech_stack=5, speech_projector_hidden=128, image_size=32, audio_seconds=1,
-            image_token_id=259, speech_token_id=260)  # in omnifast.models.build_tiny_tokenizer()
+            llm=dict(
+                vocab_size=320,
+                hidden_size=128,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
+            vision=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+                projection_dim=64,
+            ),
+            speech=dict(
+                num_mel_bins=16,
+                d_model=64,
+                encoder_layers=2,
+                encoder_attention_heads=2,
+                encoder_ffn_dim=128,
+                decoder_layers=1,
+                decoder_attention_heads=2,
+                decoder_ffn_dim=64,
+                max_source_positions=50,
+                vocab_size=64,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=3,
+            ),
+            speech_decoder=asdict(SpeechDecoderConfig.tiny(llm_hidden=128, text_vocab=320, width=64, intermediate=128)),
+            speech_stack=5,
+            speech_projector_hidden=128,
+            image_size=32,
+            audio_seconds=1,
+            image_token_id=259,
+            speech_token_id=260,
+        )  # in omnifast.models.build_tiny_tokenizer()
 
     @classmethod
     def small(cls) -> "OmniConfig":
@@ -137,20 +185,54 @@ class OmniConfig:
         small width, and an LLM (8 layers, 1024 wide) whose forward costs about what the decoder's
         step does, as the 7B LLM's does against OpenOmni's decoder. The byte tokenizer's
         placeholder ids (``build_tiny_tokenizer``)."""
-        decoder = SpeechDecoderConfig(llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14,
-                                      kv_heads=2, intermediate=1216)
+        decoder = SpeechDecoderConfig(
+            llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14, kv_heads=2, intermediate=1216
+        )
         return cls(
-            llm=dict(vocab_size=151936, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
-                     num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096,
-                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
-            vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                        image_size=336, patch_size=14, projection_dim=128),
-            speech=dict(num_mel_bins=128, d_model=128, encoder_layers=2, encoder_attention_heads=4,
-                        encoder_ffn_dim=512, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=256,
-                        max_source_positions=1500, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        decoder_start_token_id=3),
-            speech_decoder=asdict(decoder), speech_stack=5, speech_projector_hidden=256, image_size=336,
-            audio_seconds=30, image_token_id=259, speech_token_id=260)
+            llm=dict(
+                vocab_size=151936,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=8,
+                num_attention_heads=16,
+                num_key_value_heads=4,
+                max_position_embeddings=4096,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            ),
+            vision=dict(
+                hidden_size=128,
+                intermediate_size=512,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=336,
+                patch_size=14,
+                projection_dim=128,
+            ),
+            speech=dict(
+                num_mel_bins=128,
+                d_model=128,
+                encoder_layers=2,
+                encoder_attention_heads=4,
+                encoder_ffn_dim=512,
+                decoder_layers=1,
+                decoder_attention_heads=4,
+                decoder_ffn_dim=256,
+                max_source_positions=1500,
+                vocab_size=64,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=3,
+            ),
+            speech_decoder=asdict(decoder),
+            speech_stack=5,
+            speech_projector_hidden=256,
+            image_size=336,
+            audio_seconds=30,
+            image_token_id=259,
+            speech_token_id=260,
+        )
 
     @classmethod
     def openomni_7b(cls) -> "OmniConfig":
@@ -158,17 +240,46 @@ class OmniConfig:
         (128 mel bins), mlp2x_gelu image projector, 5-frame speech projector, its speech decoder
         exactly as it computes (``SpeechDecoderConfig.openomni()``; it cannot stream)."""
         return cls(
-            llm=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
-                     rms_norm_eps=1e-6, tie_word_embeddings=False,
-                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-            vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                        image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu"),
-            speech=dict(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
-                        encoder_ffn_dim=5120, decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120,
-                        max_source_positions=1500, vocab_size=51866),
+            llm=dict(
+                vocab_size=152064,
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                max_position_embeddings=32768,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            ),
+            vision=dict(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                image_size=336,
+                patch_size=14,
+                projection_dim=768,
+                hidden_act="quick_gelu",
+            ),
+            speech=dict(
+                num_mel_bins=128,
+                d_model=1280,
+                encoder_layers=32,
+                encoder_attention_heads=20,
+                encoder_ffn_dim=5120,
+                decoder_layers=32,
+                decoder_attention_heads=20,
+                decoder_ffn_dim=5120,
+                max_source_positions=1500,
+                vocab_size=51866,
+            ),
             speech_decoder=asdict(SpeechDecoderConfig.openomni(llm_hidden=3584)),
-            speech_stack=5, speech_projector_hidden=2048, image_size=336, audio_seconds=30)
+            speech_stack=5,
+            speech_projector_hidden=2048,
+            image_size=336,
+            audio_seconds=30,
+        )
 
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -185,6 +296,7 @@ class OmniConfig:
     @classmethod
     def load(cls, path) -> "OmniConfig":
         from .safe_load import WeightsError, read_json
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no omnifast config at {path}: not a checkpoint saved by save_pretrained")

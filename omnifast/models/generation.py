@@ -1,6 +1,7 @@
 """Answering a prompt: text token by token from the LLM and, where the model speaks, speech units
 from its speech decoder, streamed as they become final (``OmniModel`` takes these methods from
 ``OmniGeneration``, as ``transformers`` models take theirs from its ``GenerationMixin``)."""
+
 from __future__ import annotations
 
 import time
@@ -17,7 +18,8 @@ from omnifast.ops.decode import sample_top_k_top_p
 class AnswerEvent:
     """One step of a streamed answer: a text token as it is chosen, or the speech units that
     became final, with the seconds since the answer began."""
-    kind: str                      # "token" or "units"
+
+    kind: str  # "token" or "units"
     seconds: float
     token: Optional[int] = None
     units: List[int] = field(default_factory=list)
@@ -44,11 +46,23 @@ class OmniGeneration:
         return d is not None and d.mode == "nar" and d.config.causal and d.config.fusion_causal
 
     @torch.no_grad()
-    def stream_answer(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *,
-                      max_new_tokens: int = 64, eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0,
-                      top_p: float = 1.0, temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4,
-                      generator: Optional[torch.Generator] = None,
-                      forced_tokens: Optional[List[int]] = None) -> Iterator[AnswerEvent]:
+    def stream_answer(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values=None,
+        speech_features=None,
+        *,
+        max_new_tokens: int = 64,
+        eos_token_id: Optional[int] = None,
+        greedy: bool = True,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        speak: bool = False,
+        unit_chunk: int = 4,
+        generator: Optional[torch.Generator] = None,
+        forced_tokens: Optional[List[int]] = None,
+    ) -> Iterator[AnswerEvent]:
         """The answer to one prompt (input_ids (S,) or (1, S)) as it is made: an ``AnswerEvent``
         for each text token, and with ``speak=True`` events for the speech units: where the
         decoder streams (:attr:`streams_speech`) the units that became final every
@@ -57,6 +71,7 @@ class OmniGeneration:
         choosing (the same work per token: for timing the speech path apart from what the model
         would write)."""
         from transformers.cache_utils import DynamicCache
+
         if speak and self.speech_decoder is None:
             raise ValueError("speak=True needs a model with a speech decoder")
         ids = input_ids if input_ids.dim() == 2 else input_ids[None]
@@ -64,8 +79,9 @@ class OmniGeneration:
             raise ValueError(f"generate takes one prompt, got a batch of {ids.shape[0]}")
         start = time.perf_counter()
         cache = DynamicCache(config=self.llm.config)
-        hidden = forward_with_cache(self.llm.model, cache, inputs_embeds=self.embed(ids, pixel_values, speech_features)
-                                    ).last_hidden_state[:, -1]
+        hidden = forward_with_cache(
+            self.llm.model, cache, inputs_embeds=self.embed(ids, pixel_values, speech_features)
+        ).last_hidden_state[:, -1]
         pending: List[tuple] = []
         streaming = speak and self.streams_speech
         stream = self.speech_decoder.stream(self._chunks(pending)) if streaming else None
@@ -74,8 +90,9 @@ class OmniGeneration:
             if not streaming:
                 if final and pending:
                     states, tokens = next(self._chunks(pending))
-                    yield AnswerEvent("units", time.perf_counter() - start,
-                                      units=self.speech_decoder.generate(states, tokens)[0])
+                    yield AnswerEvent(
+                        "units", time.perf_counter() - start, units=self.speech_decoder.generate(states, tokens)[0]
+                    )
                 return
             while pending and (final or len(pending) >= unit_chunk):
                 units = next(stream)
@@ -87,7 +104,9 @@ class OmniGeneration:
             if forced_tokens is not None:
                 token = int(forced_tokens[position])
             else:
-                token = int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
+                token = (
+                    int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
+                )
             yield AnswerEvent("token", time.perf_counter() - start, token=token)
             step = torch.tensor([[token]], device=ids.device)
             hidden = forward_with_cache(self.llm.model, cache, input_ids=step).last_hidden_state[:, -1]
@@ -100,18 +119,42 @@ class OmniGeneration:
             yield from spoken(final=True)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None, *, max_new_tokens: int = 64,
-                 eos_token_id: Optional[int] = None, greedy: bool = True, top_k: int = 0, top_p: float = 1.0,
-                 temperature: float = 1.0, speak: bool = False, unit_chunk: int = 4, tokenizer=None,
-                 generator: Optional[torch.Generator] = None,
-                 forced_tokens: Optional[List[int]] = None) -> GenerateOutput:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values=None,
+        speech_features=None,
+        *,
+        max_new_tokens: int = 64,
+        eos_token_id: Optional[int] = None,
+        greedy: bool = True,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        temperature: float = 1.0,
+        speak: bool = False,
+        unit_chunk: int = 4,
+        tokenizer=None,
+        generator: Optional[torch.Generator] = None,
+        forced_tokens: Optional[List[int]] = None,
+    ) -> GenerateOutput:
         """The whole of :meth:`stream_answer`: text, token ids, units and latencies."""
         start = time.perf_counter()
         out = GenerateOutput("", [])
-        for event in self.stream_answer(input_ids, pixel_values, speech_features, max_new_tokens=max_new_tokens,
-                                        eos_token_id=eos_token_id, greedy=greedy, top_k=top_k, top_p=top_p,
-                                        temperature=temperature, speak=speak, unit_chunk=unit_chunk,
-                                        generator=generator, forced_tokens=forced_tokens):
+        for event in self.stream_answer(
+            input_ids,
+            pixel_values,
+            speech_features,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            greedy=greedy,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            speak=speak,
+            unit_chunk=unit_chunk,
+            generator=generator,
+            forced_tokens=forced_tokens,
+        ):
             if event.kind == "token":
                 out.token_ids.append(event.token)
                 out.first_token_s = event.seconds if out.first_token_s is None else out.first_token_s
@@ -128,5 +171,7 @@ class OmniGeneration:
         """Hand the speech decoder what has accumulated, each time it asks."""
         while True:
             taken, pending[:] = pending[:], []
-            yield torch.stack([h for h, _ in taken])[None], torch.tensor([[t for _, t in taken]],
-                                                                         device=taken[0][0].device)
+            yield (
+                torch.stack([h for h, _ in taken])[None],
+                torch.tensor([[t for _, t in taken]], device=taken[0][0].device),
+            )

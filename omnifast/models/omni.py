@@ -1,6 +1,7 @@
 """``OmniModel``: an LLM that sees (CLIP vision tower + MLP projector), hears (Whisper encoder +
 frame-stacking projector) and speaks (``SpeechDecoder`` on its hidden states), assembled from
 ``transformers`` architectures. Building from a config downloads nothing."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,17 +12,25 @@ import torch
 from torch import nn
 
 from omnifast.constants import IGNORE_INDEX
-
-from omnifast.nn.packing import run_packed, unpack
 from omnifast.nn.decoders import build_speech_decoder
+from omnifast.nn.packing import run_packed, unpack
 from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
 from .config import OmniConfig
 from .generation import AnswerEvent, GenerateOutput, OmniGeneration
 from .weights import load_weights, rebuild_buffers, save_weights, weight_files
 
-__all__ = ["OmniModel", "OmniOutput", "AnswerEvent", "GenerateOutput", "SpeechProjector", "COMPONENTS",
-           "response_states", "rebuild_buffers", "vision_classes"]
+__all__ = [
+    "OmniModel",
+    "OmniOutput",
+    "AnswerEvent",
+    "GenerateOutput",
+    "SpeechProjector",
+    "COMPONENTS",
+    "response_states",
+    "rebuild_buffers",
+    "vision_classes",
+]
 
 COMPONENTS = ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder", "speech_ctc_head")
 CONFIG_NAME = "omnifast_config.json"
@@ -29,10 +38,10 @@ CONFIG_NAME = "omnifast_config.json"
 
 @dataclass
 class OmniOutput:
-    loss: Optional[torch.Tensor]         # text loss + speech loss (those present)
+    loss: Optional[torch.Tensor]  # text loss + speech loss (those present)
     text_loss: Optional[torch.Tensor]
     speech_loss: Optional[torch.Tensor]
-    hidden_states: torch.Tensor          # (B, S, H) last LLM layer
+    hidden_states: torch.Tensor  # (B, S, H) last LLM layer
 
 
 class SpeechProjector(nn.Module):
@@ -56,6 +65,7 @@ class OmniModel(OmniGeneration, nn.Module):
         super().__init__()
         from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
         self.config = config.validate()
         H = config.hidden
         self.llm = Qwen2ForCausalLM(Qwen2Config(**config.llm))
@@ -64,14 +74,18 @@ class OmniModel(OmniGeneration, nn.Module):
         self.speech = WhisperEncoder(WhisperConfig(**config.speech))
         vision_width = config.vision["hidden_size"]
         self.image_projector = nn.Sequential(nn.Linear(vision_width, H), nn.GELU(), nn.Linear(H, H))
-        self.speech_projector = SpeechProjector(config.speech["d_model"], config.speech_stack,
-                                                config.speech_projector_hidden, H)
+        self.speech_projector = SpeechProjector(
+            config.speech["d_model"], config.speech_stack, config.speech_projector_hidden, H
+        )
         decoder_config = config.decoder_config()
-        self.speech_decoder = None if decoder_config is None else build_speech_decoder(decoder_config, config.speech_decoder_mode)
+        self.speech_decoder = (
+            None if decoder_config is None else build_speech_decoder(decoder_config, config.speech_decoder_mode)
+        )
         # a CTC head over the LLM's token ids on the speech encoder's frames: pretrains the encoder
         # (``speech-pretrain``) where no pretrained Whisper is at hand; blank is the last class
-        self.speech_ctc_head = nn.Linear(config.speech["d_model"], config.llm["vocab_size"] + 1) \
-            if config.speech_ctc else None
+        self.speech_ctc_head = (
+            nn.Linear(config.speech["d_model"], config.llm["vocab_size"] + 1) if config.speech_ctc else None
+        )
 
     # ---- components ----------------------------------------------------------------------------
     def _component(self, name: str) -> nn.Module:
@@ -99,8 +113,11 @@ class OmniModel(OmniGeneration, nn.Module):
         return self
 
     def trainable_components(self) -> List[str]:
-        return [n for n in COMPONENTS if getattr(self, n) is not None
-                and any(p.requires_grad for p in getattr(self, n).parameters())]
+        return [
+            n
+            for n in COMPONENTS
+            if getattr(self, n) is not None and any(p.requires_grad for p in getattr(self, n).parameters())
+        ]
 
     # ---- encoders ------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -108,15 +125,18 @@ class OmniModel(OmniGeneration, nn.Module):
         dropped; SigLIP has none)."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (n, 3, H, W), got shape {tuple(pixel_values.shape)}")
-        states = self.vision(pixel_values.to(self.image_projector[0].weight.dtype),
-                             output_hidden_states=True).hidden_states[self.config.vision_feature_layer]
+        states = self.vision(
+            pixel_values.to(self.image_projector[0].weight.dtype), output_hidden_states=True
+        ).hidden_states[self.config.vision_feature_layer]
         return self.image_projector(states[:, 1:] if self.config.vision_type == "clip" else states)
 
     def encode_speech(self, features: torch.Tensor) -> torch.Tensor:
         """Log-mel features (n, mel bins, frames) -> (n, speech tokens, H)."""
         if features.dim() != 3 or features.shape[1] != self.config.speech["num_mel_bins"]:
-            raise ValueError(f"speech_features must be (n, {self.config.speech['num_mel_bins']}, frames), "
-                             f"got shape {tuple(features.shape)}")
+            raise ValueError(
+                f"speech_features must be (n, {self.config.speech['num_mel_bins']}, frames), "
+                f"got shape {tuple(features.shape)}"
+            )
         return self.speech_projector(self.speech_frames(features))
 
     def speech_frames(self, features: torch.Tensor) -> torch.Tensor:
@@ -132,22 +152,31 @@ class OmniModel(OmniGeneration, nn.Module):
         image / clip, in order."""
         c = self.config
         embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
-        for token_id, inputs, encode, name in ((c.image_token_id, pixel_values, self.encode_images, "image"),
-                                                (c.speech_token_id, speech_features, self.encode_speech, "speech")):
+        for token_id, inputs, encode, name in (
+            (c.image_token_id, pixel_values, self.encode_images, "image"),
+            (c.speech_token_id, speech_features, self.encode_speech, "speech"),
+        ):
             slots = input_ids == token_id
             count = int(slots.sum())
             given = 0 if inputs is None else inputs.shape[0]
             per_item = c.image_tokens if name == "image" else c.speech_tokens
             if count != given * per_item:
-                raise ValueError(f"input_ids hold {count} {name} placeholder positions ({count / per_item:g} "
-                                 f"{name}s of {per_item}) but {given} {name}s were given")
+                raise ValueError(
+                    f"input_ids hold {count} {name} placeholder positions ({count / per_item:g} "
+                    f"{name}s of {per_item}) but {given} {name}s were given"
+                )
             if given:
                 features = encode(inputs).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
                 embeds = embeds.masked_scatter(slots[..., None], features)
         return embeds
 
-    def speech_ctc_loss(self, speech_features: torch.Tensor, labels: torch.Tensor,
-                        ignore_ids: Iterable[int] = (), speech_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def speech_ctc_loss(
+        self,
+        speech_features: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_ids: Iterable[int] = (),
+        speech_lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """The CTC loss of each clip's transcript (a row of ``labels``: its tokens != -100, the
         ``ignore_ids`` dropped, e.g. the end-of-turn token) on the encoder's frames through
         ``speech_ctc_head``, summed over the clips and divided by their target tokens. One clip
@@ -156,9 +185,12 @@ class OmniModel(OmniGeneration, nn.Module):
         if self.speech_ctc_head is None:
             raise ValueError("this model has no speech_ctc_head (OmniConfig.speech_ctc=False)")
         from omnifast.ops import ctc_loss_with_logits
+
         if speech_features is None or speech_features.shape[0] != labels.shape[0]:
-            raise ValueError(f"speech_ctc_loss takes one clip per row: {labels.shape[0]} rows, "
-                             f"{0 if speech_features is None else speech_features.shape[0]} clips")
+            raise ValueError(
+                f"speech_ctc_loss takes one clip per row: {labels.shape[0]} rows, "
+                f"{0 if speech_features is None else speech_features.shape[0]} clips"
+            )
         keep = labels != IGNORE_INDEX
         for token in ignore_ids:
             keep &= labels != token
@@ -166,27 +198,47 @@ class OmniModel(OmniGeneration, nn.Module):
         target_lengths = keep.sum(1)
         if int(target_lengths.min()) < 1:
             raise ValueError("speech_ctc_loss: a row has no transcript tokens")
-        input_lengths = torch.full_like(target_lengths, logits.shape[0]) if speech_lengths is None \
+        input_lengths = (
+            torch.full_like(target_lengths, logits.shape[0])
+            if speech_lengths is None
             else speech_lengths.to(target_lengths).clamp(max=logits.shape[0])
-        total = ctc_loss_with_logits(logits, labels[keep], input_lengths, target_lengths,
-                                     blank=logits.shape[-1] - 1, reduction="sum", zero_infinity=True)
+        )
+        total = ctc_loss_with_logits(
+            logits,
+            labels[keep],
+            input_lengths,
+            target_lengths,
+            blank=logits.shape[-1] - 1,
+            reduction="sum",
+            zero_infinity=True,
+        )
         return total / target_lengths.sum()
 
     @torch.no_grad()
-    def transcribe_ctc(self, speech_features: torch.Tensor, speech_lengths: Optional[torch.Tensor] = None
-                       ) -> List[List[int]]:
+    def transcribe_ctc(
+        self, speech_features: torch.Tensor, speech_lengths: Optional[torch.Tensor] = None
+    ) -> List[List[int]]:
         """Greedy CTC reading of each clip by ``speech_ctc_head`` (over its ``speech_lengths``
         frames): token ids."""
         from omnifast.ops import ctc_greedy_decode
+
         logits = self.speech_ctc_head(self.speech_frames(speech_features))
         return ctc_greedy_decode(logits, speech_lengths, blank=logits.shape[-1] - 1)
 
     # ---- training forward --------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None,
-                speech_features: Optional[torch.Tensor] = None, units: Optional[torch.Tensor] = None,
-                unit_lengths: Optional[torch.Tensor] = None, text_loss: bool = True,
-                lengths: Optional[torch.Tensor] = None, **_) -> OmniOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        speech_features: Optional[torch.Tensor] = None,
+        units: Optional[torch.Tensor] = None,
+        unit_lengths: Optional[torch.Tensor] = None,
+        text_loss: bool = True,
+        lengths: Optional[torch.Tensor] = None,
+        **_,
+    ) -> OmniOutput:
         """Text loss (next token, labels -100 ignored) and, with target ``units`` (B, U), the
         speech decoder's loss on the LLM's hidden states at the response positions (labels !=
         -100). A frozen LLM runs under no_grad. ``text_loss=False`` skips the text loss.
@@ -195,24 +247,32 @@ class OmniModel(OmniGeneration, nn.Module):
         ``lengths`` (B,) their lengths; each attends within itself, its positions restart, and
         the losses equal those of the padded batch (``hidden_states`` comes back padded)."""
         llm_frozen = not any(p.requires_grad for p in self.llm.parameters()) and not any(
-            p.requires_grad for m in (self.vision, self.speech, self.image_projector, self.speech_projector)
-            for p in m.parameters())
+            p.requires_grad
+            for m in (self.vision, self.speech, self.image_projector, self.speech_projector)
+            for p in m.parameters()
+        )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not llm_frozen):
             embeds = self.embed(input_ids, pixel_values, speech_features)
             if lengths is None:
-                hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                        use_cache=False).last_hidden_state
+                hidden = self.llm.model(
+                    inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state
             else:
                 if input_ids.shape[0] != 1 or int(lengths.sum()) != input_ids.shape[1]:
-                    raise ValueError(f"packed input_ids must be (1, sum of lengths = {int(lengths.sum())}), got "
-                                     f"{tuple(input_ids.shape)}")
+                    raise ValueError(
+                        f"packed input_ids must be (1, sum of lengths = {int(lengths.sum())}), got "
+                        f"{tuple(input_ids.shape)}"
+                    )
                 # a record's first label is always -100 (its system turn), so no target crosses a boundary
                 hidden = run_packed(self.llm.model, embeds[0], lengths)[None]
             want_text, text_loss = text_loss, None
             if want_text and labels is not None and (labels[:, 1:] != IGNORE_INDEX).any():
-                text_loss = linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]),
-                                                 self.llm.lm_head.weight, self.llm.lm_head.bias,
-                                                 labels[:, 1:].reshape(-1))
+                text_loss = linear_cross_entropy(
+                    hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                    self.llm.lm_head.weight,
+                    self.llm.lm_head.bias,
+                    labels[:, 1:].reshape(-1),
+                )
         speech_loss = None
         if units is not None:
             if self.speech_decoder is None:
@@ -231,14 +291,16 @@ class OmniModel(OmniGeneration, nn.Module):
         return OmniOutput(sum(losses) if losses else None, text_loss, speech_loss, hidden)
 
     # ---- saving and loading -------------------------------------------------------------------
-    def save_pretrained(self, path, processor=None, state_dict: Optional[Dict[str, torch.Tensor]] = None,
-                        max_shard_size="5GB") -> None:
+    def save_pretrained(
+        self, path, processor=None, state_dict: Optional[Dict[str, torch.Tensor]] = None, max_shard_size="5GB"
+    ) -> None:
         """``omnifast_config.json``, the weights in ``transformers``' layout (one
         ``model.safetensors``, or shards of at most ``max_shard_size`` and their index; see
         ``omnifast/models/weights.py``) and the tokenizer; every file written to a temporary name
         and renamed. ``state_dict``: the whole state to write instead of this module's own (e.g.
         gathered from FSDP shards)."""
         from omnifast.durable import save_durably
+
         path = Path(path)
         save_weights(self.state_dict() if state_dict is None else state_dict, path, max_shard_size)
         save_durably(path / CONFIG_NAME, self.config.save)
@@ -253,7 +315,9 @@ class OmniModel(OmniGeneration, nn.Module):
         values unless ``allow_nonfinite``), every error naming its file."""
         path = Path(path)
         if not (path / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a directory written by OmniModel.save_pretrained")
+            raise FileNotFoundError(
+                f"{path} has no {CONFIG_NAME}: not a directory written by OmniModel.save_pretrained"
+            )
         device = torch.device(device or "cpu")
         config = OmniConfig.load(path / CONFIG_NAME)
         weight_files(path)  # a missing shard is found before the model is built
@@ -280,17 +344,19 @@ def spec_augment(features: torch.Tensor, settings: Dict) -> torch.Tensor:
             count = max(least, int(prob * size / length + float(torch.rand(()))))
             for start in torch.randint(0, size - length + 1, (count,)).tolist():
                 if axis == 2:
-                    out[row, :, start:start + length] = 0
+                    out[row, :, start : start + length] = 0
                 else:
-                    out[row, start:start + length, :] = 0
+                    out[row, start : start + length, :] = 0
     return out
 
 
 def vision_classes(vision_type: str):
     if vision_type == "siglip":
         from transformers import SiglipVisionConfig, SiglipVisionModel
+
         return SiglipVisionConfig, SiglipVisionModel
     from transformers import CLIPVisionConfig, CLIPVisionModel
+
     return CLIPVisionConfig, CLIPVisionModel
 
 

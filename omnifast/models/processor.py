@@ -5,6 +5,7 @@ the text becomes as many placeholder tokens as the LLM positions its features fi
 writes the projected features there, in order); labels keep the assistant's text and its
 ``<|im_end|>`` and mask everything else with -100.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,13 +29,18 @@ def build_tiny_tokenizer():
     tokens), built with the ``tokenizers`` library: nothing to download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
 
 
 def add_placeholder_tokens(tokenizer) -> List[str]:
@@ -57,24 +63,31 @@ class OmniProcessor:
 
     def __init__(self, tokenizer, config: OmniConfig, system_prompt: Optional[str] = None):
         from transformers import WhisperFeatureExtractor
+
         missing = [t for t in SPECIAL_TOKENS[1:] if _token_id(tokenizer, t) is None]
         if missing:
-            raise ValueError(f"the tokenizer lacks the special tokens {missing}: add them with "
-                             f"omnifast.models.add_placeholder_tokens(tokenizer) and resize the LLM's embeddings to "
-                             f"len(tokenizer) (omnifast.models.load_components does both)")
+            raise ValueError(
+                f"the tokenizer lacks the special tokens {missing}: add them with "
+                f"omnifast.models.add_placeholder_tokens(tokenizer) and resize the LLM's embeddings to "
+                f"len(tokenizer) (omnifast.models.load_components does both)"
+            )
         # the model's own system turn (OmniConfig.system_prompt, saved with it) unless one is given
         self.tokenizer, self.config = tokenizer, config
         self.system_prompt = config.system_prompt if system_prompt is None else system_prompt
         self._image_processor = None  # made on first use: it needs Pillow, which text and speech do not
-        self.feature_extractor = WhisperFeatureExtractor(feature_size=config.speech["num_mel_bins"],
-                                                         sampling_rate=config.sampling_rate,
-                                                         chunk_length=config.audio_seconds)
+        self.feature_extractor = WhisperFeatureExtractor(
+            feature_size=config.speech["num_mel_bins"],
+            sampling_rate=config.sampling_rate,
+            chunk_length=config.audio_seconds,
+        )
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.speech_token_id = tokenizer.convert_tokens_to_ids(SPEECH_TOKEN)
         if (self.image_token_id, self.speech_token_id) != (config.image_token_id, config.speech_token_id):
-            raise ValueError(f"the tokenizer's {IMAGE_TOKEN}/{SPEECH_TOKEN} ids ({self.image_token_id}, "
-                             f"{self.speech_token_id}) differ from the config's ({config.image_token_id}, "
-                             f"{config.speech_token_id})")
+            raise ValueError(
+                f"the tokenizer's {IMAGE_TOKEN}/{SPEECH_TOKEN} ids ({self.image_token_id}, "
+                f"{self.speech_token_id}) differ from the config's ({config.image_token_id}, "
+                f"{config.speech_token_id})"
+            )
 
     @property
     def sampling_rate(self) -> int:
@@ -86,6 +99,7 @@ class OmniProcessor:
         if self._image_processor is None:
             name, settings = image_settings(self.config)
             import transformers
+
             cls = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
             self._image_processor = cls(**settings)
         return self._image_processor
@@ -98,7 +112,9 @@ class OmniProcessor:
                 image = image.detach().cpu().numpy()
             if isinstance(image, np.ndarray):
                 if image.ndim != 3 or 3 not in (image.shape[0], image.shape[-1]):
-                    raise ValueError(f"images[{i}] must be an RGB image (H, W, 3) or (3, H, W), got shape {image.shape}")
+                    raise ValueError(
+                        f"images[{i}] must be an RGB image (H, W, 3) or (3, H, W), got shape {image.shape}"
+                    )
                 if image.shape[0] == 3 and image.shape[-1] != 3:
                     image = image.transpose(1, 2, 0)
             arrays.append(image)
@@ -109,6 +125,7 @@ class OmniProcessor:
         rate): each mixed to mono (the mean of its channels, given as (frames, channels) or
         (channels, frames) with at most 8 channels) and resampled to the model's rate."""
         from omnifast.audio import resample, to_mono
+
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
         if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
             raise ValueError(f"sampling_rate must be a positive integer number of Hz, got {rate!r}")
@@ -120,8 +137,10 @@ class OmniProcessor:
             if wave.ndim == 2 and wave.shape[0] <= 8 < wave.shape[1]:
                 wave = wave.T  # (channels, frames)
             if wave.ndim not in (1, 2) or (wave.ndim == 2 and wave.shape[1] > 8):
-                raise ValueError(f"audios[{i}] must be (frames,) or (frames, channels) with at most 8 channels, "
-                                 f"got shape {wave.shape}")
+                raise ValueError(
+                    f"audios[{i}] must be (frames,) or (frames, channels) with at most 8 channels, "
+                    f"got shape {wave.shape}"
+                )
             waves.append(resample(to_mono(wave), rate, self.sampling_rate))
         return self.feature_extractor(waves, sampling_rate=self.sampling_rate, return_tensors="pt")["input_features"]
 
@@ -159,9 +178,15 @@ class OmniProcessor:
             ids, labels = ids + prompt, labels + [IGNORE_INDEX] * len(prompt)
         return ids, labels
 
-    def encode_conversation(self, conversation: Sequence[Dict[str, str]], images: Sequence = (),
-                            audios: Sequence = (), *, sampling_rate: Optional[int] = None,
-                            add_generation_prompt: bool = False) -> Dict[str, Optional[torch.Tensor]]:
+    def encode_conversation(
+        self,
+        conversation: Sequence[Dict[str, str]],
+        images: Sequence = (),
+        audios: Sequence = (),
+        *,
+        sampling_rate: Optional[int] = None,
+        add_generation_prompt: bool = False,
+    ) -> Dict[str, Optional[torch.Tensor]]:
         """One conversation (a list of turns ``{"from": "human"|"gpt", "value": text}`` or
         ``{"role", "content"}``) -> input_ids, labels (S,), pixel_values, speech_features and
         speech_lengths (the encoder positions each clip fills before the window's padding)."""
@@ -169,12 +194,16 @@ class OmniProcessor:
         text = "".join(t.get("value", t.get("content")) for t in conversation)
         for token, media, name in ((IMAGE_TOKEN, images, "images"), (SPEECH_TOKEN, audios, "audios")):
             if text.count(token) != len(media):
-                raise ValueError(f"the conversation has {text.count(token)} {token} placeholders but "
-                                 f"{len(media)} {name} were given")
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "pixel_values": self.images_to_pixels(images) if len(images) else None,
-                "speech_features": self.audio_to_features(audios, sampling_rate) if len(audios) else None,
-                "speech_lengths": self.speech_lengths(audios, sampling_rate) if len(audios) else None}
+                raise ValueError(
+                    f"the conversation has {text.count(token)} {token} placeholders but {len(media)} {name} were given"
+                )
+        return {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": self.images_to_pixels(images) if len(images) else None,
+            "speech_features": self.audio_to_features(audios, sampling_rate) if len(audios) else None,
+            "speech_lengths": self.speech_lengths(audios, sampling_rate) if len(audios) else None,
+        }
 
     def speech_lengths(self, audios: Sequence, sampling_rate: Optional[int] = None) -> torch.Tensor:
         """(n,) the speech encoder's positions (two mel frames each) that each clip fills, at most
@@ -185,14 +214,23 @@ class OmniProcessor:
         window = self.config.speech["max_source_positions"]
         return torch.tensor([min(window, -(-(n // hop + 1) // 2)) for n in samples])
 
-    def __call__(self, conversations: Sequence, images: Optional[Sequence] = None, audios: Optional[Sequence] = None,
-                 *, sampling_rate: Optional[int] = None, add_generation_prompt: bool = False) -> Dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        conversations: Sequence,
+        images: Optional[Sequence] = None,
+        audios: Optional[Sequence] = None,
+        *,
+        sampling_rate: Optional[int] = None,
+        add_generation_prompt: bool = False,
+    ) -> Dict[str, torch.Tensor]:
         """A right-padded batch: input_ids, labels, attention_mask (B, S); pixel_values of all
         images and speech_features of all clips, in conversation order."""
         images = images or [()] * len(conversations)
         audios = audios or [()] * len(conversations)
-        items = [self.encode_conversation(c, i, a, sampling_rate=sampling_rate, add_generation_prompt=add_generation_prompt)
-                 for c, i, a in zip(conversations, images, audios)]
+        items = [
+            self.encode_conversation(c, i, a, sampling_rate=sampling_rate, add_generation_prompt=add_generation_prompt)
+            for c, i, a in zip(conversations, images, audios)
+        ]
         return collate(items, self.tokenizer.pad_token_id)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -204,8 +242,10 @@ class OmniProcessor:
     @classmethod
     def from_pretrained(cls, path, config: OmniConfig) -> "OmniProcessor":
         from transformers import AutoTokenizer
-        return cls(AutoTokenizer.from_pretrained(str(Path(path)), local_files_only=True, trust_remote_code=False),
-                   config)
+
+        return cls(
+            AutoTokenizer.from_pretrained(str(Path(path)), local_files_only=True, trust_remote_code=False), config
+        )
 
 
 def image_settings(config: OmniConfig):
@@ -214,16 +254,22 @@ def image_settings(config: OmniConfig):
     size = config.image_size
     if config.vision_type == "siglip":
         return "SiglipImageProcessor", {"size": {"height": size, "width": size}}
-    return "CLIPImageProcessor", {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size},
-                                  "do_center_crop": True, "do_normalize": True}
+    return "CLIPImageProcessor", {
+        "size": {"shortest_edge": size},
+        "crop_size": {"height": size, "width": size},
+        "do_center_crop": True,
+        "do_normalize": True,
+    }
 
 
 def collate(items: Sequence[Dict[str, Optional[torch.Tensor]]], pad_id: int) -> Dict[str, torch.Tensor]:
     """Pad encoded conversations to one batch."""
     length = max(item["input_ids"].numel() for item in items)
-    batch = {"input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
-             "labels": torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long),
-             "attention_mask": torch.zeros(len(items), length, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(items), length), pad_id, dtype=torch.long),
+        "labels": torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long),
+        "attention_mask": torch.zeros(len(items), length, dtype=torch.long),
+    }
     for row, item in enumerate(items):
         n = item["input_ids"].numel()
         batch["input_ids"][row, :n] = item["input_ids"]

@@ -4,6 +4,7 @@ error names the file (and the tensor or key), a path a file names stays inside i
 is unpickled, and the tensors a model receives are checked: the shape it has, a floating dtype
 where it holds one (another floating dtype is cast, with a warning naming the tensor), and
 finite values (``allow_nonfinite=True`` loads them anyway, for inspection)."""
+
 from __future__ import annotations
 
 import json
@@ -59,6 +60,7 @@ def inside(folder: Path, name, named_by: Path) -> Path:
 def read_safetensors(path, device: str = "cpu") -> Dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; a missing, truncated or forged one is an error naming it."""
     from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing")
@@ -71,20 +73,28 @@ def read_safetensors(path, device: str = "cpu") -> Dict[str, torch.Tensor]:
 def read_torch_weights(path) -> Dict[str, torch.Tensor]:
     """A ``pytorch_model.bin`` of plain tensors, read with ``weights_only`` (nothing it holds runs)."""
     import pickle
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise WeightsError(f"{path}: not a file of plain tensors (omnifast never unpickles objects or code; convert "
-                           f"it to safetensors with the library that wrote it): {str(error).splitlines()[0][:200]}") \
-            from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+        raise WeightsError(
+            f"{path}: not a file of plain tensors (omnifast never unpickles objects or code; convert "
+            f"it to safetensors with the library that wrote it): {str(error).splitlines()[0][:200]}"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise WeightsError(f"{path}: holds no mapping of names to tensors")
     return state
 
 
-def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], where,
-                  allow_nonfinite: bool = False, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+def check_tensors(
+    tensors: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    where,
+    allow_nonfinite: bool = False,
+    dtype: Optional[torch.dtype] = None,
+) -> Dict[str, torch.Tensor]:
     """``tensors`` checked against the tensors of the model that receives them (``expected``, on
     any device, the meta one included): the shape of each; a floating tensor where the model's
     is, cast to ``dtype`` (default: the model's) with a warning naming it when it differs;
@@ -104,14 +114,18 @@ def check_tensors(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, to
                 cast.append(f"{name} ({tensor.dtype})")
                 tensor = tensor.to(target)
             if not allow_nonfinite and not torch.isfinite(tensor).all():
-                raise WeightsError(f"{where}: {name} holds NaN or infinite values (allow_nonfinite=True loads "
-                                   f"them anyway, to inspect them)")
+                raise WeightsError(
+                    f"{where}: {name} holds NaN or infinite values (allow_nonfinite=True loads "
+                    f"them anyway, to inspect them)"
+                )
         elif tensor.dtype != want.dtype:
             raise WeightsError(f"{where}: {name} holds {tensor.dtype} values where the model holds {want.dtype}")
         out[name] = tensor
     if cast:
-        warnings.warn(f"{where}: cast to {dtype or 'the model dtype'}: {', '.join(cast[:5])}"
-                      f"{' ...' if len(cast) > 5 else ''}", stacklevel=3)
+        warnings.warn(
+            f"{where}: cast to {dtype or 'the model dtype'}: {', '.join(cast[:5])}{' ...' if len(cast) > 5 else ''}",
+            stacklevel=3,
+        )
     return out
 
 
@@ -121,8 +135,10 @@ def check_finite(module: torch.nn.Module, where, allow_nonfinite: bool = False) 
         return
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
-            raise WeightsError(f"{where}: {name} holds NaN or infinite values (allow_nonfinite=True loads them "
-                               f"anyway, to inspect them)")
+            raise WeightsError(
+                f"{where}: {name} holds NaN or infinite values (allow_nonfinite=True loads them "
+                f"anyway, to inspect them)"
+            )
 
 
 def floating_dtype(tensors: Mapping[str, torch.Tensor]) -> Optional[torch.dtype]:

@@ -4,9 +4,9 @@ one shard, else ``model-00001-of-0000N.safetensors`` shards and ``model.safetens
 ``huggingface_hub``. Each file is written to a temporary name, flushed and renamed; the index
 is written after every shard it names. Loading fills a model built on the meta device shard by
 shard, so the weights are held once, never a fresh initialisation plus a copy."""
+
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Union
@@ -26,17 +26,22 @@ def save_weights(state: Dict[str, torch.Tensor], path, max_shard_size: Union[int
     an earlier save that the new index does not name are removed. Returns the file names."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}
     plan = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     for filename, names in plan.filename_to_tensors.items():
         shard = {name: state[name] for name in names}
-        save_durably(path / filename, lambda tmp: save_file(shard, tmp, metadata={"format": "pt"}))
+        save_durably(path / filename, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     if plan.is_sharded:
-        write_json_durably(path / INDEX_NAME, {"metadata": {"total_size": sum(t.numel() * t.element_size()
-                                                                              for t in state.values())},
-                                               "weight_map": plan.tensor_to_filename})
+        write_json_durably(
+            path / INDEX_NAME,
+            {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                "weight_map": plan.tensor_to_filename,
+            },
+        )
     kept = set(plan.filename_to_tensors) | ({INDEX_NAME} if plan.is_sharded else set())
     for stale in path.iterdir():
         if stale.name not in kept and (stale.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD.fullmatch(stale.name)):
@@ -47,6 +52,7 @@ def save_weights(state: Dict[str, torch.Tensor], path, max_shard_size: Union[int
 def weight_files(path) -> List[Path]:
     """The weight files of a saved folder, checked: the index's shards exist and lie in it."""
     from .safe_load import WeightsError, inside, read_json
+
     path = Path(path)
     index = path / INDEX_NAME
     if index.is_file():
@@ -63,30 +69,36 @@ def weight_files(path) -> List[Path]:
     raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
-def load_weights(model: nn.Module, path, device: Union[str, torch.device] = "cpu",
-                 allow_nonfinite: bool = False) -> nn.Module:
+def load_weights(
+    model: nn.Module, path, device: Union[str, torch.device] = "cpu", allow_nonfinite: bool = False
+) -> nn.Module:
     """Fill ``model`` (built on the meta device, or anywhere) from the folder ``path``, one shard
     at a time; every parameter and persistent buffer must be found, and nothing else; each
     tensor of the model's shape, floating where the model's is (in one floating dtype: the
     saved model's, another is cast with a warning) and finite unless ``allow_nonfinite``."""
     from .safe_load import WeightsError, check_tensors, floating_dtype, read_safetensors
+
     expected = model.state_dict()
     loaded, dtype = set(), None
     for shard in weight_files(path):
         tensors = read_safetensors(shard, device=str(device))
         unexpected = sorted(set(tensors) - set(expected))
         if unexpected:
-            raise WeightsError(f"{shard} holds tensors this model does not have: {', '.join(unexpected[:5])}"
-                               f"{' ...' if len(unexpected) > 5 else ''}")
+            raise WeightsError(
+                f"{shard} holds tensors this model does not have: {', '.join(unexpected[:5])}"
+                f"{' ...' if len(unexpected) > 5 else ''}"
+            )
         dtype = dtype or floating_dtype(tensors)
-        model.load_state_dict(check_tensors(tensors, expected, shard, allow_nonfinite, dtype), strict=False,
-                              assign=True)
+        model.load_state_dict(
+            check_tensors(tensors, expected, shard, allow_nonfinite, dtype), strict=False, assign=True
+        )
         loaded |= set(tensors)
         del tensors
     missing = sorted(set(expected) - loaded)
     if missing:
-        raise WeightsError(f"{path} lacks tensors this model needs: {', '.join(missing[:5])}"
-                           f"{' ...' if len(missing) > 5 else ''}")
+        raise WeightsError(
+            f"{path} lacks tensors this model needs: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     return model
 
 

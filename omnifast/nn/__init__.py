@@ -1,4 +1,5 @@
 """Modules over omnifast's ops."""
+
 from omnifast.constants import IGNORE_INDEX
 
 from .ar_decoder import ARSpeechDecoder
@@ -10,6 +11,19 @@ from .moe import MoE, MoEOutput, NaiveMoE
 from .speech_decoder import SpeechDecoder, SpeechDecoderConfig, SpeechDecoderOutput
 from .text_guided import TextGuidedModule
 
-__all__ = ["CTCLoss", "LinearCTCHead", "CTCDPOLoss", "MoE", "NaiveMoE", "MoEOutput", "SpeechDecoder",
-           "SpeechDecoderConfig", "SpeechDecoderOutput", "CTCSpeechDecoder", "ARSpeechDecoder", "build_speech_decoder", "TextGuidedModule",
-           "IGNORE_INDEX"]
+__all__ = [
+    "CTCLoss",
+    "LinearCTCHead",
+    "CTCDPOLoss",
+    "MoE",
+    "NaiveMoE",
+    "MoEOutput",
+    "SpeechDecoder",
+    "SpeechDecoderConfig",
+    "SpeechDecoderOutput",
+    "CTCSpeechDecoder",
+    "ARSpeechDecoder",
+    "build_speech_decoder",
+    "TextGuidedModule",
+    "IGNORE_INDEX",
+]

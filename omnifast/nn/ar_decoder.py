@@ -7,6 +7,7 @@ Its losses never form the (B, U, V) logits: cross-entropy over chunks of rows
 rejected units, both in one decoder pass (the 2B sequences share the batch), from per-row
 cross-entropies that recompute their chunks in the backward.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -66,21 +67,33 @@ class ARSpeechDecoder(SpeechDecoder):
         states = self.decode(seq, total)
         return states, total, self._targets(seq.shape[1], text_lengths, units, unit_lengths)
 
-    def forward(self, hidden, text_tokens, hidden_mask=None, text_mask=None, units=None,
-                unit_lengths=None) -> SpeechDecoderOutput:
+    def forward(
+        self, hidden, text_tokens, hidden_mask=None, text_mask=None, units=None, unit_lengths=None
+    ) -> SpeechDecoderOutput:
         """Decoder states and the next-unit cross-entropy (mean over units + eos)."""
         if units is None:
             raise ValueError("the AR decoder's forward needs target units (use generate to sample)")
         fused, text_lengths = self.fuse_text(hidden, text_tokens, hidden_mask, text_mask)
         units, unit_lengths = self._check_units("units", units, unit_lengths, hidden.shape[0])
         states, total, targets = self._states_and_targets(fused, text_lengths, units, unit_lengths)
-        loss = linear_cross_entropy(states.reshape(-1, states.shape[-1]), self.head.weight, self.head.bias,
-                                    targets.reshape(-1))
+        loss = linear_cross_entropy(
+            states.reshape(-1, states.shape[-1]), self.head.weight, self.head.bias, targets.reshape(-1)
+        )
         return SpeechDecoderOutput(loss, states, total)
 
     # ---- preference training ---------------------------------------------------------------------
-    def log_likelihoods(self, hidden, text_tokens, chosen, rejected, *, hidden_mask=None, text_mask=None,
-                        chosen_lengths=None, rejected_lengths=None) -> Tuple[torch.Tensor, ...]:
+    def log_likelihoods(
+        self,
+        hidden,
+        text_tokens,
+        chosen,
+        rejected,
+        *,
+        hidden_mask=None,
+        text_mask=None,
+        chosen_lengths=None,
+        rejected_lengths=None,
+    ) -> Tuple[torch.Tensor, ...]:
         """log p(chosen + eos) and log p(rejected + eos) of every sequence (B,) each, and the two
         length tensors (units + eos): the front end once, the decoder once over 2B sequences."""
         B = hidden.shape[0]
@@ -88,24 +101,52 @@ class ARSpeechDecoder(SpeechDecoder):
         rejected, rejected_lengths = self._check_units("rejected", rejected, rejected_lengths, B)
         fused, text_lengths = self.fuse_text(hidden, text_tokens, hidden_mask, text_mask)
         width = max(chosen.shape[1], rejected.shape[1])
-        units = torch.cat([F.pad(chosen, (0, width - chosen.shape[1])), F.pad(rejected, (0, width - rejected.shape[1]))])
-        states, _, targets = self._states_and_targets(fused.repeat(2, 1, 1), text_lengths.repeat(2), units,
-                                                      torch.cat([chosen_lengths, rejected_lengths]))
-        rows = linear_cross_entropy(states.reshape(-1, states.shape[-1]), self.head.weight, self.head.bias,
-                                    targets.reshape(-1), reduction="none")
+        units = torch.cat(
+            [F.pad(chosen, (0, width - chosen.shape[1])), F.pad(rejected, (0, width - rejected.shape[1]))]
+        )
+        states, _, targets = self._states_and_targets(
+            fused.repeat(2, 1, 1), text_lengths.repeat(2), units, torch.cat([chosen_lengths, rejected_lengths])
+        )
+        rows = linear_cross_entropy(
+            states.reshape(-1, states.shape[-1]),
+            self.head.weight,
+            self.head.bias,
+            targets.reshape(-1),
+            reduction="none",
+        )
         ll = -rows.view(2 * B, -1).sum(1)
         return ll[:B], ll[B:], chosen_lengths + 1, rejected_lengths + 1
 
-    def dpo_loss(self, hidden, text_tokens, chosen, rejected, ref_chosen_logps, ref_rejected_logps, *,
-                 beta: float = 0.1, hidden_mask=None, text_mask=None, chosen_lengths=None, rejected_lengths=None,
-                 normalization: str = "sum", sft_weight: float = 0.0) -> DPOOutput:
+    def dpo_loss(
+        self,
+        hidden,
+        text_tokens,
+        chosen,
+        rejected,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        *,
+        beta: float = 0.1,
+        hidden_mask=None,
+        text_mask=None,
+        chosen_lengths=None,
+        rejected_lengths=None,
+        normalization: str = "sum",
+        sft_weight: float = 0.0,
+    ) -> DPOOutput:
         """DPO of the chosen over the rejected units (log-likelihoods of units + eos) against a
         frozen reference's from :meth:`reference_logps` with the same ``normalization``."""
         check_normalization(normalization)
-        ll_w, ll_l, len_w, len_l = self.log_likelihoods(hidden, text_tokens, chosen, rejected,
-                                                        hidden_mask=hidden_mask, text_mask=text_mask,
-                                                        chosen_lengths=chosen_lengths,
-                                                        rejected_lengths=rejected_lengths)
+        ll_w, ll_l, len_w, len_l = self.log_likelihoods(
+            hidden,
+            text_tokens,
+            chosen,
+            rejected,
+            hidden_mask=hidden_mask,
+            text_mask=text_mask,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
         policy_w, policy_l = normalize(ll_w, len_w, normalization), normalize(ll_l, len_l, normalization)
         if normalization == "openomni":  # the reference's raw values, combined per batch as the policy's
             ref_w = normalize(ref_chosen_logps.to(ll_w), len_w, "openomni")
@@ -116,16 +157,33 @@ class ARSpeechDecoder(SpeechDecoder):
         return dpo_from_logps(policy_w, policy_l, ref_w, ref_l, beta, sft, sft_weight)
 
     @torch.no_grad()
-    def reference_logps(self, hidden, text_tokens, chosen, rejected, *, hidden_mask=None, text_mask=None,
-                        chosen_lengths=None, rejected_lengths=None, normalization: str = "sum"):
+    def reference_logps(
+        self,
+        hidden,
+        text_tokens,
+        chosen,
+        rejected,
+        *,
+        hidden_mask=None,
+        text_mask=None,
+        chosen_lengths=None,
+        rejected_lengths=None,
+        normalization: str = "sum",
+    ):
         """This (frozen) decoder's per-record log-likelihoods of chosen and rejected, for
         :meth:`dpo_loss` with the same ``normalization`` ("length": divided by units + 1;
         "openomni": raw, combined per batch in the loss)."""
         check_normalization(normalization)
-        ll_w, ll_l, len_w, len_l = self.log_likelihoods(hidden, text_tokens, chosen, rejected,
-                                                        hidden_mask=hidden_mask, text_mask=text_mask,
-                                                        chosen_lengths=chosen_lengths,
-                                                        rejected_lengths=rejected_lengths)
+        ll_w, ll_l, len_w, len_l = self.log_likelihoods(
+            hidden,
+            text_tokens,
+            chosen,
+            rejected,
+            hidden_mask=hidden_mask,
+            text_mask=text_mask,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
         if normalization == "length":
             return normalize(ll_w, len_w, "length"), normalize(ll_l, len_l, "length")
         return ll_w, ll_l
@@ -137,25 +195,41 @@ class ARSpeechDecoder(SpeechDecoder):
         return self.sample_units(hidden, text_tokens, hidden_mask, text_mask, **sampling)
 
     @torch.no_grad()
-    def sample_units(self, hidden, text_tokens, hidden_mask=None, text_mask=None, *, max_units: Optional[int] = None,
-                     top_k: int = 25, top_p: float = 0.8, temperature: float = 1.0, greedy: bool = False,
-                     generator: Optional[torch.Generator] = None) -> List[List[int]]:
+    def sample_units(
+        self,
+        hidden,
+        text_tokens,
+        hidden_mask=None,
+        text_mask=None,
+        *,
+        max_units: Optional[int] = None,
+        top_k: int = 25,
+        top_p: float = 0.8,
+        temperature: float = 1.0,
+        greedy: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> List[List[int]]:
         """AR generation, one sequence at a time with a KV cache: top-k / top-p sampling (or
         greedy) until eos or ``max_units`` (default: upsample_factor units per text token)."""
         from transformers.cache_utils import DynamicCache
+
         fused, text_lengths = self.fuse_text(hidden, text_tokens, hidden_mask, text_mask)
         results = []
         for b in range(fused.shape[0]):
             L = int(text_lengths[b])
             limit = max_units if max_units is not None else L * self.config.upsample_factor
             empty = torch.zeros(1, 0, dtype=torch.long, device=fused.device)
-            seq, _ = self._inputs(fused[b:b + 1, :L], text_lengths[b:b + 1], empty, torch.zeros_like(text_lengths[b:b + 1]))
+            seq, _ = self._inputs(
+                fused[b : b + 1, :L], text_lengths[b : b + 1], empty, torch.zeros_like(text_lengths[b : b + 1])
+            )
             cache = DynamicCache(config=self.decoder.config)
             out = forward_with_cache(self.decoder, cache, inputs_embeds=seq).last_hidden_state
             units: List[int] = []
             while len(units) < limit:
                 logits = self.head(out[0, -1]).float()
-                unit = int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
+                unit = (
+                    int(logits.argmax()) if greedy else sample_top_k_top_p(logits, top_k, top_p, temperature, generator)
+                )
                 if unit == self.config.units:
                     break
                 units.append(unit)

@@ -6,6 +6,7 @@ scores chosen and rejected on one emission sequence (frames enough for either, t
 exact when factor x text tokens covers both sides' units) or, with ``normalization="openomni"``,
 each side on its own upsampling as OpenOmni's DPO does.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Iterator, List, Optional, Tuple
@@ -29,16 +30,19 @@ class CTCSpeechDecoder(SpeechDecoder):
         super().__init__(config, mode, backend)
         self.head = LinearCTCHead(config.width, config.units, backend=backend)
 
-    def frame_states(self, hidden, text_tokens, hidden_mask=None, text_mask=None,
-                     min_frames: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def frame_states(
+        self, hidden, text_tokens, hidden_mask=None, text_mask=None, min_frames: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decoder outputs (B, T, width) over the upsampled text, and the frame counts (B,)."""
         fused, text_lengths = self.fuse_text(hidden, text_tokens, hidden_mask, text_mask)
-        frames, frame_lengths = uniform_upsample(fused, text_lengths, self.config.upsample_factor, min_frames,
-                                                 self.config.upsample_rounding)
+        frames, frame_lengths = uniform_upsample(
+            fused, text_lengths, self.config.upsample_factor, min_frames, self.config.upsample_rounding
+        )
         return self.decode(frames, frame_lengths), frame_lengths
 
-    def forward(self, hidden, text_tokens, hidden_mask=None, text_mask=None, units=None,
-                unit_lengths=None) -> SpeechDecoderOutput:
+    def forward(
+        self, hidden, text_tokens, hidden_mask=None, text_mask=None, units=None, unit_lengths=None
+    ) -> SpeechDecoderOutput:
         """Decoder states and, given target ``units`` (B, U) (padded with -100, or with
         ``unit_lengths``), the CTC loss normalised as ``config.loss_normalization``."""
         if units is None:
@@ -65,26 +69,61 @@ class CTCSpeechDecoder(SpeechDecoder):
     def _side_log_likelihoods(self, hidden, text_tokens, hidden_mask, text_mask, units, lengths):
         """Per-sequence CTC log-likelihoods of ``units`` on their own upsampling (OpenOmni's)."""
         states, frames = self.frame_states(hidden, text_tokens, hidden_mask, text_mask, lengths)
-        return -linear_ctc_loss(states, self.head.weight, self.head.bias, units, frames, lengths, self.head.blank,
-                                "none", self.config.zero_infinity, chunk_frames=self.head.chunk_frames,
-                                backend=self.head.backend)
+        return -linear_ctc_loss(
+            states,
+            self.head.weight,
+            self.head.bias,
+            units,
+            frames,
+            lengths,
+            self.head.blank,
+            "none",
+            self.config.zero_infinity,
+            chunk_frames=self.head.chunk_frames,
+            backend=self.head.backend,
+        )
 
-    def dpo_loss(self, hidden, text_tokens, chosen, rejected, ref_chosen_logps, ref_rejected_logps, *,
-                 beta: float = 0.1, hidden_mask=None, text_mask=None, chosen_lengths=None, rejected_lengths=None,
-                 normalization: str = "sum", sft_weight: float = 0.0) -> DPOOutput:
+    def dpo_loss(
+        self,
+        hidden,
+        text_tokens,
+        chosen,
+        rejected,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        *,
+        beta: float = 0.1,
+        hidden_mask=None,
+        text_mask=None,
+        chosen_lengths=None,
+        rejected_lengths=None,
+        normalization: str = "sum",
+        sft_weight: float = 0.0,
+    ) -> DPOOutput:
         """CTC-DPO of the chosen over the rejected units against a frozen reference's
         log-likelihoods from :meth:`reference_logps` with the same ``normalization``
         (``omnifast.ops.dpo``). "sum" and "length": both sides on one emission sequence long
         enough for either (the sparse or dense fused path); "openomni": each on its own."""
         check_normalization(normalization)
-        chosen, chosen_lengths, rejected, rejected_lengths = self._pairs(hidden, chosen, rejected, chosen_lengths,
-                                                                         rejected_lengths)
+        chosen, chosen_lengths, rejected, rejected_lengths = self._pairs(
+            hidden, chosen, rejected, chosen_lengths, rejected_lengths
+        )
         if normalization != "openomni":
-            states, frames = self.frame_states(hidden, text_tokens, hidden_mask, text_mask,
-                                               torch.maximum(chosen_lengths, rejected_lengths))
+            states, frames = self.frame_states(
+                hidden, text_tokens, hidden_mask, text_mask, torch.maximum(chosen_lengths, rejected_lengths)
+            )
             loss = CTCDPOLoss(beta, normalization == "length", sft_weight, self.config.zero_infinity)
-            return loss(self.head, states, chosen, rejected, frames, chosen_lengths, rejected_lengths,
-                        ref_chosen_logps, ref_rejected_logps)
+            return loss(
+                self.head,
+                states,
+                chosen,
+                rejected,
+                frames,
+                chosen_lengths,
+                rejected_lengths,
+                ref_chosen_logps,
+                ref_rejected_logps,
+            )
         ll_w = self._side_log_likelihoods(hidden, text_tokens, hidden_mask, text_mask, chosen, chosen_lengths)
         ll_l = self._side_log_likelihoods(hidden, text_tokens, hidden_mask, text_mask, rejected, rejected_lengths)
         policy_w, policy_l = normalize(ll_w, chosen_lengths, "openomni"), normalize(ll_l, rejected_lengths, "openomni")
@@ -93,22 +132,37 @@ class CTCSpeechDecoder(SpeechDecoder):
         return dpo_from_logps(policy_w, policy_l, ref_w, ref_l, beta, -policy_w.sum(), sft_weight)
 
     @torch.no_grad()
-    def reference_logps(self, hidden, text_tokens, chosen, rejected, *, hidden_mask=None, text_mask=None,
-                        chosen_lengths=None, rejected_lengths=None, normalization: str = "sum"):
+    def reference_logps(
+        self,
+        hidden,
+        text_tokens,
+        chosen,
+        rejected,
+        *,
+        hidden_mask=None,
+        text_mask=None,
+        chosen_lengths=None,
+        rejected_lengths=None,
+        normalization: str = "sum",
+    ):
         """This (frozen) decoder's per-record log-likelihoods of chosen and rejected, for
         :meth:`dpo_loss` with the same ``normalization`` ("length": divided by the unit count;
         "openomni": each side on its own upsampling, combined per batch in the loss)."""
         check_normalization(normalization)
-        chosen, chosen_lengths, rejected, rejected_lengths = self._pairs(hidden, chosen, rejected, chosen_lengths,
-                                                                         rejected_lengths)
+        chosen, chosen_lengths, rejected, rejected_lengths = self._pairs(
+            hidden, chosen, rejected, chosen_lengths, rejected_lengths
+        )
         if normalization == "openomni":
-            return (self._side_log_likelihoods(hidden, text_tokens, hidden_mask, text_mask, chosen, chosen_lengths),
-                    self._side_log_likelihoods(hidden, text_tokens, hidden_mask, text_mask, rejected,
-                                               rejected_lengths))
-        states, frames = self.frame_states(hidden, text_tokens, hidden_mask, text_mask,
-                                           torch.maximum(chosen_lengths, rejected_lengths))
+            return (
+                self._side_log_likelihoods(hidden, text_tokens, hidden_mask, text_mask, chosen, chosen_lengths),
+                self._side_log_likelihoods(hidden, text_tokens, hidden_mask, text_mask, rejected, rejected_lengths),
+            )
+        states, frames = self.frame_states(
+            hidden, text_tokens, hidden_mask, text_mask, torch.maximum(chosen_lengths, rejected_lengths)
+        )
         return CTCDPOLoss(length_normalize=normalization == "length").reference(
-            self.head, states, chosen, rejected, frames, chosen_lengths, rejected_lengths)
+            self.head, states, chosen, rejected, frames, chosen_lengths, rejected_lengths
+        )
 
     # ---- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,6 +181,7 @@ class CTCSpeechDecoder(SpeechDecoder):
         if not (self.config.causal and self.config.fusion_causal):
             raise ValueError("stream needs config.causal=True and config.fusion_causal=True")
         from transformers.cache_utils import DynamicCache
+
         c = self.config
         cache = DynamicCache(config=self.decoder.config)
         context = [self._expand(self.specials.weight[:1][None])]
@@ -141,17 +196,27 @@ class CTCSpeechDecoder(SpeechDecoder):
             self._check(hidden, tokens, None, None)
             n = tokens.shape[1]
             if hidden.shape[:2] != (1, n):
-                raise ValueError(f"each chunk needs one LLM state per text token and batch size 1, got hidden "
-                                 f"{tuple(hidden.shape)} and text tokens {tuple(tokens.shape)}")
+                raise ValueError(
+                    f"each chunk needs one LLM state per text token and batch size 1, got hidden "
+                    f"{tuple(hidden.shape)} and text tokens {tuple(tokens.shape)}"
+                )
             context.append(self._expand(hidden))
-            groups.append(torch.arange(tokens_done, tokens_done + n, device=hidden.device).repeat_interleave(c.split_tokens))
+            groups.append(
+                torch.arange(tokens_done, tokens_done + n, device=hidden.device).repeat_interleave(c.split_tokens)
+            )
             queries = self.decoder.embed_tokens(tokens)
-            fused = self.text_guided(queries, torch.cat(context, 1).to(queries.dtype), None,
-                                     torch.cat(groups)[None], query_offset=tokens_done)
+            fused = self.text_guided(
+                queries,
+                torch.cat(context, 1).to(queries.dtype),
+                None,
+                torch.cat(groups)[None],
+                query_offset=tokens_done,
+            )
             frames = fused.repeat_interleave(c.upsample_factor, dim=1)
             positions = torch.arange(frames_done, frames_done + frames.shape[1], device=hidden.device)[None]
-            states = forward_with_cache(self.decoder, cache, inputs_embeds=frames,
-                                        position_ids=positions).last_hidden_state
+            states = forward_with_cache(
+                self.decoder, cache, inputs_embeds=frames, position_ids=positions
+            ).last_hidden_state
             logits = self.head(states)[0]
             carried = logits if previous is None else torch.cat([previous, logits])
             units = ctc_greedy_decode(carried, blank=self.head.blank)[0]

@@ -1,4 +1,5 @@
 """A transformers decoder run with a KV cache, whatever the installed version calls it."""
+
 from __future__ import annotations
 
 import inspect

@@ -6,39 +6,58 @@ OpenOmni's speech-decoder MoE is ``MoE(896, 3584, 3584, experts=4, top_k=None, s
 a dense softmax gate over 4 experts Linear(H, 3584) -> ReLU -> Linear(3584, 3584), whose output
 is split into 4 tokens of width 896 (the layer upsamples 4x).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from omnifast.ops import BACKENDS
 from omnifast.ops import moe as moe_ops
 from omnifast.ops.checks import check_choice, check_number, check_tensor
-from omnifast.ops import BACKENDS
 
 
 @dataclass
 class MoEOutput:
-    output: torch.Tensor        # (..., O), or (..., N * split, O / split) with split_tokens
-    aux_loss: torch.Tensor      # balance_weight * balance_loss + z_weight * z_loss (float32)
+    output: torch.Tensor  # (..., O), or (..., N * split, O / split) with split_tokens
+    aux_loss: torch.Tensor  # balance_weight * balance_loss + z_weight * z_loss (float32)
     balance_loss: torch.Tensor  # unweighted Switch load-balancing loss
-    z_loss: torch.Tensor        # unweighted router z-loss
+    z_loss: torch.Tensor  # unweighted router z-loss
     routing: moe_ops.Routing
 
 
 class _MoEBase(torch.nn.Module):
-    def __init__(self, hidden: int, ffn: int, out: Optional[int] = None, experts: int = 4,
-                 top_k: Optional[int] = None, normalize_topk: bool = True, activation: str = "relu",
-                 bias: bool = True, jitter: float = 0.0, balance_weight: float = 0.0, z_weight: float = 0.0,
-                 split_tokens: int = 1, backend: Optional[str] = None, gate_bias: bool = False,
-                 gemm_engine: Optional[str] = None):
+    def __init__(
+        self,
+        hidden: int,
+        ffn: int,
+        out: Optional[int] = None,
+        experts: int = 4,
+        top_k: Optional[int] = None,
+        normalize_topk: bool = True,
+        activation: str = "relu",
+        bias: bool = True,
+        jitter: float = 0.0,
+        balance_weight: float = 0.0,
+        z_weight: float = 0.0,
+        split_tokens: int = 1,
+        backend: Optional[str] = None,
+        gate_bias: bool = False,
+        gemm_engine: Optional[str] = None,
+    ):
         super().__init__()
         out = hidden if out is None else out
-        for name, value in (("hidden", hidden), ("ffn", ffn), ("out", out), ("experts", experts),
-                            ("split_tokens", split_tokens)):
+        for name, value in (
+            ("hidden", hidden),
+            ("ffn", ffn),
+            ("out", out),
+            ("experts", experts),
+            ("split_tokens", split_tokens),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= experts):
@@ -56,7 +75,12 @@ class _MoEBase(torch.nn.Module):
         self.backend, self.gemm_engine = backend, gemm_engine
         self.hidden, self.ffn, self.out, self.experts = hidden, ffn, out, experts
         self.top_k, self.normalize_topk, self.activation = top_k, normalize_topk, activation
-        self.jitter, self.balance_weight, self.z_weight, self.split_tokens = jitter, balance_weight, z_weight, split_tokens
+        self.jitter, self.balance_weight, self.z_weight, self.split_tokens = (
+            jitter,
+            balance_weight,
+            z_weight,
+            split_tokens,
+        )
         width = 2 * ffn if activation == "swiglu" else ffn
         self.gate = torch.nn.Linear(hidden, experts, bias=gate_bias)
         self.w1 = torch.nn.Parameter(torch.empty(experts, width, hidden))
@@ -73,8 +97,9 @@ class _MoEBase(torch.nn.Module):
             if b is not None:
                 torch.nn.init.uniform_(b, -bound, bound)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # A clear error naming the tensor and the config it disagrees with, instead of the
         # generic size-mismatch message.
         for name, param in self.named_parameters(recurse=True):
@@ -83,9 +108,11 @@ class _MoEBase(torch.nn.Module):
                 raise ValueError(
                     f"{key} has shape {tuple(state_dict[key].shape)}, but this MoE (hidden={self.hidden}, "
                     f"ffn={self.ffn}, out={self.out}, experts={self.experts}, activation={self.activation!r}) "
-                    f"expects {tuple(param.shape)}")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+                    f"expects {tuple(param.shape)}"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_tensor("x", x, floating=True)
@@ -96,14 +123,23 @@ class _MoEBase(torch.nn.Module):
         gate_input = flat
         if self.training and self.jitter > 0:
             gate_input = flat * torch.empty_like(flat).uniform_(1 - self.jitter, 1 + self.jitter)
-        return moe_ops.route(gate_input, self.gate.weight, self.top_k, gate_bias=self.gate.bias,
-                             normalize=self.normalize_topk, backend=backend)
+        return moe_ops.route(
+            gate_input,
+            self.gate.weight,
+            self.top_k,
+            gate_bias=self.gate.bias,
+            normalize=self.normalize_topk,
+            backend=backend,
+        )
 
     def _finish(self, x, y, routing) -> MoEOutput:
         y = y.reshape(*x.shape[:-1], self.out)
         if self.split_tokens > 1:  # (..., N, O) -> (..., N * split, O / split)
-            y = y.reshape(*x.shape[:-2], x.shape[-2] * self.split_tokens, self.out // self.split_tokens) \
-                if x.dim() > 1 else y.reshape(self.split_tokens, self.out // self.split_tokens)
+            y = (
+                y.reshape(*x.shape[:-2], x.shape[-2] * self.split_tokens, self.out // self.split_tokens)
+                if x.dim() > 1
+                else y.reshape(self.split_tokens, self.out // self.split_tokens)
+            )
         aux = self.balance_weight * routing.balance_loss + self.z_weight * routing.z_loss
         return MoEOutput(y, aux, routing.balance_loss, routing.z_loss, routing)
 
@@ -121,7 +157,7 @@ class NaiveMoE(_MoEBase):
         routing = self._routing(flat, "torch")
         y = None  # in the experts' output dtype (the autocast dtype under autocast)
         for e in range(self.experts):
-            hit = routing.experts == e                          # (N, k)
+            hit = routing.experts == e  # (N, k)
             tokens = hit.any(-1).nonzero().squeeze(-1)
             if tokens.numel() == 0:
                 continue
@@ -145,9 +181,23 @@ class MoE(_MoEBase):
 
     @classmethod
     def from_naive(cls, naive: NaiveMoE, backend: Optional[str] = None, gemm_engine: Optional[str] = None) -> "MoE":
-        moe = cls(naive.hidden, naive.ffn, naive.out, naive.experts, naive.top_k, naive.normalize_topk,
-                  naive.activation, naive.b1 is not None, naive.jitter, naive.balance_weight, naive.z_weight,
-                  naive.split_tokens, backend, naive.gate.bias is not None, gemm_engine)
+        moe = cls(
+            naive.hidden,
+            naive.ffn,
+            naive.out,
+            naive.experts,
+            naive.top_k,
+            naive.normalize_topk,
+            naive.activation,
+            naive.b1 is not None,
+            naive.jitter,
+            naive.balance_weight,
+            naive.z_weight,
+            naive.split_tokens,
+            backend,
+            naive.gate.bias is not None,
+            gemm_engine,
+        )
         moe.load_state_dict(naive.state_dict())
         return moe.to(naive.w1.device, naive.w1.dtype)
 
@@ -156,9 +206,11 @@ class MoE(_MoEBase):
         flat = x.reshape(-1, self.hidden)
         routing = self._routing(flat, self.backend)
         if self.top_k is None:
-            y = moe_ops.dense_experts(flat, routing.probs, *self.expert_parameters(), self.activation,
-                                      backend=routing.backend)
+            y = moe_ops.dense_experts(
+                flat, routing.probs, *self.expert_parameters(), self.activation, backend=routing.backend
+            )
         else:
-            y = moe_ops.routed_experts(flat, routing, *self.expert_parameters(), self.activation,
-                                       engine=self.gemm_engine)
+            y = moe_ops.routed_experts(
+                flat, routing, *self.expert_parameters(), self.activation, engine=self.gemm_engine
+            )
         return self._finish(x, y, routing)

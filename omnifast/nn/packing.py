@@ -9,6 +9,7 @@ for the rotary embedding) attends record by record: on CUDA through
 the build has it, otherwise one ``scaled_dot_product_attention`` per record, which is exactly the
 padded batch's attention for that record.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
@@ -46,16 +47,26 @@ def unpack(packed: torch.Tensor, lengths: torch.Tensor, total: Optional[int] = N
     return out
 
 
-def varlen_attention(module, query, key, value, attention_mask, scaling: Optional[float] = None,
-                     dropout: float = 0.0, cu_seq_lens_q: Optional[torch.Tensor] = None,
-                     max_length_q: Optional[int] = None, packed_causal: bool = True,
-                     **kwargs) -> Tuple[torch.Tensor, None]:
+def varlen_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: Optional[torch.Tensor] = None,
+    max_length_q: Optional[int] = None,
+    packed_causal: bool = True,
+    **kwargs,
+) -> Tuple[torch.Tensor, None]:
     """transformers attention over a pack (query (1, heads, T, d), key/value (1, kv heads, T, d)):
     within each record of ``cu_seq_lens_q``, causal unless ``packed_causal=False``. Returns
     (1, T, heads, d)."""
     if cu_seq_lens_q is None:  # not a pack: the attention the model had before
-        return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                       **kwargs)
+        return _base_attention(module)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if query.shape[0] != 1:
         raise ValueError(f"a pack is one row, got a batch of {query.shape[0]}")
     causal = packed_causal
@@ -69,8 +80,11 @@ def varlen_attention(module, query, key, value, attention_mask, scaling: Optiona
     pieces: List[torch.Tensor] = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[start:stop].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, n, d)
-        pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling,
-                                                     enable_gqa=groups > 1)[0].transpose(0, 1))
+        pieces.append(
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling, enable_gqa=groups > 1)[
+                0
+            ].transpose(0, 1)
+        )
     return torch.cat(pieces)[None], None
 
 
@@ -90,6 +104,7 @@ def flash_varlen(varlen_attn, q, k, v, offsets, longest: int, scale: Optional[fl
 
 def _takes_keyword(fn, name: str) -> bool:
     import inspect
+
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature: assume the older form
@@ -107,14 +122,17 @@ def _flash_varlen():
 def _base_attention(module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
+
     base = getattr(module.config, "_omnifast_base_attention", "sdpa")
     return eager_attention_forward if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
 
 
 def _base_mask(*args, config=None, **kwargs):
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    return ALL_MASK_ATTENTION_FUNCTIONS[getattr(config, "_omnifast_base_attention", "sdpa")](*args, config=config,
-                                                                                           **kwargs)
+
+    return ALL_MASK_ATTENTION_FUNCTIONS[getattr(config, "_omnifast_base_attention", "sdpa")](
+        *args, config=config, **kwargs
+    )
 
 
 def use_varlen(model) -> None:
@@ -123,6 +141,7 @@ def use_varlen(model) -> None:
     layer recomputed in the backward (activation checkpointing) runs the same attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
     AttentionInterface.register(IMPLEMENTATION, varlen_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _base_mask)
     config = model.config
@@ -138,10 +157,17 @@ def run_packed(model, embeds: torch.Tensor, lengths: torch.Tensor, causal: bool 
     use_varlen(model)
     offsets = cu_seqlens(lengths)
     longest = int(lengths.max())
-    out = model(inputs_embeds=embeds[None], position_ids=positions(lengths)[None], use_cache=False,
-                attention_mask={"full_attention": None},  # no mask is built: each record attends within itself
-                cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=longest, max_length_k=longest,
-                packed_causal=causal).last_hidden_state
+    out = model(
+        inputs_embeds=embeds[None],
+        position_ids=positions(lengths)[None],
+        use_cache=False,
+        attention_mask={"full_attention": None},  # no mask is built: each record attends within itself
+        cu_seq_lens_q=offsets,
+        cu_seq_lens_k=offsets,
+        max_length_q=longest,
+        max_length_k=longest,
+        packed_causal=causal,
+    ).last_hidden_state
     return out[0]
 
 

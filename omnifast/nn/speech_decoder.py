@@ -21,10 +21,11 @@ defaults are omnifast's own choices where they differ: the text-guided attention
 (``fusion_causal``: text token i sees the LLM states of tokens <= i), which is what makes
 streaming equal to one full pass, and the upsampling assignment is exact integer arithmetic.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,8 @@ __all__ = ["SpeechDecoder", "SpeechDecoderConfig", "SpeechDecoderOutput", "unifo
 @dataclass
 class SpeechDecoderOutput:
     loss: Optional[torch.Tensor]  # float32 scalar when targets were given
-    states: torch.Tensor          # (B, T, width) decoder outputs (frames, or AR positions)
-    lengths: torch.Tensor         # (B,) valid positions of ``states``
+    states: torch.Tensor  # (B, T, width) decoder outputs (frames, or AR positions)
+    lengths: torch.Tensor  # (B,) valid positions of ``states``
 
 
 def _prefix_lengths(name: str, mask: Optional[torch.Tensor], shape: Tuple[int, int], device) -> torch.Tensor:
@@ -62,9 +63,13 @@ def _prefix_lengths(name: str, mask: Optional[torch.Tensor], shape: Tuple[int, i
     return lengths
 
 
-def uniform_upsample(x: torch.Tensor, lengths: torch.Tensor, factor: int,
-                     min_frames: Optional[torch.Tensor] = None,
-                     rounding: str = "exact") -> Tuple[torch.Tensor, torch.Tensor]:
+def uniform_upsample(
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    factor: int,
+    min_frames: Optional[torch.Tensor] = None,
+    rounding: str = "exact",
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Repeat each of the first ``lengths[b]`` rows of ``x`` (B, N, D) over
     ``frames = max(lengths * factor, min_frames)`` frames by uniform assignment: frame t takes row
     ``t * lengths // frames`` (``rounding="exact"``), or OpenOmni's ``(t / (frames / lengths))``
@@ -86,7 +91,6 @@ def uniform_upsample(x: torch.Tensor, lengths: torch.Tensor, factor: int,
     return out * (t[None] < frames[:, None])[..., None].to(out.dtype), frames
 
 
-
 class SpeechDecoder(nn.Module):
     """OpenOmni's speech generator's front end (see the module docstring), shared by
     :class:`~omnifast.nn.ctc_decoder.CTCSpeechDecoder` (``mode="nar"``) and
@@ -98,6 +102,7 @@ class SpeechDecoder(nn.Module):
     def __init__(self, config: SpeechDecoderConfig, mode: Optional[str] = None, backend: Optional[str] = None):
         super().__init__()
         from transformers import Qwen2Model
+
         if not isinstance(config, SpeechDecoderConfig):
             raise TypeError(f"config must be a SpeechDecoderConfig, got {type(config).__name__}")
         if mode is not None and check_choice("mode", mode, ("nar", "ar")) != self.mode:
@@ -106,10 +111,19 @@ class SpeechDecoder(nn.Module):
         self.packing = False  # run the decoder layers over packed records (no padded frames); same results
         c = config
         self.specials = nn.Embedding(2, c.llm_hidden)  # sos, task: around the LLM states
-        self.moe = MoE(c.llm_hidden, c.width * c.split_tokens, c.width * c.split_tokens, experts=c.experts,
-                       top_k=None, split_tokens=c.split_tokens, backend=backend, gate_bias=True)
-        self.text_guided = TextGuidedModule(c.width, c.fusion_depth, c.fusion_heads, c.fusion_head_dim,
-                                            c.fusion_ff_mult)
+        self.moe = MoE(
+            c.llm_hidden,
+            c.width * c.split_tokens,
+            c.width * c.split_tokens,
+            experts=c.experts,
+            top_k=None,
+            split_tokens=c.split_tokens,
+            backend=backend,
+            gate_bias=True,
+        )
+        self.text_guided = TextGuidedModule(
+            c.width, c.fusion_depth, c.fusion_heads, c.fusion_head_dim, c.fusion_ff_mult
+        )
         self.decoder = Qwen2Model(c.qwen2())
 
     # ---- checks -------------------------------------------------------------------------------
@@ -117,8 +131,10 @@ class SpeechDecoder(nn.Module):
         check_tensor("hidden", hidden, floating=True)
         check_tensor("text_tokens", text_tokens, integer=True)
         if hidden.dim() != 3 or hidden.shape[2] != self.config.llm_hidden:
-            raise ValueError(f"hidden must be (B, N, {self.config.llm_hidden}) (the config's llm_hidden), "
-                             f"got shape {tuple(hidden.shape)}")
+            raise ValueError(
+                f"hidden must be (B, N, {self.config.llm_hidden}) (the config's llm_hidden), "
+                f"got shape {tuple(hidden.shape)}"
+            )
         if text_tokens.dim() != 2:
             raise ValueError(f"text_tokens must be (B, L), got shape {tuple(text_tokens.shape)}")
         if text_tokens.shape[0] != hidden.shape[0]:
@@ -143,16 +159,19 @@ class SpeechDecoder(nn.Module):
             lengths = torch.as_tensor(lengths, device=units.device).long().reshape(-1)
         real = units[torch.arange(units.shape[1], device=units.device) < lengths[:, None]]
         if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.config.units):
-            raise ValueError(f"{name} must be in [0, {self.config.units}) (the unit vocabulary), "
-                             f"got values in [{int(real.min())}, {int(real.max())}]")
+            raise ValueError(
+                f"{name} must be in [0, {self.config.units}) (the unit vocabulary), "
+                f"got values in [{int(real.min())}, {int(real.max())}]"
+            )
         return units.clamp(min=0), lengths
 
     # ---- the shared front: MoE + text-guided module -----------------------------------------
     def _expand(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.moe(hidden.to(self.moe.w1.dtype)).output
 
-    def fuse_text(self, hidden: torch.Tensor, text_tokens: torch.Tensor, hidden_mask=None,
-                  text_mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def fuse_text(
+        self, hidden: torch.Tensor, text_tokens: torch.Tensor, hidden_mask=None, text_mask=None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The text-guided embeddings (B, L, width) of the response text and its lengths (B,)."""
         hidden_lengths, text_lengths = self._check(hidden, text_tokens, hidden_mask, text_mask)
         B, N, _ = hidden.shape
@@ -174,7 +193,9 @@ class SpeechDecoder(nn.Module):
         groups = None
         if self.config.fusion_causal:  # sos -> -1 (seen by all), LLM state j -> j, task -> n (seen by none)
             groups = (pos.repeat_interleave(S) - 1)[None].expand(B, -1)
-        tokens = text_tokens.masked_fill(torch.arange(text_tokens.shape[1], device=hidden.device) >= text_lengths[:, None], 0)
+        tokens = text_tokens.masked_fill(
+            torch.arange(text_tokens.shape[1], device=hidden.device) >= text_lengths[:, None], 0
+        )
         queries = self.decoder.embed_tokens(tokens)
         return self.text_guided(queries, expanded.to(queries.dtype), context_mask, groups), text_lengths
 
@@ -188,8 +209,9 @@ class SpeechDecoder(nn.Module):
         else:  # a prepared mask skips transformers' causal one: every frame sees every real frame
             mask = {"full_attention": valid[:, None, None, :].expand(B, 1, T, T)}
         positions = torch.arange(T, device=embeds.device)[None].expand(B, -1)
-        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                            use_cache=False).last_hidden_state
+        return self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
 
     def decode(self, embeds: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """:meth:`run_decoder`, or with ``packing`` the same over the records packed end to end
@@ -198,7 +220,6 @@ class SpeechDecoder(nn.Module):
             return self.run_decoder(embeds, lengths)
         packed = run_packed(self.decoder, pack(embeds, lengths), lengths, self.config.causal)
         return unpack(packed, lengths, embeds.shape[1])
-
 
     def stream(self, chunks):
         """Streaming decoding: the NAR (CTC) decoder's (see ``ctc_decoder.py``)."""

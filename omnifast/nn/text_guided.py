@@ -1,6 +1,7 @@
 """The text-guided module of OpenOmni's speech generator (its ``RLSIAT``): the decoder's embeddings
 of the response text attend to the LLM's hidden states of the same response (expanded by the MoE),
 so the speech decoder sees both what is said and how the LLM meant it."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -36,8 +37,12 @@ class CrossAttention(nn.Module):
 
 def feed_forward(width: int, mult: int) -> nn.Sequential:
     """Pre-norm feed-forward without biases: LayerNorm -> Linear -> GELU -> Linear."""
-    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width * mult, bias=False), nn.GELU(),
-                         nn.Linear(width * mult, width, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(width),
+        nn.Linear(width, width * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(width * mult, width, bias=False),
+    )
 
 
 class TextGuidedLayer(nn.Module):
@@ -66,8 +71,14 @@ class TextGuidedModule(nn.Module):
         self.layers = nn.ModuleList(TextGuidedLayer(width, heads, head_dim, ff_mult) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, queries: torch.Tensor, context: torch.Tensor, context_mask: Optional[torch.Tensor] = None,
-                causal_groups: Optional[torch.Tensor] = None, query_offset: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: Optional[torch.Tensor] = None,
+        causal_groups: Optional[torch.Tensor] = None,
+        query_offset: int = 0,
+    ) -> torch.Tensor:
         mask = None
         if context_mask is not None:
             mask = context_mask[:, None, :].expand(-1, queries.shape[1], -1)

@@ -12,6 +12,7 @@
   LLM state (it cannot stream), its upsampling rounds in floating point, its loss is the sum over
   the batch divided by the total units, and its DPO scores each side on its own upsampling.
 """
+
 from .load import load_moe_state_dict, load_openomni, speech_decoder_from_state_dict
 from .patch import patch
 

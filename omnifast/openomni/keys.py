@@ -11,6 +11,7 @@
 * Its decoder ``llm.model`` is a ``Qwen2ForCausalLM`` whose vocabulary head is unused; its CTC head
   is ``llm_decoder`` and its sos/task embeddings ``llm_embedding``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
@@ -26,8 +27,9 @@ def interleaved_order(width: int, split: int) -> torch.Tensor:
     return (torch.arange(width)[None, :] * split + torch.arange(split)[:, None]).reshape(-1)
 
 
-def moe_state_dict(state: Dict[str, torch.Tensor], experts: int, width: int, split: int,
-                   prefix: str = "") -> Tuple[Dict[str, torch.Tensor], List[str]]:
+def moe_state_dict(
+    state: Dict[str, torch.Tensor], experts: int, width: int, split: int, prefix: str = ""
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """omnifast ``MoE`` tensors from OpenOmni's MoE keys under ``prefix`` (``gate.fc.weight``,
     ``gate.fc.bias``, ``experts.{e}.fc1/fc2.weight/bias``), and the keys it used."""
     used = [f"{prefix}gate.fc.weight", f"{prefix}gate.fc.bias"]
@@ -46,17 +48,29 @@ def speech_generator_state_dict(state: Dict[str, torch.Tensor], config, prefix: 
     """A :class:`~omnifast.nn.ctc_decoder.CTCSpeechDecoder` state dict from OpenOmni's
     ``SpeechGeneratorCTC`` keys under ``prefix``. Raises ``KeyError`` naming every key of the
     generator that is missing; its unused vocabulary head ``llm.model.lm_head`` is dropped."""
-    sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    needed = ["llm_embedding.weight", "llm_decoder.weight", "llm_decoder.bias", "input_proj.gate.fc.weight",
-              "input_proj.gate.fc.bias"]
-    needed += [f"input_proj.experts.{e}.{p}" for e in range(config.experts)
-               for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
+    sd = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    needed = [
+        "llm_embedding.weight",
+        "llm_decoder.weight",
+        "llm_decoder.bias",
+        "input_proj.gate.fc.weight",
+        "input_proj.gate.fc.bias",
+    ]
+    needed += [
+        f"input_proj.experts.{e}.{p}"
+        for e in range(config.experts)
+        for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+    ]
     missing = [prefix + k for k in needed if k not in sd]
     if missing:
         raise KeyError(f"OpenOmni speech generator keys missing: {', '.join(missing)}")
     moe, _ = moe_state_dict(sd, config.experts, config.width, config.split_tokens, "input_proj.")
-    out = {"specials.weight": sd["llm_embedding.weight"], "head.weight": sd["llm_decoder.weight"],
-           "head.bias": sd["llm_decoder.bias"], **{f"moe.{k}": v for k, v in moe.items()}}
+    out = {
+        "specials.weight": sd["llm_embedding.weight"],
+        "head.weight": sd["llm_decoder.weight"],
+        "head.bias": sd["llm_decoder.bias"],
+        **{f"moe.{k}": v for k, v in moe.items()},
+    }
     for key, value in sd.items():
         parts = key.split(".")
         if parts[:2] == ["fusion", "layers"]:  # fusion.layers.{i}.0 = attention, .1 = feed-forward
@@ -69,5 +83,5 @@ def speech_generator_state_dict(state: Dict[str, torch.Tensor], config, prefix: 
         elif parts[0] == "fusion":
             out["text_guided." + ".".join(parts[1:])] = value
         elif key.startswith("llm.model.model."):
-            out["decoder." + key[len("llm.model.model."):]] = value
+            out["decoder." + key[len("llm.model.model.") :]] = value
     return out

@@ -16,9 +16,9 @@ The folder is what OpenOmni's training saves (``transformers``' ``save_pretraine
 * ``model.copy_speech_generator.*``: its DPO reference, which omnifast keeps as a cache of
   log-likelihoods instead; skipped.
 """
+
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -30,9 +30,16 @@ from omnifast.models.weights import rebuild_buffers
 from .keys import speech_generator_state_dict
 
 SKIPPED = ("model.copy_speech_generator.",)
-WHISPER_BLOCK = {"attn_ln": "self_attn_layer_norm", "attn.query": "self_attn.q_proj", "attn.key": "self_attn.k_proj",
-                 "attn.value": "self_attn.v_proj", "attn.out": "self_attn.out_proj", "mlp_ln": "final_layer_norm",
-                 "mlp.0": "fc1", "mlp.2": "fc2"}
+WHISPER_BLOCK = {
+    "attn_ln": "self_attn_layer_norm",
+    "attn.query": "self_attn.q_proj",
+    "attn.key": "self_attn.k_proj",
+    "attn.value": "self_attn.v_proj",
+    "attn.out": "self_attn.out_proj",
+    "mlp_ln": "final_layer_norm",
+    "mlp.0": "fc1",
+    "mlp.2": "fc2",
+}
 
 
 def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
@@ -40,6 +47,7 @@ def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
     folder) or a ``pytorch_model.bin`` of plain tensors (nothing unpickled)."""
     from omnifast.models.safe_load import read_safetensors, read_torch_weights
     from omnifast.models.weights import INDEX_NAME, WEIGHTS_NAME, weight_files
+
     if (folder / INDEX_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
         return {k: v for shard in weight_files(folder) for k, v in read_safetensors(shard).items()}
     if (folder / "pytorch_model.bin").is_file():
@@ -54,12 +62,12 @@ def _whisper_name(key: str) -> Optional[str]:
     if key.startswith(("conv1.", "conv2.")):
         return key
     if key.startswith("ln_post."):
-        return "layer_norm." + key[len("ln_post."):]
+        return "layer_norm." + key[len("ln_post.") :]
     if key.startswith("blocks."):
         _, index, rest = key.split(".", 2)
         for theirs, ours in WHISPER_BLOCK.items():
             if rest.startswith(theirs + "."):
-                return f"layers.{index}.{ours}.{rest[len(theirs) + 1:]}"
+                return f"layers.{index}.{ours}.{rest[len(theirs) + 1 :]}"
     return None
 
 
@@ -77,14 +85,14 @@ def openomni_to_omnifast(state: Dict[str, torch.Tensor], config) -> Tuple[Dict[s
         if key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.")) or key.startswith("lm_head."):
             out[f"llm.{key}"] = value
         elif key.startswith("model.mm_projector."):
-            out["image_projector." + key[len("model.mm_projector."):]] = value
+            out["image_projector." + key[len("model.mm_projector.") :]] = value
         elif key.startswith("model.vision_tower.vision_tower."):
-            out["vision." + key[len("model.vision_tower.vision_tower."):]] = value
+            out["vision." + key[len("model.vision_tower.vision_tower.") :]] = value
         elif key.startswith("model.speech_projector.linear"):
             index = {"1": "0", "2": "2"}[key[len("model.speech_projector.linear")]]
             out[f"speech_projector.net.{index}." + key.split(".", 3)[3]] = value
-        elif key.startswith("model.speech_encoder.") and _whisper_name(key[len("model.speech_encoder."):]):
-            out["speech." + _whisper_name(key[len("model.speech_encoder."):])] = value
+        elif key.startswith("model.speech_encoder.") and _whisper_name(key[len("model.speech_encoder.") :]):
+            out["speech." + _whisper_name(key[len("model.speech_encoder.") :])] = value
         else:
             unused.append(key)
     return out, unused
@@ -94,15 +102,24 @@ def load_moe_state_dict(moe, state_dict: Dict[str, torch.Tensor], prefix: str = 
     """Load into omnifast's ``moe`` (an ``omnifast.nn.MoE``) OpenOmni's ``MoE``
     (``openomni/model/speech_generator_ctc/speech_generator.py``): ``gate.fc.weight`` /
     ``gate.fc.bias`` and ``experts.{e}.fc1`` / ``fc2`` per expert, its interleaved token split
-    (token j takes output channels j::split) reordered to the ``MoE``'s contiguous one. Needs a dense relu MoE with a gate bias; keys under ``prefix``."""
+    (token j takes output channels j::split) reordered to the ``MoE``'s contiguous one. Needs a
+    dense relu MoE with a gate bias; keys under ``prefix``."""
     from .keys import moe_state_dict
+
     if moe.top_k is not None or moe.activation != "relu":
         raise ValueError("an OpenOmni expert stack loads into a dense (top_k=None) relu MoE")
     if moe.gate.bias is None:
         raise ValueError("OpenOmni's gate has a bias: build this MoE with gate_bias=True")
-    missing = [k for k in [f"{prefix}gate.fc.weight", f"{prefix}gate.fc.bias"] +
-               [f"{prefix}experts.{e}.{p}" for e in range(moe.experts)
-                for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")] if k not in state_dict]
+    missing = [
+        k
+        for k in [f"{prefix}gate.fc.weight", f"{prefix}gate.fc.bias"]
+        + [
+            f"{prefix}experts.{e}.{p}"
+            for e in range(moe.experts)
+            for p in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+        ]
+        if k not in state_dict
+    ]
     if missing:
         raise KeyError(f"OpenOmni MoE keys missing: {', '.join(missing)}")
     split = moe.split_tokens
@@ -115,6 +132,7 @@ def speech_decoder_from_state_dict(state_dict: Dict[str, torch.Tensor], config, 
     see ``keys.py``); ``prefix``: the generator's key prefix in a whole-model checkpoint (e.g.
     ``"model.speech_generator."``). The decoder takes the checkpoint's dtype."""
     from omnifast.nn import build_speech_decoder
+
     converted = speech_generator_state_dict(state_dict, config, prefix)
     model = build_speech_decoder(config, "nar", **kwargs).to(converted["head.weight"].dtype)
     model.load_state_dict(converted)
@@ -134,9 +152,18 @@ def load_openomni(path, config=None, allow_nonfinite: bool = False):
         config_file = folder / "config.json"
         if config_file.is_file():
             from omnifast.models.safe_load import read_json
+
             settings = read_json(config_file, "OpenOmni config")
-            for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "rms_norm_eps", "max_position_embeddings"):
+            for key in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "rms_norm_eps",
+                "max_position_embeddings",
+            ):
                 if key in settings:
                     config.llm[key] = settings[key]
     mapped, unused = openomni_to_omnifast(read_weights(folder), config)
@@ -149,13 +176,17 @@ def load_openomni(path, config=None, allow_nonfinite: bool = False):
     missing = sorted(k for k in expected if k not in mapped)
     if missing:
         problems.append(f"missing keys: {', '.join(missing)}")
-    wrong = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(expected[k].shape)} here"
-             for k, v in mapped.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    wrong = [
+        f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(expected[k].shape)} here"
+        for k, v in mapped.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if wrong:
         problems.append(f"mismatched shapes: {'; '.join(wrong)}")
     if problems:
         raise ValueError(f"{folder}: not loadable as this OpenOmni model: " + " | ".join(problems))
     from omnifast.models.safe_load import check_tensors, floating_dtype
+
     mapped = check_tensors(mapped, expected, folder, allow_nonfinite, floating_dtype(mapped))
     model.load_state_dict(mapped, assign=True)
     rebuild_buffers(model, torch.device("cpu"))

@@ -14,6 +14,7 @@ The loss and every gradient are OpenOmni's (to float64 precision; tested on modu
 its code). Works on ``SpeechGeneratorCTC`` objects found under ``model.get_model()`` (or the
 model) as ``speech_generator`` and ``copy_speech_generator``.
 """
+
 from __future__ import annotations
 
 import types
@@ -34,8 +35,10 @@ def patch(model):
     if not found and all(hasattr(model, a) for a in ("input_proj", "fusion", "llm_decoder")):
         found = [model]
     if not found:
-        raise ValueError("no OpenOmni speech generator (speech_generator / copy_speech_generator, with input_proj, "
-                         "fusion and llm_decoder) on this model")
+        raise ValueError(
+            "no OpenOmni speech generator (speech_generator / copy_speech_generator, with input_proj, "
+            "fusion and llm_decoder) on this model"
+        )
     for generator in found:
         patch_generator(generator)
     return model
@@ -54,14 +57,14 @@ def _dense_moe(self, x: torch.Tensor) -> torch.Tensor:
     """OpenOmni's ``MoE.forward`` (softmax gate, every expert, weighted sum) as two GEMMs."""
     B, N, D = x.shape
     flat = x.reshape(-1, D)
-    gate = torch.softmax(F.linear(flat, self.gate.fc.weight, self.gate.fc.bias), -1)          # (R, E)
-    w1 = torch.cat([e.fc1.weight for e in self.experts])                                    # (E*F, D)
+    gate = torch.softmax(F.linear(flat, self.gate.fc.weight, self.gate.fc.bias), -1)  # (R, E)
+    w1 = torch.cat([e.fc1.weight for e in self.experts])  # (E*F, D)
     b1 = torch.cat([e.fc1.bias for e in self.experts])
-    hidden = F.relu(F.linear(flat, w1, b1))                                                 # (R, E*F)
+    hidden = F.relu(F.linear(flat, w1, b1))  # (R, E*F)
     E, width = len(self.experts), self.experts[0].fc2.weight.shape[0]
     weighted = (hidden.view(-1, E, hidden.shape[1] // E) * gate[..., None]).reshape(hidden.shape)
-    w2 = torch.cat([e.fc2.weight for e in self.experts], dim=1)                             # (O, E*F)
-    b2 = torch.stack([e.fc2.bias for e in self.experts])                                    # (E, O)
+    w2 = torch.cat([e.fc2.weight for e in self.experts], dim=1)  # (O, E*F)
+    b2 = torch.stack([e.fc2.bias for e in self.experts])  # (E, O)
     return (F.linear(weighted, w2) + gate @ b2).view(B, N, width)
 
 
@@ -76,7 +79,9 @@ def _front(self, text_reps, text_labels, text_tokens):
         return memo[2]
     sos = self.llm_embedding.weight[self.sos_eos]
     task = self.llm_embedding.weight[self.task_id]
-    reps = [torch.cat([sos[None], rep[label != IGNORE_INDEX], task[None]]) for rep, label in zip(text_reps, text_labels)]
+    reps = [
+        torch.cat([sos[None], rep[label != IGNORE_INDEX], task[None]]) for rep, label in zip(text_reps, text_labels)
+    ]
     split = 4
     lengths = torch.tensor([len(r) * split for r in reps], device=reps[0].device)
     key_mask = torch.arange(int(lengths.max()), device=lengths.device)[None] < lengths[:, None]
@@ -84,8 +89,9 @@ def _front(self, text_reps, text_labels, text_tokens):
     B, N, O = context.shape
     context = context.view(B, N, O // split, split).transpose(2, 3).reshape(B, N * split, O // split)
     text_lengths = text_tokens.ne(IGNORE_INDEX).long().sum(-1)
-    text = torch.nn.utils.rnn.pad_sequence([t[t.ne(IGNORE_INDEX)] for t in text_tokens], batch_first=True,
-                                           padding_value=0)
+    text = torch.nn.utils.rnn.pad_sequence(
+        [t[t.ne(IGNORE_INDEX)] for t in text_tokens], batch_first=True, padding_value=0
+    )
     fused = self.fusion(context, self.llm.model.model.embed_tokens(text), key_mask, None)
     result = [f[:n] for n, f in zip(text_lengths, fused)]
     self._omnifast_front = (inputs, _versions(inputs), result)
@@ -102,9 +108,19 @@ def _generator_forward(self, text_reps, text_labels, speech_tokens, text_tokens=
     """``SpeechGeneratorCTC.forward``: the CTC loss summed over the batch over its total units."""
     fused = _front(self, text_reps, text_labels, text_tokens)
     frames, attention_mask, position_ids = self.upsample(fused, speech_tokens)
-    hidden = self.llm.model.model(inputs_embeds=frames, attention_mask=attention_mask, position_ids=position_ids,
-                                  use_cache=False).last_hidden_state  # no vocabulary logits
+    hidden = self.llm.model.model(
+        inputs_embeds=frames, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # no vocabulary logits
     lengths = speech_tokens.ne(IGNORE_INDEX).long().sum(-1)
-    loss = linear_ctc_loss(hidden, self.llm_decoder.weight, self.llm_decoder.bias, speech_tokens.clamp(min=0),
-                           attention_mask.long().sum(-1), lengths, self.unit_vocab_size, "sum", True)
+    loss = linear_ctc_loss(
+        hidden,
+        self.llm_decoder.weight,
+        self.llm_decoder.bias,
+        speech_tokens.clamp(min=0),
+        attention_mask.long().sum(-1),
+        lengths,
+        self.unit_vocab_size,
+        "sum",
+        True,
+    )
     return loss / lengths.sum()

@@ -6,6 +6,7 @@ as it batches and pads: the ground truth the OpenOmni preset and ``omnifast.open
 reproduce (in float64, in the tests) and the baseline they are timed against;
 its only departure is that the log-softmax runs in the model's dtype (OpenOmni's ``.float()``
 would round a float64 test to float32)."""
+
 import copy
 
 import torch
@@ -52,7 +53,7 @@ class ExpertMixture(nn.Module):
 class CrossAttention(nn.Module):
     def __init__(self, dim, head_dim, heads):
         super().__init__()
-        self.scale, self.heads = head_dim ** -0.5, heads
+        self.scale, self.heads = head_dim**-0.5, heads
         inner = head_dim * heads
         self.norm_text, self.norm_image = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -72,8 +73,9 @@ class CrossAttention(nn.Module):
 
 
 def feed_forward(dim, mult):
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
+    return nn.Sequential(
+        nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+    )
 
 
 class Fusion(nn.Module):
@@ -81,8 +83,9 @@ class Fusion(nn.Module):
 
     def __init__(self, dim, depth, head_dim, heads, ff_mult):
         super().__init__()
-        self.layers = nn.ModuleList(nn.ModuleList([CrossAttention(dim, head_dim, heads), feed_forward(dim, ff_mult)])
-                                    for _ in range(depth))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([CrossAttention(dim, head_dim, heads), feed_forward(dim, ff_mult)]) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, text_reps, image_reps, text_mask=None, image_mask=None):  # OpenOmni's names: context, queries
@@ -106,6 +109,7 @@ class SpeechGenerator(nn.Module):
     def __init__(self, c: SpeechDecoderConfig):
         super().__init__()
         from transformers import Qwen2ForCausalLM
+
         self.c = c
         self.input_proj = ExpertMixture(c.llm_hidden, c.width * c.split_tokens, c.experts)
         self.llm_embedding = nn.Embedding(2, c.llm_hidden)
@@ -140,13 +144,21 @@ class SpeechGenerator(nn.Module):
         text = nn.utils.rnn.pad_sequence([t[t != IGNORE] for t in text_tokens], batch_first=True, padding_value=0)
         fused = self.fusion(context, self.llm.model.model.embed_tokens(text), key_mask, None)
         frames, attention_mask, positions = self.upsample([f[:n] for n, f in zip(text_lens, fused)], speech_tokens)
-        hidden = self.llm.model(inputs_embeds=frames, attention_mask=attention_mask, position_ids=positions,
-                                output_hidden_states=True).hidden_states[-1]  # its vocabulary logits formed too
+        hidden = self.llm.model(
+            inputs_embeds=frames, attention_mask=attention_mask, position_ids=positions, output_hidden_states=True
+        ).hidden_states[-1]  # its vocabulary logits formed too
         log_probs = F.log_softmax(self.llm_decoder(hidden), dim=-1)
         units_lens = (speech_tokens != IGNORE).sum(-1)
         targets = speech_tokens[speech_tokens != IGNORE]
-        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, attention_mask.sum(-1), units_lens, reduction="sum",
-                          zero_infinity=True, blank=c.units)
+        loss = F.ctc_loss(
+            log_probs.transpose(0, 1),
+            targets,
+            attention_mask.sum(-1),
+            units_lens,
+            reduction="sum",
+            zero_infinity=True,
+            blank=c.units,
+        )
         return loss / units_lens.sum()
 
 
@@ -184,5 +196,12 @@ class OpenOmniModel(nn.Module):
         inner = self.get_model()
         if not inner.tune_speech_generator_dpo:
             return inner.speech_generator(hidden_states, labels, tgt_units, text_tokens)
-        return dpo_loss(inner.speech_generator, inner.copy_speech_generator, hidden_states, labels, tgt_units,
-                        re_tgt_units, text_tokens)
+        return dpo_loss(
+            inner.speech_generator,
+            inner.copy_speech_generator,
+            hidden_states,
+            labels,
+            tgt_units,
+            re_tgt_units,
+            text_tokens,
+        )

@@ -7,6 +7,7 @@ gradients of the hidden states, the weight and the bias. The (B, T, V) logits ne
 gradient (coef * softmax, and -coef * occupancy at the labels) as named calls on a backend's
 ``chunk_grad``. Chunk and group sizes come from the device (``default_chunk_frames``,
 ``working_set_bytes``, ``even_groups``)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,15 +20,16 @@ from ._dispatch import linear_ctc_kernels
 from ._precision import accumulation_dtype
 from ._reference import extended_labels
 
-CHUNK_ELEMENTS = 1 << 22          # CPU: logits per chunk, 16 MiB in float32 (measured fastest there)
-GPU_CHUNK_BYTES = 64 << 20        # CUDA: at most this much of logits per chunk ...
-GPU_CHUNK_ROWS_PER_SM = 32        # ... aiming at 32 rows per multiprocessor, so a chunk's GEMMs fill the GPU
+CHUNK_ELEMENTS = 1 << 22  # CPU: logits per chunk, 16 MiB in float32 (measured fastest there)
+GPU_CHUNK_BYTES = 64 << 20  # CUDA: at most this much of logits per chunk ...
+GPU_CHUNK_ROWS_PER_SM = 32  # ... aiming at 32 rows per multiprocessor, so a chunk's GEMMs fill the GPU
 
 
 @dataclass
 class TargetSet:
     """One set of targets scored against the shared frames: padded (B, W) int64 targets,
     (B,) lengths, extended labels (B, S) and, after pass 1, emissions/occupancies (B, T, S)."""
+
     targets: torch.Tensor
     lengths: torch.Tensor
     ext: torch.Tensor
@@ -47,8 +49,9 @@ def working_set_bytes(device: torch.device, cap: int) -> int:
     return max(1 << 20, min(cap, free // 16))
 
 
-def default_chunk_frames(batch: int, hidden: int, vocab: int, device: Optional[torch.device] = None,
-                         itemsize: int = 4) -> int:
+def default_chunk_frames(
+    batch: int, hidden: int, vocab: int, device: Optional[torch.device] = None, itemsize: int = 4
+) -> int:
     """Frames per chunk. CPU: ~16 MiB of logits and hidden rows, which stays in cache. CUDA:
     rows enough for 32 per multiprocessor (a chunk's three GEMMs then run at full size), capped
     at 64 MiB of logits and 1/16 of the free memory. B16 x V6562 on an H100 (132 SMs): 264 frames
@@ -65,9 +68,12 @@ def same_width(sets: Sequence[TargetSet], blank: int) -> List[TargetSet]:
     """The target sets with their targets padded (by ``blank``, past every length) to the widest,
     so that their states stack into one (K, B, T, S) tensor."""
     width = max(s.targets.shape[1] for s in sets)
-    return [s if s.targets.shape[1] == width else
-            make_target_set(F.pad(s.targets, (0, width - s.targets.shape[1]), value=blank), s.lengths, blank)
-            for s in sets]
+    return [
+        s
+        if s.targets.shape[1] == width
+        else make_target_set(F.pad(s.targets, (0, width - s.targets.shape[1]), value=blank), s.lengths, blank)
+        for s in sets
+    ]
 
 
 def label_columns(blank, sets, rows):
@@ -113,8 +119,17 @@ class Scorer:
     the CPU kernels take a float32 copy of each chunk; everything after the GEMM accumulates in
     float32 (float64 for float64)."""
 
-    def __init__(self, hidden, weight, bias, input_lengths, sets: Sequence[TargetSet], blank: int,
-                 chunk_frames: Optional[int], backend: str):
+    def __init__(
+        self,
+        hidden,
+        weight,
+        bias,
+        input_lengths,
+        sets: Sequence[TargetSet],
+        blank: int,
+        chunk_frames: Optional[int],
+        backend: str,
+    ):
         self.acc = accumulation_dtype(hidden.dtype)
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.input_lengths, self.blank = input_lengths, blank
@@ -128,7 +143,7 @@ class Scorer:
     def _chunks(self):
         T = self.hidden.shape[1]
         for t0 in range(0, T, self.chunk):
-            rows = self.hidden[:, t0:t0 + self.chunk]
+            rows = self.hidden[:, t0 : t0 + self.chunk]
             logits = F.linear(rows, self.weight, self.bias)
             yield t0, rows, logits.to(self.acc) if self.logits_in_acc else logits
 
@@ -141,14 +156,20 @@ class Scorer:
         exts = [s.ext for s in self.sets]
         lengths = [s.lengths for s in self.sets]
         for t0, _, logits in self._chunks():
-            lse = self.kernels.chunk_emissions(logits, t0, self.input_lengths, exts, lengths,
-                                               [s.states for s in self.sets])
-            self.lse[:, t0:t0 + logits.shape[1]] = lse
+            lse = self.kernels.chunk_emissions(
+                logits, t0, self.input_lengths, exts, lengths, [s.states for s in self.sets]
+            )
+            self.lse[:, t0 : t0 + logits.shape[1]] = lse
             del logits  # the last chunk is not kept alive through the recursion
         # Every target set in one recursion (K * B sequences): T dependent steps, not K * T.
-        ll = self.kernels.ctc_states(states.view(-1, T, states.shape[-1]), torch.cat([s.targets for s in self.sets]),
-                                     self.input_lengths.repeat(len(self.sets)),
-                                     torch.cat([s.lengths for s in self.sets]), self.blank, want_occupancy)
+        ll = self.kernels.ctc_states(
+            states.view(-1, T, states.shape[-1]),
+            torch.cat([s.targets for s in self.sets]),
+            self.input_lengths.repeat(len(self.sets)),
+            torch.cat([s.lengths for s in self.sets]),
+            self.blank,
+            want_occupancy,
+        )
         return list(ll.split(B))
 
     def _accumulate(self, grad_logits, rows, t0, grad_hidden, grad_weight, grad_bias) -> None:
@@ -157,7 +178,7 @@ class Scorer:
         ct = grad_logits.shape[1]
         flat = grad_logits.reshape(-1, grad_logits.shape[-1])
         if grad_hidden is not None:
-            grad_hidden[:, t0:t0 + ct] = grad_logits @ self.weight
+            grad_hidden[:, t0 : t0 + ct] = grad_logits @ self.weight
         if grad_weight is not None:
             rows_flat = rows.reshape(-1, rows.shape[-1])
             if grad_logits.dtype == self.acc:
@@ -181,11 +202,24 @@ class Scorer:
         states = [s.states for s in self.sets]
         for t0, rows, logits in self._chunks():
             ct = logits.shape[1]
-            self.kernels.chunk_grad(logits, self.lse[:, t0:t0 + ct].contiguous(), t0, self.input_lengths,
-                                    softmax_coef, exts, lengths, states, coefs, poison)
+            self.kernels.chunk_grad(
+                logits,
+                self.lse[:, t0 : t0 + ct].contiguous(),
+                t0,
+                self.input_lengths,
+                softmax_coef,
+                exts,
+                lengths,
+                states,
+                coefs,
+                poison,
+            )
             self._accumulate(logits.to(self.hidden.dtype), rows, t0, grad_hidden, grad_weight, grad_bias)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(self.weight.dtype),
-                None if grad_bias is None else grad_bias.to(self.bias.dtype))
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(self.weight.dtype),
+            None if grad_bias is None else grad_bias.to(self.bias.dtype),
+        )
 
     def one_pass(self, coef: torch.Tensor, needs=(True, True, True)):
         """Pass 1 with the gradient formed on the way, for one target set whose coefficients of
@@ -211,23 +245,28 @@ class Scorer:
         to_softmax = softmax_part(self.kernels, B, T, acc, device)
         for t0, rows, logits in self._chunks():
             ct = logits.shape[1]
-            self.lse[:, t0:t0 + ct] = self.kernels.chunk_emissions(logits, t0, self.input_lengths, [target_set.ext],
-                                                                   [target_set.lengths], [states])
-            to_softmax(logits, self.lse[:, t0:t0 + ct].contiguous(), t0, self.input_lengths, coef)
+            self.lse[:, t0 : t0 + ct] = self.kernels.chunk_emissions(
+                logits, t0, self.input_lengths, [target_set.ext], [target_set.lengths], [states]
+            )
+            to_softmax(logits, self.lse[:, t0 : t0 + ct].contiguous(), t0, self.input_lengths, coef)
             self._accumulate(logits.to(mm), rows, t0, grad_hidden, grad_weight, grad_bias)
             del logits
-        ll = self.kernels.ctc_states(states, target_set.targets, self.input_lengths, target_set.lengths, self.blank,
-                                     True)
+        ll = self.kernels.ctc_states(
+            states, target_set.targets, self.input_lengths, target_set.lengths, self.blank, True
+        )
         K = 1 + target_set.targets.shape[1]
         group = label_group(B, T, K, D, device, self.hidden.element_size())
         for start in range(0, B, group):
             stop = min(B, start + group)
-            columns, (local_targets,) = label_columns(self.blank, [target_set], torch.arange(start, stop, device=device))
+            columns, (local_targets,) = label_columns(
+                self.blank, [target_set], torch.arange(start, stop, device=device)
+            )
             local = make_target_set(local_targets, target_set.lengths[start:stop], 0)
             G = stop - start
             block = torch.zeros(G, T, K, dtype=acc, device=device)
-            labels_part(self.kernels, block, self.input_lengths[start:stop], [local], [states[start:stop]],
-                        [coef[start:stop]])
+            labels_part(
+                self.kernels, block, self.input_lengths[start:stop], [local], [states[start:stop]], [coef[start:stop]]
+            )
             block = block.to(mm)
             if grad_hidden is not None:
                 grad_hidden[start:stop] += torch.bmm(block, self.weight[columns])
@@ -265,15 +304,27 @@ def softmax_part(kernels, B: int, T: int, acc: torch.dtype, device: torch.device
     log-sum-exp (B, t): the dense part of every CTC logits gradient. What the backend's
     ``chunk_grad`` needs besides (a target set of the blank state alone, weighted 0) is built once,
     for every chunk of a pass."""
-    no_labels = make_target_set(torch.zeros(B, 0, dtype=torch.int64, device=device),
-                                torch.zeros(B, dtype=torch.int64, device=device), 0)
+    no_labels = make_target_set(
+        torch.zeros(B, 0, dtype=torch.int64, device=device), torch.zeros(B, dtype=torch.int64, device=device), 0
+    )
     no_occupancy = torch.zeros(B, T, 1, dtype=acc, device=device)
     zero = torch.zeros(B, dtype=acc, device=device)
     no_poison = torch.zeros(B, dtype=torch.bool, device=device)
 
     def apply(logits, lse, t0, input_lengths, coef) -> None:
-        kernels.chunk_grad(logits, lse, t0, input_lengths, coef, [no_labels.ext], [no_labels.lengths],
-                           [no_occupancy], [zero], no_poison)
+        kernels.chunk_grad(
+            logits,
+            lse,
+            t0,
+            input_lengths,
+            coef,
+            [no_labels.ext],
+            [no_labels.lengths],
+            [no_occupancy],
+            [zero],
+            no_poison,
+        )
+
     return apply
 
 
@@ -288,6 +339,15 @@ def labels_part(kernels, grad, input_lengths, sets: Sequence[TargetSet], occupan
     normaliser = torch.full((B, T), float("inf"), dtype=acc, device=grad.device)
     if poison is None:
         poison = torch.zeros(B, dtype=torch.bool, device=grad.device)
-    kernels.chunk_grad(grad, normaliser, 0, input_lengths, torch.zeros(B, dtype=acc, device=grad.device),
-                       [s.ext for s in sets], [s.lengths for s in sets], list(occupancies), list(coefs),
-                       poison.contiguous())
+    kernels.chunk_grad(
+        grad,
+        normaliser,
+        0,
+        input_lengths,
+        torch.zeros(B, dtype=acc, device=grad.device),
+        [s.ext for s in sets],
+        [s.lengths for s in sets],
+        list(occupancies),
+        list(coefs),
+        poison.contiguous(),
+    )

@@ -11,6 +11,7 @@ The backend contract: each op family asks for its kernels by name (``ctc_kernel`
 the Protocol below, on every backend; each method's semantics are those of the function of the
 same name in ``_reference.py`` (the specification the other two are tested against).
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,24 +31,51 @@ Tensor = torch.Tensor
 @runtime_checkable
 class EagerCTCKernels(Protocol):
     """CTC on the cpu and torch backends: the loss and its gradient in one call."""
+
     lazy: bool
 
-    def __call__(self, inputs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int,
-                 zero_infinity: bool, grad_scale: Tensor, from_logits: bool) -> Tuple[Tensor, Tensor]:
+    def __call__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        input_lengths: Tensor,
+        target_lengths: Tensor,
+        blank: int,
+        zero_infinity: bool,
+        grad_scale: Tensor,
+        from_logits: bool,
+    ) -> Tuple[Tensor, Tensor]:
         """(nll (B,), gradient like ``inputs``): ``_reference.ctc_nll_and_grad``."""
 
 
 @runtime_checkable
 class LazyCTCKernels(Protocol):
     """CTC on the triton backend: log p and saved state in the forward, the gradient in the backward."""
+
     lazy: bool
 
-    def forward(self, inputs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, blank: int,
-                from_logits: bool, want_grad: bool):
+    def forward(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        input_lengths: Tensor,
+        target_lengths: Tensor,
+        blank: int,
+        from_logits: bool,
+        want_grad: bool,
+    ):
         """(log p (B,), saved state or None): ``kernels/ctc.py:ctc_forward``."""
 
-    def backward(self, inputs: Tensor, saved, target_lengths: Tensor, input_lengths: Tensor, coef: Tensor,
-                 poison: Tensor, from_logits: bool) -> Tensor:
+    def backward(
+        self,
+        inputs: Tensor,
+        saved,
+        target_lengths: Tensor,
+        input_lengths: Tensor,
+        coef: Tensor,
+        poison: Tensor,
+        from_logits: bool,
+    ) -> Tensor:
         """The gradient like ``inputs``: ``kernels/ctc.py:ctc_backward``."""
 
 
@@ -55,17 +83,41 @@ class LazyCTCKernels(Protocol):
 class LinearCTCKernels(Protocol):
     """The chunked CTC engine's three building blocks (``_ctc_engine.py``)."""
 
-    def chunk_emissions(self, logits: Tensor, t0: int, input_lengths: Tensor, exts: Sequence[Tensor],
-                        target_lengths: Sequence[Tensor], emissions: Sequence[Tensor]) -> Tensor:
+    def chunk_emissions(
+        self,
+        logits: Tensor,
+        t0: int,
+        input_lengths: Tensor,
+        exts: Sequence[Tensor],
+        target_lengths: Sequence[Tensor],
+        emissions: Sequence[Tensor],
+    ) -> Tensor:
         """Each set's state emissions of a chunk, written into ``emissions``; returns its lse (B, t)."""
 
-    def ctc_states(self, emissions: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor,
-                   blank: int, want_occupancy: bool) -> Tensor:
+    def ctc_states(
+        self,
+        emissions: Tensor,
+        targets: Tensor,
+        input_lengths: Tensor,
+        target_lengths: Tensor,
+        blank: int,
+        want_occupancy: bool,
+    ) -> Tensor:
         """log p (B,) from emissions (B, T, S); with ``want_occupancy`` occupancies overwrite them."""
 
-    def chunk_grad(self, logits: Tensor, lse: Tensor, t0: int, input_lengths: Tensor, softmax_coef: Tensor,
-                   exts: Sequence[Tensor], target_lengths: Sequence[Tensor], occupancies: Sequence[Tensor],
-                   coefs: Sequence[Tensor], poison: Tensor) -> None:
+    def chunk_grad(
+        self,
+        logits: Tensor,
+        lse: Tensor,
+        t0: int,
+        input_lengths: Tensor,
+        softmax_coef: Tensor,
+        exts: Sequence[Tensor],
+        target_lengths: Sequence[Tensor],
+        occupancies: Sequence[Tensor],
+        coefs: Sequence[Tensor],
+        poison: Tensor,
+    ) -> None:
         """A chunk's logits overwritten with their gradient."""
 
 
@@ -82,12 +134,14 @@ class MoEKernels(Protocol):
 
 @runtime_checkable
 class FSQKernels(Protocol):
-    def fsq_forward(self, z: Tensor, half_level: Tensor, offset: Tensor, shift: Tensor, half_width: Tensor,
-                    basis: Tensor) -> Tuple[Tensor, Tensor]:
+    def fsq_forward(
+        self, z: Tensor, half_level: Tensor, offset: Tensor, shift: Tensor, half_width: Tensor, basis: Tensor
+    ) -> Tuple[Tensor, Tensor]:
         """(codes, indices) of finite scalar quantisation."""
 
-    def fsq_backward(self, grad_codes: Tensor, z: Tensor, half_level: Tensor, shift: Tensor,
-                     half_width: Tensor) -> Tensor:
+    def fsq_backward(
+        self, grad_codes: Tensor, z: Tensor, half_level: Tensor, shift: Tensor, half_width: Tensor
+    ) -> Tensor:
         """The gradient with respect to ``z``."""
 
 
@@ -99,6 +153,7 @@ def _import_cpu_extension():
     try:
         if path:
             import importlib.util
+
             spec = importlib.util.spec_from_file_location("omnifast._C", path)
             if spec is None:
                 raise ImportError(f"OMNIFAST_EXTENSION={path} is not a loadable extension module")
@@ -115,8 +170,9 @@ def require_cpu_extension():
     """Return the compiled C++ extension, or raise ImportError saying why it is missing."""
     module, why = _import_cpu_extension()
     if module is None:
-        raise ImportError(f"omnifast's C++ extension is not built: {why}. Run `make setup` "
-                          "or `pip install --no-build-isolation -e .`")
+        raise ImportError(
+            f"omnifast's C++ extension is not built: {why}. Run `make setup` or `pip install --no-build-isolation -e .`"
+        )
     return module
 
 
@@ -173,6 +229,7 @@ class _EagerCTC:
     """The cpu and torch backends form the gradient in the forward, scaled by the reduction's
     weights (one pass over the inputs while they are hot in cache); the backward multiplies by
     the upstream gradient. ``fn`` has the contract of ``_reference.ctc_nll_and_grad``."""
+
     lazy = False
 
     def __init__(self, fn: Callable):
@@ -186,6 +243,7 @@ class _LazyCTC:
     """The triton backend keeps the occupancies from the forward and writes the gradient in the
     backward, with the upstream gradient folded into its coefficients: no (T, B, C) buffer lives
     between forward and backward, and nothing is read back to the host."""
+
     lazy = True
 
     def __init__(self, module):
@@ -200,8 +258,10 @@ def ctc_kernel(backend: str) -> EagerCTCKernels | LazyCTCKernels:
         return _EagerCTC(require_cpu_extension().ctc_nll_and_grad)
     if backend == "triton":
         from omnifast.kernels import ctc
+
         return _LazyCTC(ctc)
     from ._reference import ctc_nll_and_grad
+
     return _EagerCTC(ctc_nll_and_grad)
 
 
@@ -212,8 +272,10 @@ def linear_ctc_kernels(backend: str) -> LinearCTCKernels:
         return require_cpu_extension()
     if backend == "triton":
         from omnifast.kernels import linear_ctc
+
         return linear_ctc
     from . import _reference
+
     return _reference
 
 
@@ -222,12 +284,15 @@ def moe_kernels(backend: str) -> MoEKernels:
     ``grouped_weight_grad``), with the contracts of ``_reference.moe_route`` / ``moe_unpermute``."""
     if backend == "cpu":
         ext = require_cpu_extension()
-        return SimpleNamespace(route=ext.moe_route, unpermute=ext.moe_unpermute,
-                               unpermute_backward=ext.moe_unpermute_backward)
+        return SimpleNamespace(
+            route=ext.moe_route, unpermute=ext.moe_unpermute, unpermute_backward=ext.moe_unpermute_backward
+        )
     if backend == "triton":
         from omnifast.kernels import moe
+
         return moe
     from . import _reference
+
     return SimpleNamespace(route=_reference.moe_route, unpermute=_reference.moe_unpermute)
 
 
@@ -237,6 +302,8 @@ def fsq_kernels(backend: str) -> FSQKernels:
         return require_cpu_extension()
     if backend == "triton":
         from omnifast.kernels import fsq
+
         return fsq
     from . import _reference
+
     return _reference

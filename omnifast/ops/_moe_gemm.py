@@ -21,6 +21,7 @@ slot gradients by gather. Each pass over the slot rows happens once; figures: ``
 ``gemm_engine`` picks one. ``_DenseMLP`` is the dense (OpenOmni) layer as two GEMMs over all
 experts at once, the gate weights folded in between.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -69,6 +70,7 @@ class _PlainGEMMs:
     (``ops.moe.routed_experts``): that moves less than gathering inside each of its GEMMs would
     (the first GEMM, and the upstream gradient and the tokens again in the backward) and the
     scatter-then-combine."""
+
     fuses_gathers = False
 
     def mm(self, a, w, b, offsets, transpose=True, a_rows=None, c_rows=None, out_rows=None):
@@ -100,6 +102,7 @@ class GroupedMMEngine(_PlainGEMMs):
 
 class SegmentsEngine(_PlainGEMMs):
     """One matmul per non-empty segment; the bounds are read back once, when the engine is made."""
+
     name = "segments"
 
     def __init__(self, offsets: torch.Tensor):
@@ -134,8 +137,9 @@ def _grouped_mm_fits(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> boo
     return all(size % 8 == 0 for size in (w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2]))
 
 
-def gemm_engine(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
-                choice: Optional[str] = None):
+def gemm_engine(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor, choice: Optional[str] = None
+):
     """The engine for the triton backend, the one named by ``choice`` (one of ``GEMM_ENGINES``) or
     by default: torch._grouped_mm where its fast path applies, one cuBLAS matmul per segment for
     float32/float64 (Triton's float32 dot runs at a fraction of cuBLAS' speed, ``docs/perf.md``),
@@ -167,8 +171,9 @@ class _GroupedMLP(torch.autograd.Function):
         pre = engine.mm(x, w1, b1, offsets, a_rows=tokens)
         act = activate(pre, activation)
         y = engine.mm(act, w2, b2, offsets, c_rows=slots, out_rows=None if slots is None else slots.numel())
-        ctx.save_for_backward(x, w1, w2, act if activation == "relu" else pre, offsets,
-                              *(() if slots is None else (slots, tokens)))
+        ctx.save_for_backward(
+            x, w1, w2, act if activation == "relu" else pre, offsets, *(() if slots is None else (slots, tokens))
+        )
         ctx.activation, ctx.engine, ctx.top_k = activation, engine, top_k
         ctx.has_bias = (b1 is not None, b2 is not None)
         return y
@@ -189,13 +194,30 @@ class _GroupedMLP(torch.autograd.Function):
             del act
             grad_pre = activate_backward(grad_act, saved, ctx.activation)
         grad_w1, grad_b1 = engine.wgrad(grad_pre, x, offsets, E, ctx.has_bias[0], x_rows=tokens)
-        grad_x = engine.mm(grad_pre, w1, None, offsets, transpose=False, c_rows=slots,
-                           out_rows=None if slots is None else slots.numel())
+        grad_x = engine.mm(
+            grad_pre,
+            w1,
+            None,
+            offsets,
+            transpose=False,
+            c_rows=slots,
+            out_rows=None if slots is None else slots.numel(),
+        )
         if slots is not None:  # each token's k slot gradients, summed in a fixed order
             grad_x = grad_x.view(-1, ctx.top_k, grad_x.shape[1]).sum(1, dtype=torch.float32).to(x.dtype)
         cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
-        return (grad_x, cast(grad_w1, w1), grad_b1 if grad_b1 is None else grad_b1.to(w1.dtype), cast(grad_w2, w2),
-                grad_b2 if grad_b2 is None else grad_b2.to(w2.dtype), None, None, None, None, None)
+        return (
+            grad_x,
+            cast(grad_w1, w1),
+            grad_b1 if grad_b1 is None else grad_b1.to(w1.dtype),
+            cast(grad_w2, w2),
+            grad_b2 if grad_b2 is None else grad_b2.to(w2.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 class _DenseMLP(torch.autograd.Function):

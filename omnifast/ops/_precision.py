@@ -9,6 +9,7 @@ float64); gradients come back in the dtype of their leaf. An op casts its operan
 its autograd Function (so autograd casts the gradients back), and runs the Function with autocast
 off, so that nothing inside is cast a second time.
 """
+
 from __future__ import annotations
 
 import functools

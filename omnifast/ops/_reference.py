@@ -5,6 +5,7 @@ S = 2L + 1 states. alpha[t, s] is the log-probability of all paths through frame
 end in state s, beta[t, s] of all paths from state s at frame t to the end (both include
 frame t's emission). The recursions are vectorised over batch and states; time is a loop.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -138,6 +139,7 @@ def ctc_nll_and_grad(
 # A chunk is the logits (B, t, V) of frames [t0, t0 + t) in the accumulation dtype. Emissions
 # and occupancies are (B, T, S) per target set, with ``ext`` (B, S) the extended labels.
 
+
 def chunk_emissions(logits, t0, input_lengths, exts, target_lengths, emissions):
     """Return the log_softmax normaliser (B, t) of each chunk row (0 past an input length) and
     write each target set's normalised state emissions into ``emissions[k][:, t0:t0 + t]``."""
@@ -145,7 +147,7 @@ def chunk_emissions(logits, t0, input_lengths, exts, target_lengths, emissions):
     live = (t0 + torch.arange(ct, device=logits.device))[None, :] < input_lengths[:, None]
     lse = torch.where(live, torch.logsumexp(logits, -1), 0.0)
     for ext, out in zip(exts, emissions):
-        out[:, t0:t0 + ct] = logits.gather(2, ext[:, None, :].expand(B, ct, ext.shape[1])) - lse[..., None]
+        out[:, t0 : t0 + ct] = logits.gather(2, ext[:, None, :].expand(B, ct, ext.shape[1])) - lse[..., None]
     return lse
 
 
@@ -172,7 +174,7 @@ def chunk_grad(logits, lse, t0, input_lengths, softmax_coef, exts, target_length
     for ext, lengths, gamma, coef in zip(exts, target_lengths, occupancies, coefs):
         states = torch.arange(ext.shape[1], device=logits.device)
         valid = (states[None, :] < 2 * lengths[:, None] + 1)[:, None, :]
-        weighted = torch.where(valid, gamma[:, t0:t0 + ct], 0.0) * coef[:, None, None]
+        weighted = torch.where(valid, gamma[:, t0 : t0 + ct], 0.0) * coef[:, None, None]
         grad.scatter_add_(2, ext[:, None, :].expand(B, ct, ext.shape[1]), -weighted)
     live = (t0 + torch.arange(ct, device=logits.device))[None, :] < input_lengths[:, None]
     grad = torch.where(poison[:, None, None], float("nan"), grad)
@@ -180,6 +182,7 @@ def chunk_grad(logits, lse, t0, input_lengths, softmax_coef, exts, target_length
 
 
 # --- MoE routing and combine ---
+
 
 def moe_route(logits: torch.Tensor, top_k: int, normalize: bool):
     """Top-k routing from float32 logits (N, E), autograd through probs, weights and lse:
@@ -209,6 +212,7 @@ def moe_unpermute(y: torch.Tensor, position: torch.Tensor, weights: Optional[tor
 
 
 # --- finite scalar quantisation ---
+
 
 def fsq_forward(z: torch.Tensor, half_level, offset, shift, half_width, basis):
     """Rows z (N, D) -> codes (N, D) = round(tanh(z + shift) * half_level - offset) / half_width

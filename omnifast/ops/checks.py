@@ -4,6 +4,7 @@ Every check raises ``TypeError`` (wrong kind of thing) or ``ValueError`` (right 
 value) naming the argument, and runs before any kernel. The CTC checks also bring the
 arguments into the one canonical form every backend takes.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,13 +50,15 @@ def check_bool(name: str, value) -> bool:
 def check_known_keys(what: str, values, cls) -> None:
     """A ValueError naming the keys of ``values`` that are not fields of the dataclass ``cls``."""
     from dataclasses import fields
+
     unknown = set(values) - {f.name for f in fields(cls)}
     if unknown:
         raise ValueError(f"unknown {what} keys: {sorted(unknown)}")
 
 
-def check_number(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None,
-                 positive: bool = False) -> float:
+def check_number(
+    name: str, value, *, low: Optional[float] = None, high: Optional[float] = None, positive: bool = False
+) -> float:
     """A finite real number (not a bool) in range: TypeError or ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -118,14 +121,35 @@ def ctc_args(inputs, targets, input_lengths, target_lengths, blank, *, name: str
         raise ValueError(f"{name} needs at least one time step and one class, got shape {tuple(inputs.shape)}")
 
     targets, input_lengths, target_lengths = ctc_targets(
-        targets, input_lengths, target_lengths, blank, T=T, B=B, C=C, device=inputs.device,
-        unbatched=unbatched, name=name)
+        targets,
+        input_lengths,
+        target_lengths,
+        blank,
+        T=T,
+        B=B,
+        C=C,
+        device=inputs.device,
+        unbatched=unbatched,
+        name=name,
+    )
     return CTCArgs(inputs, targets, input_lengths, target_lengths, blank, unbatched)
 
 
-def ctc_targets(targets, input_lengths, target_lengths, blank: int, *, T: int, B: int, C: int,
-                device: torch.device, unbatched: bool = False, name: str = "log_probs",
-                targets_name: str = "targets", lengths_name: str = "target_lengths"):
+def ctc_targets(
+    targets,
+    input_lengths,
+    target_lengths,
+    blank: int,
+    *,
+    T: int,
+    B: int,
+    C: int,
+    device: torch.device,
+    unbatched: bool = False,
+    name: str = "log_probs",
+    targets_name: str = "targets",
+    lengths_name: str = "target_lengths",
+):
     """Validate CTC targets and lengths against T frames, B sequences and C classes; return
     padded (B, S) int64 targets (padding replaced by ``blank``) and (B,) int64 lengths.
 
@@ -164,8 +188,19 @@ def ctc_targets(targets, input_lengths, target_lengths, blank: int, *, T: int, B
     empty = values.numel() == 0
     low = torch.tensor(0, device=device) if empty else low_of.amin()
     high = torch.tensor(0, device=device) if empty else high_of.amax()
-    stats = torch.stack([input_lengths.min(), input_lengths.max(), target_lengths.min(), target_lengths.max(),
-                         target_lengths.sum(), count, low, high, has_blank.any().long()]).tolist()
+    stats = torch.stack(
+        [
+            input_lengths.min(),
+            input_lengths.max(),
+            target_lengths.min(),
+            target_lengths.max(),
+            target_lengths.sum(),
+            count,
+            low,
+            high,
+            has_blank.any().long(),
+        ]
+    ).tolist()
     in_min, in_max, tgt_min, tgt_max, total, count, low, high, has_blank = stats
 
     for arg, lengths, smallest in (("input_lengths", input_lengths, in_min), (lengths_name, target_lengths, tgt_min)):
@@ -174,11 +209,13 @@ def ctc_targets(targets, input_lengths, target_lengths, blank: int, *, T: int, B
     if in_max > T:
         raise ValueError(f"input_lengths must be at most T={T}, got max {in_max}")
     if padded and tgt_max > targets.shape[1]:
-        raise ValueError(f"{lengths_name} must be at most the padded target width {targets.shape[1]}, "
-                         f"got max {tgt_max}")
+        raise ValueError(
+            f"{lengths_name} must be at most the padded target width {targets.shape[1]}, got max {tgt_max}"
+        )
     if not padded and count != total:
-        raise ValueError(f"1-D (concatenated) {targets_name} must have sum({lengths_name})={total} entries, "
-                         f"got {count}")
+        raise ValueError(
+            f"1-D (concatenated) {targets_name} must have sum({lengths_name})={total} entries, got {count}"
+        )
     if count and (low < 0 or high >= C):
         raise ValueError(f"{targets_name} must lie in [0, {C}), got values from {low} to {high}")
     if has_blank:
@@ -204,7 +241,9 @@ def check_linear_head(hidden, weight, bias) -> None:
     if hidden.shape[1] == 0:
         raise ValueError("hidden needs at least one frame (T >= 1)")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must be (V, D) with D = hidden width {hidden.shape[2]}, got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be (V, D) with D = hidden width {hidden.shape[2]}, got shape {tuple(weight.shape)}"
+        )
     if bias is not None:
         check_tensor("bias", bias, floating=True)
         if bias.shape != (weight.shape[0],):

@@ -8,6 +8,7 @@ gradient with the incoming gradient folded in. The gradient is the exact derivat
 inputs: -gamma for log-probs (this passes ``gradcheck``, unlike ``F.ctc_loss``'s, which folds in
 a log_softmax), softmax - gamma for logits.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -15,9 +16,9 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .checks import REDUCTIONS, CTCArgs, Lengths, check_bool, check_choice, ctc_args
 from ._dispatch import choose_backend, ctc_kernel
 from ._precision import accumulation_dtype, autocast_off, scale_gradients
+from .checks import REDUCTIONS, CTCArgs, Lengths, check_bool, check_choice, ctc_args
 
 
 def reduction_weights(target_lengths: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
@@ -38,8 +39,9 @@ class _CTCFunction(torch.autograd.Function):
         x = args.inputs.contiguous()
         ctx.reduction, ctx.unbatched, ctx.kernel = reduction, args.unbatched, kernel
         if kernel.lazy:
-            ll, saved = kernel.forward(x, args.targets, args.input_lengths, args.target_lengths, args.blank,
-                                       from_logits, want_grad)
+            ll, saved = kernel.forward(
+                x, args.targets, args.input_lengths, args.target_lengths, args.blank, from_logits, want_grad
+            )
             nll = -ll
             infeasible = torch.isinf(nll)
             if zero_infinity:
@@ -48,8 +50,16 @@ class _CTCFunction(torch.autograd.Function):
                 ctx.save_for_backward(x, weight, infeasible, args.input_lengths, args.target_lengths, *saved)
                 ctx.zero_infinity, ctx.from_logits = zero_infinity, from_logits
         else:
-            nll, grad = kernel(x, args.targets, args.input_lengths, args.target_lengths, args.blank, zero_infinity,
-                               weight if want_grad else None, from_logits)
+            nll, grad = kernel(
+                x,
+                args.targets,
+                args.input_lengths,
+                args.target_lengths,
+                args.blank,
+                zero_infinity,
+                weight if want_grad else None,
+                from_logits,
+            )
             ctx.save_for_backward(grad)
         if reduction == "none":
             return nll.squeeze(0) if args.unbatched else nll
@@ -74,8 +84,7 @@ class _CTCFunction(torch.autograd.Function):
         return scale_gradients((grad,), grad_loss) + none
 
 
-def _ctc(inputs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity,
-         backend, from_logits, name):
+def _ctc(inputs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, backend, from_logits, name):
     args = ctc_args(inputs, targets, input_lengths, target_lengths, blank, name=name)
     check_choice("reduction", reduction, REDUCTIONS)
     check_bool("zero_infinity", zero_infinity)
@@ -84,9 +93,17 @@ def _ctc(inputs, targets, input_lengths, target_lengths, blank, reduction, zero_
         return _CTCFunction.apply(inputs, args, reduction, zero_infinity, from_logits, chosen)
 
 
-def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Lengths,
-             target_lengths: Lengths, blank: int = 0, reduction: str = "mean",
-             zero_infinity: bool = False, *, backend: Optional[str] = None) -> torch.Tensor:
+def ctc_loss(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: Lengths,
+    target_lengths: Lengths,
+    blank: int = 0,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """Connectionist Temporal Classification loss, same signature and semantics as
     ``torch.nn.functional.ctc_loss``.
 
@@ -105,25 +122,52 @@ def ctc_loss(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Leng
     The gradient is the exact derivative w.r.t. ``log_probs``; through a ``log_softmax`` it
     equals torch's.
     """
-    return _ctc(log_probs, targets, input_lengths, target_lengths, blank, reduction,
-                zero_infinity, backend, False, "log_probs")
+    return _ctc(
+        log_probs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, backend, False, "log_probs"
+    )
 
 
-def ctc_loss_with_logits(logits: torch.Tensor, targets: torch.Tensor, input_lengths: Lengths,
-                         target_lengths: Lengths, blank: int = 0, reduction: str = "mean",
-                         zero_infinity: bool = False, *, backend: Optional[str] = None) -> torch.Tensor:
+def ctc_loss_with_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: Lengths,
+    target_lengths: Lengths,
+    blank: int = 0,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """``ctc_loss(logits.log_softmax(-1), ...)`` without materialising the log-probs: the
     kernels fuse the log_softmax and write softmax - gamma straight into the logits gradient.
     Arguments as :func:`ctc_loss`, with unnormalised ``logits`` (T, B, C) or (T, C)."""
-    return _ctc(logits, targets, input_lengths, target_lengths, blank, reduction,
-                zero_infinity, backend, True, "logits")
+    return _ctc(
+        logits, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, backend, True, "logits"
+    )
 
 
-def ctc_log_likelihood(log_probs: torch.Tensor, targets: torch.Tensor, input_lengths: Lengths,
-                       target_lengths: Lengths, blank: int = 0, *, from_logits: bool = False,
-                       backend: Optional[str] = None) -> torch.Tensor:
+def ctc_log_likelihood(
+    log_probs: torch.Tensor,
+    targets: torch.Tensor,
+    input_lengths: Lengths,
+    target_lengths: Lengths,
+    blank: int = 0,
+    *,
+    from_logits: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """Per-sequence log p(targets | inputs), shape (B,) (or () unbatched); -inf where the
     targets are infeasible. Differentiable; ``from_logits`` applies a log_softmax first."""
-    nll = _ctc(log_probs, targets, input_lengths, target_lengths, blank, "none", False,
-               backend, from_logits, "logits" if from_logits else "log_probs")
+    nll = _ctc(
+        log_probs,
+        targets,
+        input_lengths,
+        target_lengths,
+        blank,
+        "none",
+        False,
+        backend,
+        from_logits,
+        "logits" if from_logits else "log_probs",
+    )
     return -nll

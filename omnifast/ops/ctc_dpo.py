@@ -20,6 +20,7 @@ Two ways to the same loss:
 
 Figures (measured on the CPU, estimated on a GPU): ``docs/perf.md``.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,14 +28,19 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .checks import (check_bool, check_chunk_frames, check_int, check_linear_head, check_number, check_tensor,
-                     ctc_targets)
+from ._ctc_engine import Scorer, even_groups, label_columns, labels_part, make_target_set, same_width, working_set_bytes
 from ._dispatch import choose_backend, linear_ctc_kernels
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype, scale_gradients
-from ._ctc_engine import (Scorer, even_groups, label_columns, labels_part, make_target_set, same_width,
-                          working_set_bytes)
+from .checks import (
+    check_bool,
+    check_chunk_frames,
+    check_int,
+    check_linear_head,
+    check_number,
+    check_tensor,
+    ctc_targets,
+)
 from .dpo import DPOOutput, pair_losses
-
 
 SPARSE_GROUP_ELEMENTS = 1 << 22  # CPU: pairs per group so that their logits stay ~16 MiB
 GPU_SPARSE_GROUP_BYTES = 160 << 20  # CUDA: the scratch of one group of pairs (see _sparse_group)
@@ -91,9 +97,9 @@ def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, n
         pairs = torch.arange(start, stop, device=hidden.device)
         columns, local_targets = label_columns(blank, sets, pairs)
         G = columns.shape[0]
-        w_sub = weight[columns]                                        # (G, K, D)
-        h = hidden[start:stop]                                         # (G, T, D), a view
-        if bias is None:                                               # (G, T, K), blank in column 0
+        w_sub = weight[columns]  # (G, K, D)
+        h = hidden[start:stop]  # (G, T, D), a view
+        if bias is None:  # (G, T, K), blank in column 0
             logits = torch.bmm(h, w_sub.transpose(1, 2))
         else:  # the bias joins inside the GEMM, as in F.linear: half-precision logits are rounded once
             logits = torch.baddbmm(bias[columns][:, None, :], h, w_sub.transpose(1, 2))
@@ -104,10 +110,16 @@ def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, n
         local = same_width([make_target_set(t, s.lengths[pairs], 0) for t, s in zip(local_targets, sets)], 0)
         S_local = local[0].ext.shape[1]
         index = torch.stack([s.ext for s in local])[:, :, None, :].expand(2, G, T, S_local)
-        states = logits.expand(2, G, T, K).gather(3, index)               # (2, G, T, S)
+        states = logits.expand(2, G, T, K).gather(3, index)  # (2, G, T, S)
         del logits  # the gradient needs no logit values (no softmax term): it starts from zeros
-        ll = kernels.ctc_states(states.view(2 * G, T, S_local), torch.cat([s.targets for s in local]),
-                                lengths.repeat(2), torch.cat([s.lengths for s in local]), 0, want_grad)
+        ll = kernels.ctc_states(
+            states.view(2 * G, T, S_local),
+            torch.cat([s.targets for s in local]),
+            lengths.repeat(2),
+            torch.cat([s.lengths for s in local]),
+            0,
+            want_grad,
+        )
         lls = ll.split(G)
         for score, set_ll, target_set, set_states in zip(scores, lls, local, states):
             score[pairs] = set_ll
@@ -128,8 +140,11 @@ def _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend, n
             grad_weight.index_add_(0, columns.flatten(), update.to(acc))
         if grad_bias is not None:
             grad_bias.index_add_(0, columns.flatten(), grad_logits.sum(1, dtype=acc).flatten())
-    grads = (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-             None if grad_bias is None else grad_bias.to(bias.dtype))
+    grads = (
+        grad_hidden,
+        None if grad_weight is None else grad_weight.to(weight.dtype),
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
     return tuple(scores), grads
 
 
@@ -138,8 +153,9 @@ def _frame_normaliser(hidden, weight, bias, input_lengths, chunk_frames, backend
     with torch.no_grad():
         empty = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
         lengths = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        scorer = Scorer(hidden, weight, bias, input_lengths, [make_target_set(empty, lengths, 0)], 0,
-                        chunk_frames, backend)
+        scorer = Scorer(
+            hidden, weight, bias, input_lengths, [make_target_set(empty, lengths, 0)], 0, chunk_frames, backend
+        )
         scorer.log_likelihoods(want_occupancy=False)
         return scorer.lse.sum(1)
 
@@ -151,8 +167,25 @@ def _infeasible(ll_w: torch.Tensor, ll_l: torch.Tensor) -> torch.Tensor:
 
 class _CTCDPOFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, sets, input_lengths, ref_chosen, ref_rejected, beta,
-                length_normalize, sft_weight, zero_infinity, sparse, exact_rewards, blank, chunk_frames, backend):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        sets,
+        input_lengths,
+        ref_chosen,
+        ref_rejected,
+        beta,
+        length_normalize,
+        sft_weight,
+        zero_infinity,
+        sparse,
+        exact_rewards,
+        blank,
+        chunk_frames,
+        backend,
+    ):
         needs = tuple(ctx.needs_input_grad[:3])
         chosen, rejected = sets
         acc = accumulation_dtype(hidden.dtype)
@@ -178,15 +211,20 @@ class _CTCDPOFunction(torch.autograd.Function):
             with torch.enable_grad():
                 leaves = ll_w.detach().requires_grad_(), ll_l.detach().requires_grad_()
                 d_w, d_l = torch.autograd.grad(terms(pairs, *leaves)[0].sum() / B, leaves)
-            return (-d_w.masked_fill(infeasible, 0.0), -d_l.masked_fill(infeasible, 0.0),
-                    infeasible & (not zero_infinity))
+            return (
+                -d_w.masked_fill(infeasible, 0.0),
+                -d_l.masked_fill(infeasible, 0.0),
+                infeasible & (not zero_infinity),
+            )
 
         if sparse:
-            (ll_w, ll_l), grads = _sparse_forward(hidden, weight, bias, input_lengths, sets, blank, backend,
-                                                  needs, coefficients)
+            (ll_w, ll_l), grads = _sparse_forward(
+                hidden, weight, bias, input_lengths, sets, blank, backend, needs, coefficients
+            )
         else:
-            (ll_w, ll_l), grads = _dense_forward(hidden, weight, bias, input_lengths, sets, blank, chunk_frames,
-                                                 backend, needs, coefficients)
+            (ll_w, ll_l), grads = _dense_forward(
+                hidden, weight, bias, input_lengths, sets, blank, chunk_frames, backend, needs, coefficients
+            )
         per_pair, z = terms(torch.arange(B, device=hidden.device), ll_w, ll_l)
         if zero_infinity:
             per_pair = per_pair.masked_fill(_infeasible(ll_w, ll_l), 0.0)
@@ -214,12 +252,28 @@ class _CTCDPOFunction(torch.autograd.Function):
         return scale_gradients(ctx.grads, grad_loss) + (None,) * 13
 
 
-def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 chosen: torch.Tensor, rejected: torch.Tensor, input_lengths, chosen_lengths, rejected_lengths,
-                 ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *, beta: float = 0.1,
-                 length_normalize: bool = False, sft_weight: float = 0.0, blank: Optional[int] = None,
-                 zero_infinity: bool = False, sparse: Optional[bool] = None, exact_rewards: bool = False,
-                 chunk_frames: Optional[int] = None, backend: Optional[str] = None) -> CTCDPOOutput:
+def ctc_dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    input_lengths,
+    chosen_lengths,
+    rejected_lengths,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    length_normalize: bool = False,
+    sft_weight: float = 0.0,
+    blank: Optional[int] = None,
+    zero_infinity: bool = False,
+    sparse: Optional[bool] = None,
+    exact_rewards: bool = False,
+    chunk_frames: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> CTCDPOOutput:
     """CTC-DPO loss of a linear CTC head over decoder states (see the module docstring).
 
     Args:
@@ -242,8 +296,11 @@ def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     blank = V - 1 if blank is None else check_int("blank", blank)
     check_number("beta", beta, positive=True)
     check_number("sft_weight", sft_weight, low=0.0)
-    for name, flag in (("length_normalize", length_normalize), ("zero_infinity", zero_infinity),
-                       ("exact_rewards", exact_rewards)):
+    for name, flag in (
+        ("length_normalize", length_normalize),
+        ("zero_infinity", zero_infinity),
+        ("exact_rewards", exact_rewards),
+    ):
         check_bool(name, flag)
     check_chunk_frames(chunk_frames)
     sets = []
@@ -252,33 +309,71 @@ def ctc_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         if isinstance(targets, torch.Tensor) and targets.dim() == 2 and targets.shape[0] != B:
             raise ValueError(f"{prefix} has batch size {targets.shape[0]} but hidden has {B}")
         padded, input_lengths_checked, lengths = ctc_targets(
-            targets, input_lengths, lengths, blank, T=T, B=B, C=V, device=hidden.device, name="hidden",
-            targets_name=prefix, lengths_name=f"{prefix}_lengths")
+            targets,
+            input_lengths,
+            lengths,
+            blank,
+            T=T,
+            B=B,
+            C=V,
+            device=hidden.device,
+            name="hidden",
+            targets_name=prefix,
+            lengths_name=f"{prefix}_lengths",
+        )
         sets.append(make_target_set(padded, lengths, blank))
     for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
         check_tensor(name, ref, floating=True)
         if ref.shape != (B,):
             raise ValueError(f"{name} must have shape ({B},), one value per pair, got {tuple(ref.shape)}")
-    refs = torch.stack([ref_chosen_logps.to(hidden.device, torch.float64), ref_rejected_logps.to(hidden.device, torch.float64)])
+    refs = torch.stack(
+        [ref_chosen_logps.to(hidden.device, torch.float64), ref_rejected_logps.to(hidden.device, torch.float64)]
+    )
     finite = torch.isfinite(refs).all(1).tolist()  # one read-back for both
-    for name, ref, ok in (("ref_chosen_logps", ref_chosen_logps, finite[0]), ("ref_rejected_logps", ref_rejected_logps, finite[1])):
+    for name, ref, ok in (
+        ("ref_chosen_logps", ref_chosen_logps, finite[0]),
+        ("ref_rejected_logps", ref_rejected_logps, finite[1]),
+    ):
         if not ok:
             raise ValueError(f"{name} must be finite, got {ref.tolist()}")
     dense_only = length_normalize or sft_weight > 0
     if sparse is None:
         sparse = not dense_only
     elif sparse and dense_only:
-        raise ValueError("sparse=True needs length_normalize=False and sft_weight=0: "
-                         "the per-frame normaliser only cancels without them")
+        raise ValueError(
+            "sparse=True needs length_normalize=False and sft_weight=0: "
+            "the per-frame normaliser only cancels without them"
+        )
     chosen_backend = choose_backend(hidden.device, backend)
     device = hidden.device.type
     hidden, weight, bias = cast_all(matmul_dtype(device, hidden, weight, bias), (hidden, weight, bias))
     with autocast_off(device):
-        out = _CTCDPOFunction.apply(hidden, weight, bias, sets, input_lengths_checked,
-                                    ref_chosen_logps.to(hidden.device), ref_rejected_logps.to(hidden.device),
-                                    float(beta), length_normalize, float(sft_weight), zero_infinity, sparse,
-                                    exact_rewards, blank, chunk_frames, chosen_backend)
+        out = _CTCDPOFunction.apply(
+            hidden,
+            weight,
+            bias,
+            sets,
+            input_lengths_checked,
+            ref_chosen_logps.to(hidden.device),
+            ref_rejected_logps.to(hidden.device),
+            float(beta),
+            length_normalize,
+            float(sft_weight),
+            zero_infinity,
+            sparse,
+            exact_rewards,
+            blank,
+            chunk_frames,
+            chosen_backend,
+        )
     loss, margins, accuracy, cr, rr, pw, pl = out
     known = cr.numel() > 0 or B == 0
-    return CTCDPOOutput(loss, margins, accuracy, cr if known else None, rr if known else None,
-                        pw if known else None, pl if known else None)
+    return CTCDPOOutput(
+        loss,
+        margins,
+        accuracy,
+        cr if known else None,
+        rr if known else None,
+        pw if known else None,
+        pl if known else None,
+    )

@@ -1,4 +1,5 @@
 """Decoding of CTC emissions."""
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -8,8 +9,9 @@ import torch
 from .checks import Lengths, _lengths, check_bool, check_int, check_number, check_tensor
 
 
-def ctc_greedy_decode(log_probs_or_logits: torch.Tensor, lengths: Optional[Lengths] = None, blank: int = 0, *,
-                      time_major: bool = False) -> List[List[int]]:
+def ctc_greedy_decode(
+    log_probs_or_logits: torch.Tensor, lengths: Optional[Lengths] = None, blank: int = 0, *, time_major: bool = False
+) -> List[List[int]]:
     """Best-path CTC decoding: the argmax class of every frame, repeats collapsed, blanks dropped.
 
     ``log_probs_or_logits``: (B, T, C), or (T, B, C) with ``time_major=True``, or (T, C) for one
@@ -47,8 +49,13 @@ def ctc_greedy_decode(log_probs_or_logits: torch.Tensor, lengths: Optional[Lengt
     return [units[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
 
-def sample_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
-                       generator: Optional[torch.Generator] = None) -> int:
+def sample_top_k_top_p(
+    logits: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> int:
     """Sample one class from ``logits`` (C,): softmax at ``temperature``, restricted to the
     ``top_k`` most likely classes (0: no limit) and to the smallest set whose probability
     reaches ``top_p`` (always at least the most likely class)."""

@@ -9,6 +9,7 @@ How a sequence's log-likelihood is normalised is a choice (``NORMALIZATIONS``):
   its summed lengths (its DPO calls the speech generator's loss, sum / total units, per side).
 It applies alike to the policy and the reference (``normalize``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ NORMALIZATIONS = ("sum", "length", "openomni")
 class DPOOutput:
     """The loss and TRL-style metrics. Rewards are beta * (logpi - logref) per pair (per batch
     for ``"openomni"``)."""
+
     loss: torch.Tensor
     reward_margins: torch.Tensor
     reward_accuracy: torch.Tensor
@@ -51,8 +53,13 @@ def normalize(log_likelihoods: torch.Tensor, lengths: torch.Tensor, normalizatio
     return (log_likelihoods.sum() / lengths.sum().clamp(min=1)).reshape(1)
 
 
-def pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                ref_rejected: torch.Tensor, beta: float):
+def pair_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+):
     """The DPO formula, per pair: ``(-log sigmoid(margin), chosen rewards, rejected rewards)`` with
     rewards beta * (pi - ref) and margin = chosen - rejected, each side already normalised.
     Differentiable in the policy values (ops with a fused backward take their coefficients from it
@@ -62,20 +69,35 @@ def pair_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_
     return -F.logsigmoid(chosen_rewards - rejected_rewards), chosen_rewards, rejected_rewards
 
 
-def dpo_from_logps(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                   ref_rejected: torch.Tensor, beta: float = 0.1, sft_nll: Optional[torch.Tensor] = None,
-                   sft_weight: float = 0.0) -> DPOOutput:
+def dpo_from_logps(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float = 0.1,
+    sft_nll: Optional[torch.Tensor] = None,
+    sft_weight: float = 0.0,
+) -> DPOOutput:
     """DPO of already-normalised log-likelihoods (see :func:`normalize`); ``sft_nll`` (a scalar,
     e.g. the chosen units' NLL per unit) is added with ``sft_weight``. Gradients flow to the
     policy values."""
     from .checks import check_number
+
     check_number("beta", beta, positive=True)
     check_number("sft_weight", sft_weight, low=0.0)
-    losses, chosen_rewards, rejected_rewards = pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                           beta)
+    losses, chosen_rewards, rejected_rewards = pair_losses(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+    )
     margins = chosen_rewards - rejected_rewards
     loss = losses.mean()
     if sft_weight and sft_nll is not None:
         loss = loss + sft_weight * sft_nll
-    return DPOOutput(loss, margins.detach(), (margins > 0).float().mean().detach(), chosen_rewards.detach(),
-                     rejected_rewards.detach(), policy_chosen.detach(), policy_rejected.detach())
+    return DPOOutput(
+        loss,
+        margins.detach(),
+        (margins > 0).float().mean().detach(),
+        chosen_rewards.detach(),
+        rejected_rewards.detach(),
+        policy_chosen.detach(),
+        policy_rejected.detach(),
+    )

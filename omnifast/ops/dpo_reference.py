@@ -1,6 +1,7 @@
 """The frozen reference of CTC-DPO: its log-likelihoods of chosen and rejected units computed in
 one pass without a gradient (:func:`reference_logps`), and kept by example id
 (:class:`ReferenceLogpCache`, optionally in a safetensors file) so that training computes them once."""
+
 from __future__ import annotations
 
 import os
@@ -8,10 +9,10 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
-from .checks import check_int, check_linear_head, ctc_targets
 from ._ctc_engine import Scorer, make_target_set
 from ._dispatch import choose_backend
 from ._precision import accumulation_dtype, autocast_off, cast_all, matmul_dtype
+from .checks import check_int, check_linear_head, ctc_targets
 
 
 def _normalise(ll, lengths, length_normalize):
@@ -19,10 +20,21 @@ def _normalise(ll, lengths, length_normalize):
 
 
 @torch.no_grad()
-def reference_logps(hidden, weight, bias, chosen, rejected, input_lengths, chosen_lengths, rejected_lengths,
-                    *, length_normalize: bool = False, blank: Optional[int] = None,
-                    chunk_frames: Optional[int] = None, backend: Optional[str] = None
-                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+def reference_logps(
+    hidden,
+    weight,
+    bias,
+    chosen,
+    rejected,
+    input_lengths,
+    chosen_lengths,
+    rejected_lengths,
+    *,
+    length_normalize: bool = False,
+    blank: Optional[int] = None,
+    chunk_frames: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The frozen reference's log-likelihoods of chosen and rejected, (B,) each, in one pass
     over the reference head's logits (no grad)."""
     check_linear_head(hidden, weight, bias)
@@ -31,9 +43,19 @@ def reference_logps(hidden, weight, bias, chosen, rejected, input_lengths, chose
     blank = V - 1 if blank is None else check_int("blank", blank)
     sets, in_len = [], None
     for prefix, targets, lengths in (("chosen", chosen, chosen_lengths), ("rejected", rejected, rejected_lengths)):
-        padded, in_len, lengths = ctc_targets(targets, input_lengths, lengths, blank, T=T, B=B, C=V,
-                                              device=hidden.device, name="hidden", targets_name=prefix,
-                                              lengths_name=f"{prefix}_lengths")
+        padded, in_len, lengths = ctc_targets(
+            targets,
+            input_lengths,
+            lengths,
+            blank,
+            T=T,
+            B=B,
+            C=V,
+            device=hidden.device,
+            name="hidden",
+            targets_name=prefix,
+            lengths_name=f"{prefix}_lengths",
+        )
         sets.append(make_target_set(padded, lengths, blank))
     if B == 0:  # an empty batch: empty log-likelihoods
         empty = hidden.new_zeros(0, dtype=accumulation_dtype(hidden.dtype))
@@ -43,8 +65,7 @@ def reference_logps(hidden, weight, bias, chosen, rejected, input_lengths, chose
     with autocast_off(device):
         scorer = Scorer(hidden, weight, bias, in_len, sets, blank, chunk_frames, choose_backend(hidden.device, backend))
         ll_w, ll_l = scorer.log_likelihoods(want_occupancy=False)
-    return (_normalise(ll_w, sets[0].lengths, length_normalize),
-            _normalise(ll_l, sets[1].lengths, length_normalize))
+    return (_normalise(ll_w, sets[0].lengths, length_normalize), _normalise(ll_l, sets[1].lengths, length_normalize))
 
 
 class ReferenceLogpCache:
@@ -85,6 +106,7 @@ class ReferenceLogpCache:
     def tensors(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         """(tensors, metadata) of a safetensors file holding the values."""
         import json
+
         ids = list(self.values)
         pairs = torch.tensor([self.values[k] for k in ids], dtype=torch.float64).reshape(-1, 2)
         return {"chosen": pairs[:, 0].contiguous(), "rejected": pairs[:, 1].contiguous()}, {"ids": json.dumps(ids)}
@@ -93,12 +115,12 @@ class ReferenceLogpCache:
         from safetensors.torch import save
 
         from omnifast.durable import write_durably
+
         target = path or self.path
         if target is None:
             raise ValueError("this ReferenceLogpCache has no path to save to")
         tensors, metadata = self.tensors()
         write_durably(target, lambda handle: handle.write(save(tensors, metadata)))
-
 
     @classmethod
     def build(cls, path: str, batches: Iterable[dict], weight, bias, **options) -> "ReferenceLogpCache":
@@ -110,9 +132,17 @@ class ReferenceLogpCache:
         for batch in batches:
             if all(str(key) in cache.values for key in batch["ids"]):
                 continue
-            w, l = reference_logps(batch["hidden"], weight, bias, batch["chosen"], batch["rejected"],
-                                   batch["input_lengths"], batch["chosen_lengths"], batch["rejected_lengths"],
-                                   **options)
+            w, l = reference_logps(
+                batch["hidden"],
+                weight,
+                bias,
+                batch["chosen"],
+                batch["rejected"],
+                batch["input_lengths"],
+                batch["chosen_lengths"],
+                batch["rejected_lengths"],
+                **options,
+            )
             cache.add(batch["ids"], w, l)
         cache.save()
         return cache
@@ -123,6 +153,7 @@ def load_reference_file(path) -> Dict[str, Tuple[float, float]]:
     import json
 
     from safetensors import safe_open
+
     try:
         with safe_open(str(path), framework="pt") as handle:
             ids = json.loads((handle.metadata() or {})["ids"])

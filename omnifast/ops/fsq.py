@@ -5,6 +5,7 @@ straight-through gradient; a code vector maps to one index in [0, prod(levels)).
 ``fsq_quantize`` runs bound, round, scale and index in one kernel per backend (torch reference,
 C++, Triton); the backward recomputes tanh from the input instead of saving it.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .checks import check_tensor
 from ._dispatch import choose_backend, fsq_kernels
+from .checks import check_tensor
 
 EPS = 1e-3  # keeps the bound just outside the last level, so every level is reachable
 
@@ -36,7 +37,8 @@ def fsq_constants(levels: Sequence[int], device=None):
     half_width = torch.floor(L / 2)
     basis = torch.cumprod(torch.tensor((1,) + tuple(levels[:-1]), dtype=torch.int64), 0)
     return tuple(t.to(device=device, dtype=torch.float32) for t in (half_level, offset, shift, half_width)) + (
-        basis.to(device),)
+        basis.to(device),
+    )
 
 
 class _FSQ(torch.autograd.Function):
@@ -80,8 +82,10 @@ def fsq_indices_to_codes(indices: torch.Tensor, levels: Sequence[int], dtype=tor
     for level in levels:
         size *= level
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= size):
-        raise ValueError(f"indices must be in [0, {size}) (the codebook size), got values in "
-                         f"[{int(indices.min())}, {int(indices.max())}]")
+        raise ValueError(
+            f"indices must be in [0, {size}) (the codebook size), got values in "
+            f"[{int(indices.min())}, {int(indices.max())}]"
+        )
     _, _, _, half_width, basis = fsq_constants(levels, indices.device)
     digits = (indices[..., None] // basis) % torch.tensor(levels, device=indices.device)
     return ((digits - half_width) / half_width).to(dtype)

@@ -6,6 +6,7 @@ bias are accumulated during the forward (as Liger-Kernel's fused linear cross-en
 the backward only scales them. The matmuls are torch's on every device, which is where the time
 goes, so this op has one implementation rather than three backends.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -13,9 +14,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .checks import check_choice, check_int, check_linear_head, check_tensor
-from ._precision import accumulation_dtype
 from ._ctc_engine import CHUNK_ELEMENTS
+from ._precision import accumulation_dtype
+from .checks import check_choice, check_int, check_linear_head, check_tensor
 
 
 class _LinearCrossEntropyRows(torch.autograd.Function):
@@ -56,8 +57,14 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
                 grad_weight.addmm_(grad.t(), h.to(acc))
             if grad_bias is not None:
                 grad_bias += grad.sum(0)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -73,9 +80,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None
         total = hidden.new_zeros((), dtype=acc)
         for start in range(0, hidden.shape[0], chunk_rows):
-            h = hidden[start:start + chunk_rows]
-            keep = valid[start:start + chunk_rows]
-            target = targets[start:start + chunk_rows].clamp(min=0)[:, None]
+            h = hidden[start : start + chunk_rows]
+            keep = valid[start : start + chunk_rows]
+            target = targets[start : start + chunk_rows].clamp(min=0)[:, None]
             logits = F.linear(h, weight, bias).to(acc)
             lse = torch.logsumexp(logits, -1, keepdim=True)
             total += ((lse - logits.gather(1, target)).squeeze(1) * keep).sum()
@@ -84,7 +91,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
                 grad.mul_(keep[:, None].to(acc) * scale)
                 if grad_hidden is not None:
-                    grad_hidden[start:start + chunk_rows] = grad.to(h.dtype) @ weight
+                    grad_hidden[start : start + chunk_rows] = grad.to(h.dtype) @ weight
                 if grad_weight is not None:
                     grad_weight.addmm_(grad.t(), h.to(acc))
                 if grad_bias is not None:
@@ -103,9 +110,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                         chunk_rows: Optional[int] = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_rows: Optional[int] = None,
+) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=..., reduction=...)``
     for ``hidden`` (N, D), ``weight`` (V, D), ``targets`` (N,), computed ``chunk_rows`` rows at a
     time (default: about 4M logits per chunk). reduction: "mean" (over non-ignored rows), "sum",
@@ -114,16 +127,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     check_tensor("hidden", hidden, floating=True)
     check_tensor("targets", targets, integer=True)
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or hidden.shape[0] == 0:
-        raise ValueError(f"hidden must be (N, D) with N >= 1 and targets (N,), got {tuple(hidden.shape)} "
-                         f"and {tuple(targets.shape)}")
+        raise ValueError(
+            f"hidden must be (N, D) with N >= 1 and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     check_linear_head(hidden.unsqueeze(0), weight, bias)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
     check_int("ignore_index", ignore_index)
     V = weight.shape[0]
     real = targets[targets != ignore_index]
     if real.numel() and (int(real.min()) < 0 or int(real.max()) >= V):
-        raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
-                         f"got values in [{int(real.min())}, {int(real.max())}]")
+        raise ValueError(
+            f"targets must be in [0, {V}) or ignore_index={ignore_index}, "
+            f"got values in [{int(real.min())}, {int(real.max())}]"
+        )
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_ELEMENTS // max(V, 1))
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:

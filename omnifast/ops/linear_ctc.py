@@ -19,6 +19,7 @@ Figures (measured on the CPU, estimated on a GPU): ``docs/perf.md``.
 The same machinery scores several target sets against one emission sequence (CTC-DPO's chosen
 and rejected units): their emissions come from the same chunk of logits.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -26,17 +27,29 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .checks import (REDUCTIONS, check_bool, check_choice, check_chunk_frames, check_int, check_linear_head,
-                     ctc_targets)
+from ._ctc_engine import Scorer, feasible_by_length, make_target_set
 from ._dispatch import choose_backend
 from ._precision import autocast_off, cast_all, matmul_dtype, scale_gradients
-from ._ctc_engine import Scorer, feasible_by_length, make_target_set
+from .checks import REDUCTIONS, check_bool, check_choice, check_chunk_frames, check_int, check_linear_head, ctc_targets
 from .ctc import reduction_weights
+
 
 class _LinearCTCFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, input_lengths, target_lengths, blank, reduction,
-                zero_infinity, chunk_frames, backend):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        input_lengths,
+        target_lengths,
+        blank,
+        reduction,
+        zero_infinity,
+        chunk_frames,
+        backend,
+    ):
         target_set = make_target_set(targets, target_lengths, blank)
         scorer = Scorer(hidden, weight, bias, input_lengths, [target_set], blank, chunk_frames, backend)
         needs = tuple(ctx.needs_input_grad[:3])
@@ -104,10 +117,20 @@ def _pass2(scorer: Scorer, coef, infeasible, zero_infinity, needs):
     return scorer.gradients([coef], poison.contiguous(), needs)
 
 
-def linear_ctc_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    targets: torch.Tensor, input_lengths, target_lengths, blank: Optional[int] = None,
-                    reduction: str = "mean", zero_infinity: bool = False, *,
-                    chunk_frames: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+def linear_ctc_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    input_lengths,
+    target_lengths,
+    blank: Optional[int] = None,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+    *,
+    chunk_frames: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
     """CTC loss of a linear head, equal to ``ctc_loss(log_softmax(hidden @ weight.T + bias)
     .transpose(0, 1), ...)`` with its gradients w.r.t. hidden, weight and bias, without the
     (B, T, V) logits.
@@ -129,7 +152,8 @@ def linear_ctc_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     V = weight.shape[0]
     blank = V - 1 if blank is None else check_int("blank", blank)
     targets, input_lengths, target_lengths = ctc_targets(
-        targets, input_lengths, target_lengths, blank, T=T, B=B, C=V, device=hidden.device, name="hidden")
+        targets, input_lengths, target_lengths, blank, T=T, B=B, C=V, device=hidden.device, name="hidden"
+    )
     check_choice("reduction", reduction, REDUCTIONS)
     check_bool("zero_infinity", zero_infinity)
     check_chunk_frames(chunk_frames)
@@ -137,5 +161,16 @@ def linear_ctc_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     device = hidden.device.type
     hidden, weight, bias = cast_all(matmul_dtype(device, hidden, weight, bias), (hidden, weight, bias))
     with autocast_off(device):
-        return _LinearCTCFunction.apply(hidden, weight, bias, targets, input_lengths, target_lengths, blank,
-                                        reduction, zero_infinity, chunk_frames, chosen)
+        return _LinearCTCFunction.apply(
+            hidden,
+            weight,
+            bias,
+            targets,
+            input_lengths,
+            target_lengths,
+            blank,
+            reduction,
+            zero_infinity,
+            chunk_frames,
+            chosen,
+        )

@@ -19,6 +19,7 @@ reading anything back to the host except for float32's segment bounds; dense lay
 GEMMs over all experts. The gate's own matmul stays ``F.linear`` in float32 on every backend, and
 the routing gradient is a closed form over the (N, E) probabilities.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -27,15 +28,25 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .checks import check_choice, check_same_device, check_tensor
 from . import _reference
 from ._dispatch import choose_backend, moe_kernels
 from ._moe_gemm import GEMM_ENGINES, _DenseMLP, _GroupedMLP, activate, activate_backward, gemm_engine
 from ._precision import autocast_off, cast_all, matmul_dtype
+from .checks import check_choice, check_same_device, check_tensor
 from .moe_routing import Routing, route
 
-__all__ = ["ACTIVATIONS", "Routing", "route", "permute", "unpermute", "expert_mlp", "routed_experts",
-           "dense_experts", "check_expert_weights", "GEMM_ENGINES"]
+__all__ = [
+    "ACTIVATIONS",
+    "Routing",
+    "route",
+    "permute",
+    "unpermute",
+    "expert_mlp",
+    "routed_experts",
+    "dense_experts",
+    "check_expert_weights",
+    "GEMM_ENGINES",
+]
 
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 
@@ -118,8 +129,7 @@ def check_expert_weights(x: torch.Tensor, w1, b1, w2, b2, activation: str, x_nam
     if activation == "swiglu" and F1 % 2:
         raise ValueError(f"w1 must have an even number of rows per expert for swiglu (gate, up), got {F1}")
     if w2.shape[0] != E or w2.shape[2] != width:
-        raise ValueError(f"w2 must be ({E}, out, {width}) (w1's experts and hidden width), got shape "
-                         f"{tuple(w2.shape)}")
+        raise ValueError(f"w2 must be ({E}, out, {width}) (w1's experts and hidden width), got shape {tuple(w2.shape)}")
     for name, bias, shape in (("b1", b1, (E, F1)), ("b2", b2, (E, w2.shape[1]))):
         if bias is not None:
             check_tensor(name, bias, floating=True)
@@ -128,9 +138,18 @@ def check_expert_weights(x: torch.Tensor, w1, b1, w2, b2, activation: str, x_nam
                 raise ValueError(f"{name} must be {shape}, got shape {tuple(bias.shape)}")
 
 
-def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor],
-               w2: torch.Tensor, b2: Optional[torch.Tensor], activation: str = "relu",
-               backend: Optional[str] = None, *, engine: Optional[str] = None) -> torch.Tensor:
+def expert_mlp(
+    x_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    w1: torch.Tensor,
+    b1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    b2: Optional[torch.Tensor],
+    activation: str = "relu",
+    backend: Optional[str] = None,
+    *,
+    engine: Optional[str] = None,
+) -> torch.Tensor:
     """Each expert's MLP act(x @ w1[e].T + b1[e]) @ w2[e].T + b2[e] on its contiguous segment
     ``x_sorted[offsets[e]:offsets[e + 1]]``; (M, H) -> (M, O), with offsets[-1] == M. The
     matmuls run in the autocast dtype under ``torch.autocast`` (else the operands' promoted
@@ -140,8 +159,9 @@ def expert_mlp(x_sorted: torch.Tensor, offsets: torch.Tensor, w1: torch.Tensor, 
     check_expert_weights(x_sorted, w1, b1, w2, b2, activation, x_name="x_sorted")
     check_tensor("offsets", offsets, integer=True)
     if tuple(offsets.shape) != (w1.shape[0] + 1,):
-        raise ValueError(f"offsets must be ({w1.shape[0] + 1},) (experts + 1 segment bounds), got shape "
-                         f"{tuple(offsets.shape)}")
+        raise ValueError(
+            f"offsets must be ({w1.shape[0] + 1},) (experts + 1 segment bounds), got shape {tuple(offsets.shape)}"
+        )
     if engine is not None:
         check_choice("engine", engine, GEMM_ENGINES)
     device = x_sorted.device.type
@@ -166,8 +186,9 @@ class _Unpermute(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         y, weights, position = ctx.saved_tensors
-        grad_y, grad_w = moe_kernels(ctx.backend).unpermute_backward(grad_out, y, position, weights, ctx.top_k,
-                                                                     ctx.needs_input_grad[1])
+        grad_y, grad_w = moe_kernels(ctx.backend).unpermute_backward(
+            grad_out, y, position, weights, ctx.top_k, ctx.needs_input_grad[1]
+        )
         return grad_y, grad_w, None, None, None
 
 
@@ -205,8 +226,9 @@ def unpermute(y_sorted: torch.Tensor, routing: Routing) -> torch.Tensor:
     return _Unpermute.apply(y_sorted, routing.weights.contiguous(), routing.position, k, routing.backend)
 
 
-def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation: str = "relu", *,
-                   engine: Optional[str] = None) -> torch.Tensor:
+def routed_experts(
+    x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation: str = "relu", *, engine: Optional[str] = None
+) -> torch.Tensor:
     """The top-k expert layer on routed tokens: :func:`permute`, :func:`expert_mlp` and
     :func:`unpermute` in one, (N, H) -> (N, O), differentiable w.r.t. x, the weights and the
     routing weights. With the Triton grouped GEMM the token rows are gathered inside the first
@@ -215,8 +237,10 @@ def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation
     ``engine``: as :func:`expert_mlp`."""
     check_expert_weights(x, w1, b1, w2, b2, activation)
     if routing.experts.shape[0] != x.shape[0] or routing.offsets.shape[0] != w1.shape[0] + 1:
-        raise ValueError(f"routing is of {routing.experts.shape[0]} tokens over {routing.offsets.shape[0] - 1} "
-                         f"experts, but x has {x.shape[0]} tokens and w1 {w1.shape[0]} experts")
+        raise ValueError(
+            f"routing is of {routing.experts.shape[0]} tokens over {routing.offsets.shape[0] - 1} "
+            f"experts, but x has {x.shape[0]} tokens and w1 {w1.shape[0]} experts"
+        )
     if engine is not None:
         check_choice("engine", engine, GEMM_ENGINES)
     if routing.backend != "triton":
@@ -235,8 +259,9 @@ def routed_experts(x: torch.Tensor, routing: Routing, w1, b1, w2, b2, activation
         return _Unpermute.apply(y_slots, routing.weights.contiguous(), identity, k, "triton")
 
 
-def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activation: str = "relu",
-                  backend: Optional[str] = None) -> torch.Tensor:
+def dense_experts(
+    x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activation: str = "relu", backend: Optional[str] = None
+) -> torch.Tensor:
     """Every expert on every token, sum_e probs[:, e] * MLP_e(x); (N, H) -> (N, O).
 
     On the triton backend (a GPU): two GEMMs over all experts at once with the gate folded in
@@ -246,8 +271,9 @@ def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activati
     check_expert_weights(x, w1, b1, w2, b2, activation)
     check_tensor("probs", probs, floating=True)
     if tuple(probs.shape) != (x.shape[0], w1.shape[0]):
-        raise ValueError(f"probs must be ({x.shape[0]}, {w1.shape[0]}) (tokens, experts), got shape "
-                         f"{tuple(probs.shape)}")
+        raise ValueError(
+            f"probs must be ({x.shape[0]}, {w1.shape[0]}) (tokens, experts), got shape {tuple(probs.shape)}"
+        )
     if choose_backend(x.device, backend) == "triton":
         device = x.device.type
         x, w1, b1, w2, b2 = cast_all(matmul_dtype(device, x, w1, w2), (x, w1, b1, w2, b2))
@@ -257,6 +283,6 @@ def dense_experts(x: torch.Tensor, probs: torch.Tensor, w1, b1, w2, b2, activati
     for e in range(w1.shape[0]):
         hidden = activate(F.linear(x, w1[e], None if b1 is None else b1[e]), activation)
         y = F.linear(hidden, w2[e], None if b2 is None else b2[e])
-        weight = probs[:, e:e + 1].to(y.dtype)
+        weight = probs[:, e : e + 1].to(y.dtype)
         out = y * weight if out is None else torch.addcmul(out, y, weight)
     return out

@@ -3,6 +3,7 @@ per-expert counts and the permutation that makes each expert's token slots conti
 auxiliary losses. ``torch`` routes in the reference; ``cpu`` and ``triton`` in their kernels,
 with the gradient to the gate logits in closed form. The experts that consume a
 :class:`Routing` are in ``moe.py``."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .checks import check_int, check_same_device, check_tensor
 from . import _reference
 from ._dispatch import choose_backend, moe_kernels
 from ._precision import autocast_off
+from .checks import check_int, check_same_device, check_tensor
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Routing:
     segment starts in expert order; order (N * k,) slot ids (n * k + j) sorted by expert, stable;
     position (N * k,) the inverse: where each slot landed; balance_loss and z_loss float32;
     backend: where the permute / combine of this routing run."""
+
     probs: torch.Tensor
     weights: torch.Tensor
     experts: torch.Tensor
@@ -71,9 +73,15 @@ class _Route(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
-def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = None, *,
-          gate_bias: Optional[torch.Tensor] = None, normalize: bool = True,
-          backend: Optional[str] = None) -> Routing:
+def route(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    top_k: Optional[int] = None,
+    *,
+    gate_bias: Optional[torch.Tensor] = None,
+    normalize: bool = True,
+    backend: Optional[str] = None,
+) -> Routing:
     """Route tokens ``x`` (N, H) with a linear gate (E, H): float32 softmax (float64 for a float64
     dense layer), top-k with stable
     tie-breaking (the lower expert index wins), optional renormalisation of the k weights, the
@@ -83,8 +91,10 @@ def route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: Optional[int] = Non
     check_tensor("x", x, floating=True)
     check_tensor("gate_weight", gate_weight, floating=True)
     if x.dim() != 2 or gate_weight.dim() != 2 or gate_weight.shape[1] != x.shape[1]:
-        raise ValueError(f"x must be (N, H) and gate_weight (E, H) with the same H, got {tuple(x.shape)} "
-                         f"and {tuple(gate_weight.shape)}")
+        raise ValueError(
+            f"x must be (N, H) and gate_weight (E, H) with the same H, got {tuple(x.shape)} "
+            f"and {tuple(gate_weight.shape)}"
+        )
     E, N = gate_weight.shape[0], x.shape[0]
     check_same_device("gate_weight", gate_weight, "x", x)
     if gate_bias is not None:

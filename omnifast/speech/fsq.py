@@ -1,4 +1,5 @@
 """``FSQ``: finite scalar quantisation as a module (no parameters) over ``omnifast.ops.fsq``."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence

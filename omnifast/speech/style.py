@@ -8,6 +8,7 @@ change, the frames per character of what is said (speaking rate), and the level'
 features. Train it on clips that went through the same path as the speech it will judge (e.g.
 tokenizer and vocoder), so that the two are judged alike.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,19 @@ def prosody_features(log_mel: np.ndarray, characters: int) -> np.ndarray:
     level = mel.max(0)
     loud = level > level.max() - 0.6
     voiced = mel[:, loud] if loud.any() else mel
-    return np.concatenate([voiced.mean(1), voiced.std(1), np.diff(voiced, axis=1).std(1) if voiced.shape[1] > 1
-                           else np.zeros(mel.shape[0], np.float32),
-                           [mel.shape[1] / max(characters, 1) / 10.0, voiced.shape[1] / max(characters, 1) / 10.0,
-                            level.mean(), level.std()]]).astype(np.float32)
+    return np.concatenate(
+        [
+            voiced.mean(1),
+            voiced.std(1),
+            np.diff(voiced, axis=1).std(1) if voiced.shape[1] > 1 else np.zeros(mel.shape[0], np.float32),
+            [
+                mel.shape[1] / max(characters, 1) / 10.0,
+                voiced.shape[1] / max(characters, 1) / 10.0,
+                level.mean(),
+                level.std(),
+            ],
+        ]
+    ).astype(np.float32)
 
 
 class StyleClassifier:
@@ -38,9 +48,11 @@ class StyleClassifier:
 
     def __init__(self, styles: Sequence[str], sampling_rate: int = 16000):
         from transformers import WhisperFeatureExtractor
+
         self.styles, self.sampling_rate = list(styles), sampling_rate
-        self.extractor = WhisperFeatureExtractor(feature_size=N_MELS, sampling_rate=sampling_rate, hop_length=160,
-                                                 n_fft=400)
+        self.extractor = WhisperFeatureExtractor(
+            feature_size=N_MELS, sampling_rate=sampling_rate, hop_length=160, n_fft=400
+        )
         self.linear = None
 
     def features(self, waves: Sequence[np.ndarray], texts: Sequence[str]) -> np.ndarray:
@@ -51,8 +63,9 @@ class StyleClassifier:
             wave = np.asarray(wave, dtype=np.float32)
             if wave.size < 400:  # no sound: the features of a short silence
                 wave = np.zeros(400, np.float32)
-            mel = self.extractor(wave, sampling_rate=self.sampling_rate, padding="longest",
-                                 return_tensors="np")["input_features"][0][:, :wave.size // 160]
+            mel = self.extractor(wave, sampling_rate=self.sampling_rate, padding="longest", return_tensors="np")[
+                "input_features"
+            ][0][:, : wave.size // 160]
             rows.append(prosody_features(mel, len(text)))
         return np.stack(rows)
 
@@ -86,16 +99,26 @@ class StyleClassifier:
 
     def save(self, path) -> None:
         from safetensors.torch import save_file
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({"mean": self.mean, "std": self.std, "weight": self.linear.weight.detach(),
-                   "bias": self.linear.bias.detach()}, str(path / "style_classifier.safetensors"))
-        (path / "style_classifier.json").write_text(json.dumps({"styles": self.styles,
-                                                                "sampling_rate": self.sampling_rate}))
+        save_file(
+            {
+                "mean": self.mean,
+                "std": self.std,
+                "weight": self.linear.weight.detach(),
+                "bias": self.linear.bias.detach(),
+            },
+            str(path / "style_classifier.safetensors"),
+        )
+        (path / "style_classifier.json").write_text(
+            json.dumps({"styles": self.styles, "sampling_rate": self.sampling_rate})
+        )
 
     @classmethod
     def load(cls, path) -> "StyleClassifier":
         from safetensors.torch import load_file
+
         path = Path(path)
         meta = json.loads((path / "style_classifier.json").read_text())
         tensors = load_file(str(path / "style_classifier.safetensors"))

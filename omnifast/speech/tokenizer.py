@@ -14,6 +14,7 @@ encoder pools the whole mel into one vector with a head per style label the data
 pitch, speed, speaker, ...); with ``style_dim=0`` there is no style encoder and the labels are
 not used.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,16 +44,17 @@ class SpeechTokenizerConfig:
     encoder_layers: int = 4
     decoder_layers: int = 4
     levels: Tuple[int, ...] = (8, 8, 8, 8)
-    style_dim: int = 64            # 0: units alone (OpenOmni's mode: the units carry the prosody)
-    vocabulary: List[str] = field(default_factory=list)   # CTC symbols (characters or phones); blank is extra
+    style_dim: int = 64  # 0: units alone (OpenOmni's mode: the units carry the prosody)
+    vocabulary: List[str] = field(default_factory=list)  # CTC symbols (characters or phones); blank is extra
     style_labels: Dict[str, List[str]] = field(default_factory=dict)  # label -> its values
     ctc_weight: float = 0.5
     style_weight: float = 0.5
 
     @classmethod
     def tiny(cls, **overrides) -> "SpeechTokenizerConfig":
-        return cls(**{**dict(n_mels=32, width=64, heads=2, encoder_layers=2, decoder_layers=2, style_dim=16),
-                      **overrides})
+        return cls(
+            **{**dict(n_mels=32, width=64, heads=2, encoder_layers=2, decoder_layers=2, style_dim=16), **overrides}
+        )
 
     @property
     def has_style(self) -> bool:
@@ -73,9 +75,9 @@ class TokenizerOutput:
     mel_loss: torch.Tensor
     ctc_loss: Optional[torch.Tensor]
     style_loss: Optional[torch.Tensor]
-    units: torch.Tensor          # (B, T) int64
-    unit_lengths: torch.Tensor   # (B,)
-    style: torch.Tensor          # (B, style_dim)
+    units: torch.Tensor  # (B, T) int64
+    unit_lengths: torch.Tensor  # (B,)
+    style: torch.Tensor  # (B, style_dim)
 
 
 def _layers(width: int, heads: int, count: int) -> nn.TransformerEncoder:
@@ -87,23 +89,31 @@ class SpeechTokenizer(nn.Module):
     def __init__(self, config: SpeechTokenizerConfig, backend: Optional[str] = None):
         super().__init__()
         from transformers import WhisperFeatureExtractor
+
         config.levels = check_levels(config.levels)
         self.config, W = config, config.width
-        self.features = WhisperFeatureExtractor(feature_size=config.n_mels, sampling_rate=config.sampling_rate,
-                                                hop_length=HOP, n_fft=N_FFT)
-        self.downsample = nn.Sequential(nn.Conv1d(config.n_mels, W, 3, 2, 1), nn.GELU(), nn.Conv1d(W, W, 3, 2, 1), nn.GELU())
+        self.features = WhisperFeatureExtractor(
+            feature_size=config.n_mels, sampling_rate=config.sampling_rate, hop_length=HOP, n_fft=N_FFT
+        )
+        self.downsample = nn.Sequential(
+            nn.Conv1d(config.n_mels, W, 3, 2, 1), nn.GELU(), nn.Conv1d(W, W, 3, 2, 1), nn.GELU()
+        )
         self.encoder = _layers(W, config.heads, config.encoder_layers)
         # normalised input to a linear map: keeps z in tanh's working range, where the
         # straight-through gradient is alive (a saturated z sends every frame to one unit)
         self.to_codes = nn.Sequential(nn.LayerNorm(W), nn.Linear(W, len(config.levels)))
         self.fsq = FSQ(config.levels, backend)
-        self.ctc_head = nn.Sequential(nn.Linear(len(config.levels), W), nn.GELU(), nn.Linear(W, len(config.vocabulary) + 1))
+        self.ctc_head = nn.Sequential(
+            nn.Linear(len(config.levels), W), nn.GELU(), nn.Linear(W, len(config.vocabulary) + 1)
+        )
         if config.has_style:
-            self.style_encoder = nn.Sequential(nn.Conv1d(config.n_mels, W, 5, 1, 2), nn.GELU(),
-                                               nn.Conv1d(W, W, 5, 2, 2), nn.GELU())
+            self.style_encoder = nn.Sequential(
+                nn.Conv1d(config.n_mels, W, 5, 1, 2), nn.GELU(), nn.Conv1d(W, W, 5, 2, 2), nn.GELU()
+            )
             self.to_style = nn.Linear(W, config.style_dim)
-            self.style_heads = nn.ModuleDict({name: nn.Linear(config.style_dim, len(values))
-                                              for name, values in config.style_labels.items()})
+            self.style_heads = nn.ModuleDict(
+                {name: nn.Linear(config.style_dim, len(values)) for name, values in config.style_labels.items()}
+            )
         self.from_codes = nn.Linear(len(config.levels), W)
         if config.has_style:
             self.from_style = nn.Linear(config.style_dim, W)
@@ -127,23 +137,34 @@ class SpeechTokenizer(nn.Module):
         given = rate if sampling_rate is None else sampling_rate
         if given != rate:
             if not resample:
-                raise ValueError(f"audio must be sampled at {rate} Hz, got {given} Hz; pass resample=True to resample it")
+                raise ValueError(
+                    f"audio must be sampled at {rate} Hz, got {given} Hz; pass resample=True to resample it"
+                )
             from omnifast.audio import resample
+
             wave = resample(wave, given, rate)
         if wave.shape[0] < HOP * DOWNSAMPLE:
-            raise ValueError(f"audio is empty or shorter than one unit ({HOP * DOWNSAMPLE} samples at {rate} Hz), "
-                             f"got {wave.shape[0]} samples")
+            raise ValueError(
+                f"audio is empty or shorter than one unit ({HOP * DOWNSAMPLE} samples at {rate} Hz), "
+                f"got {wave.shape[0]} samples"
+            )
         return wave.astype(np.float32)
 
     def mel(self, audios: Sequence, sampling_rate: Optional[int] = None, resample: bool = False):
         """Log-mel (B, n_mels, frames) of each clip, right-padded, and the frame counts (B,)."""
         waves = [self.check_audio(a, sampling_rate, resample) for a in audios]
-        mels = [torch.from_numpy(self.features(w, sampling_rate=self.config.sampling_rate, padding="longest",
-                                               return_tensors="np")["input_features"][0]) for w in waves]
+        mels = [
+            torch.from_numpy(
+                self.features(w, sampling_rate=self.config.sampling_rate, padding="longest", return_tensors="np")[
+                    "input_features"
+                ][0]
+            )
+            for w in waves
+        ]
         frames = torch.tensor([(len(w) // HOP) // DOWNSAMPLE * DOWNSAMPLE for w in waves])
         out = torch.zeros(len(mels), self.config.n_mels, int(frames.max()))
         for i, m in enumerate(mels):
-            out[i, :, :frames[i]] = m[:, :frames[i]]
+            out[i, :, : frames[i]] = m[:, : frames[i]]
         return out.to(self.to_mel.weight.device), frames.to(self.to_mel.weight.device)
 
     # ---- the two branches -----------------------------------------------------------------------
@@ -175,20 +196,26 @@ class SpeechTokenizer(nn.Module):
         return self.to_mel(self.decoder(x, src_key_padding_mask=pad)).transpose(1, 2)  # (B, n_mels, frames)
 
     # ---- training -------------------------------------------------------------------------------
-    def forward(self, mel: torch.Tensor, frames: torch.Tensor, texts: Optional[Sequence[str]] = None,
-                labels: Optional[Dict[str, Sequence[str]]] = None) -> TokenizerOutput:
+    def forward(
+        self,
+        mel: torch.Tensor,
+        frames: torch.Tensor,
+        texts: Optional[Sequence[str]] = None,
+        labels: Optional[Dict[str, Sequence[str]]] = None,
+    ) -> TokenizerOutput:
         units, codes, lengths = self.quantise(mel, frames)
         style = self.style(mel, frames)
         predicted = self.decode_codes(codes, style, lengths)
         mask = (torch.arange(mel.shape[2], device=mel.device)[None] < frames[:, None]).to(mel.dtype)[:, None]
-        mel_loss = ((predicted[..., :mel.shape[2]] - mel).abs() * mask).sum() / (mask.sum() * mel.shape[1])
+        mel_loss = ((predicted[..., : mel.shape[2]] - mel).abs() * mask).sum() / (mask.sum() * mel.shape[1])
         loss, ctc, style_loss = mel_loss, None, None
         if texts is not None and self.config.vocabulary:
             targets = [self.text_to_ids(t) for t in texts]
             flat = torch.tensor([i for t in targets for i in t], dtype=torch.long, device=mel.device)
             logits = self.ctc_head(codes).transpose(0, 1)  # (T, B, C)
-            ctc = ctc_loss_with_logits(logits, flat, lengths, [len(t) for t in targets],
-                                       blank=len(self.config.vocabulary), zero_infinity=True)
+            ctc = ctc_loss_with_logits(
+                logits, flat, lengths, [len(t) for t in targets], blank=len(self.config.vocabulary), zero_infinity=True
+            )
             loss = loss + self.config.ctc_weight * ctc
         if labels and self.config.has_style:
             losses = []
@@ -217,15 +244,16 @@ class SpeechTokenizer(nn.Module):
         """One clip -> (units (T,) int64 at 25 Hz, style vector (style_dim,))."""
         mel, frames = self.mel([audio], sampling_rate, resample)
         units, _, lengths = self.quantise(mel, frames)
-        return units[0, :lengths[0]], self.style(mel, frames)[0]
+        return units[0, : lengths[0]], self.style(mel, frames)[0]
 
     @torch.no_grad()
     def decode(self, units: torch.Tensor, style: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Units (T,) + style (style_dim,; none for a units-only tokenizer) -> log-mel (n_mels, 4T)."""
         if style is None:
             if self.config.has_style:
-                raise ValueError("this tokenizer decodes units with a style vector (style_dim="
-                                 f"{self.config.style_dim}): pass style")
+                raise ValueError(
+                    f"this tokenizer decodes units with a style vector (style_dim={self.config.style_dim}): pass style"
+                )
             style = torch.zeros(0)
         units = torch.as_tensor(units, device=self.to_mel.weight.device)
         codes = self.fsq.indices_to_codes(units).to(self.to_mel.weight.dtype)  # checks the codebook range
@@ -235,6 +263,7 @@ class SpeechTokenizer(nn.Module):
     def transcribe(self, audio, sampling_rate: Optional[int] = None) -> str:
         """Greedy CTC reading of the units (the semantic head)."""
         from omnifast.ops import ctc_greedy_decode
+
         mel, frames = self.mel([audio], sampling_rate)
         _, codes, lengths = self.quantise(mel, frames)
         ids = ctc_greedy_decode(self.ctc_head(codes), lengths, blank=len(self.config.vocabulary))[0]
@@ -243,6 +272,7 @@ class SpeechTokenizer(nn.Module):
     # ---- saving ---------------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
         from safetensors.torch import save_model
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_model(self, str(path / "tokenizer.safetensors.tmp"))
@@ -255,6 +285,7 @@ class SpeechTokenizer(nn.Module):
         """A folder written by :meth:`save_pretrained`; every error names its file, every tensor is
         checked (shape, dtype, finite values)."""
         from omnifast.models.safe_load import WeightsError, check_tensors, read_json, read_safetensors
+
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{path} has no tokenizer.json: not a directory written by save_pretrained")
@@ -267,8 +298,10 @@ class SpeechTokenizer(nn.Module):
         weights = path / "tokenizer.safetensors"
         tensors, expected = read_safetensors(weights), model.state_dict()
         if set(tensors) != set(expected):
-            raise WeightsError(f"{weights}: does not hold this tokenizer's tensors (missing: "
-                               f"{sorted(set(expected) - set(tensors))[:5]}; unexpected: "
-                               f"{sorted(set(tensors) - set(expected))[:5]})")
+            raise WeightsError(
+                f"{weights}: does not hold this tokenizer's tensors (missing: "
+                f"{sorted(set(expected) - set(tensors))[:5]}; unexpected: "
+                f"{sorted(set(tensors) - set(expected))[:5]})"
+            )
         model.load_state_dict(check_tensors(tensors, expected, weights))
         return model.eval()

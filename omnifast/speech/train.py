@@ -7,6 +7,7 @@ clips, and reports the losses and the disentanglement: how well each style label
 from the units alone (should be near chance) and from the style vector (should be high), and the
 character error rate of the CTC head.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ def load_corpus(directory, sampling_rate: int = 16000) -> List[Dict]:
     """Records with their samples loaded (``wave``: mono, resampled to ``sampling_rate``); every
     problem reported at once."""
     from omnifast.audio import AudioError, read_audio
+
     directory = Path(directory)
     meta = directory / "metadata.json"
     if not meta.is_file():
@@ -67,10 +69,18 @@ def split(records: Sequence[Dict], held_out: float = 0.2, seed: int = 0):
     return [records[i] for i in order[cut:]], [records[i] for i in order[:cut]]
 
 
-def train_tokenizer(tokenizer: SpeechTokenizer, records: Sequence[Dict], steps: int = 300, batch_size: int = 8,
-                    lr: float = 2e-3, seed: int = 0, progress: bool = True) -> List[Dict[str, float]]:
+def train_tokenizer(
+    tokenizer: SpeechTokenizer,
+    records: Sequence[Dict],
+    steps: int = 300,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> List[Dict[str, float]]:
     """AdamW with a cosine schedule on random batches; returns the losses of every step."""
     from tqdm.auto import tqdm
+
     torch.manual_seed(seed)
     names = label_names(records)
     mels = [tokenizer.mel([r["wave"]]) for r in records]  # the front end runs once per clip
@@ -84,7 +94,7 @@ def train_tokenizer(tokenizer: SpeechTokenizer, records: Sequence[Dict], steps: 
         frames = torch.cat([mels[i][1] for i in batch])
         mel = torch.zeros(len(batch), tokenizer.config.n_mels, int(frames.max()))
         for row, i in enumerate(batch):
-            mel[row, :, :mels[i][0].shape[2]] = mels[i][0][0]
+            mel[row, :, : mels[i][0].shape[2]] = mels[i][0][0]
         labels = {n: [str(records[i][n]) for i in batch] for n in names}
         out = tokenizer(mel, frames, [records[i].get("text", "") for i in batch], labels)
         optimizer.zero_grad()
@@ -92,9 +102,14 @@ def train_tokenizer(tokenizer: SpeechTokenizer, records: Sequence[Dict], steps: 
         torch.nn.utils.clip_grad_norm_(tokenizer.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        history.append({"loss": out.loss.item(), "mel": out.mel_loss.item(),
-                        "ctc": out.ctc_loss.item() if out.ctc_loss is not None else None,
-                        "style": out.style_loss.item() if out.style_loss is not None else None})
+        history.append(
+            {
+                "loss": out.loss.item(),
+                "mel": out.mel_loss.item(),
+                "ctc": out.ctc_loss.item() if out.ctc_loss is not None else None,
+                "style": out.style_loss.item() if out.style_loss is not None else None,
+            }
+        )
     tokenizer.eval()
     return history
 
@@ -118,6 +133,7 @@ def evaluate_tokenizer(tokenizer: SpeechTokenizer, train_records: Sequence[Dict]
     reading the units alone (a histogram of each FSQ dimension's levels) and one reading the
     style vector, with the chance level (the majority class of the training split)."""
     import jiwer
+
     levels = tokenizer.config.levels
 
     def features(records):
@@ -126,7 +142,9 @@ def evaluate_tokenizer(tokenizer: SpeechTokenizer, train_records: Sequence[Dict]
             units, style = tokenizer.encode(r["wave"])
             codes = tokenizer.fsq.indices_to_codes(units)
             digits = torch.round((codes + 1) * torch.tensor([l // 2 for l in levels])).long()
-            hist = [torch.bincount(digits[:, d], minlength=l).float() / max(len(units), 1) for d, l in enumerate(levels)]
+            hist = [
+                torch.bincount(digits[:, d], minlength=l).float() / max(len(units), 1) for d, l in enumerate(levels)
+            ]
             unit_rows.append(torch.cat(hist))
             style_rows.append(style.cpu())
         return torch.stack(unit_rows), torch.stack(style_rows)
@@ -143,11 +161,17 @@ def evaluate_tokenizer(tokenizer: SpeechTokenizer, train_records: Sequence[Dict]
         test_y = torch.tensor([values.index(str(r[name])) for r in test_records])
         with torch.enable_grad():
             from_units = _probe_accuracy(train_units, train_y, test_units, test_y, len(values))
-            from_style = _probe_accuracy(train_style, train_y, test_style, test_y, len(values)) \
-                if tokenizer.config.has_style else None
+            from_style = (
+                _probe_accuracy(train_style, train_y, test_style, test_y, len(values))
+                if tokenizer.config.has_style
+                else None
+            )
         majority = torch.bincount(train_y, minlength=len(values)).argmax()
-        report[name] = {"from_units": from_units, "from_style": from_style,
-                        "chance": (test_y == majority).float().mean().item()}
+        report[name] = {
+            "from_units": from_units,
+            "from_style": from_style,
+            "chance": (test_y == majority).float().mean().item(),
+        }
     return report
 
 
@@ -158,15 +182,20 @@ def train_command(args) -> int:
     base = SpeechTokenizerConfig.tiny() if args.size == "tiny" else SpeechTokenizerConfig()
     torch.manual_seed(args.seed)
     tokenizer = SpeechTokenizer(config_for(records, base))
-    history = train_tokenizer(tokenizer, train_records, args.steps, args.batch_size, args.lr, args.seed,
-                              not args.no_progress)
+    history = train_tokenizer(
+        tokenizer, train_records, args.steps, args.batch_size, args.lr, args.seed, not args.no_progress
+    )
     names = label_names(records)
-    vocoder = UnitVocoder(tokenizer).fit_centroids([r["wave"] for r in train_records],
-                                                   {n: [str(r[n]) for r in train_records] for n in names})
+    vocoder = UnitVocoder(tokenizer).fit_centroids(
+        [r["wave"] for r in train_records], {n: [str(r[n]) for r in train_records] for n in names}
+    )
     out = Path(args.out)
     vocoder.save_pretrained(out)
-    report = {"first_losses": history[0], "last_losses": history[-1],
-              "evaluation": evaluate_tokenizer(tokenizer, train_records, test_records)}
+    report = {
+        "first_losses": history[0],
+        "last_losses": history[-1],
+        "evaluation": evaluate_tokenizer(tokenizer, train_records, test_records),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "losses.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     print(json.dumps(report, indent=2))

@@ -3,6 +3,7 @@ spectrogram; the mel filterbank (librosa's, the one Whisper's features use) is i
 pseudo-inverse and the phase found by Griffin-Lim on ``torch.stft``, many clips at once. Style
 centroids per label value, computed from the training set (as EMOVA's condition centroids), let
 generation ask for "happy, high pitch" without a reference clip."""
+
 from __future__ import annotations
 
 import functools
@@ -25,6 +26,7 @@ def log_mel_to_power(log_mel: np.ndarray) -> np.ndarray:
 def _mel_inverse(sampling_rate: int, n_mels: int) -> torch.Tensor:
     """The pseudo-inverse (n_fft // 2 + 1, n_mels) of the slaney mel filterbank."""
     import librosa
+
     bank = librosa.filters.mel(sr=sampling_rate, n_fft=N_FFT, n_mels=n_mels)
     return torch.from_numpy(np.linalg.pinv(bank)).float()
 
@@ -42,7 +44,7 @@ def griffin_lim(magnitude: torch.Tensor, n_iter: int = 32, momentum: float = 0.9
         return torch.istft(magnitude * a, N_FFT, HOP, N_FFT, window, length=length)
 
     for _ in range(n_iter):
-        rebuilt = torch.stft(wave(angles), N_FFT, HOP, N_FFT, window, return_complex=True)[..., :magnitude.shape[-1]]
+        rebuilt = torch.stft(wave(angles), N_FFT, HOP, N_FFT, window, return_complex=True)[..., : magnitude.shape[-1]]
         angles = rebuilt - (momentum / (1 + momentum)) * previous
         angles = angles / angles.abs().clamp(min=1e-16)
         previous = rebuilt
@@ -50,11 +52,18 @@ def griffin_lim(magnitude: torch.Tensor, n_iter: int = 32, momentum: float = 0.9
 
 
 class UnitVocoder:
-    def __init__(self, tokenizer: SpeechTokenizer, centroids: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
-                 n_iter: int = 32, batch_size: int = 16):
+    def __init__(
+        self,
+        tokenizer: SpeechTokenizer,
+        centroids: Optional[Dict[str, Dict[str, Sequence[float]]]] = None,
+        n_iter: int = 32,
+        batch_size: int = 16,
+    ):
         self.tokenizer, self.n_iter, self.batch_size = tokenizer, n_iter, batch_size
-        self.centroids = {name: {value: torch.as_tensor(vector, dtype=torch.float32) for value, vector in values.items()}
-                          for name, values in (centroids or {}).items()}
+        self.centroids = {
+            name: {value: torch.as_tensor(vector, dtype=torch.float32) for value, vector in values.items()}
+            for name, values in (centroids or {}).items()
+        }
 
     @property
     def sampling_rate(self) -> int:
@@ -103,14 +112,14 @@ class UnitVocoder:
         together (padded to the longest, each cut to its own length)."""
         out = []
         for start in range(0, len(log_mels), self.batch_size):  # bounded memory: a batch at a time
-            chunk = log_mels[start:start + self.batch_size]
+            chunk = log_mels[start : start + self.batch_size]
             frames = [m.shape[1] for m in chunk]
             power = torch.zeros(len(chunk), chunk[0].shape[0], max(frames))
             for i, m in enumerate(chunk):
-                power[i, :, :frames[i]] = torch.from_numpy(log_mel_to_power(np.asarray(m, dtype=np.float64))).float()
+                power[i, :, : frames[i]] = torch.from_numpy(log_mel_to_power(np.asarray(m, dtype=np.float64))).float()
             stft_power = (_mel_inverse(self.sampling_rate, power.shape[1]) @ power).clamp(min=0)
             waves = griffin_lim(stft_power.sqrt(), self.n_iter)
-            out += [waves[i, :n * HOP].numpy().astype(np.float32) for i, n in enumerate(frames)]
+            out += [waves[i, : n * HOP].numpy().astype(np.float32) for i, n in enumerate(frames)]
         return out
 
     def _style(self, style: Optional[torch.Tensor], labels: Dict[str, str]) -> torch.Tensor:
@@ -130,8 +139,11 @@ class UnitVocoder:
         """:meth:`synthesize` of many unit sequences in one style, the phase of all of them found
         together; an empty sequence gives an empty waveform."""
         style = self._style(style, labels).to(self.tokenizer.to_mel.weight.device)
-        mels = [self.tokenizer.decode(torch.as_tensor(list(units), dtype=torch.long), style).float().cpu().numpy()
-                for units in unit_lists if len(units)]
+        mels = [
+            self.tokenizer.decode(torch.as_tensor(list(units), dtype=torch.long), style).float().cpu().numpy()
+            for units in unit_lists
+            if len(units)
+        ]
         waves = iter(self.mels_to_waves(mels))
         return [next(waves) if len(units) else np.zeros(0, dtype=np.float32) for units in unit_lists]
 
@@ -145,6 +157,7 @@ class UnitVocoder:
     @classmethod
     def from_pretrained(cls, path) -> "UnitVocoder":
         from omnifast.models.safe_load import WeightsError, read_json
+
         path = Path(path)
         meta = read_json(path / "centroids.json", "vocoder settings") if (path / "centroids.json").is_file() else {}
         tokenizer = SpeechTokenizer.from_pretrained(path)

@@ -8,6 +8,7 @@ rejected units (exact: the reference never changes). Training then holds only th
 Under torchrun each rank builds the records ``position % world == rank``. The layout on disk and
 the fingerprint of what made a cache are in ``cache_format.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,17 +23,26 @@ from omnifast.durable import write_durably, write_json_durably
 from omnifast.models import OmniModel, OmniProcessor, response_states
 from omnifast.ops import ReferenceLogpCache
 
-from .cache_format import (FRONT, INDEX, SHARD_BYTES, VERSION, CacheError, differences, fingerprint, open_shard,
-                           reference_key)
+from .cache_format import (
+    FRONT,
+    INDEX,
+    SHARD_BYTES,
+    VERSION,
+    CacheError,
+    differences,
+    fingerprint,
+    open_shard,
+    reference_key,
+)
 from .data import Record
 from .loader import ConversationDataset, collate_batch, pad_units, spoken_choice
 from .stages import Stage
 
-__all__ = ["build_cache", "StateCache", "CachedDataset", "collate_cached", "CacheError", "fingerprint",
-           "reference_key"]
+__all__ = ["build_cache", "StateCache", "CachedDataset", "collate_cached", "CacheError", "fingerprint", "reference_key"]
 
 
 # --- building -------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Row:
@@ -75,12 +85,15 @@ class _ShardWriter:
         if not self.rows:
             return
         from safetensors.torch import save
+
         lengths = torch.tensor([r.states.shape[0] for r in self.rows])
-        tensors = {"states": torch.cat([r.states for r in self.rows]).contiguous(),
-                   "tokens": torch.cat([r.tokens for r in self.rows]).contiguous(),
-                   "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
-                   "positions": torch.tensor([r.position for r in self.rows]),
-                   "variants": torch.tensor([r.variant for r in self.rows])}
+        tensors = {
+            "states": torch.cat([r.states for r in self.rows]).contiguous(),
+            "tokens": torch.cat([r.tokens for r in self.rows]).contiguous(),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+            "positions": torch.tensor([r.position for r in self.rows]),
+            "variants": torch.tensor([r.variant for r in self.rows]),
+        }
         if self.dpo:
             tensors["reference"] = torch.tensor([r.reference for r in self.rows], dtype=torch.float64)
         name = f"shard-r{self.rank}-{len(self.shards):05d}.safetensors"
@@ -90,13 +103,27 @@ class _ShardWriter:
         self.rows, self.bytes = [], 0
 
 
-def build_cache(path, model: OmniModel, processor: OmniProcessor, records: Sequence[Record], stage: Stage, *,
-                bf16: bool = False, device: Optional[torch.device] = None, max_tokens: int = 8192,
-                progress: bool = True, rank: int = 0, world: int = 1, dpo_normalization: str = "sum") -> "StateCache":
+def build_cache(
+    path,
+    model: OmniModel,
+    processor: OmniProcessor,
+    records: Sequence[Record],
+    stage: Stage,
+    *,
+    bf16: bool = False,
+    device: Optional[torch.device] = None,
+    max_tokens: int = 8192,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    dpo_normalization: str = "sum",
+) -> "StateCache":
     """Build (or finish building) the state cache of ``records`` for ``stage`` at ``path`` and
     return it opened. An existing complete cache is returned as it is if it fits, refused if not."""
     from tqdm.auto import tqdm
+
     from . import distributed
+
     if stage.loss not in ("speech", "dpo"):
         raise ValueError(f"a state cache serves the speech stages (speech-gen, emotion-dpo), not {stage.name!r}")
     path = Path(path)
@@ -108,8 +135,10 @@ def build_cache(path, model: OmniModel, processor: OmniProcessor, records: Seque
     if building.is_file():
         changed = differences(json.loads(building.read_text()), expected)
         if changed:
-            raise CacheError(f"{path}: an unfinished cache build for other inputs is here ({'; '.join(changed)} "
-                             f"differ); remove it or choose another folder")
+            raise CacheError(
+                f"{path}: an unfinished cache build for other inputs is here ({'; '.join(changed)} "
+                f"differ); remove it or choose another folder"
+            )
     elif rank == 0:
         write_json_durably(building, expected)
     distributed.barrier(world)
@@ -128,7 +157,7 @@ def build_cache(path, model: OmniModel, processor: OmniProcessor, records: Seque
     model.eval()
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for start in range(0, len(todo), 512):  # length-sorted batches within blocks of 512 records
-            block = [(p, v, dataset.encode(records[p], bool(v))) for p, v in todo[start:start + 512]]
+            block = [(p, v, dataset.encode(records[p], bool(v))) for p, v in todo[start : start + 512]]
             block.sort(key=lambda entry: entry[2]["input_ids"].numel())
             for batch_entries in _token_batches(block, max_tokens):
                 for row in _run(model, decoder, batch_entries, processor, device, dpo, dpo_normalization):
@@ -140,10 +169,14 @@ def build_cache(path, model: OmniModel, processor: OmniProcessor, records: Seque
         module.to(where)
     distributed.barrier(world)
     if rank == 0:
-        shards = sorted(s for progress_file in path.glob("progress-r*.json")
-                        for s in json.loads(progress_file.read_text())["shards"])
-        write_json_durably(path / INDEX, {"version": VERSION, "fingerprint": expected, "shards": shards,
-                                          "records": len(records)})
+        shards = sorted(
+            s
+            for progress_file in path.glob("progress-r*.json")
+            for s in json.loads(progress_file.read_text())["shards"]
+        )
+        write_json_durably(
+            path / INDEX, {"version": VERSION, "fingerprint": expected, "shards": shards, "records": len(records)}
+        )
         building.unlink(missing_ok=True)
     distributed.barrier(world)
     return StateCache.open(path, expected, records)
@@ -162,32 +195,45 @@ def _token_batches(block, max_tokens: int):
         yield batch
 
 
-def _run(model: OmniModel, decoder, entries, processor: OmniProcessor, device, dpo: bool,
-         dpo_normalization: str = "sum") -> List[_Row]:
+def _run(
+    model: OmniModel, decoder, entries, processor: OmniProcessor, device, dpo: bool, dpo_normalization: str = "sum"
+) -> List[_Row]:
     batch = collate_batch([item for _, _, item in entries], processor.tokenizer.pad_token_id)
-    inputs = {k: (batch[k].to(device) if batch[k] is not None else None)
-              for k in ("input_ids", "attention_mask", "labels", "pixel_values", "speech_features")}
+    inputs = {
+        k: (batch[k].to(device) if batch[k] is not None else None)
+        for k in ("input_ids", "attention_mask", "labels", "pixel_values", "speech_features")
+    }
     hidden = model(**inputs, text_loss=False).hidden_states
     states, tokens, mask = response_states(hidden, inputs["labels"])
     counts = mask.sum(1).tolist()
     references = [None] * len(entries)
     if dpo:
-        chosen, rejected = decoder.reference_logps(states, tokens, batch["units"].to(device),
-                                                   batch["rejected_units"].to(device), hidden_mask=mask,
-                                                   text_mask=mask, normalization=dpo_normalization)
+        chosen, rejected = decoder.reference_logps(
+            states,
+            tokens,
+            batch["units"].to(device),
+            batch["rejected_units"].to(device),
+            hidden_mask=mask,
+            text_mask=mask,
+            normalization=dpo_normalization,
+        )
         references = list(zip(chosen.double().tolist(), rejected.double().tolist()))
-    return [_Row(p, v, states[i, :counts[i]].cpu().clone(), tokens[i, :counts[i]].cpu().clone(), references[i])
-            for i, (p, v, _) in enumerate(entries)]
+    return [
+        _Row(p, v, states[i, : counts[i]].cpu().clone(), tokens[i, : counts[i]].cpu().clone(), references[i])
+        for i, (p, v, _) in enumerate(entries)
+    ]
 
 
 # --- reading --------------------------------------------------------------------------------------
+
 
 class StateCache:
     """A complete cache, opened: each record's states and tokens (and reference log-likelihoods)
     read from its shard on demand (memory-mapped by safetensors)."""
 
-    def __init__(self, path: Path, index: Dict, where: np.ndarray, references: Optional[ReferenceLogpCache],
-                 ids: Dict[int, str]):
+    def __init__(
+        self, path: Path, index: Dict, where: np.ndarray, references: Optional[ReferenceLogpCache], ids: Dict[int, str]
+    ):
         self.path, self.index, self.where, self.references = path, index, where, references
         self.fingerprint = index["fingerprint"]
         self._ids = ids
@@ -195,8 +241,9 @@ class StateCache:
         self._offsets: Dict[int, torch.Tensor] = {}
 
     @classmethod
-    def open(cls, path, expected: Optional[Dict[str, object]] = None,
-             records: Optional[Sequence[Record]] = None) -> "StateCache":
+    def open(
+        cls, path, expected: Optional[Dict[str, object]] = None, records: Optional[Sequence[Record]] = None
+    ) -> "StateCache":
         """Open a complete cache; with ``expected`` (a fingerprint) refuse one made from anything
         else; with ``records`` refuse one that lacks any of them, naming it."""
         path = Path(path)
@@ -206,8 +253,10 @@ class StateCache:
         if expected is not None:
             changed = differences(index.get("fingerprint", {}), expected)
             if changed:
-                raise CacheError(f"{path}: this state cache was made from other inputs: {'; '.join(changed)} "
-                                 f"differ. Rebuild it (omnifast cache) for this model and data")
+                raise CacheError(
+                    f"{path}: this state cache was made from other inputs: {'; '.join(changed)} "
+                    f"differ. Rebuild it (omnifast cache) for this model and data"
+                )
         count = index["records"]
         where = np.full((count, 2, 2), -1, dtype=np.int64)  # (position, variant) -> (shard, row)
         references = ReferenceLogpCache() if index["fingerprint"]["stage"] == "emotion-dpo" else None
@@ -239,8 +288,10 @@ class StateCache:
                     if where[position, variant, 0] < 0:
                         missing.append(f"{record.id}{' (spoken)' if variant else ''}")
             if missing:
-                raise CacheError(f"{path}: no states cached for record(s) {', '.join(missing[:10])}"
-                                 f"{' ...' if len(missing) > 10 else ''} ({len(missing)} missing)")
+                raise CacheError(
+                    f"{path}: no states cached for record(s) {', '.join(missing[:10])}"
+                    f"{' ...' if len(missing) > 10 else ''} ({len(missing)} missing)"
+                )
             if references is not None:
                 references.update_from({reference_key(ids[p], bool(v)): pair for (p, v), pair in pending.items()})
         return cls(path, index, where, references, ids)
@@ -276,8 +327,14 @@ class CachedDataset(torch.utils.data.Dataset):
         record = self.records[index]
         spoken = bool(record.spoken) and spoken_choice(self.seed, epoch, record.id, self.speech_prob)
         states, tokens = self.cache.lookup(index, spoken)
-        return {"id": record.id, "states": states, "tokens": tokens, "tgt_units": record.tgt_units,
-                "re_tgt_units": record.re_tgt_units, "spoken": spoken}
+        return {
+            "id": record.id,
+            "states": states,
+            "tokens": tokens,
+            "tgt_units": record.tgt_units,
+            "re_tgt_units": record.re_tgt_units,
+            "spoken": spoken,
+        }
 
 
 def collate_cached(items: Sequence[Dict[str, object]]) -> Dict[str, object]:
@@ -288,9 +345,15 @@ def collate_cached(items: Sequence[Dict[str, object]]) -> Dict[str, object]:
     states = items[0]["states"].new_zeros(len(items), N, H)
     tokens = torch.zeros(len(items), N, dtype=torch.long)
     for i, item in enumerate(items):
-        states[i, :counts[i]] = item["states"]
-        tokens[i, :counts[i]] = item["tokens"]
+        states[i, : counts[i]] = item["states"]
+        tokens[i, : counts[i]] = item["tokens"]
     mask = torch.arange(N)[None] < torch.tensor(counts)[:, None]
-    return {"ids": [item["id"] for item in items], "spoken": [item["spoken"] for item in items], "states": states,
-            "tokens": tokens, "mask": mask, "units": pad_units([item["tgt_units"] for item in items]),
-            "rejected_units": pad_units([item["re_tgt_units"] for item in items])}
+    return {
+        "ids": [item["id"] for item in items],
+        "spoken": [item["spoken"] for item in items],
+        "states": states,
+        "tokens": tokens,
+        "mask": mask,
+        "units": pad_units([item["tgt_units"] for item in items]),
+        "rejected_units": pad_units([item["re_tgt_units"] for item in items]),
+    }

@@ -12,6 +12,7 @@ On disk a cache is a folder of safetensors shards and ``index.json``:
   media files, the stage and the dtype). Training on a cache whose fingerprint differs from the
   run's refuses, naming what differs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,10 +46,12 @@ def reference_key(record_id: str, spoken: bool) -> str:
 def open_shard(path: Path):
     """A shard, opened for reading tensors by name."""
     from safetensors import safe_open
+
     return safe_open(str(path), framework="pt")
 
 
 # --- what made a cache ---------------------------------------------------------------------------
+
 
 def module_digest(module: Optional[torch.nn.Module]) -> Optional[str]:
     """A digest of a module's state (names, dtypes, shapes and bytes of every tensor)."""
@@ -64,19 +67,35 @@ def module_digest(module: Optional[torch.nn.Module]) -> Optional[str]:
 
 def processor_digest(processor: OmniProcessor) -> str:
     tokenizer = processor.tokenizer
-    described = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens,
-                 "class": type(tokenizer).__name__, "system_prompt": processor.system_prompt,
-                 "image": image_settings(processor.config), "audio": processor.feature_extractor.to_dict()}
+    described = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": tokenizer.all_special_tokens,
+        "class": type(tokenizer).__name__,
+        "system_prompt": processor.system_prompt,
+        "image": image_settings(processor.config),
+        "audio": processor.feature_extractor.to_dict(),
+    }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def fingerprint(model: OmniModel, processor: OmniProcessor, stage: Stage, records: Sequence[Record],
-                bf16: bool, dpo_normalization: str = "sum") -> Dict[str, object]:
+def fingerprint(
+    model: OmniModel,
+    processor: OmniProcessor,
+    stage: Stage,
+    records: Sequence[Record],
+    bf16: bool,
+    dpo_normalization: str = "sum",
+) -> Dict[str, object]:
     """Everything a cache's contents depend on (see the module docstring)."""
-    out = {"version": VERSION, "stage": stage.name, "bf16": bool(bf16),
-           "dpo_normalization": dpo_normalization if stage.loss == "dpo" else None,
-           "model_config": json.loads(json.dumps(model.config.to_dict())),
-           "processor": processor_digest(processor), "data": data_fingerprint(records)}
+    out = {
+        "version": VERSION,
+        "stage": stage.name,
+        "bf16": bool(bf16),
+        "dpo_normalization": dpo_normalization if stage.loss == "dpo" else None,
+        "model_config": json.loads(json.dumps(model.config.to_dict())),
+        "processor": processor_digest(processor),
+        "data": data_fingerprint(records),
+    }
     out.update({f"weights.{name}": module_digest(getattr(model, name)) for name in FRONT})
     if stage.loss == "dpo":  # the reference is the decoder the stage starts from
         out["weights.reference"] = module_digest(model.speech_decoder)
@@ -84,13 +103,17 @@ def fingerprint(model: OmniModel, processor: OmniProcessor, stage: Stage, record
 
 
 def differences(saved: Dict[str, object], current: Dict[str, object]) -> List[str]:
-    names = {"data": "the data (records or their media files)", "processor": "the processor or tokenizer",
-             "model_config": "the model config", "weights.reference": "the reference decoder's weights"}
+    names = {
+        "data": "the data (records or their media files)",
+        "processor": "the processor or tokenizer",
+        "model_config": "the model config",
+        "weights.reference": "the reference decoder's weights",
+    }
     out = []
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
             if key.startswith("weights.") and key != "weights.reference":
-                out.append(f"the frozen {key[len('weights.'):]} weights")
+                out.append(f"the frozen {key[len('weights.') :]} weights")
             elif key in ("stage", "bf16", "version", "dpo_normalization"):
                 out.append(f"{key} ({saved.get(key)!r} in the cache, {current.get(key)!r} here)")
             else:

@@ -12,6 +12,7 @@ fsynced, renamed to its final name (atomic) and its parent fsynced. A directory 
 ``.deleting`` before they are removed, so a half-removed one is never taken for a checkpoint.
 What a killed write or removal leaves behind is swept by the next :func:`prune`.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,17 @@ def _step(name: str) -> None:
         STEP_HOOK(name)
 
 
-def write_checkpoint(final: Path, tensor_files: Dict[str, Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]],
-                     json_files: Dict[str, object]) -> None:
+def write_checkpoint(
+    final: Path,
+    tensor_files: Dict[str, Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]],
+    json_files: Dict[str, object],
+) -> None:
     """Write ``final`` durably: every file (safetensors: tensors and metadata; JSON) into
     ``final.tmp`` and fsynced, the directory fsynced, renamed, the parent fsynced."""
     from safetensors.torch import save_file
 
     from omnifast.durable import DiskFull
+
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -114,6 +119,7 @@ def read_tensors(path: Path, tie: Optional[str] = None) -> Dict[str, torch.Tenso
     """A checkpoint's tensor file; with ``tie``, it must carry the tie of the ``state.json`` it
     is read with (each file of one checkpoint is stamped with the same random id when written)."""
     from safetensors import safe_open
+
     if not path.is_file():
         raise CheckpointError(f"{path}: missing from the checkpoint")
     try:
@@ -123,9 +129,11 @@ def read_tensors(path: Path, tie: Optional[str] = None) -> Dict[str, torch.Tenso
     except Exception as error:  # safetensors raises its own types for truncated or forged headers
         raise CheckpointError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
     if tie is not None and metadata.get("checkpoint") != tie:
-        raise CheckpointError(f"{path}: not written with this checkpoint's state.json (its tie is "
-                              f"{metadata.get('checkpoint')!r}, state.json's {tie!r}): a file from another checkpoint "
-                              f"or run")
+        raise CheckpointError(
+            f"{path}: not written with this checkpoint's state.json (its tie is "
+            f"{metadata.get('checkpoint')!r}, state.json's {tie!r}): a file from another checkpoint "
+            f"or run"
+        )
     return tensors
 
 
@@ -159,6 +167,7 @@ def _depth(value, level: int = 0) -> int:
 
 
 # --- nested state (optimizer, scheduler) as JSON + tensors ------------------------------------
+
 
 def split_tensors(value, prefix: str, tensors: Dict[str, torch.Tensor]):
     """``value`` with every tensor replaced by a reference into ``tensors`` (filled here), and
@@ -198,6 +207,7 @@ def join_tensors(value, tensors: Dict[str, torch.Tensor], where: Path):
 
 # --- random generators --------------------------------------------------------------------------
 
+
 def rng_state() -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     """This process's generators: torch's CPU generator and each CUDA device's as tensors; Python's
     and numpy's as JSON."""
@@ -208,9 +218,11 @@ def rng_state() -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     version, words, gauss = random.getstate()
     kind, keys, position, has_gauss, cached = np.random.get_state()
     tensors["numpy_keys"] = torch.from_numpy(keys.astype(np.int64))
-    return tensors, {"python": [version, list(words), gauss], "numpy": [kind, int(position), int(has_gauss),
-                                                                       float(cached)],
-                     "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    return tensors, {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, int(position), int(has_gauss), float(cached)],
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
 
 
 def set_rng_state(tensors: Dict[str, torch.Tensor], values: Dict[str, object], where: Path) -> None:
@@ -218,8 +230,10 @@ def set_rng_state(tensors: Dict[str, torch.Tensor], values: Dict[str, object], w
         torch.set_rng_state(tensors["torch_cpu"])
         if torch.cuda.is_available() and values["cuda_devices"]:
             if values["cuda_devices"] != torch.cuda.device_count():
-                raise CheckpointError(f"{where}: saved with {values['cuda_devices']} CUDA devices, this process sees "
-                                      f"{torch.cuda.device_count()}")
+                raise CheckpointError(
+                    f"{where}: saved with {values['cuda_devices']} CUDA devices, this process sees "
+                    f"{torch.cuda.device_count()}"
+                )
             torch.cuda.set_rng_state_all([tensors[f"cuda_{i}"] for i in range(values["cuda_devices"])])
         version, words, gauss = values["python"]
         random.setstate((version, tuple(words), gauss))
@@ -228,4 +242,6 @@ def set_rng_state(tensors: Dict[str, torch.Tensor], values: Dict[str, object], w
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         if isinstance(error, CheckpointError):
             raise
-        raise CheckpointError(f"{where}: random generator state unreadable ({type(error).__name__}: {error})") from error
+        raise CheckpointError(
+            f"{where}: random generator state unreadable ({type(error).__name__}: {error})"
+        ) from error

@@ -15,12 +15,13 @@ Only the offsets and a few integers per record stay in memory (about 30 bytes a 
 data set of millions of records costs tens of MB per process, and each DataLoader worker reads
 just the records it is given.
 """
+
 from __future__ import annotations
 
-from array import array
 import functools
 import hashlib
 import json
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -33,7 +34,7 @@ from .data_file import READ_BYTES, DataError, scan_records
 from .media import audio_problem, image_problem, stamp_media
 from .stages import Stage
 
-MAX_PROBLEMS = 200           # problems listed in a DataError (the rest are counted)
+MAX_PROBLEMS = 200  # problems listed in a DataError (the rest are counted)
 TEXT_BYTES_PER_POSITION = 16  # no tokenizer packs more text into one position: a cap on a record's text
 
 
@@ -57,6 +58,7 @@ class Record:
 
 # --- one record ---------------------------------------------------------------------------------
 
+
 def _paths(value) -> List[str]:
     if value is None:
         return []
@@ -75,12 +77,13 @@ def _units(text) -> List[int]:
 class RecordRules:
     """What a record must satisfy: the stage's required fields, the unit vocabulary, the folders
     media may come from and the longest clip the model's speech window takes."""
+
     stage: Stage
     unit_vocab: Optional[int] = None
     media_roots: Tuple[Path, ...] = ()
     audio_seconds: Optional[float] = None
-    max_units: Optional[int] = None          # the speech decoder's positions
-    max_text: Optional[int] = None           # bytes of text a record may hold
+    max_units: Optional[int] = None  # the speech decoder's positions
+    max_text: Optional[int] = None  # bytes of text a record may hold
 
 
 def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Optional[Record]:
@@ -93,28 +96,43 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
         bad("id", "missing")
     elif not isinstance(item["id"], str) or not item["id"].strip():
         shown = f"the {type(item['id']).__name__} {item['id']!r}" if not isinstance(item["id"], str) else "empty"
-        bad("id", f"must be a non-empty string, got {shown}" + (f" (write it as \"{item['id']}\")"
-                                                               if isinstance(item["id"], int) else ""))
+        bad(
+            "id",
+            f"must be a non-empty string, got {shown}"
+            + (f' (write it as "{item["id"]}")' if isinstance(item["id"], int) else ""),
+        )
     turns = item.get("conversations")
-    if not isinstance(turns, list) or not turns or not all(
+    if (
+        not isinstance(turns, list)
+        or not turns
+        or not all(
             isinstance(t, dict) and t.get("from") in ("human", "gpt", "system") and isinstance(t.get("value"), str)
-            for t in turns):
+            for t in turns
+        )
+    ):
         bad("conversations", "must be a non-empty list of {from: human|gpt|system, value: text}")
         return None
     text = "".join(t["value"] for t in turns)
     if any(t["from"] == "gpt" and not t["value"].strip() for t in turns):
         bad("conversations", "a gpt turn is empty: there is nothing to learn from it")
     if rules.max_text is not None and len(text.encode()) > rules.max_text:
-        bad("conversations", f"{len(text.encode())} bytes of text, more than this model can take "
-                             f"({rules.max_text}: its {rules.max_text // TEXT_BYTES_PER_POSITION} positions)")
+        bad(
+            "conversations",
+            f"{len(text.encode())} bytes of text, more than this model can take "
+            f"({rules.max_text}: its {rules.max_text // TEXT_BYTES_PER_POSITION} positions)",
+        )
     emotion = item.get("emotion")
     if emotion is not None and not isinstance(emotion, str):
         bad("emotion", f"must be text, got {type(emotion).__name__}")
     record = Record(str(item.get("id", f"#{position}")), turns, emotion=emotion)
     humans = sum(t["from"] == "human" for t in turns)
     speech_files = item.get("speech")
-    alternatives = bool(speech_files and text.count(SPEECH_TOKEN) == 0 and isinstance(speech_files, (str, list))
-                        and len(_paths(speech_files)) == humans)
+    alternatives = bool(
+        speech_files
+        and text.count(SPEECH_TOKEN) == 0
+        and isinstance(speech_files, (str, list))
+        and len(_paths(speech_files)) == humans
+    )
     if alternatives:
         # OpenOmni's layout: one clip per human turn, the spoken alternative of its written text
         # ("none" marks a turn without one); which a step sees is drawn per (seed, epoch, record)
@@ -136,8 +154,9 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
         if key == "speech" and alternatives:
             continue
         value = item.get(key)
-        if value is not None and not (isinstance(value, str) or (isinstance(value, list)
-                                                                 and all(isinstance(v, str) for v in value))):
+        if value is not None and not (
+            isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
             bad(key, "must be a path or a list of paths")
             continue
         files = _paths(value)
@@ -177,6 +196,7 @@ def parse_record(item, position: int, root: Path, rules: RecordRules, bad) -> Op
 
 # --- media files ---------------------------------------------------------------------------------
 
+
 def media_problems(record: Record, rules: RecordRules, rate: Optional[int] = None) -> List[Tuple[str, str]]:
     out = [("image", p) for p in map(image_problem, record.images) if p]
     out += [("speech", p) for p in (audio_problem(f, rules.audio_seconds, rate) for f in record.audio_files()) if p]
@@ -188,8 +208,17 @@ class RecordFile(Sequence):
     :class:`Record`). Holds byte offsets and per-record sizes, never the records; safe to send
     to DataLoader workers (each opens the file itself)."""
 
-    def __init__(self, path: Path, rules: RecordRules, offsets, lengths, response_chars, units, fingerprint: str,
-                 media_counts: Optional[Dict[str, int]] = None):
+    def __init__(
+        self,
+        path: Path,
+        rules: RecordRules,
+        offsets,
+        lengths,
+        response_chars,
+        units,
+        fingerprint: str,
+        media_counts: Optional[Dict[str, int]] = None,
+    ):
         self.path, self.root, self.rules, self.fingerprint = path, path.resolve().parent, rules, fingerprint
         self.offsets, self.lengths = offsets, lengths
         self.response_chars, self.units = response_chars, units  # for length bucketing
@@ -216,8 +245,10 @@ class RecordFile(Sequence):
         value = json.loads(self._handle.read(int(self.lengths[index])))
 
         def bad(field_name, what):
-            raise DataError(f"{self.path}: record #{index}: {field_name}: {what} (the file changed after it "
-                            f"was checked)")
+            raise DataError(
+                f"{self.path}: record #{index}: {field_name}: {what} (the file changed after it was checked)"
+            )
+
         return parse_record(value, index, self.root, self.rules, bad)
 
     def __getstate__(self):
@@ -228,9 +259,17 @@ class RecordFile(Sequence):
             self._handle.close()
 
 
-def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_roots: Sequence = (),
-                 audio_seconds: Optional[float] = None, sampling_rate: Optional[int] = None,
-                 max_units: Optional[int] = None, max_positions: Optional[int] = None) -> RecordFile:
+def load_records(
+    path,
+    stage: Stage,
+    unit_vocab: Optional[int] = None,
+    *,
+    media_roots: Sequence = (),
+    audio_seconds: Optional[float] = None,
+    sampling_rate: Optional[int] = None,
+    max_units: Optional[int] = None,
+    max_positions: Optional[int] = None,
+) -> RecordFile:
     """Read and validate a data file (a JSON list of records, or JSON Lines) for ``stage``: every
     field, every media file's header (audio: format, rate, channels, length against
     ``audio_seconds``; images: format, size, integrity), duplicate ids. Raise :class:`DataError`
@@ -246,8 +285,9 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
         raise DataError(f"{path}: the data file does not exist")
     root = path.resolve().parent
     max_text = None if max_positions is None else max_positions * TEXT_BYTES_PER_POSITION
-    rules = RecordRules(stage, unit_vocab, (root,) + tuple(Path(r).resolve() for r in media_roots), audio_seconds,
-                        max_units, max_text)
+    rules = RecordRules(
+        stage, unit_vocab, (root,) + tuple(Path(r).resolve() for r in media_roots), audio_seconds, max_units, max_text
+    )
     problems: List[str] = []
     counted = 0
     offsets, lengths, response_chars, units, hashes = (array("q") for _ in range(5))  # 8 bytes a value
@@ -256,7 +296,7 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
     for position, (offset, length, item) in enumerate(scan_records(path)):
         rid = str(item.get("id", f"#{position}")) if isinstance(item, dict) else f"#{position}"
 
-        def bad(field_name: str, what: str) -> None:
+        def bad(field_name: str, what: str, rid: str = rid) -> None:
             nonlocal counted
             counted += 1
             if len(problems) < MAX_PROBLEMS:
@@ -291,8 +331,16 @@ def load_records(path, stage: Stage, unit_vocab: Optional[int] = None, *, media_
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(READ_BYTES), b""):
             content.update(block)
-    return RecordFile(path, rules, as_array(offsets), as_array(lengths), as_array(response_chars), as_array(units),
-                      f"{content.hexdigest()}-{media.hexdigest()}", media_counts)
+    return RecordFile(
+        path,
+        rules,
+        as_array(offsets),
+        as_array(lengths),
+        as_array(response_chars),
+        as_array(units),
+        f"{content.hexdigest()}-{media.hexdigest()}",
+        media_counts,
+    )
 
 
 def data_fingerprint(records: Sequence[Record]) -> str:
@@ -302,9 +350,20 @@ def data_fingerprint(records: Sequence[Record]) -> str:
         return records.fingerprint
     digest = hashlib.sha256()
     for record in records:
-        digest.update(json.dumps([record.id, record.conversations, [str(p) for p in record.images],
-                                  [str(p) for p in record.speech], record.tgt_units, record.re_tgt_units,
-                                  record.emotion, [str(p) for p in record.spoken]]).encode())
+        digest.update(
+            json.dumps(
+                [
+                    record.id,
+                    record.conversations,
+                    [str(p) for p in record.images],
+                    [str(p) for p in record.speech],
+                    record.tgt_units,
+                    record.re_tgt_units,
+                    record.emotion,
+                    [str(p) for p in record.spoken],
+                ]
+            ).encode()
+        )
         stamp_media(digest, record.media_files())
     return digest.hexdigest()
 

@@ -1,6 +1,7 @@
 """A data file read in bounded memory: a JSON list of records or JSON Lines, scanned in blocks, each
 record's byte offset, byte length and decoded value yielded in turn (so an index of offsets can
 read any record back later without holding the file)."""
+
 from __future__ import annotations
 
 import codecs
@@ -29,8 +30,10 @@ def scan_records(path: Path) -> Iterator[Tuple[int, int, object]]:
     elif head[:1] == b"[":
         yield from _scan_list(path)
     elif head[:1] == b"{":
-        raise DataError(f"{path}: expected a JSON list of records, got a JSON object (a file of one record per "
-                        f"line must end in {' or '.join(JSON_LINES_SUFFIXES)})")
+        raise DataError(
+            f"{path}: expected a JSON list of records, got a JSON object (a file of one record per "
+            f"line must end in {' or '.join(JSON_LINES_SUFFIXES)})"
+        )
     else:
         raise DataError(f"{path}: not JSON: expected a JSON list of records, got {head[:20]!r}")
 
@@ -56,6 +59,7 @@ def _scan_list(path: Path) -> Iterator[Tuple[int, int, object]]:
     utf8 = codecs.getincrementaldecoder("utf-8")()
     text, base, position, ascii_text, done = "", 0, 0, True, False  # base: byte offset of text[0]
     with open(path, "rb") as handle:
+
         def more() -> bool:
             nonlocal text, base, position, ascii_text, done
             if done:
@@ -63,7 +67,7 @@ def _scan_list(path: Path) -> Iterator[Tuple[int, int, object]]:
             block = handle.read(READ_BYTES)
             done = not block
             if base == 0 and not text and block.startswith(codecs.BOM_UTF8):
-                block, base = block[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+                block, base = block[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
             if position:  # drop what is consumed
                 base += position if ascii_text else len(text[:position].encode())
                 text, position = text[position:], 0
@@ -105,8 +109,9 @@ def _scan_list(path: Path) -> Iterator[Tuple[int, int, object]]:
                         raise DataError(f"{path}: not JSON at byte {byte_at(error.pos)} ({error.msg})") from None
                     start = position  # more() may have moved the text
                 except RecursionError:
-                    raise DataError(f"{path}: the record at byte {byte_at(start)} is nested too deeply to be "
-                                    f"a record") from None
+                    raise DataError(
+                        f"{path}: the record at byte {byte_at(start)} is nested too deeply to be a record"
+                    ) from None
             first, last = byte_at(start), byte_at(end)
             position = end
             yield first, last - first, value

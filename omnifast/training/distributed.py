@@ -10,6 +10,7 @@ State moves through ``torch.distributed.checkpoint.state_dict``: gathered whole 
 written by it, read by every rank and sharded by FSDP on load, so a checkpoint is the same file
 whether it was written by one process, by DDP or by FSDP.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ from typing import Dict, Iterable, Tuple
 
 import torch
 from torch import nn
+
 
 def init() -> Tuple[int, int]:
     """(rank, world size); the process group is started under torchrun (nccl on CUDA, else gloo)."""
@@ -45,12 +47,21 @@ def shard(root: nn.Module, model: nn.Module, trains: Iterable[str], bf16_on_cuda
     (the loss module, whose forward runs the whole step) the root unit, frozen parameters left
     whole (see the module docstring); returns ``root``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     from omnifast.models.omni import COMPONENTS
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_on_cuda \
+
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if bf16_on_cuda
         else MixedPrecisionPolicy()
+    )
     trains = set(trains)
-    frozen = {p for name in COMPONENTS if name not in trains and getattr(model, name, None) is not None
-              for p in getattr(model, name).parameters()} & set(root.parameters())
+    frozen = {
+        p
+        for name in COMPONENTS
+        if name not in trains and getattr(model, name, None) is not None
+        for p in getattr(model, name).parameters()
+    } & set(root.parameters())
     for name in sorted(trains):
         for block in blocks(getattr(model, name)):
             fully_shard(block, mp_policy=policy)
@@ -58,8 +69,16 @@ def shard(root: nn.Module, model: nn.Module, trains: Iterable[str], bf16_on_cuda
     return root
 
 
-def wrap(root: nn.Module, model: nn.Module, trains: Iterable[str], world: int, fsdp: bool, device: torch.device,
-         bf16: bool, find_unused: bool = False) -> nn.Module:
+def wrap(
+    root: nn.Module,
+    model: nn.Module,
+    trains: Iterable[str],
+    world: int,
+    fsdp: bool,
+    device: torch.device,
+    bf16: bool,
+    find_unused: bool = False,
+) -> nn.Module:
     """The module the training step calls: ``root`` itself (one process, or sharded in place with
     FSDP2), or a DistributedDataParallel around it. ``find_unused``: some step may leave a trained
     parameter without a gradient (a media encoder on a batch without its media); only then does
@@ -69,8 +88,10 @@ def wrap(root: nn.Module, model: nn.Module, trains: Iterable[str], world: int, f
     if fsdp:
         return shard(root, model, trains, bf16 and device.type == "cuda")
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(root, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused)
+
+    return DistributedDataParallel(
+        root, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused
+    )
 
 
 MEDIA_OF = {"vision": "images", "image_projector": "images", "speech": "speech", "speech_projector": "speech"}
@@ -94,6 +115,7 @@ def may_leave_unused(trains: Iterable[str], records) -> bool:
 
 def _options(**kwargs):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(full_state_dict=True, **kwargs)
 
 
@@ -101,6 +123,7 @@ def model_state(model: nn.Module, trainable_only: bool) -> Dict[str, torch.Tenso
     """The whole (unsharded) state of ``model`` on the CPU, on rank 0 (other ranks get an empty
     dict); every rank must call it."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     state = get_model_state_dict(model, options=_options(cpu_offload=True, ignore_frozen_params=trainable_only))
     if trainable_only:  # buffers are not trained
         names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -111,12 +134,14 @@ def model_state(model: nn.Module, trainable_only: bool) -> Dict[str, torch.Tenso
 def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """Copy a whole state (every rank passes the same) into ``model``, sharding where FSDP does."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
     set_model_state_dict(model, state, options=_options(strict=False))
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
     """The optimizer's whole state keyed by parameter name, on rank 0; every rank must call it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
@@ -125,6 +150,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     last layer, when the features come from the one before) has no moments: that is not an error
     (the state was checked against the run before, in ``resume.py``)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     set_optimizer_state_dict(model, optimizer, state, options=_options(strict=False))
 
 

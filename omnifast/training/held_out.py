@@ -9,6 +9,7 @@ runs (so DDP and FSDP need nothing else), with the same number of micro-batches 
 processes. CTC-DPO's held-out pairs get their own reference log-likelihoods, computed by the
 frozen reference (or, with a state cache, read from the held-out records' own cache).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,14 +39,25 @@ class HeldOut:
     def __init__(self, trainer, records: Sequence[Record], state_cache_dir=None):
         from .cache import CachedDataset, build_cache
         from .loader import ConversationDataset
+
         self.trainer, self.records = trainer, records
         if not len(records):
             raise ValueError("eval_data: no records")
         self.references = ReferenceLogpCache() if trainer.stage.loss == "dpo" else None
         if trainer.state_cache is not None:
-            cache = build_cache(state_cache_dir, trainer.model, trainer.processor, records, trainer.stage,
-                                bf16=trainer.bf16, device=trainer.device, progress=False, rank=trainer.rank,
-                                world=trainer.world, dpo_normalization=trainer.config.dpo_normalization)
+            cache = build_cache(
+                state_cache_dir,
+                trainer.model,
+                trainer.processor,
+                records,
+                trainer.stage,
+                bf16=trainer.bf16,
+                device=trainer.device,
+                progress=False,
+                rank=trainer.rank,
+                world=trainer.world,
+                dpo_normalization=trainer.config.dpo_normalization,
+            )
             self.dataset = CachedDataset(records, cache, trainer.config.seed, 0.0)
             if self.references is not None:
                 self.references = cache.references
@@ -57,9 +69,11 @@ class HeldOut:
         padded with weight-0 repeats so every process runs as many micro-batches."""
         world, rank, size = self.trainer.world, self.trainer.rank, self.trainer.config.batch_size
         per_rank = math.ceil(len(self.records) / world)
-        mine = [(i, 1.0) if i < len(self.records) else (i % len(self.records), 0.0)
-                for i in range(rank, per_rank * world, world)]
-        return [mine[i:i + size] for i in range(0, len(mine), size)]
+        mine = [
+            (i, 1.0) if i < len(self.records) else (i % len(self.records), 0.0)
+            for i in range(rank, per_rank * world, world)
+        ]
+        return [mine[i : i + size] for i in range(0, len(mine), size)]
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -107,6 +121,7 @@ class HeldOut:
         """Edit distance of the decoder's greedy units from each record's own, and the reference
         units counted (weight-0 padding left out)."""
         import jiwer
+
         states, tokens, mask = module.response_inputs(batch)
         decoded = self.trainer.model.speech_decoder.generate(states, tokens, mask, mask)
         errors = units = 0

@@ -10,6 +10,7 @@
 The numbers are unchanged by checkpointing (the recompute is the same computation), and equal
 to eager's within rounding when compiled.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,9 +21,20 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .distributed import blocks
 
-_SAVED = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_scaled_dot_product_flash_attention",
-          "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
-          "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward"}
+_SAVED = {
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "matmul",
+    "linear",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_flash_attention_forward",
+    "_efficient_attention_forward",
+}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
@@ -38,13 +50,15 @@ def _checkpointed(forward, selective: bool, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **extra, **kwargs)
 
 
-def apply_layer_options(model, trains: Iterable[str], activation_checkpointing: str = "off",
-                        compile_blocks: bool = False) -> None:
+def apply_layer_options(
+    model, trains: Iterable[str], activation_checkpointing: str = "off", compile_blocks: bool = False
+) -> None:
     """Activation checkpointing (``off``/``selective``/``full``) and compilation for every block
     of the components named in ``trains`` (blocks of frozen components run without a graph)."""
     if activation_checkpointing not in ("off", "selective", "full"):
-        raise ValueError(f"activation_checkpointing must be one of off, selective, full, got "
-                         f"{activation_checkpointing!r}")
+        raise ValueError(
+            f"activation_checkpointing must be one of off, selective, full, got {activation_checkpointing!r}"
+        )
     for name in trains:
         component = getattr(model, name, None)
         if component is None:

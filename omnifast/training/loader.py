@@ -4,6 +4,7 @@ DataLoader that builds the micro-batches in worker processes ahead of the step, 
 ``sampler.py`` gives (a function of seed, epoch and step alone, so the number of workers changes
 nothing: a DataLoader returns its batches in order).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,22 @@ from omnifast.models.processor import IGNORE_INDEX, OmniProcessor, collate
 from .data import DataError, Record
 from .sampler import MicroBatches, TokenBudgetBatches
 
-__all__ = ["SPOKEN_INSTRUCTION", "spoken_choice", "conversation_of", "ConversationDataset", "load_image", "load_audio",
-           "pad_units", "collate_batch", "collate_packed", "record_costs", "default_workers", "make_loader",
-           "MicroBatches", "TokenBudgetBatches"]
+__all__ = [
+    "SPOKEN_INSTRUCTION",
+    "spoken_choice",
+    "conversation_of",
+    "ConversationDataset",
+    "load_image",
+    "load_audio",
+    "pad_units",
+    "collate_batch",
+    "collate_packed",
+    "record_costs",
+    "default_workers",
+    "make_loader",
+    "MicroBatches",
+    "TokenBudgetBatches",
+]
 
 
 SPOKEN_INSTRUCTION = "Please answer the questions in the user's input speech."  # OpenOmni's (English) prompt
@@ -78,14 +92,16 @@ class ConversationDataset(torch.utils.data.Dataset):
         item = self.processor.encode_conversation(turns, images, audios)
         positions = self.processor.config.llm.get("max_position_embeddings")
         if positions is not None and item["input_ids"].numel() > positions:
-            raise DataError(f"record {record.id}: {item['input_ids'].numel()} tokens, more than the LLM's {positions} "
-                            f"positions")
+            raise DataError(
+                f"record {record.id}: {item['input_ids'].numel()} tokens, more than the LLM's {positions} positions"
+            )
         item.update(id=record.id, tgt_units=record.tgt_units, re_tgt_units=record.re_tgt_units, spoken=spoken)
         return item
 
 
 def load_image(path, record: Record, field_name: str = "image") -> np.ndarray:
     from PIL import Image
+
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
@@ -96,6 +112,7 @@ def load_image(path, record: Record, field_name: str = "image") -> np.ndarray:
 def load_audio(path, record: Record, rate: int) -> np.ndarray:
     """A clip as mono float32 samples at ``rate`` (resampled from the file's own rate)."""
     from omnifast.audio import AudioError, read_audio
+
     try:
         return read_audio(path, rate)[0]
     except AudioError as error:
@@ -107,7 +124,7 @@ def pad_units(rows: Sequence[Optional[List[int]]]) -> Optional[torch.Tensor]:
         return None
     out = torch.full((len(rows), max(len(r) for r in rows)), IGNORE_INDEX, dtype=torch.long)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row)
+        out[i, : len(row)] = torch.tensor(row)
     return out
 
 
@@ -140,8 +157,12 @@ def collate_packed(items: Sequence[Dict[str, object]], pad_id: int) -> Dict[str,
     batch = collate_batch(items, pad_id)
     lengths = batch["attention_mask"].sum(1)
     keep = batch["attention_mask"].bool()
-    batch.update(input_ids=batch["input_ids"][keep][None], labels=batch["labels"][keep][None], lengths=lengths,
-                 attention_mask=None)
+    batch.update(
+        input_ids=batch["input_ids"][keep][None],
+        labels=batch["labels"][keep][None],
+        lengths=lengths,
+        attention_mask=None,
+    )
     return batch
 
 
@@ -155,8 +176,9 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def make_loader(dataset, batches: MicroBatches, workers: int, device: torch.device, collate_fn=None,
-                packed: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset, batches: MicroBatches, workers: int, device: torch.device, collate_fn=None, packed: bool = False
+) -> torch.utils.data.DataLoader:
     """A DataLoader over ``batches``: ``workers`` processes (each builds whole micro-batches, two
     ahead of the step), memory pinned for a CUDA device. ``collate_fn`` defaults to padding
     encoded conversations (:func:`collate_batch`)."""
@@ -165,9 +187,14 @@ def make_loader(dataset, batches: MicroBatches, workers: int, device: torch.devi
     if collate_fn is None:
         collate_fn = _Collate(dataset.processor.tokenizer.pad_token_id, packed)
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
-        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
-        worker_init_fn=_worker_init if workers else None)
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+        worker_init_fn=_worker_init if workers else None,
+    )
 
 
 class _Collate:

@@ -7,6 +7,7 @@ stages 4 and 5 on states read from a state cache: it holds only the speech decod
 After each forward, ``step_metrics`` holds the micro-batch's figures besides the loss (CTC-DPO:
 TRL's ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
 ``logps/chosen``, ``logps/rejected``, means over the pairs), as detached tensors."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -30,9 +31,17 @@ class StageLoss(nn.Module):
     log-likelihoods from ``references`` and computes those it lacks with ``reference`` (the
     frozen decoder the stage starts from), once per record."""
 
-    def __init__(self, model: OmniModel, stage: Stage, beta: float = 0.1, sft_weight: float = 0.0,
-                 references: Optional[ReferenceLogpCache] = None, reference: Optional[nn.Module] = None,
-                 dpo_normalization: str = "sum", special_ids: Sequence[int] = ()):
+    def __init__(
+        self,
+        model: OmniModel,
+        stage: Stage,
+        beta: float = 0.1,
+        sft_weight: float = 0.0,
+        references: Optional[ReferenceLogpCache] = None,
+        reference: Optional[nn.Module] = None,
+        dpo_normalization: str = "sum",
+        special_ids: Sequence[int] = (),
+    ):
         super().__init__()
         self.model, self.stage, self.beta, self.sft_weight = model, stage, beta, sft_weight
         self.special_ids = tuple(special_ids)  # dropped from a transcript's CTC targets (the end of turn)
@@ -55,8 +64,9 @@ class StageLoss(nn.Module):
         if self.stage.loss == "text":
             return self.model(**inputs).text_loss
         if self.stage.loss == "ctc":
-            return self.model.speech_ctc_loss(batch["speech_features"], batch["labels"], self.special_ids,
-                                              batch.get("speech_lengths"))
+            return self.model.speech_ctc_loss(
+                batch["speech_features"], batch["labels"], self.special_ids, batch.get("speech_lengths")
+            )
         if self.stage.loss == "speech":
             return self.model(**inputs, units=batch["units"], text_loss=False).speech_loss
         with torch.no_grad():
@@ -66,26 +76,66 @@ class StageLoss(nn.Module):
             labels = unpack(labels[0] - IGNORE_INDEX, inputs["lengths"]) + IGNORE_INDEX
         states, tokens, mask = response_states(hidden, labels)
         ref_chosen, ref_rejected = self.reference_logps(batch, states, tokens, mask)
-        return dpo_loss(self.model.speech_decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, self.beta,
-                        self.sft_weight, self.dpo_normalization, self.step_metrics)
+        return dpo_loss(
+            self.model.speech_decoder,
+            states,
+            tokens,
+            mask,
+            batch,
+            ref_chosen,
+            ref_rejected,
+            self.beta,
+            self.sft_weight,
+            self.dpo_normalization,
+            self.step_metrics,
+        )
 
     def reference_logps(self, batch, states, tokens, mask):
-        keys = [reference_key(rid, spoken) for rid, spoken in zip(batch["ids"], batch.get("spoken") or
-                                                                   [False] * len(batch["ids"]))]
+        keys = [
+            reference_key(rid, spoken)
+            for rid, spoken in zip(batch["ids"], batch.get("spoken") or [False] * len(batch["ids"]))
+        ]
         missing = [i for i, key in enumerate(keys) if key not in self.references]
         if missing:
-            chosen, rejected = self._reference[0].reference_logps(states, tokens, batch["units"],
-                                                                  batch["rejected_units"], hidden_mask=mask,
-                                                                  text_mask=mask, normalization=self.dpo_normalization)
+            chosen, rejected = self._reference[0].reference_logps(
+                states,
+                tokens,
+                batch["units"],
+                batch["rejected_units"],
+                hidden_mask=mask,
+                text_mask=mask,
+                normalization=self.dpo_normalization,
+            )
             self.references.add([keys[i] for i in missing], chosen[missing], rejected[missing])
         return self.references.lookup(keys, device=states.device)
 
 
-def dpo_loss(decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, beta, sft_weight,
-             normalization, metrics: Dict[str, torch.Tensor]) -> torch.Tensor:
-    out = decoder.dpo_loss(states, tokens, batch["units"], batch["rejected_units"], ref_chosen, ref_rejected,
-                           beta=beta, hidden_mask=mask, text_mask=mask, sft_weight=sft_weight,
-                           normalization=normalization)
+def dpo_loss(
+    decoder,
+    states,
+    tokens,
+    mask,
+    batch,
+    ref_chosen,
+    ref_rejected,
+    beta,
+    sft_weight,
+    normalization,
+    metrics: Dict[str, torch.Tensor],
+) -> torch.Tensor:
+    out = decoder.dpo_loss(
+        states,
+        tokens,
+        batch["units"],
+        batch["rejected_units"],
+        ref_chosen,
+        ref_rejected,
+        beta=beta,
+        hidden_mask=mask,
+        text_mask=mask,
+        sft_weight=sft_weight,
+        normalization=normalization,
+    )
     metrics.clear()
     metrics.update(dpo_metrics(out))
     return out.loss
@@ -93,9 +143,14 @@ def dpo_loss(decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, bet
 
 def dpo_metrics(out) -> Dict[str, torch.Tensor]:
     """TRL's names for a :class:`~omnifast.ops.dpo.DPOOutput` (means over the pairs)."""
-    found = {"rewards/margins": out.reward_margins, "rewards/accuracies": out.reward_accuracy,
-             "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
-             "logps/chosen": out.policy_chosen_logps, "logps/rejected": out.policy_rejected_logps}
+    found = {
+        "rewards/margins": out.reward_margins,
+        "rewards/accuracies": out.reward_accuracy,
+        "rewards/chosen": out.chosen_rewards,
+        "rewards/rejected": out.rejected_rewards,
+        "logps/chosen": out.policy_chosen_logps,
+        "logps/rejected": out.policy_rejected_logps,
+    }
     return {name: value.detach().float().mean() for name, value in found.items() if value is not None}
 
 
@@ -103,11 +158,23 @@ class CachedStageLoss(nn.Module):
     """Stages 4 and 5 on a batch of cached states (``cache.collate_cached``): the same decoder
     calls as :class:`StageLoss` after the frozen front, without it."""
 
-    def __init__(self, decoder: nn.Module, stage: Stage, beta: float = 0.1, sft_weight: float = 0.0,
-                 references: Optional[ReferenceLogpCache] = None, dpo_normalization: str = "sum"):
+    def __init__(
+        self,
+        decoder: nn.Module,
+        stage: Stage,
+        beta: float = 0.1,
+        sft_weight: float = 0.0,
+        references: Optional[ReferenceLogpCache] = None,
+        dpo_normalization: str = "sum",
+    ):
         super().__init__()
-        self.decoder, self.stage, self.beta, self.sft_weight, self.references = decoder, stage, beta, sft_weight, \
-            references
+        self.decoder, self.stage, self.beta, self.sft_weight, self.references = (
+            decoder,
+            stage,
+            beta,
+            sft_weight,
+            references,
+        )
         self.dpo_normalization = dpo_normalization
         self.step_metrics: Dict[str, torch.Tensor] = {}
 
@@ -122,5 +189,16 @@ class CachedStageLoss(nn.Module):
             return self.decoder(states, tokens, mask, mask, batch["units"]).loss
         keys = [reference_key(rid, spoken) for rid, spoken in zip(batch["ids"], batch["spoken"])]
         ref_chosen, ref_rejected = self.references.lookup(keys, device=states.device)
-        return dpo_loss(self.decoder, states, tokens, mask, batch, ref_chosen, ref_rejected, self.beta,
-                        self.sft_weight, self.dpo_normalization, self.step_metrics)
+        return dpo_loss(
+            self.decoder,
+            states,
+            tokens,
+            mask,
+            batch,
+            ref_chosen,
+            ref_rejected,
+            self.beta,
+            self.sft_weight,
+            self.dpo_normalization,
+            self.step_metrics,
+        )

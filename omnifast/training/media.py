@@ -1,5 +1,6 @@
 """The media files a record names: why one cannot be used (read from its header, before step 1),
 and a stamp of each (path, size, modification time) for the data's fingerprint."""
+
 from __future__ import annotations
 
 import functools
@@ -12,6 +13,7 @@ from typing import Iterable, Optional
 def image_problem(path: Path) -> Optional[str]:
     """Why an image file cannot be used (None if it can): unreadable, truncated or empty."""
     from PIL import Image
+
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -34,6 +36,7 @@ def audio_problem(path: Path, audio_seconds: Optional[float], rate: Optional[int
     """Why an audio file cannot be used: unreadable or unsupported (from its header), or longer
     than the model's speech window (which would cut it)."""
     from omnifast.audio import AudioError, audio_info
+
     if not path.is_file():
         return f"missing file {path}"
     try:
@@ -42,8 +45,10 @@ def audio_problem(path: Path, audio_seconds: Optional[float], rate: Optional[int
         return str(error)
     seconds = info.seconds if info.rate is not None else (info.frames / rate if rate else None)
     if audio_seconds is not None and seconds is not None and seconds > audio_seconds:
-        return (f"{path}: {seconds:.2f} s of audio is longer than the model's {audio_seconds:g} s speech window "
-                f"(it would be cut)")
+        return (
+            f"{path}: {seconds:.2f} s of audio is longer than the model's {audio_seconds:g} s speech window "
+            f"(it would be cut)"
+        )
     return None
 
 

@@ -6,6 +6,7 @@ torchtitan users read: ``loss``, ``lr`` (the rate that step used), ``grad_norm``
 evaluations as ``eval/...``. Written by rank 0 to ``metrics.jsonl`` always, and to TensorBoard and
 W&B (offline) when ``report_to`` names them, as the Hugging Face Trainer's ``--report_to`` does;
 the loss-curve PNG draws the main ones."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,14 @@ def check_report_to(report_to: Sequence[str]) -> None:
     """Every sink named is known and its package installed (a ValueError naming it, before any work)."""
     unknown = [name for name in report_to if name not in REPORT_TO]
     if unknown:
-        raise ValueError(f"report_to: unknown sinks {unknown}; the sinks are {', '.join(REPORT_TO)} "
-                         f"(metrics.jsonl is always written)")
-    for name, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        raise ValueError(
+            f"report_to: unknown sinks {unknown}; the sinks are {', '.join(REPORT_TO)} "
+            f"(metrics.jsonl is always written)"
+        )
+    for name, module, package in (
+        ("tensorboard", "torch.utils.tensorboard", "tensorboard"),
+        ("wandb", "wandb", "wandb"),
+    ):
         if name in report_to:
             try:
                 __import__(module)
@@ -58,17 +64,23 @@ class MetricsLog:
         self.tensorboard = self.wandb = None
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tensorboard = SummaryWriter(log_dir=str(Path(out_dir) / "runs"), purge_step=first_step + 1)
         if "wandb" in report_to:
             import wandb
-            self.wandb = wandb.init(mode="offline", dir=str(out_dir), project="omnifast", name=run_name,
-                                    config=config, reinit=True)
+
+            self.wandb = wandb.init(
+                mode="offline", dir=str(out_dir), project="omnifast", name=run_name, config=config, reinit=True
+            )
 
     def log(self, row: Dict) -> None:
         append_metrics(self.path, row)
         step = row["step"]
-        numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
-                   and not isinstance(v, bool) and math.isfinite(v)}
+        numbers = {
+            k: v
+            for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
         if self.tensorboard is not None:
             for key, value in numbers.items():
                 self.tensorboard.add_scalar(key, value, step)
@@ -94,6 +106,7 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str) -> bool:
         return True
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     rows = read_metrics(metrics_path)
     names = [name for name in PLOTTED if any(name in row for row in rows)]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)

@@ -2,6 +2,7 @@
 tensor's name, shape, dtype and finiteness, the optimizer's and the schedule's hyperparameters, and
 a fingerprint of the run's options and data. What does not fit raises :class:`CheckpointError`
 naming the file and the value."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ class RunSpec:
     """What a checkpoint must fit: the trainable parameters' names, shapes and dtypes, the
     optimizer's groups, the step range, the processes, and the fingerprint of the options and
     data that shape the run (``allow_changes`` accepts a changed fingerprint)."""
+
     parameters: Dict[str, Tuple[Tuple[int, ...], torch.dtype]]
-    groups: List[Dict[str, object]]      # per group: name, params (names), initial_lr, weight_decay, betas, eps
+    groups: List[Dict[str, object]]  # per group: name, params (names), initial_lr, weight_decay, betas, eps
     total_steps: int
     world: int
     rank: int
@@ -78,7 +80,9 @@ def read_run_state(found: Path, spec: RunSpec) -> RunState:
         raise CheckpointError(f"{state_path}: not a JSON object")
     tie = state.get("checkpoint")
     if not isinstance(tie, str):
-        raise CheckpointError(f"{state_path}: has no checkpoint tie (written by an older omnifast, or not a checkpoint)")
+        raise CheckpointError(
+            f"{state_path}: has no checkpoint tie (written by an older omnifast, or not a checkpoint)"
+        )
     weights = read_tensors(found / "trainable.safetensors", tie)
     optimizer_tensors = read_tensors(found / "optimizer.safetensors", tie)
     rng = read_tensors(found / "rng.safetensors", tie)
@@ -87,21 +91,27 @@ def read_run_state(found: Path, spec: RunSpec) -> RunState:
             raise CheckpointError(f"{state_path}: has no {key!r}")
     step = state["step"]
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= spec.total_steps:
-        raise CheckpointError(f"{state_path}: step must be an integer in [0, {spec.total_steps}] (this run's steps), "
-                              f"got {step!r}")
+        raise CheckpointError(
+            f"{state_path}: step must be an integer in [0, {spec.total_steps}] (this run's steps), got {step!r}"
+        )
     if state["world"] != spec.world:
         raise CheckpointError(f"{state_path}: written by {state['world']} processes, resumed by {spec.world}")
     changed = fingerprint_changes(state.get("fingerprint") or {}, spec.fingerprint)
     if changed and not spec.allow_changes:
-        raise CheckpointError(f"{found}: this run differs from the one that wrote the checkpoint: "
-                              + "; ".join(changed) + ". Resume with the same options and data, or pass "
-                              "--allow-changed-run to continue under the new ones")
+        raise CheckpointError(
+            f"{found}: this run differs from the one that wrote the checkpoint: "
+            + "; ".join(changed)
+            + ". Resume with the same options and data, or pass "
+            "--allow-changed-run to continue under the new ones"
+        )
     where = found / "trainable.safetensors"
     if set(weights) != set(spec.parameters):
         missing, extra = sorted(set(spec.parameters) - set(weights)), sorted(set(weights) - set(spec.parameters))
-        raise CheckpointError(f"{where}: does not hold exactly this run's trainable tensors (missing: "
-                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; unexpected: {extra[:5]}"
-                              f"{' ...' if len(extra) > 5 else ''})")
+        raise CheckpointError(
+            f"{where}: does not hold exactly this run's trainable tensors (missing: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; unexpected: {extra[:5]}"
+            f"{' ...' if len(extra) > 5 else ''})"
+        )
     for name, (shape, dtype) in spec.parameters.items():
         _check_tensor(where, name, weights[name], shape, dtype)
     where = found / "optimizer.safetensors"
@@ -118,6 +128,7 @@ def read_run_state(found: Path, spec: RunSpec) -> RunState:
     references = {}
     if (found / "reference.safetensors").is_file():
         from omnifast.ops.dpo_reference import load_reference_file
+
         read_tensors(found / "reference.safetensors", tie)
         try:
             references = load_reference_file(found / "reference.safetensors")
@@ -129,8 +140,11 @@ def read_run_state(found: Path, spec: RunSpec) -> RunState:
 
 
 def _check_optimizer(where: Path, optimizer, spec: RunSpec, step: int, apply_new: bool) -> None:
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
-            or not isinstance(optimizer.get("param_groups"), list):
+    if (
+        not isinstance(optimizer, dict)
+        or not isinstance(optimizer.get("state"), dict)
+        or not isinstance(optimizer.get("param_groups"), list)
+    ):
         raise CheckpointError(f"{where}: not an optimizer state (state and param_groups)")
     for name, moments in optimizer["state"].items():
         if name not in spec.parameters or not isinstance(moments, dict):
@@ -141,14 +155,18 @@ def _check_optimizer(where: Path, optimizer, spec: RunSpec, step: int, apply_new
                 raise CheckpointError(f"{where}: optimizer state {name}.{key} is not a tensor")
             _check_tensor(where, f"optimizer state {name}.{key}", value, () if key == "step" else shape, None)
             if key == "step" and not 0 <= float(value) <= step:
-                raise CheckpointError(f"{where}: optimizer state {name}.step is {float(value):g}, past the "
-                                      f"checkpoint's step {step}")
+                raise CheckpointError(
+                    f"{where}: optimizer state {name}.step is {float(value):g}, past the checkpoint's step {step}"
+                )
     saved_groups = optimizer["param_groups"]
     if len(saved_groups) != len(spec.groups):
         raise CheckpointError(f"{where}: {len(saved_groups)} parameter groups, the run has {len(spec.groups)}")
     for saved, expected in zip(saved_groups, spec.groups):
-        if not isinstance(saved, dict) or saved.get("name") != expected["name"] \
-                or list(saved.get("params", [])) != list(expected["params"]):
+        if (
+            not isinstance(saved, dict)
+            or saved.get("name") != expected["name"]
+            or list(saved.get("params", [])) != list(expected["params"])
+        ):
             raise CheckpointError(f"{where}: parameter group {expected['name']!r} does not hold this run's parameters")
         for key in ("initial_lr", "weight_decay", "betas", "eps", "lr"):
             if key == "betas":
@@ -161,14 +179,18 @@ def _check_optimizer(where: Path, optimizer, spec: RunSpec, step: int, apply_new
             value = tuple(saved[key]) if key == "betas" else saved[key]
             if value != expected[key]:
                 if not apply_new:
-                    raise CheckpointError(f"{where}: parameter group {expected['name']!r} has {key} {value!r}, the "
-                                          f"run's is {expected[key]!r}")
+                    raise CheckpointError(
+                        f"{where}: parameter group {expected['name']!r} has {key} {value!r}, the "
+                        f"run's is {expected[key]!r}"
+                    )
                 saved[key] = expected[key]
         if apply_new:  # the new options' lr at the checkpoint's step
             saved["lr"] = expected["lr_at"](step)
         elif not math.isclose(saved["lr"], expected["lr_at"](step), rel_tol=1e-9, abs_tol=1e-300):
-            raise CheckpointError(f"{where}: parameter group {expected['name']!r} has lr {saved['lr']!r}, not the "
-                                  f"schedule's {expected['lr_at'](step)!r} at step {step}")
+            raise CheckpointError(
+                f"{where}: parameter group {expected['name']!r} has lr {saved['lr']!r}, not the "
+                f"schedule's {expected['lr_at'](step)!r} at step {step}"
+            )
 
 
 def _check_scheduler(where: Path, scheduler, spec: RunSpec, step: int, apply_new: bool) -> None:
@@ -179,5 +201,6 @@ def _check_scheduler(where: Path, scheduler, spec: RunSpec, step: int, apply_new
         scheduler["base_lrs"] = initial
         scheduler["_last_lr"] = [group["lr_at"](step) for group in spec.groups]
     elif scheduler.get("base_lrs") != initial:
-        raise CheckpointError(f"{where}: the scheduler's base learning rates {scheduler.get('base_lrs')!r} are not "
-                              f"the run's {initial!r}")
+        raise CheckpointError(
+            f"{where}: the scheduler's base learning rates {scheduler.get('base_lrs')!r} are not the run's {initial!r}"
+        )

@@ -5,6 +5,7 @@ budget in length buckets (``TokenBudgetBatches``). So a resumed run sees exactly
 uninterrupted run would have, and N processes with batch b see what one process with batch N x b
 sees.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,16 @@ class MicroBatches(torch.utils.data.Sampler):
     """This rank's record indices for micro-batches ``start`` to ``stop`` (see the module
     docstring for the order)."""
 
-    def __init__(self, records: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 start: int = 0, stop: Optional[int] = None):
+    def __init__(
+        self,
+        records: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        stop: Optional[int] = None,
+    ):
         self.records, self.batch_size, self.seed, self.rank, self.world = records, batch_size, seed, rank, world
         self.global_batch = batch_size * world
         self.per_epoch = math.ceil(records / self.global_batch)
@@ -31,8 +40,8 @@ class MicroBatches(torch.utils.data.Sampler):
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.records, generator=generator)
-        chunk = self._order[index * self.global_batch:(index + 1) * self.global_batch]
-        return chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+        chunk = self._order[index * self.global_batch : (index + 1) * self.global_batch]
+        return chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         """(record index, epoch) keys of each micro-batch."""
@@ -74,13 +83,24 @@ class TokenBudgetBatches(MicroBatches):
     batches of an epoch are shuffled (seeded) so that long and short ones interleave. Everything
     is a function of (seed, epoch, step), the records' costs and the number of processes."""
 
-    def __init__(self, costs: Sequence[int], max_tokens: int, seed: int, rank: int = 0, world: int = 1,
-                 start: int = 0, stop: Optional[int] = None, window: int = 4096):
+    def __init__(
+        self,
+        costs: Sequence[int],
+        max_tokens: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        stop: Optional[int] = None,
+        window: int = 4096,
+    ):
         self.costs = np.asarray(costs, dtype=np.int64)
         too_long = np.flatnonzero(self.costs > max_tokens)
         if too_long.size:
-            raise ValueError(f"max_tokens={max_tokens} is smaller than record #{int(too_long[0])}'s "
-                             f"{int(self.costs[too_long[0]])} tokens ({too_long.size} records are longer)")
+            raise ValueError(
+                f"max_tokens={max_tokens} is smaller than record #{int(too_long[0])}'s "
+                f"{int(self.costs[too_long[0]])} tokens ({too_long.size} records are longer)"
+            )
         self.records, self.max_tokens, self.seed, self.rank, self.world = len(self.costs), max_tokens, seed, rank, world
         self.window, self.start, self.stop = window, start, stop
         self._plans: Dict[int, List[List[List[int]]]] = {}
@@ -94,7 +114,7 @@ class TokenBudgetBatches(MicroBatches):
             order = torch.randperm(self.records, generator=generator).numpy()
             batches = []
             for start in range(0, self.records, self.window):
-                window = order[start:start + self.window]
+                window = order[start : start + self.window]
                 window = window[np.argsort(self.costs[window], kind="stable")]
                 ranks, loads = [[] for _ in range(self.world)], [0] * self.world
                 for index in window.tolist():  # ascending cost: each to the least-loaded rank

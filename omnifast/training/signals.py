@@ -2,6 +2,7 @@
 job) and SIGUSR1 (what schedulers such as Slurm can be asked to send ahead of a time limit) let the
 current optimizer step finish; the trainer then writes a checkpoint and raises
 :class:`TrainingStopped` naming it. A second signal stops at once (``KeyboardInterrupt``)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ class TrainingStopped(Exception):
 
     def __init__(self, signal_name: str, step: int, checkpoint):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        super().__init__(f"{signal_name}: stopped after step {step}; checkpoint {checkpoint} written "
-                         f"(--resume continues from it)")
+        super().__init__(
+            f"{signal_name}: stopped after step {step}; checkpoint {checkpoint} written (--resume continues from it)"
+        )
 
     @property
     def exit_code(self) -> int:

@@ -4,6 +4,7 @@ module's own figures (CTC-DPO's rewards), all reduced across processes in one co
 read-back; a non-finite loss or gradient norm stops the run before the optimizer touches a weight
 (:class:`TrainingDiverged`). Also the row each step logs: the names TRL and torchtitan users read,
 and on CUDA the memory high-water marks and the model FLOPs utilisation."""
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,7 @@ import torch
 from .checkpoint import latest_checkpoint
 
 # bf16 dense peak of the GPUs the MFU is given for (TFLOP/s); others report no MFU
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "B200": 2250.0}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
 
 
 class TrainingDiverged(RuntimeError):
@@ -24,8 +24,10 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, step: int, loss: float, grad_norm: float, checkpoint):
         self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, checkpoint
         kept = f"the last checkpoint, {checkpoint}, is kept" if checkpoint else "no checkpoint was written yet"
-        super().__init__(f"step {step}: the loss is {loss} and the gradient norm {grad_norm}: training stopped before "
-                         f"the update ({kept}); lower --lr or check the data")
+        super().__init__(
+            f"step {step}: the loss is {loss} and the gradient norm {grad_norm}: training stopped before "
+            f"the update ({kept}); lower --lr or check the data"
+        )
 
     @classmethod
     def of_weights(cls, what: str, name: str) -> "TrainingDiverged":
@@ -63,8 +65,9 @@ def run_step(trainer, batches: List[Dict[str, object]], stop: bool = False) -> D
     values = {name: value / trainer.world for name, value in zip(names, reduce_sum(list(sums.values()), trainer.world))}
     if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
         trainer.optimizer.zero_grad(set_to_none=True)
-        raise TrainingDiverged(trainer.step + 1, values["loss"], values["grad_norm"],
-                               latest_checkpoint(trainer.out_dir))
+        raise TrainingDiverged(
+            trainer.step + 1, values["loss"], values["grad_norm"], latest_checkpoint(trainer.out_dir)
+        )
     values["lr"] = trainer.optimizer.param_groups[0]["lr"]  # the rate this step uses
     trainer.optimizer.step()
     trainer.scheduler.step()
@@ -87,9 +90,15 @@ def peak_tflops(device: torch.device) -> Optional[float]:
 
 def step_row(trainer, values: Dict[str, float], tokens: int, waited: float, seconds: float) -> Dict[str, object]:
     """The metrics row of the step just taken (``metrics.py`` names them)."""
-    row = {"step": trainer.step, "loss": values["loss"], "lr": values["lr"], "grad_norm": values["grad_norm"],
-           "throughput(tps)": tokens * trainer.world / seconds, "data_loading(%)": 100.0 * waited / seconds,
-           "step_s": seconds}
+    row = {
+        "step": trainer.step,
+        "loss": values["loss"],
+        "lr": values["lr"],
+        "grad_norm": values["grad_norm"],
+        "throughput(tps)": tokens * trainer.world / seconds,
+        "data_loading(%)": 100.0 * waited / seconds,
+        "step_s": seconds,
+    }
     row.update({k: v for k, v in values.items() if k not in ("loss", "lr", "grad_norm", "stop")})
     if trainer.device.type == "cuda":
         row["memory/max_active(GiB)"] = torch.cuda.max_memory_allocated(trainer.device) / 2**30

@@ -5,14 +5,15 @@ kill or a machine crash (``checkpoint.py``), ``--resume`` to the same weights bi
 rank's random generators are saved), DDP or FSDP2 under ``torchrun`` (``distributed.py``), the
 metrics users of TRL and torchtitan read (``metrics.py``), evaluation during training
 (``held_out.py``), and stops on a signal that lose nothing (``signals.py``)."""
+
 from __future__ import annotations
 
 import copy
 import math
-import uuid
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -23,14 +24,14 @@ from omnifast.ops import ReferenceLogpCache
 from omnifast.schedule import warmup_cosine
 
 from . import checkpoint, distributed, resume
+from .cache import CachedDataset, StateCache, build_cache, collate_cached
+from .cache import fingerprint as cache_fingerprint
+from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import Record, data_fingerprint
-from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
-from .cache import CachedDataset, StateCache, build_cache, collate_cached
-from .checkpoint import CheckpointError, latest_checkpoint
-from .cache import fingerprint as cache_fingerprint
 from .held_out import HeldOut, better
 from .layers import apply_layer_options
+from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
 from .losses import CachedStageLoss, StageLoss
 from .metrics import MetricsLog, check_report_to, keep_metrics_until, plot_losses
 from .signals import TrainingStopped, stop_requests
@@ -73,9 +74,18 @@ class Trainer:
     e.g. to time another recipe through the same step. ``eval_records``: held-out records evaluated
     every ``config.eval_every`` steps and at the end (``held_out.py``)."""
 
-    def __init__(self, model: OmniModel, processor: Optional[OmniProcessor], records: Sequence[Record],
-                 config: TrainConfig, out_dir, device: Optional[str] = None, loss: Optional[torch.nn.Module] = None,
-                 state_cache=None, eval_records: Optional[Sequence[Record]] = None):
+    def __init__(
+        self,
+        model: OmniModel,
+        processor: Optional[OmniProcessor],
+        records: Sequence[Record],
+        config: TrainConfig,
+        out_dir,
+        device: Optional[str] = None,
+        loss: Optional[torch.nn.Module] = None,
+        state_cache=None,
+        eval_records: Optional[Sequence[Record]] = None,
+    ):
         config = TrainConfig.from_dict(config.to_dict())
         self.stage = get_stage(config.stage)
         self.trains = config.trains or self.stage.trains
@@ -87,15 +97,19 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        self.bf16 = config.bf16 == "on" or (config.bf16 == "auto" and self.device.type == "cuda"
-                                            and torch.cuda.is_bf16_supported())
+        self.bf16 = config.bf16 == "on" or (
+            config.bf16 == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
         self.model = model
         self.model.freeze(except_=self.trains)
         if config.lora_r is not None:
             if "llm" not in self.trains:
-                raise ValueError(f"lora_r: LoRA adapts the LLM, which stage {self.stage.name!r} does not train "
-                                 f"(it trains {', '.join(self.trains)})")
+                raise ValueError(
+                    f"lora_r: LoRA adapts the LLM, which stage {self.stage.name!r} does not train "
+                    f"(it trains {', '.join(self.trains)})"
+                )
             from .lora import add_adapters
+
             torch.manual_seed(config.seed)
             add_adapters(model.llm, config)
         self.references = ReferenceLogpCache() if self.stage.loss == "dpo" else None
@@ -105,23 +119,48 @@ class Trainer:
             model.speech_decoder.to(self.device)  # the frozen front stays where it is, off the device
             self.references = self.state_cache.references
             self.dataset = CachedDataset(records, self.state_cache, config.seed, config.speech_prob)
-            self.loss_module = loss or CachedStageLoss(model.speech_decoder, self.stage, config.beta,
-                                                       config.sft_weight, self.references, config.dpo_normalization)
+            self.loss_module = loss or CachedStageLoss(
+                model.speech_decoder,
+                self.stage,
+                config.beta,
+                config.sft_weight,
+                self.references,
+                config.dpo_normalization,
+            )
         else:
             model.to(self.device)
-            self.dataset = ConversationDataset(records, processor, config.seed, config.speech_prob) \
-                if processor is not None else None
+            self.dataset = (
+                ConversationDataset(records, processor, config.seed, config.speech_prob)
+                if processor is not None
+                else None
+            )
             reference = None
             if self.stage.loss == "dpo":  # the frozen stage-4 decoder this stage starts from
                 reference = copy.deepcopy(model.speech_decoder).requires_grad_(False).eval()
             special = processor.tokenizer.all_special_ids if processor is not None else ()
-            self.loss_module = loss or StageLoss(model, self.stage, config.beta, config.sft_weight, self.references,
-                                                 reference, config.dpo_normalization, special)
+            self.loss_module = loss or StageLoss(
+                model,
+                self.stage,
+                config.beta,
+                config.sft_weight,
+                self.references,
+                reference,
+                config.dpo_normalization,
+                special,
+            )
         if model.speech_decoder is not None:
             model.speech_decoder.packing = config.packing
         apply_layer_options(model, self.trains, config.activation_checkpointing, config.compile)
-        self.wrapped = distributed.wrap(self.loss_module, self.model, self.trains, self.world, config.fsdp,
-                                        self.device, self.bf16, distributed.may_leave_unused(self.trains, records))
+        self.wrapped = distributed.wrap(
+            self.loss_module,
+            self.model,
+            self.trains,
+            self.world,
+            config.fsdp,
+            self.device,
+            self.bf16,
+            distributed.may_leave_unused(self.trains, records),
+        )
         # after wrapping: FSDP2 replaces the parameters it shards
         lr = config.lr if config.lr is not None else self.stage.lr
         groups = []
@@ -138,12 +177,16 @@ class Trainer:
         cap = None if config.max_steps is None else config.max_steps * config.grad_accum
         micro_total = self.micro_batches(0).total(epochs, cap) if len(records) else 0
         if len(records) and config.grad_accum > micro_total:
-            raise ValueError(f"grad_accum={config.grad_accum}: the run has only {micro_total} micro-batches, not "
-                             f"enough for one optimizer step")
+            raise ValueError(
+                f"grad_accum={config.grad_accum}: the run has only {micro_total} micro-batches, not "
+                f"enough for one optimizer step"
+            )
         total = math.ceil(micro_total / config.grad_accum)
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         warmup = config.warmup_ratio if config.warmup_ratio is not None else self.stage.warmup_ratio
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(self.total_steps, math.ceil(self.total_steps * warmup)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(self.total_steps, math.ceil(self.total_steps * warmup))
+        )
         self.step = 0
         self.workers = config.workers if config.workers is not None else default_workers(self.device)
         if self.workers > (os.cpu_count() or 1):
@@ -163,31 +206,46 @@ class Trainer:
         if self.stage.loss not in ("speech", "dpo"):
             raise ValueError(f"state_cache serves the speech stages (speech-gen, emotion-dpo), not {self.stage.name!r}")
         if set(self.trains) != {"speech_decoder"}:
-            raise ValueError(f"state_cache: the cached states are the frozen front's, but this run trains "
-                             f"{', '.join(self.trains)}")
+            raise ValueError(
+                f"state_cache: the cached states are the frozen front's, but this run trains {', '.join(self.trains)}"
+            )
         if isinstance(state_cache, StateCache):
-            expected = cache_fingerprint(self.model, self.processor, self.stage, records, self.bf16,
-                                         self.config.dpo_normalization)
+            expected = cache_fingerprint(
+                self.model, self.processor, self.stage, records, self.bf16, self.config.dpo_normalization
+            )
             return StateCache.open(state_cache.path, expected, records)
-        return build_cache(state_cache, self.model, self.processor, records, self.stage, bf16=self.bf16,
-                           device=self.device, progress=self.config.progress, rank=self.rank, world=self.world,
-                           dpo_normalization=self.config.dpo_normalization)
+        return build_cache(
+            state_cache,
+            self.model,
+            self.processor,
+            records,
+            self.stage,
+            bf16=self.bf16,
+            device=self.device,
+            progress=self.config.progress,
+            rank=self.rank,
+            world=self.world,
+            dpo_normalization=self.config.dpo_normalization,
+        )
 
     # ---- data -------------------------------------------------------------------------------
     def micro_batches(self, start: int, stop: Optional[int] = None) -> MicroBatches:
         """This rank's micro-batches ``start`` to ``stop``: ``batch_size`` records, or with
         ``max_tokens`` a token budget over length-bucketed records."""
         if self.costs is not None:
-            return TokenBudgetBatches(self.costs, self.config.max_tokens, self.config.seed, self.rank, self.world,
-                                      start, stop)
-        return MicroBatches(len(self.dataset), self.config.batch_size, self.config.seed, self.rank, self.world,
-                            start, stop)
+            return TokenBudgetBatches(
+                self.costs, self.config.max_tokens, self.config.seed, self.rank, self.world, start, stop
+            )
+        return MicroBatches(
+            len(self.dataset), self.config.batch_size, self.config.seed, self.rank, self.world, start, stop
+        )
 
     def collate(self):
         """The collate function of this run's micro-batches."""
         if self.state_cache is not None:
             return collate_cached
         from .loader import _Collate
+
         return _Collate(self.processor.tokenizer.pad_token_id, self.config.packing)
 
     def reduce_sum(self, values) -> List[float]:
@@ -195,8 +253,7 @@ class Trainer:
 
     def to_device(self, batch: Dict[str, object]) -> Dict[str, object]:
         """A collated micro-batch with its tensors on the trainer's device."""
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     # ---- losses -----------------------------------------------------------------------------
     def loss(self, batch: Dict[str, object]) -> torch.Tensor:
@@ -204,16 +261,38 @@ class Trainer:
         return self.wrapped(batch)
 
     # ---- checkpoints -------------------------------------------------------------------------
-    SHAPING_OPTIONS = ("lr", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm", "weight_decay",
-                       "max_steps", "seed", "beta", "sft_weight", "dpo_normalization", "speech_prob", "max_tokens",
-                       "bf16", "fsdp", "trains", "component_lr", "lora_r", "lora_alpha", "lora_dropout",
-                       "lora_targets")
+    SHAPING_OPTIONS = (
+        "lr",
+        "warmup_ratio",
+        "epochs",
+        "batch_size",
+        "grad_accum",
+        "max_grad_norm",
+        "weight_decay",
+        "max_steps",
+        "seed",
+        "beta",
+        "sft_weight",
+        "dpo_normalization",
+        "speech_prob",
+        "max_tokens",
+        "bf16",
+        "fsdp",
+        "trains",
+        "component_lr",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_targets",
+    )
 
     def fingerprint(self) -> Dict[str, object]:
         """What shapes this run: the stage, every option that changes its numbers, the data."""
         options = self.config.to_dict()
-        out = {name: (list(options[name]) if isinstance(options[name], tuple) else options[name])
-               for name in self.SHAPING_OPTIONS}
+        out = {
+            name: (list(options[name]) if isinstance(options[name], tuple) else options[name])
+            for name in self.SHAPING_OPTIONS
+        }
         out["stage"] = self.stage.name
         if not hasattr(self, "_data_fingerprint"):
             self._data_fingerprint = data_fingerprint(self.dataset.records) if self.dataset is not None else None
@@ -223,13 +302,22 @@ class Trainer:
     def run_spec(self, allow_changes: bool = False) -> resume.RunSpec:
         names = {id(p): n for n, p in self.model.named_parameters()}
         factor = self.scheduler.lr_lambdas[0]
-        groups = [{"name": g["name"], "params": [names[id(p)] for p in g["params"]], "initial_lr": g["initial_lr"],
-                   "weight_decay": g["weight_decay"], "betas": tuple(g["betas"]), "eps": g["eps"],
-                   "lr_at": (lambda step, base=g["initial_lr"]: base * factor(step))}
-                  for g in self.optimizer.param_groups]
+        groups = [
+            {
+                "name": g["name"],
+                "params": [names[id(p)] for p in g["params"]],
+                "initial_lr": g["initial_lr"],
+                "weight_decay": g["weight_decay"],
+                "betas": tuple(g["betas"]),
+                "eps": g["eps"],
+                "lr_at": (lambda step, base=g["initial_lr"]: base * factor(step)),
+            }
+            for g in self.optimizer.param_groups
+        ]
         parameters = {n: (tuple(p.shape), p.dtype) for n, p in self.model.named_parameters() if p.requires_grad}
-        return resume.RunSpec(parameters, groups, self.total_steps, self.world, self.rank, self.fingerprint(),
-                                  allow_changes)
+        return resume.RunSpec(
+            parameters, groups, self.total_steps, self.world, self.rank, self.fingerprint(), allow_changes
+        )
 
     def checkpoint_dir(self, step: Optional[int] = None) -> Path:
         return self.out_dir / "checkpoints" / f"step-{self.step if step is None else step:08d}"
@@ -245,15 +333,23 @@ class Trainer:
         check_finite(weights, f"step {self.step}'s trainable weights")
         tensors: Dict[str, torch.Tensor] = {}
         tie = {"checkpoint": uuid.uuid4().hex, "step": str(self.step)}  # stamped on every file of this checkpoint
-        state = {"step": self.step, "world": self.world, "config": self.config.to_dict(), "checkpoint": tie["checkpoint"],
-                 "fingerprint": self.fingerprint(),
-                 "optimizer": checkpoint.split_tensors(optimizer, "optimizer", tensors),
-                 "scheduler": checkpoint.split_tensors(self.scheduler.state_dict(), "scheduler", tensors),
-                 "rng": [values for _, values in rng]}
+        state = {
+            "step": self.step,
+            "world": self.world,
+            "config": self.config.to_dict(),
+            "checkpoint": tie["checkpoint"],
+            "fingerprint": self.fingerprint(),
+            "optimizer": checkpoint.split_tensors(optimizer, "optimizer", tensors),
+            "scheduler": checkpoint.split_tensors(self.scheduler.state_dict(), "scheduler", tensors),
+            "rng": [values for _, values in rng],
+        }
         rng_tensors = {f"rank{r}.{key}": value for r, (ranked, _) in enumerate(rng) for key, value in ranked.items()}
         root = self.out_dir / "checkpoints"
-        files = {"trainable.safetensors": (weights, tie), "optimizer.safetensors": (tensors, tie),
-                 "rng.safetensors": (rng_tensors, tie)}
+        files = {
+            "trainable.safetensors": (weights, tie),
+            "optimizer.safetensors": (tensors, tie),
+            "rng.safetensors": (rng_tensors, tie),
+        }
         if self.references is not None and self.state_cache is None:  # computed by this run: kept with it
             values, metadata = self.references.tensors()
             files["reference.safetensors"] = (values, {**(metadata or {}), **tie})
@@ -280,16 +376,20 @@ class Trainer:
             raise FileNotFoundError(f"--resume: {root} holds no complete checkpoint")
         found = found_all[-1] if step is None else self.checkpoint_dir(step)
         if found not in found_all:
-            raise FileNotFoundError(f"--resume-from {step}: {root} has no checkpoint of step {step}; its steps are "
-                                    f"{[int(p.name[5:]) for p in found_all]}")
+            raise FileNotFoundError(
+                f"--resume-from {step}: {root} has no checkpoint of step {step}; its steps are "
+                f"{[int(p.name[5:]) for p in found_all]}"
+            )
         try:
             restored = resume.read_run_state(found, self.run_spec(allow_changes))
         except CheckpointError as error:
             earlier = [int(p.name[5:]) for p in found_all if p < found]
             if step is None and earlier:
-                raise CheckpointError(f"{error}. The newest checkpoint cannot be resumed; earlier ones are at steps "
-                                      f"{earlier}: --resume-from {earlier[-1]} continues from step {earlier[-1]} "
-                                      f"(check first why the newest is damaged)") from None
+                raise CheckpointError(
+                    f"{error}. The newest checkpoint cannot be resumed; earlier ones are at steps "
+                    f"{earlier}: --resume-from {earlier[-1]} continues from step {earlier[-1]} "
+                    f"(check first why the newest is damaged)"
+                ) from None
             raise
         distributed.load_model_state(self.model, restored.weights)
         distributed.load_optimizer_state(self.model, self.optimizer, restored.optimizer)
@@ -316,21 +416,40 @@ class Trainer:
         a whole step with a checkpoint (:class:`TrainingStopped`); a non-finite loss or gradient
         norm before the update (:class:`TrainingDiverged`)."""
         from tqdm.auto import tqdm
+
         if not self._resumed:  # a resumed run continues the saved generators
             torch.manual_seed(self.config.seed)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out_dir / "metrics.jsonl"
         if self.step == 0 and self.rank == 0 and metrics_path.exists():
             metrics_path.unlink()  # a fresh run
-        log = MetricsLog(self.out_dir, self.config.report_to, f"{self.stage.index}-{self.stage.name}",
-                         self.config.to_dict(), self.step) if self.rank == 0 else None
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"stage {self.stage.index} {self.stage.name}",
-                   disable=not self.config.progress or self.rank != 0)
+        log = (
+            MetricsLog(
+                self.out_dir,
+                self.config.report_to,
+                f"{self.stage.index}-{self.stage.name}",
+                self.config.to_dict(),
+                self.step,
+            )
+            if self.rank == 0
+            else None
+        )
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"stage {self.stage.index} {self.stage.name}",
+            disable=not self.config.progress or self.rank != 0,
+        )
         self.wrapped.train()
         accum = self.config.grad_accum
-        loader = make_loader(self.dataset, self.micro_batches(self.step * accum, self.total_steps * accum),
-                             self.workers, self.device, collate_cached if self.state_cache is not None else None,
-                             packed=self.config.packing)
+        loader = make_loader(
+            self.dataset,
+            self.micro_batches(self.step * accum, self.total_steps * accum),
+            self.workers,
+            self.device,
+            collate_cached if self.state_cache is not None else None,
+            packed=self.config.packing,
+        )
         batches = iter(loader)
         self.data_wait_s = 0.0
         try:
@@ -343,8 +462,10 @@ class Trainer:
                     tokens = sum(tokens_in(batch) for batch in micro)
                     values = run_step(self, micro, stop=stops.received is not None)
                     row = step_row(self, values, tokens, waited, time.perf_counter() - start)
-                    evaluate = self.held_out is not None and (self.step == self.total_steps or (
-                        self.config.eval_every is not None and self.step % self.config.eval_every == 0))
+                    evaluate = self.held_out is not None and (
+                        self.step == self.total_steps
+                        or (self.config.eval_every is not None and self.step % self.config.eval_every == 0)
+                    )
                     if evaluate:
                         row.update(self.held_out.evaluate())
                     if log is not None:
@@ -370,11 +491,17 @@ class Trainer:
         if evaluated and self.config.keep_best is not None:
             metric = self.config.keep_best
             if metric not in row:
-                raise ValueError(f"keep_best: the evaluation has no {metric!r}; it has "
-                                 f"{sorted(k for k in row if k.startswith('eval/'))}")
+                raise ValueError(
+                    f"keep_best: the evaluation has no {metric!r}; it has "
+                    f"{sorted(k for k in row if k.startswith('eval/'))}"
+                )
             if better(metric, row[metric], None if self.best is None else self.best["value"]):
-                self.best = {"metric": metric, "value": row[metric], "step": self.step,
-                             "checkpoint": str(self.checkpoint_dir())}
+                self.best = {
+                    "metric": metric,
+                    "value": row[metric],
+                    "step": self.step,
+                    "checkpoint": str(self.checkpoint_dir()),
+                }
                 due = True
         if due:
             self.save_checkpoint()
@@ -389,6 +516,7 @@ class Trainer:
         """Merge the LoRA adapters into the LLM (or save them beside the model, and the LLM as
         it was) before the model is saved."""
         from . import lora
+
         if self.config.lora_save == "adapters":
             if self.rank == 0:
                 lora.save_adapters(self.model.llm, self.config, model_dir / "adapters")
@@ -405,8 +533,11 @@ class Trainer:
         if self.rank == 0:
             check_finite(state if state is not None else self.model.state_dict(), "the model")
             self.model.save_pretrained(model_dir, self.processor, state_dict=state)
-            if not plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png",
-                               f"stage {self.stage.index}: {self.stage.name}"):
+            if not plot_losses(
+                self.out_dir / "metrics.jsonl",
+                self.out_dir / "loss.png",
+                f"stage {self.stage.index}: {self.stage.name}",
+            ):
                 print(f"{self.out_dir / 'loss.png'} not drawn: matplotlib is not installed", file=sys.stderr)
         distributed.barrier(self.world)
         return model_dir

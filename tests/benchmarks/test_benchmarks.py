@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (tiny shapes) and write their table, JSON and chart.
 No timing is asserted here: speed targets live in the benchmarks' output, not in tests."""
+
 import json
 
 import pytest
@@ -44,11 +45,28 @@ def test_quick_loader_and_data_scale_benchmarks_write_their_tables(tmp_path, cap
 
 
 def test_quick_length_spread_compares_padded_and_packed(tmp_path, capsys):
-    assert cli.main(["bench", "length_spread", "--quick", "--cases", "padded,bucketed,packed", "--no-memory",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            [
+                "bench",
+                "length_spread",
+                "--quick",
+                "--cases",
+                "padded,bucketed,packed",
+                "--no-memory",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = {r["case"]: r for r in json.loads((tmp_path / "quick_length_spread.json").read_text())["rows"]}
-    assert rows["packed"]["padding_fraction"] == 0 < rows["bucketed"]["padding_fraction"] < \
-        rows["padded"]["padding_fraction"]
+    assert (
+        rows["packed"]["padding_fraction"]
+        == 0
+        < rows["bucketed"]["padding_fraction"]
+        < rows["padded"]["padding_fraction"]
+    )
     assert all(r["units_per_s"] > 0 for r in rows.values())
     assert "vs padded" in capsys.readouterr().out
 

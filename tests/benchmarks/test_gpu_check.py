@@ -3,10 +3,11 @@ that the script cannot rot between GPU loans: every part writes its JSON, the pa
 (the tests marked gpu_check) collects and a few of its tests run under pytest-xdist, the summary
 is rewritten after every part, a part over its budget is recorded and the run goes on, and what
 a killed part leaves behind is removed."""
+
 import json
 
-from omnifast import cli
 from benchmarks import gpu_check
+from omnifast import cli
 
 
 def test_dry_run_writes_every_part_within_the_file_limits(tmp_path):

@@ -1,11 +1,12 @@
 """The headline benchmark: --quick runs the same code at tiny size on the CPU; its OpenOmni-recipe
 loss is the same function as omnifast's; the estimate is labelled as one."""
+
 import json
 
 import torch
 
-from omnifast import cli
 from benchmarks import openomni_recipe, train_step
+from omnifast import cli
 from omnifast.models import OmniConfig, response_states
 
 
@@ -14,7 +15,8 @@ def test_quick_run_writes_the_table_json_and_chart(tmp_path, capsys):
     payload = json.loads((tmp_path / "quick_train_step.json").read_text())
     assert (tmp_path / "quick_train_step.png").stat().st_size > 0
     assert {(r["stage"], r["implementation"], r["setting"]) for r in payload["rows"]} == {
-        (s, i, b) for s in train_step.STAGES for i in train_step.IMPLEMENTATIONS for b in train_step.SETTINGS}
+        (s, i, b) for s in train_step.STAGES for i in train_step.IMPLEMENTATIONS for b in train_step.SETTINGS
+    }
     for row in payload["rows"]:
         assert row["step_s"] > 0 and row["units_per_s"] > 0 and row["whole_run_s"] > 0
         if row["setting"] == "equal batch":

@@ -1,12 +1,13 @@
 """The demo corpus: every stage's records pass the trainer's validation, the held-out records are
 really held out, and the styles differ on the audio as their names say."""
+
 import json
 
 import numpy as np
 import pytest
 
-from omnifast.demo import corpus as demo_corpus
 from omnifast.audio import read_audio
+from omnifast.demo import corpus as demo_corpus
 from omnifast.training.data import load_records
 from omnifast.training.stages import BY_NAME
 
@@ -47,8 +48,11 @@ def test_units_are_filled_from_clips(built, tmp_path):
 
 
 def test_held_out_records_are_held_out(built):
-    train_text = {json.dumps(r["conversations"]) for name in ("s2t", "i2t-pretrain", "i2t-sft", "llm-pretrain")
-                  for r in rows(built, f"{name}.json")}
+    train_text = {
+        json.dumps(r["conversations"])
+        for name in ("s2t", "i2t-pretrain", "i2t-sft", "llm-pretrain")
+        for r in rows(built, f"{name}.json")
+    }
     train_images = {r.get("image") for name in ("i2t-pretrain", "i2t-sft") for r in rows(built, f"{name}.json")}
     train_audio = {r["speech"] for r in rows(built, "s2t.json")}
     for r in rows(built, "eval-vqa-speech.json") + rows(built, "eval-vqa-text.json"):
@@ -70,6 +74,7 @@ def test_held_out_records_are_held_out(built):
 
 def mean_pitch(samples):
     import librosa
+
     f0, voiced, _ = librosa.pyin(samples, fmin=60, fmax=500, sr=16000, frame_length=1024)
     return float(np.nanmean(f0[voiced]))
 
@@ -77,11 +82,10 @@ def mean_pitch(samples):
 def test_corpus_styles_differ_on_the_audio(built):
     """Mean pitch happy > neutral > sad, sad slowest, angry loudest: on the corpus' own clips."""
     clips = [c for c in rows(built, "tokenizer/metadata.json") if c["voice"] == demo_corpus.UNIT_VOICE]
-    text = next(c["text"] for c in clips if c["emotion"] == "sad" and
-                sum(d["text"] == c["text"] for d in clips) == 4)
+    text = next(c["text"] for c in clips if c["emotion"] == "sad" and sum(d["text"] == c["text"] for d in clips) == 4)
     audio = {c["emotion"]: read_audio(built / "tokenizer" / c["audio"], 16000)[0] for c in clips if c["text"] == text}
     pitch = {style: mean_pitch(wave) for style, wave in audio.items()}
     assert pitch["happy"] > pitch["neutral"] > pitch["sad"], pitch
     assert audio["sad"].size == max(w.size for w in audio.values())
-    loudness = {style: np.sqrt(np.mean(wave ** 2)) for style, wave in audio.items()}
+    loudness = {style: np.sqrt(np.mean(wave**2)) for style, wave in audio.items()}
     assert max(loudness, key=loudness.get) == "angry", loudness

@@ -1,6 +1,7 @@
 """``omnifast demo --quick`` end to end: corpus, tokenizer, the six stages, evaluation, report.
 Checks that the report has every figure and each is a finite number (the quick run trains too
 little for the figures themselves to mean anything)."""
+
 import json
 import math
 
@@ -31,5 +32,6 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
 
 def test_examples_are_escaped_for_markdown():
     from omnifast.demo.report import code
+
     assert code("two\nlines | and `ticks`") == "`` two lines \\| and `ticks` ``"
     assert code("") == "`   `"

@@ -1,5 +1,6 @@
 """Drawn scenes hold what their captions and answers say: the colour, the number of separate
 shapes, their third of the image, and a shape told apart by how much of its box it fills."""
+
 import random
 
 import numpy as np
@@ -8,14 +9,19 @@ from scipy import ndimage
 
 from omnifast.demo import COLOURS, POSITIONS, Scene, draw, random_scene
 
-SCENES = [Scene(s, c, n, p) for s in ("circle", "square", "triangle") for c in ("red", "blue")
-          for n in (1, 3) for p in POSITIONS]
+SCENES = [
+    Scene(s, c, n, p)
+    for s in ("circle", "square", "triangle")
+    for c in ("red", "blue")
+    for n in (1, 3)
+    for p in POSITIONS
+]
 
 
 @pytest.mark.parametrize("scene", SCENES, ids=str)
 def test_the_picture_matches_the_scene(scene):
     pixels = np.asarray(draw(scene, 96)).astype(int)
-    mask = (np.abs(pixels - np.array(COLOURS[scene.colour])).sum(-1) < 30)
+    mask = np.abs(pixels - np.array(COLOURS[scene.colour])).sum(-1) < 30
     labels, count = ndimage.label(mask)
     assert count == scene.count
     columns = np.nonzero(mask.any(0))[0]

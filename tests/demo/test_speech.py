@@ -1,5 +1,6 @@
 """eSpeak NG speech for the demo: 16 kHz float samples, styles that differ as their names say,
 voices that differ, and bad arguments."""
+
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ def speaker():
 
 def median_pitch(samples: np.ndarray) -> float:
     import librosa
+
     f0, voiced, _ = librosa.pyin(samples, fmin=60, fmax=500, sr=16000, frame_length=1024)
     return float(np.nanmedian(f0[voiced]))
 
@@ -24,7 +26,7 @@ def test_speech_is_16k_float_and_styles_differ(speaker):
     for clip in clips.values():
         assert clip.dtype == np.float32 and clip.ndim == 1 and 1.0 < clip.size / 16000 < 8.0
         assert np.abs(clip).max() > 0.05
-    assert clips["sad"].size > 1.2 * clips["happy"].size            # slower
+    assert clips["sad"].size > 1.2 * clips["happy"].size  # slower
     assert median_pitch(clips["happy"]) > 1.2 * median_pitch(clips["sad"])
     assert np.sqrt(np.mean(clips["angry"] ** 2)) > 1.5 * np.sqrt(np.mean(clips["sad"] ** 2))  # louder
 

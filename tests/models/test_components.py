@@ -1,6 +1,7 @@
 """Building from Hugging Face component folders (placeholders added, sizes taken from the
 components or a config in full) and saving in transformers' sharded layout (read back shard by
 shard onto a meta-built model, and by huggingface_hub's own loader)."""
+
 import json
 
 import numpy as np
@@ -21,28 +22,17 @@ def plain_tokenizer():
     """A byte-level tokenizer with ChatML but no <image>/<speech>, like an LLM's own."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-
-
-@pytest.fixture(scope="module")
-def components(tmp_path_factory):
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, Qwen2Config, Qwen2ForCausalLM, WhisperConfig,
-                              WhisperModel)
-    root = tmp_path_factory.mktemp("components")
-    torch.manual_seed(0)
-    tokenizer = plain_tokenizer()
-    parts = {"llm": Qwen2ForCausalLM(Qwen2Config(**{**TINY.llm, "vocab_size": len(tokenizer)})),
-             "vision": CLIPVisionModel(CLIPVisionConfig(**TINY.vision)),
-             "speech": WhisperModel(WhisperConfig(**TINY.speech))}
-    for name, part in parts.items():
-        part.save_pretrained(root / name)
-    tokenizer.save_pretrained(root / "llm")
-    return root, parts, len(tokenizer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
 
 
 def folders(root):
@@ -60,8 +50,11 @@ def test_placeholders_are_added_and_the_embeddings_grow(components):
     for ours, theirs in ((model.vision, parts["vision"]), (model.speech, parts["speech"].get_encoder())):
         for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
             assert torch.equal(a, b), name
-    batch = processor([[{"from": "human", "value": "<image> and <speech>"}, {"from": "gpt", "value": "Red."}]],
-                      images=[[IMAGE]], audios=[[WAVE]])
+    batch = processor(
+        [[{"from": "human", "value": "<image> and <speech>"}, {"from": "gpt", "value": "Red."}]],
+        images=[[IMAGE]],
+        audios=[[WAVE]],
+    )
     assert (batch["input_ids"] == 259).sum() == c.image_tokens and (batch["input_ids"] == 260).sum() == c.speech_tokens
     assert torch.isfinite(model(**batch).loss)
 
@@ -76,8 +69,14 @@ def test_sizes_come_from_the_components_without_a_config(components):
 
 def test_a_config_is_honoured_in_full(components):
     root, _, _ = components
-    config = OmniConfig(**{**TINY.to_dict(), "speech_projector_hidden": 96, "speech_stack": 10,
-                           "speech_decoder": {**TINY.speech_decoder, "layers": 3, "text_vocab": 400}})
+    config = OmniConfig(
+        **{
+            **TINY.to_dict(),
+            "speech_projector_hidden": 96,
+            "speech_stack": 10,
+            "speech_decoder": {**TINY.speech_decoder, "layers": 3, "text_vocab": 400},
+        }
+    )
     model = load_components(**folders(root), config=config)[0]
     c = model.config
     assert (c.speech_projector_hidden, c.speech_stack, c.audio_seconds) == (96, 10, 1)
@@ -90,8 +89,10 @@ def test_a_config_is_honoured_in_full(components):
     with pytest.raises(ValueError, match="audio_seconds=30 was asked for, but the components fix it at 1"):
         load_components(**folders(root), config=config, audio_seconds=30)
     with pytest.raises(ValueError, match="embeds 100 text tokens but the tokenizer has 261"):
-        load_components(**folders(root), config=OmniConfig(**{**TINY.to_dict(), "speech_decoder": {
-            **TINY.speech_decoder, "text_vocab": 100}}))
+        load_components(
+            **folders(root),
+            config=OmniConfig(**{**TINY.to_dict(), "speech_decoder": {**TINY.speech_decoder, "text_vocab": 100}}),
+        )
 
 
 def test_a_saved_decoder_and_missing_pieces(components, tmp_path):
@@ -125,6 +126,7 @@ def tiny_model():
 
 def test_sharded_save_is_transformers_layout_and_loads_bit_exact(tiny_model, tmp_path):
     from huggingface_hub import load_torch_model
+
     model, processor = tiny_model
     model.save_pretrained(tmp_path, processor, max_shard_size=300_000)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
@@ -154,6 +156,7 @@ def test_loading_builds_on_meta_and_never_initialises(tiny_model, tmp_path, monk
     def refuse(self, *args, **kwargs):
         if not self.weight.is_meta:
             raise AssertionError("a layer was initialised")
+
     monkeypatch.setattr(torch.nn.Linear, "reset_parameters", refuse)
     monkeypatch.setattr(torch.nn.Embedding, "reset_parameters", refuse)
     with pytest.raises(AssertionError, match="initialised"):
@@ -178,15 +181,49 @@ def test_broken_saves_are_named(tiny_model, tmp_path):
 
 def test_omnifast_init_makes_a_trainable_model_from_component_folders(components, tmp_path, capsys):
     from omnifast import cli
+
     root, _, _ = components
     out = tmp_path / "model"
-    assert cli.main(["init", "--llm", str(root / "llm"), "--vision", str(root / "vision"), "--speech",
-                     str(root / "speech"), "--units", "50", "--mode", "ar", "--speech-ctc", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "init",
+                "--llm",
+                str(root / "llm"),
+                "--vision",
+                str(root / "vision"),
+                "--speech",
+                str(root / "speech"),
+                "--units",
+                "50",
+                "--mode",
+                "ar",
+                "--speech-ctc",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "speech decoder ar over 50 units" in capsys.readouterr().err
     model = OmniModel.from_pretrained(out)
     assert model.speech_decoder.mode == "ar" and model.config.decoder_config().units == 50
     assert model.speech_ctc_head is not None and torch.isfinite(model.speech_ctc_head.weight).all()
     assert OmniProcessor.from_pretrained(out, model.config).speech_token_id == model.config.speech_token_id
-    assert cli.console(["init", "--llm", str(root / "vision"), "--vision", str(root / "vision"), "--speech",
-                        str(root / "speech"), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        cli.console(
+            [
+                "init",
+                "--llm",
+                str(root / "vision"),
+                "--vision",
+                str(root / "vision"),
+                "--speech",
+                str(root / "speech"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "llm=" in capsys.readouterr().err and not (tmp_path / "x").exists()

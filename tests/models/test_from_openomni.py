@@ -2,6 +2,7 @@
 mm_projector, CLIP tower, openai-whisper encoder names, speech projector, speech generator and its
 DPO copy, in safetensors shards) loads into an OmniModel by key name, with every missing or
 unexpected key named."""
+
 import json
 from dataclasses import asdict
 
@@ -11,25 +12,31 @@ from safetensors.torch import save_file
 
 from omnifast.models import OmniConfig, OmniModel
 from omnifast.nn import SpeechDecoderConfig
-
 from omnifast.openomni import load_openomni
 from omnifast.openomni import reference as openomni
 
-OPENAI_WHISPER = {"self_attn_layer_norm": "attn_ln", "self_attn.q_proj": "attn.query", "self_attn.k_proj": "attn.key",
-                  "self_attn.v_proj": "attn.value", "self_attn.out_proj": "attn.out", "final_layer_norm": "mlp_ln",
-                  "fc1": "mlp.0", "fc2": "mlp.2"}
+OPENAI_WHISPER = {
+    "self_attn_layer_norm": "attn_ln",
+    "self_attn.q_proj": "attn.query",
+    "self_attn.k_proj": "attn.key",
+    "self_attn.v_proj": "attn.value",
+    "self_attn.out_proj": "attn.out",
+    "final_layer_norm": "mlp_ln",
+    "fc1": "mlp.0",
+    "fc2": "mlp.2",
+}
 
 
 def openai_name(key):
     if key == "embed_positions.weight":
         return "positional_embedding"
     if key.startswith("layer_norm."):
-        return "ln_post." + key[len("layer_norm."):]
+        return "ln_post." + key[len("layer_norm.") :]
     if key.startswith("layers."):
         _, index, rest = key.split(".", 2)
         for ours, theirs in OPENAI_WHISPER.items():
             if rest.startswith(ours + "."):
-                return f"blocks.{index}.{theirs}.{rest[len(ours) + 1:]}"
+                return f"blocks.{index}.{theirs}.{rest[len(ours) + 1 :]}"
     return key
 
 
@@ -41,25 +48,38 @@ def openomni_checkpoint(folder, config):
     state.update({f"model.mm_projector.{k}": v for k, v in source.image_projector.state_dict().items()})
     state.update({f"model.vision_tower.vision_tower.{k}": v for k, v in source.vision.state_dict().items()})
     state.update({f"model.speech_encoder.{openai_name(k)}": v for k, v in source.speech.state_dict().items()})
-    state.update({f"model.speech_projector.linear{1 if k.startswith('net.0') else 2}.{k.split('.')[-1]}": v
-                  for k, v in source.speech_projector.state_dict().items()})
+    state.update(
+        {
+            f"model.speech_projector.linear{1 if k.startswith('net.0') else 2}.{k.split('.')[-1]}": v
+            for k, v in source.speech_projector.state_dict().items()
+        }
+    )
     for prefix in ("model.speech_generator.", "model.copy_speech_generator."):
-        state.update({prefix + k: v for k, v in generator.state_dict().items() if not k.startswith("llm.model.lm_head")})
+        state.update(
+            {prefix + k: v for k, v in generator.state_dict().items() if not k.startswith("llm.model.lm_head")}
+        )
     folder.mkdir(parents=True, exist_ok=True)
     keys = sorted(state)
     shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
     for name, part in shards.items():
         save_file({k: state[k].clone().contiguous() for k in part}, str(folder / name))
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: name for name, part in shards.items() for k in part}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: name for name, part in shards.items() for k in part}})
+    )
     return source, generator, state
 
 
 def small_config():
     config = OmniConfig.tiny()
-    config.speech_decoder = asdict(SpeechDecoderConfig.openomni(**{
-        k: v for k, v in config.decoder_config().to_dict().items()
-        if k not in ("fusion_causal", "upsample_rounding", "loss_normalization", "zero_infinity")}))
+    config.speech_decoder = asdict(
+        SpeechDecoderConfig.openomni(
+            **{
+                k: v
+                for k, v in config.decoder_config().to_dict().items()
+                if k not in ("fusion_causal", "upsample_rounding", "loss_normalization", "zero_infinity")
+            }
+        )
+    )
     return config
 
 
@@ -100,7 +120,9 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     with pytest.raises(ValueError) as error:
         load_openomni(folder, config)
     message = str(error.value)
-    assert "unexpected keys: model.extra_head.weight" in message and "missing keys: speech_projector.net.2.bias" in message
+    assert (
+        "unexpected keys: model.extra_head.weight" in message and "missing keys: speech_projector.net.2.bias" in message
+    )
     assert index["weight_map"]
     with pytest.raises(FileNotFoundError, match="not an OpenOmni checkpoint folder"):
         load_openomni(tmp_path / "nothing", config)

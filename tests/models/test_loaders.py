@@ -2,6 +2,7 @@
 another dtype or shape, a truncated file, a broken settings file, an empty index, the wrong
 architecture in a component folder, a pickle as pytorch_model.bin, a component with a missing
 weight. Each is refused (or, for a dtype, cast with a warning) naming the file and the key."""
+
 import json
 import math
 import pickle
@@ -16,7 +17,7 @@ from omnifast.models.safe_load import WeightsError
 from omnifast.models.weights import INDEX_NAME
 from omnifast.openomni import load_openomni
 
-from .test_components import components, folders  # noqa: F401  (the shared fixture)
+from .test_components import folders
 from .test_from_openomni import openomni_checkpoint, small_config
 
 
@@ -31,6 +32,7 @@ def saved(tmp_path_factory):
 def edited(saved, tmp_path, edit):
     """A copy of the saved model with one tensor changed by ``edit(tensors)``."""
     import shutil
+
     copy = tmp_path / "model"
     shutil.copytree(saved, copy)
     tensors = load_file(str(copy / "model.safetensors"))
@@ -42,11 +44,14 @@ def edited(saved, tmp_path, edit):
 KEY = "llm.model.layers.0.mlp.up_proj.weight"
 
 
-@pytest.mark.parametrize("change, error, match", [
-    (lambda t: t[KEY].fill_(math.nan), WeightsError, f"{KEY} holds NaN or infinite values"),
-    (lambda t: t.update({KEY: t[KEY][:3]}), WeightsError, f"{KEY} has shape \\(3, 128\\), the model's is"),
-    (lambda t: t.update({KEY: t[KEY].long()}), WeightsError, f"{KEY} holds torch.int64 values"),
-])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda t: t[KEY].fill_(math.nan), WeightsError, f"{KEY} holds NaN or infinite values"),
+        (lambda t: t.update({KEY: t[KEY][:3]}), WeightsError, f"{KEY} has shape \\(3, 128\\), the model's is"),
+        (lambda t: t.update({KEY: t[KEY].long()}), WeightsError, f"{KEY} holds torch.int64 values"),
+    ],
+)
 def test_from_pretrained_refuses_bad_tensors_by_file_and_key(saved, tmp_path, change, error, match):
     folder = edited(saved, tmp_path, change)
     with pytest.raises(error, match=match) as found:
@@ -65,6 +70,7 @@ def test_nan_weights_load_for_inspection_and_another_dtype_is_cast_by_name(saved
 
 def test_broken_files_are_named(saved, tmp_path):
     import shutil
+
     folder = tmp_path / "model"
     shutil.copytree(saved, folder)
     weights = folder / "model.safetensors"
@@ -112,17 +118,19 @@ def test_from_openomni_keeps_to_its_folder_refuses_pickles_and_nan(tmp_path):
     class Payload:
         def __reduce__(self):
             return (print, ("this must never run",))
+
     (pickled / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": Payload()}))
     with pytest.raises(WeightsError, match="omnifast never unpickles objects or code"):
         load_openomni(pickled, config)
 
 
-def test_components_refuse_the_wrong_architecture_and_missing_weights(components, tmp_path):  # noqa: F811
+def test_components_refuse_the_wrong_architecture_and_missing_weights(components, tmp_path):
     root, parts, _ = components
     wrong = {**folders(root), "speech": root / "vision"}
     with pytest.raises(WeightsError, match="speech=.* holds a 'clip_vision_model' model .*speech takes whisper"):
         load_components(**wrong)
     import shutil
+
     llm = tmp_path / "llm"
     shutil.copytree(root / "llm", llm)
     tensors = load_file(str(llm / "model.safetensors"))
@@ -138,6 +146,7 @@ def test_components_refuse_the_wrong_architecture_and_missing_weights(components
 
 def test_a_saved_speech_decoder_is_checked(tmp_path):
     from omnifast.nn import SpeechDecoderConfig, build_speech_decoder
+
     decoder = build_speech_decoder(SpeechDecoderConfig.tiny(), "nar")
     save_speech_decoder(decoder, tmp_path)
     tensors = load_file(str(tmp_path / "speech_decoder.safetensors"))

@@ -1,14 +1,14 @@
 """OmniModel and OmniProcessor at tiny size: mixed batches forward and backward, exact label
 masking, placeholders, freezing, save/load, generation with and without speech (whole and
 streamed), the 7B config on the meta device, and bad input."""
+
 import copy
 
 import numpy as np
 import pytest
 import torch
 
-from omnifast.models import (IGNORE_INDEX, OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer,
-                             response_states)
+from omnifast.models import IGNORE_INDEX, OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer, response_states
 
 from ..devices import device_for, moved
 
@@ -20,8 +20,12 @@ CONVERSATIONS = [
     [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}],
     [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}],
     [{"from": "human", "value": "<speech>"}, {"from": "gpt", "value": "You said hi."}],
-    [{"from": "human", "value": "<image> and <speech>"}, {"from": "gpt", "value": "Red."},
-     {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}],
+    [
+        {"from": "human", "value": "<image> and <speech>"},
+        {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "Sure?"},
+        {"from": "gpt", "value": "Yes."},
+    ],
 ]
 MEDIA = dict(images=[[], [IMAGE], [], [IMAGE]], audios=[[], [], [WAVE], [WAVE]])
 
@@ -109,14 +113,23 @@ def test_save_load_round_trip_is_bit_exact(tiny, tmp_path):
 
 def test_generate_with_and_without_speech(tiny):
     model, processor = tiny
-    prompt = processor.encode_conversation([{"from": "human", "value": "<image> hi"}], [IMAGE],
-                                           add_generation_prompt=True)
+    prompt = processor.encode_conversation(
+        [{"from": "human", "value": "<image> hi"}], [IMAGE], add_generation_prompt=True
+    )
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    quiet = model.generate(prompt["input_ids"], prompt["pixel_values"], max_new_tokens=6, eos_token_id=eos,
-                           tokenizer=processor.tokenizer)
+    quiet = model.generate(
+        prompt["input_ids"], prompt["pixel_values"], max_new_tokens=6, eos_token_id=eos, tokenizer=processor.tokenizer
+    )
     assert 1 <= len(quiet.token_ids) <= 6 and quiet.units == [] and quiet.first_token_s > 0
-    spoken = model.generate(prompt["input_ids"], prompt["pixel_values"], max_new_tokens=6, eos_token_id=eos,
-                            speak=True, unit_chunk=2, tokenizer=processor.tokenizer)
+    spoken = model.generate(
+        prompt["input_ids"],
+        prompt["pixel_values"],
+        max_new_tokens=6,
+        eos_token_id=eos,
+        speak=True,
+        unit_chunk=2,
+        tokenizer=processor.tokenizer,
+    )
     assert spoken.token_ids == quiet.token_ids  # greedy: speaking does not change the text
     # the streamed units equal the decoder's one-pass units on the same LLM states
     with torch.no_grad():
@@ -134,7 +147,9 @@ def test_stream_answer_yields_tokens_and_units_as_they_come(tiny):
     events = list(model.stream_answer(prompt["input_ids"], speak=True, unit_chunk=2, forced_tokens=forced))
     kinds = [e.kind for e in events]
     assert [e.token for e in events if e.kind == "token"] == forced
-    assert "units" in kinds and kinds.index("units") < len(kinds) - 1 - kinds[::-1].index("token")  # not only at the end
+    assert "units" in kinds and kinds.index("units") < len(kinds) - 1 - kinds[::-1].index(
+        "token"
+    )  # not only at the end
     assert all(a.seconds <= b.seconds for a, b in zip(events, events[1:]))
     whole = model.generate(prompt["input_ids"], speak=True, unit_chunk=2, forced_tokens=forced)
     assert whole.units == [u for e in events for u in e.units]
@@ -159,8 +174,10 @@ def test_a_decoder_that_cannot_stream_speaks_once_the_text_is_done():
 def test_openomni_7b_on_the_meta_device():
     with torch.device("meta"):
         model = OmniModel(OmniConfig.openomni_7b())
-    counts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in
-              ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder")}
+    counts = {
+        name: sum(p.numel() for p in getattr(model, name).parameters())
+        for name in ("llm", "vision", "speech", "image_projector", "speech_projector", "speech_decoder")
+    }
     print({k: f"{v / 1e9:.3f}B" for k, v in counts.items()}, f"total {sum(counts.values()) / 1e9:.2f}B")
     assert 7.5e9 < counts["llm"] < 7.7e9 and 0.5e9 < counts["speech_decoder"] < 0.7e9
     assert all(p.is_meta for p in model.parameters())
@@ -170,6 +187,7 @@ def test_openomni_7b_on_the_meta_device():
 def test_audio_is_mixed_to_mono_and_resampled_to_the_models_rate(tiny):
     """Stereo (either layout) is the mean of its channels; another rate is resampled (soxr)."""
     from omnifast.audio import resample
+
     _, processor = tiny
     speech = [{"from": "human", "value": "<speech>"}]
     mono = processor.encode_conversation(speech, audios=[WAVE])["speech_features"]
@@ -178,10 +196,10 @@ def test_audio_is_mixed_to_mono_and_resampled_to_the_models_rate(tiny):
     for stereo in (np.stack([WAVE, other], 1), np.stack([WAVE, other])):
         torch.testing.assert_close(processor.encode_conversation(speech, audios=[stereo])["speech_features"], mixed)
     at_8k = resample(WAVE, 16000, 8000)
-    torch.testing.assert_close(processor.encode_conversation(speech, audios=[at_8k], sampling_rate=8000)
-                               ["speech_features"],
-                               processor.encode_conversation(speech, audios=[resample(at_8k, 8000, 16000)])
-                               ["speech_features"])
+    torch.testing.assert_close(
+        processor.encode_conversation(speech, audios=[at_8k], sampling_rate=8000)["speech_features"],
+        processor.encode_conversation(speech, audios=[resample(at_8k, 8000, 16000)])["speech_features"],
+    )
     assert mono.shape == mixed.shape
 
 
@@ -217,8 +235,19 @@ def test_bad_input(tiny, tmp_path):
 
 def test_siglip_vision_tower():
     import dataclasses
-    config = dataclasses.replace(OmniConfig.tiny(), vision_type="siglip", vision=dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8))
+
+    config = dataclasses.replace(
+        OmniConfig.tiny(),
+        vision_type="siglip",
+        vision=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+    )
     torch.manual_seed(1)
     model = OmniModel(config)
     processor = OmniProcessor(build_tiny_tokenizer(), config)
@@ -231,6 +260,7 @@ def test_siglip_vision_tower():
 
 def test_generate_with_forced_tokens_emits_them_and_speaks():
     from omnifast.models import OmniConfig, OmniModel
+
     torch.manual_seed(0)
     model = OmniModel(OmniConfig.tiny()).eval()
     forced = [5, 9, 11, 3, 7, 2]

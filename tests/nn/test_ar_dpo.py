@@ -2,6 +2,7 @@
 pass, fused per-row cross-entropy) equal the brute-force recipe's (full logits, log_softmax,
 gather) in float64, forward and gradients, for every normalisation and backend; stage 5 trains an
 AR decoder."""
+
 import copy
 import json
 
@@ -34,11 +35,11 @@ def brute_force(decoder, hidden, tokens, mask, units):
     for b in range(hidden.shape[0]):
         n = int(mask[b].sum())
         real = units[b][units[b] != -100]
-        fused, _ = decoder.fuse_text(hidden[b:b + 1, :n], tokens[b:b + 1, :n])
+        fused, _ = decoder.fuse_text(hidden[b : b + 1, :n], tokens[b : b + 1, :n])
         sos, task = decoder.ar_specials.weight
         seq = torch.cat([sos[None], fused[0], task[None], decoder.unit_embedding(real)])[None]
         states = decoder.decoder(inputs_embeds=seq, use_cache=False).last_hidden_state[0]
-        log_probs = F.log_softmax(decoder.head(states[n + 1:]), -1)  # task and each unit predict the next
+        log_probs = F.log_softmax(decoder.head(states[n + 1 :]), -1)  # task and each unit predict the next
         targets = torch.cat([real, torch.tensor([CFG.units])])
         out.append(log_probs.gather(1, targets[:, None]).sum())
     return torch.stack(out)
@@ -54,11 +55,13 @@ def test_ar_dpo_equals_the_brute_force_recipe(backend, normalization):
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    refs = reference.reference_logps(hidden, tokens, chosen, rejected, hidden_mask=mask, text_mask=mask,
-                                     normalization=normalization)
+    refs = reference.reference_logps(
+        hidden, tokens, chosen, rejected, hidden_mask=mask, text_mask=mask, normalization=normalization
+    )
     h1 = hidden.clone().requires_grad_()
-    out = policy.dpo_loss(h1, tokens, chosen, rejected, *refs, beta=0.5, hidden_mask=mask, text_mask=mask,
-                          normalization=normalization)
+    out = policy.dpo_loss(
+        h1, tokens, chosen, rejected, *refs, beta=0.5, hidden_mask=mask, text_mask=mask, normalization=normalization
+    )
     out.loss.backward()
     ours_grads = [p.grad.clone() for p in policy.parameters()] + [h1.grad]
     policy.zero_grad()
@@ -83,14 +86,32 @@ def test_ar_dpo_equals_the_brute_force_recipe(backend, normalization):
 def test_stage_5_trains_an_ar_decoder(tmp_path):
     from omnifast import cli
     from tests.training.test_training import write_data
+
     data = write_data(tmp_path / "data")
     from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
+
     torch.manual_seed(0)
     config = OmniConfig.tiny()
     config.speech_decoder_mode = "ar"
     OmniModel(config).save_pretrained(tmp_path / "ar-model", OmniProcessor(build_tiny_tokenizer(), config))
-    assert cli.main(["train", "--stage", "emotion-dpo", "--model", str(tmp_path / "ar-model"), "--data",
-                     str(data / "emotion-dpo.json"), "--out", str(tmp_path / "out"), "--max-steps", "2",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--stage",
+                "emotion-dpo",
+                "--model",
+                str(tmp_path / "ar-model"),
+                "--data",
+                str(data / "emotion-dpo.json"),
+                "--out",
+                str(tmp_path / "out"),
+                "--max-steps",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and abs(losses[0] - 0.693147) < 1e-4

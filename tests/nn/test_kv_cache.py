@@ -1,5 +1,6 @@
 """``forward_with_cache`` passes the cache under the keyword the installed transformers takes,
 with no deprecation warning, and a cached step computes what the whole sequence computes."""
+
 import warnings
 
 import torch
@@ -22,8 +23,14 @@ def test_a_forward_without_a_cache_parameter_gets_past_key_values():
 
 def test_a_cached_step_equals_the_whole_sequence_without_warnings():
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = Qwen2Config(
+        vocab_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = Qwen2Model(config).eval().double()
     x = torch.randn(1, 5, 32, dtype=torch.float64)
     with torch.no_grad():

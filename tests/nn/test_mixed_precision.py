@@ -4,6 +4,7 @@ the speech decoder's CTC and CTC-DPO losses and every parameter gradient against
 Stated tolerance: the omnifast torch backend's own error against float32 stays under
 BOUND[dtype] (relative, losses and the whole gradient vector), and every kernel backend's error
 is at most twice the torch backend's (plus 1e-3 relative slack)."""
+
 import contextlib
 
 import pytest
@@ -33,8 +34,9 @@ def decoder_losses(backend, mode, seed=0):
     with context:
         ctc = decoder(hidden, tokens, mask, mask, units).loss
         refs = decoder.reference_logps(hidden.detach(), tokens, units, rejected, hidden_mask=mask, text_mask=mask)
-        dpo = decoder.dpo_loss(hidden, tokens, units, rejected, refs[0] - 1.0, refs[1] + 1.0, hidden_mask=mask,
-                               text_mask=mask).loss
+        dpo = decoder.dpo_loss(
+            hidden, tokens, units, rejected, refs[0] - 1.0, refs[1] + 1.0, hidden_mask=mask, text_mask=mask
+        ).loss
     assert ctc.dtype == torch.float32 and dpo.dtype == torch.float32
     params = [p for p in decoder.parameters()]
     grads = torch.autograd.grad(ctc + dpo, params, allow_unused=True)
@@ -46,8 +48,9 @@ def decoder_losses(backend, mode, seed=0):
 
 def relative_errors(result, exact):
     (losses, grad), (exact_losses, exact_grad) = result, exact
-    return ((losses - exact_losses).abs() / exact_losses.abs()).max().item(), \
-        ((grad - exact_grad).norm() / exact_grad.norm()).item()
+    return ((losses - exact_losses).abs() / exact_losses.abs()).max().item(), (
+        (grad - exact_grad).norm() / exact_grad.norm()
+    ).item()
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -1,4 +1,5 @@
 """MoE against NaiveMoE, the router's invariants and aux losses, loading and bad input."""
+
 import copy
 
 import pytest
@@ -7,12 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from omnifast.nn import MoE, NaiveMoE
-from omnifast.ops import moe as moe_ops
 from omnifast.openomni import load_moe_state_dict
+from omnifast.ops import moe as moe_ops
 
 from ..devices import device_for
 from ..tolerances import TOL
-
 
 
 def outputs_and_grads(module, x):
@@ -44,27 +44,63 @@ def check_against_naive(x, dtype=torch.float64, backend=None, **config):
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @settings(max_examples=30)
-@given(tokens=st.integers(1, 40), hidden=st.integers(1, 9), ffn=st.integers(1, 9), out=st.integers(1, 9),
-       experts=st.integers(1, 7), k=st.integers(0, 7), activation=st.sampled_from(moe_ops.ACTIVATIONS),
-       bias=st.booleans(), normalize=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    tokens=st.integers(1, 40),
+    hidden=st.integers(1, 9),
+    ffn=st.integers(1, 9),
+    out=st.integers(1, 9),
+    experts=st.integers(1, 7),
+    k=st.integers(0, 7),
+    activation=st.sampled_from(moe_ops.ACTIVATIONS),
+    bias=st.booleans(),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_naive(backend, tokens, hidden, ffn, out, experts, k, activation, bias, normalize, seed):
     top_k = None if k == 0 else min(k, experts)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    check_against_naive(x, backend=backend, hidden=hidden, ffn=ffn, out=out, experts=experts, top_k=top_k,
-                        activation=activation, bias=bias, normalize_topk=normalize)
+    check_against_naive(
+        x,
+        backend=backend,
+        hidden=hidden,
+        ffn=ffn,
+        out=out,
+        experts=experts,
+        top_k=top_k,
+        activation=activation,
+        bias=bias,
+        normalize_topk=normalize,
+    )
 
 
 @pytest.mark.gpu_check(5)
 @settings(max_examples=10)
-@given(tokens=st.integers(1, 30), hidden=st.integers(1, 20), ffn=st.integers(1, 20), experts=st.integers(1, 7),
-       k=st.integers(0, 7), activation=st.sampled_from(moe_ops.ACTIVATIONS), bias=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    tokens=st.integers(1, 30),
+    hidden=st.integers(1, 20),
+    ffn=st.integers(1, 20),
+    experts=st.integers(1, 7),
+    k=st.integers(0, 7),
+    activation=st.sampled_from(moe_ops.ACTIVATIONS),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_triton_matches_naive(tokens, hidden, ffn, experts, k, activation, bias, seed):
     # float32: Triton's tl.dot has no float64 path on the GPU, so its kernels are tested in float32
     top_k = None if k == 0 else min(k, experts)
     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(seed))
-    check_against_naive(x, dtype=torch.float32, backend="triton", hidden=hidden, ffn=ffn, out=hidden,
-                        experts=experts, top_k=top_k, activation=activation, bias=bias)
+    check_against_naive(
+        x,
+        dtype=torch.float32,
+        backend="triton",
+        hidden=hidden,
+        ffn=ffn,
+        out=hidden,
+        experts=experts,
+        top_k=top_k,
+        activation=activation,
+        bias=bias,
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
@@ -114,9 +150,9 @@ def test_routing_invariants(tokens, experts, k, seed):
     x, gate = torch.randn(tokens, 6, generator=gen), torch.randn(experts, 6, generator=gen)
     r = moe_ops.route(x, gate, k)
     assert int(r.counts.sum()) == tokens * k and r.offsets[-1] == tokens * k
-    assert torch.equal(r.order[r.position], torch.arange(tokens * k))       # inverse permutation
+    assert torch.equal(r.order[r.position], torch.arange(tokens * k))  # inverse permutation
     assert torch.equal(r.experts.reshape(-1)[r.order], torch.sort(r.experts.reshape(-1)).values)
-    assert torch.allclose(r.weights.sum(-1), torch.ones(tokens))             # renormalised
+    assert torch.allclose(r.weights.sum(-1), torch.ones(tokens))  # renormalised
     assert (r.experts[:, :-1] != r.experts[:, 1:]).all() if k > 1 else True
 
 
@@ -204,8 +240,12 @@ def test_jitter_only_in_training():
 
 
 BAD = [
-    (dict(top_k=0), "top_k"), (dict(top_k=5), "top_k"), (dict(activation="tanh"), "activation"),
-    (dict(experts=0), "experts"), (dict(split_tokens=3), "split_tokens"), (dict(jitter=-1.0), "jitter"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=5), "top_k"),
+    (dict(activation="tanh"), "activation"),
+    (dict(experts=0), "experts"),
+    (dict(split_tokens=3), "split_tokens"),
+    (dict(jitter=-1.0), "jitter"),
 ]
 
 
@@ -230,9 +270,16 @@ def test_bad_input():
 
 
 @pytest.mark.gpu_check(5)
-@pytest.mark.parametrize("engine,dtype", [("triton", torch.float32), ("grouped_mm", torch.float32),
-                                          ("grouped_mm", torch.bfloat16), ("segments", torch.float32),
-                                          ("segments", torch.float64)])
+@pytest.mark.parametrize(
+    "engine,dtype",
+    [
+        ("triton", torch.float32),
+        ("grouped_mm", torch.float32),
+        ("grouped_mm", torch.bfloat16),
+        ("segments", torch.float32),
+        ("segments", torch.float64),
+    ],
+)
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_every_gemm_engine_of_the_triton_backend_matches_naive(engine, dtype, activation, bias):
@@ -245,7 +292,7 @@ def test_every_gemm_engine_of_the_triton_backend_matches_naive(engine, dtype, ac
     x = torch.randn(37, 16, dtype=dtype)
     moe = MoE.from_naive(naive, backend="triton", gemm_engine=engine)
     ours, reference = outputs_and_grads(moe, x), outputs_and_grads(naive, x)
-    assert moe(x.to(device_for('triton'))).routing.counts[4] == 0
+    assert moe(x.to(device_for("triton"))).routing.counts[4] == 0
     for a, b in zip(ours, reference):
         if dtype == torch.bfloat16:
             scale = b.float().abs().max() + 1e-3

@@ -2,16 +2,16 @@
 from OpenOmni's keys reproduces OpenOmni's stage-4 CTC loss and its stage-5 DPO loss, and every
 gradient, in float64 (``omnifast/openomni/reference.py`` rebuilds OpenOmni's modules
 from its code); omnifast's own defaults differ from it where the README says they do."""
+
 import pytest
 import torch
 
 from omnifast.models import response_states
-from omnifast.nn import SpeechDecoder, SpeechDecoderConfig
+from omnifast.nn import SpeechDecoderConfig
+from omnifast.nn.speech_decoder import uniform_upsample
+from omnifast.openomni import reference as openomni
 from omnifast.openomni import speech_decoder_from_state_dict
 from omnifast.openomni.keys import speech_generator_state_dict
-from omnifast.nn.speech_decoder import uniform_upsample
-
-from omnifast.openomni import reference as openomni
 
 FACTOR = 3
 
@@ -41,9 +41,13 @@ def problem(seed=0):
     response), the response's text tokens (fewer than its labels), chosen and rejected units,
     one record with more units than factor x tokens, one at a rounding boundary."""
     torch.manual_seed(seed)
-    config = SpeechDecoderConfig.openomni(**{k: v for k, v in SpeechDecoderConfig.tiny(upsample_factor=FACTOR)
-                                            .to_dict().items() if k not in ("fusion_causal", "upsample_rounding",
-                                                                            "loss_normalization", "zero_infinity")})
+    config = SpeechDecoderConfig.openomni(
+        **{
+            k: v
+            for k, v in SpeechDecoderConfig.tiny(upsample_factor=FACTOR).to_dict().items()
+            if k not in ("fusion_causal", "upsample_rounding", "loss_normalization", "zero_infinity")
+        }
+    )
     n_boundary, frames_boundary = rounding_boundary()
     text_counts = [4, 2, n_boundary]
     unit_counts = [(9, 7), (FACTOR * 2 + 5, 3), (frames_boundary, frames_boundary - 1)]
@@ -54,7 +58,7 @@ def problem(seed=0):
     chosen = torch.full((B, max(u[0] for u in unit_counts)), -100)
     rejected = torch.full((B, max(u[1] for u in unit_counts)), -100)
     for b, (n, (uw, ul)) in enumerate(zip(text_counts, unit_counts)):
-        labels[b, 3:3 + n + 2] = torch.randint(0, config.text_vocab, (n + 2,))  # header and tail labelled too
+        labels[b, 3 : 3 + n + 2] = torch.randint(0, config.text_vocab, (n + 2,))  # header and tail labelled too
         text_tokens[b, :n] = torch.randint(0, config.text_vocab, (n,))
         chosen[b, :uw] = no_repeats(uw, config.units)  # feasible even where frames == units
         rejected[b, :ul] = no_repeats(ul, config.units)
@@ -88,12 +92,16 @@ def test_the_openomni_preset_reproduces_openomnis_ctc_loss_and_gradients():
     loss_ours.backward()
     torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-12, atol=0)
     assert_grads_equal(theirs, ours, config, (reps_a.grad, reps_b.grad))
-    per_record = [float(theirs(text_reps[b:b + 1], labels[b:b + 1], chosen[b:b + 1], text_tokens[b:b + 1]))
-                  for b in range(3)]
+    per_record = [
+        float(theirs(text_reps[b : b + 1], labels[b : b + 1], chosen[b : b + 1], text_tokens[b : b + 1]))
+        for b in range(3)
+    ]
     assert all(loss > 0 for loss in per_record)  # every record feasible: none hidden by zero_infinity
     # omnifast's defaults (causal text-guided attention, exact upsampling) compute something else
-    default = speech_decoder_from_state_dict(theirs.state_dict(), SpeechDecoderConfig(
-        **{**config.to_dict(), "fusion_causal": True, "upsample_rounding": "exact"})).double()
+    default = speech_decoder_from_state_dict(
+        theirs.state_dict(),
+        SpeechDecoderConfig(**{**config.to_dict(), "fusion_causal": True, "upsample_rounding": "exact"}),
+    ).double()
     assert abs(float(default(*ours_inputs(text_reps, labels, text_tokens), units=chosen).loss - loss_theirs)) > 1e-6
 
 
@@ -115,10 +123,27 @@ def test_the_openomni_preset_reproduces_openomnis_dpo_loss_and_gradients():
     loss_theirs.backward()
     reps_b = text_reps.clone().requires_grad_()
     states, tokens, hidden_mask, text_mask = ours_inputs(reps_b, labels, text_tokens)
-    ref_w, ref_l = reference.reference_logps(states.detach(), tokens, chosen, rejected, hidden_mask=hidden_mask,
-                                             text_mask=text_mask, normalization="openomni")
-    out = ours.dpo_loss(states, tokens, chosen, rejected, ref_w, ref_l, beta=0.1, hidden_mask=hidden_mask,
-                        text_mask=text_mask, normalization="openomni")
+    ref_w, ref_l = reference.reference_logps(
+        states.detach(),
+        tokens,
+        chosen,
+        rejected,
+        hidden_mask=hidden_mask,
+        text_mask=text_mask,
+        normalization="openomni",
+    )
+    out = ours.dpo_loss(
+        states,
+        tokens,
+        chosen,
+        rejected,
+        ref_w,
+        ref_l,
+        beta=0.1,
+        hidden_mask=hidden_mask,
+        text_mask=text_mask,
+        normalization="openomni",
+    )
     out.loss.backward()
     assert abs(float(loss_theirs) - 0.693147) > 1e-4  # not the trivial policy = reference
     torch.testing.assert_close(out.loss, loss_theirs.reshape(()), rtol=1e-12, atol=0)
@@ -145,6 +170,7 @@ def test_the_patch_keeps_openomnis_losses_and_gradients(dpo):
     import copy
 
     from omnifast.openomni import patch
+
     config, text_reps, labels, text_tokens, chosen, rejected = problem(seed=2)
     plain = openomni.OpenOmniModel(config, dpo=dpo).double()
     if dpo:
@@ -159,7 +185,9 @@ def test_the_patch_keeps_openomnis_losses_and_gradients(dpo):
         reps = text_reps.clone().requires_grad_()
         loss = model(reps, labels, chosen, rejected, text_tokens)
         loss.backward()
-        results.append((loss.detach(), reps.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), reps.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        )
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-9, atol=1e-11)
     assert results[0][2].keys() == results[1][2].keys()
@@ -168,7 +196,11 @@ def test_the_patch_keeps_openomnis_losses_and_gradients(dpo):
     for _ in range(2):  # steps on the same input objects: each computes its own front end
         patched.zero_grad()
         plain.zero_grad()
-        torch.testing.assert_close(patched(text_reps, labels, chosen, rejected, text_tokens),
-                                   plain(text_reps, labels, chosen, rejected, text_tokens), rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(
+            patched(text_reps, labels, chosen, rejected, text_tokens),
+            plain(text_reps, labels, chosen, rejected, text_tokens),
+            rtol=1e-11,
+            atol=1e-13,
+        )
     with pytest.raises(ValueError, match="no OpenOmni speech generator"):
         patch(torch.nn.Linear(2, 2))

@@ -2,6 +2,7 @@
 for grouped-query attention on every signature torch has given ``varlen_attn`` (torch 2.11 takes
 no ``enable_gqa``: k and v are repeated to the query heads instead), and a Qwen2 decoder over a
 pack equals the padded batch on the test device (flash-attention varlen on CUDA in bf16)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,15 +17,16 @@ def per_record(q, k, v, lengths, causal):
     groups = q.shape[1] // k.shape[1]
     out, start = [], 0
     for n in lengths:
-        qs, ks, vs = (t[start:start + n].transpose(0, 1) for t in (q, k, v))
+        qs, ks, vs = (t[start : start + n].transpose(0, 1) for t in (q, k, v))
         ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
         out.append(F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=causal)[0].transpose(0, 1))
         start += n
     return torch.cat(out)
 
 
-def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                window_size=(-1, -1)):
+def varlen_2_11(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)
+):
     """torch 2.11's ``varlen_attn`` signature (no ``enable_gqa``): heads of q, k and v must match."""
     if key.shape[1] != query.shape[1]:
         raise RuntimeError("varlen_attn: query and key must have the same number of heads")
@@ -51,8 +53,20 @@ def test_grouped_query_attention_on_torch_2_11s_varlen_attn_repeats_k_and_v(caus
 def test_enable_gqa_is_passed_where_varlen_attn_takes_it():
     seen = {}
 
-    def varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                    window_size=(-1, -1), enable_gqa=False):
+    def varlen_2_12(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        *,
+        return_aux=None,
+        scale=None,
+        window_size=(-1, -1),
+        enable_gqa=False,
+    ):
         seen.update(heads=(query.shape[1], key.shape[1]), enable_gqa=enable_gqa)
         return query
 
@@ -66,9 +80,17 @@ def test_a_packed_decoder_equals_the_padded_batch_on_the_test_device():
     """A grouped-query Qwen2 decoder over three packed records equals the padded batch; on CUDA in
     bf16 (the flash-attention varlen path), within bf16's error of the float32 padded batch."""
     from transformers import Qwen2Config, Qwen2Model
+
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=16, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = Qwen2Config(
+        vocab_size=16,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = Qwen2Model(config).to(TEST_DEVICE).eval()
     lengths = torch.tensor([9, 4, 13], device=TEST_DEVICE)
     embeds = torch.randn(3, 13, 64, generator=torch.Generator().manual_seed(1)).to(TEST_DEVICE)

@@ -1,6 +1,7 @@
 """The speech decoder at tiny size: shapes, the fused loss against F.ctc_loss on full logits,
 overfitting one batch, streaming against one full pass, the AR mode, CTC-DPO against its formula,
 OpenOmni checkpoint loading, and bad input."""
+
 import copy
 
 import pytest
@@ -9,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnifast.nn import SpeechDecoderConfig, TextGuidedModule, build_speech_decoder
-from omnifast.openomni import speech_decoder_from_state_dict
 from omnifast.nn.speech_decoder import uniform_upsample
+from omnifast.openomni import speech_decoder_from_state_dict
 
 from ..devices import device_for
 
@@ -33,8 +34,15 @@ def batch(seed=0, lengths=(7, 5, 3), units=None, dtype=torch.float32, config=CFG
 def full_logits_ctc(decoder, states, lengths, targets, reduction):
     log_probs = torch.log_softmax(decoder.head(states), -1).transpose(0, 1)
     unit_lengths = (targets != -100).sum(1)
-    loss = F.ctc_loss(log_probs, targets.clamp(min=0), lengths, unit_lengths, blank=decoder.config.units,
-                      reduction="sum" if reduction == "openomni" else "mean", zero_infinity=True)
+    loss = F.ctc_loss(
+        log_probs,
+        targets.clamp(min=0),
+        lengths,
+        unit_lengths,
+        blank=decoder.config.units,
+        reduction="sum" if reduction == "openomni" else "mean",
+        zero_infinity=True,
+    )
     return loss / unit_lengths.sum() if reduction == "openomni" else loss
 
 
@@ -72,7 +80,9 @@ def test_fused_loss_equals_ctc_on_full_logits(normalization):
         # the MoE's router runs in float32: gradients reaching the gate and what feeds it
         # (the sos/task embeddings) carry float32 rounding
         router_bound = name.startswith(("moe.gate", "specials"))
-        torch.testing.assert_close(a, b, **(dict(atol=1e-6, rtol=1e-4) if router_bound else dict(atol=1e-10, rtol=1e-8)))
+        torch.testing.assert_close(
+            a, b, **(dict(atol=1e-6, rtol=1e-4) if router_bound else dict(atol=1e-10, rtol=1e-8))
+        )
 
 
 def test_overfitting_one_batch_then_greedy_decoding_returns_the_targets():
@@ -103,7 +113,7 @@ def test_streaming_equals_one_full_pass(chunk):
     hidden, tokens, _, _ = batch(seed=3, lengths=(9,), dtype=torch.float64)
     full = decoder.generate(hidden, tokens)[0]
     streamed = []
-    for units in decoder.stream((hidden[0, i:i + chunk], tokens[0, i:i + chunk]) for i in range(0, 9, chunk)):
+    for units in decoder.stream((hidden[0, i : i + chunk], tokens[0, i : i + chunk]) for i in range(0, 9, chunk)):
         streamed += units
     assert streamed == full and len(full) > 0
 
@@ -147,7 +157,7 @@ def ar_reference_loss(decoder, hidden, tokens, mask, targets):
         sos, task = decoder.ar_specials.weight
         seq = torch.cat([sos[None], fused[b, :L], task[None], decoder.unit_embedding(units)])[None]
         states = decoder.decoder(inputs_embeds=seq).last_hidden_state[0]
-        logits = decoder.head(states[L + 1:])  # task predicts unit 0, ..., the last unit predicts eos
+        logits = decoder.head(states[L + 1 :])  # task predicts unit 0, ..., the last unit predicts eos
         eos = torch.tensor([decoder.config.units], device=units.device)
         losses.append(F.cross_entropy(logits, torch.cat([units, eos]), reduction="sum"))
     return sum(losses) / ((targets != -100).sum() + hidden.shape[0])
@@ -157,8 +167,10 @@ def test_ar_loss_equals_next_unit_cross_entropy_and_sampling_learns():
     torch.manual_seed(6)
     decoder = build_speech_decoder(SpeechDecoderConfig.tiny(layers=1), mode="ar").double().to(DEVICE)
     hidden, tokens, mask, targets = batch(seed=6, lengths=(4, 3), units=(6, 3), dtype=torch.float64)
-    torch.testing.assert_close(decoder(hidden, tokens, mask, mask, targets).loss.double(),
-                               ar_reference_loss(decoder, hidden, tokens, mask, targets))
+    torch.testing.assert_close(
+        decoder(hidden, tokens, mask, mask, targets).loss.double(),
+        ar_reference_loss(decoder, hidden, tokens, mask, targets),
+    )
     optimizer = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     for _ in range(60):
         loss = decoder(hidden, tokens, mask, mask, targets).loss
@@ -168,8 +180,16 @@ def test_ar_loss_equals_next_unit_cross_entropy_and_sampling_learns():
     decoder.eval()
     expected = [row[row != -100].tolist() for row in targets]
     assert decoder.generate(hidden, tokens, mask, mask, greedy=True) == expected
-    sampled = decoder.generate(hidden, tokens, mask, mask, top_k=3, top_p=0.9, max_units=4,
-                               generator=torch.Generator(device=DEVICE).manual_seed(0))
+    sampled = decoder.generate(
+        hidden,
+        tokens,
+        mask,
+        mask,
+        top_k=3,
+        top_p=0.9,
+        max_units=4,
+        generator=torch.Generator(device=DEVICE).manual_seed(0),
+    )
     assert all(len(units) <= 4 for units in sampled)
 
 
@@ -182,17 +202,20 @@ def test_dpo_loss_equals_the_formula_on_the_decoders_own_likelihoods():
             p.add_(0.01 * torch.randn_like(p))
     hidden, tokens, mask, chosen = batch(seed=7, units=(12, 9, 4), dtype=torch.float64)
     _, _, _, rejected = batch(seed=8, units=(10, 11, 2))
-    ref_chosen, ref_rejected = reference.reference_logps(hidden, tokens, chosen, rejected, hidden_mask=mask,
-                                                         text_mask=mask)
-    out = decoder.dpo_loss(hidden, tokens, chosen, rejected, ref_chosen, ref_rejected, beta=0.5,
-                           hidden_mask=mask, text_mask=mask)
+    ref_chosen, ref_rejected = reference.reference_logps(
+        hidden, tokens, chosen, rejected, hidden_mask=mask, text_mask=mask
+    )
+    out = decoder.dpo_loss(
+        hidden, tokens, chosen, rejected, ref_chosen, ref_rejected, beta=0.5, hidden_mask=mask, text_mask=mask
+    )
 
     def logps(model, units):
         frames = torch.maximum((chosen != -100).sum(1), (rejected != -100).sum(1))
         states, lengths = model.frame_states(hidden, tokens, mask, mask, frames)
         log_probs = torch.log_softmax(model.head(states), -1).transpose(0, 1)
-        return -F.ctc_loss(log_probs, units.clamp(min=0), lengths, (units != -100).sum(1), blank=CFG.units,
-                           reduction="none")
+        return -F.ctc_loss(
+            log_probs, units.clamp(min=0), lengths, (units != -100).sum(1), blank=CFG.units, reduction="none"
+        )
 
     with torch.no_grad():
         torch.testing.assert_close(ref_chosen, logps(reference, chosen))
@@ -250,15 +273,21 @@ class OpenOmniLikeGenerator(nn.Module):
     def __init__(self, c: SpeechDecoderConfig):
         super().__init__()
         from transformers import Qwen2ForCausalLM
+
         self.c = c
         self.input_proj = _ExpertStack(c.llm_hidden, c.width * 4, c.experts)
         self.llm_embedding = nn.Embedding(2, c.llm_hidden)
         self.llm_decoder = nn.Linear(c.width, c.units + 1)
-        ff = lambda: nn.Sequential(nn.LayerNorm(c.width), nn.Linear(c.width, c.width * c.fusion_ff_mult, bias=False),
-                                   nn.GELU(), nn.Linear(c.width * c.fusion_ff_mult, c.width, bias=False))
+        ff = lambda: nn.Sequential(
+            nn.LayerNorm(c.width),
+            nn.Linear(c.width, c.width * c.fusion_ff_mult, bias=False),
+            nn.GELU(),
+            nn.Linear(c.width * c.fusion_ff_mult, c.width, bias=False),
+        )
         self.fusion = nn.Module()
-        self.fusion.layers = nn.ModuleList(nn.ModuleList([_Attention(c.width, c.fusion_head_dim, c.fusion_heads), ff()])
-                                           for _ in range(c.fusion_depth))
+        self.fusion.layers = nn.ModuleList(
+            nn.ModuleList([_Attention(c.width, c.fusion_head_dim, c.fusion_heads), ff()]) for _ in range(c.fusion_depth)
+        )
         self.fusion.norm = nn.LayerNorm(c.width)
         self.llm = nn.Module()
         self.llm.model = Qwen2ForCausalLM(c.qwen2())
@@ -289,19 +318,27 @@ def test_openomni_state_dict_loads_and_computes_the_same():
     torch.testing.assert_close(ours.head(states), theirs.logits(hidden, tokens))
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(hidden=torch.randn(2, 4, 7)), "llm_hidden"),
-    (dict(text_tokens=torch.zeros(3, 4, dtype=torch.long)), "batch size"),
-    (dict(hidden_mask=torch.ones(2, 5, dtype=torch.bool)), "hidden_mask"),
-    (dict(text_mask=torch.tensor([[True, False, True, True]] * 2)), "text_mask"),
-    (dict(units=torch.tensor([[1, 2], [3, CFG.units]])), "units"),
-    (dict(units=torch.tensor([[1, -5], [3, 4]])), "units"),
-    (dict(text_tokens=torch.full((2, 4), CFG.text_vocab)), "text_tokens"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(hidden=torch.randn(2, 4, 7)), "llm_hidden"),
+        (dict(text_tokens=torch.zeros(3, 4, dtype=torch.long)), "batch size"),
+        (dict(hidden_mask=torch.ones(2, 5, dtype=torch.bool)), "hidden_mask"),
+        (dict(text_mask=torch.tensor([[True, False, True, True]] * 2)), "text_mask"),
+        (dict(units=torch.tensor([[1, 2], [3, CFG.units]])), "units"),
+        (dict(units=torch.tensor([[1, -5], [3, 4]])), "units"),
+        (dict(text_tokens=torch.full((2, 4), CFG.text_vocab)), "text_tokens"),
+    ],
+)
 def test_bad_input(change, match):
     decoder = build_speech_decoder(CFG)
-    args = dict(hidden=torch.randn(2, 4, CFG.llm_hidden), text_tokens=torch.zeros(2, 4, dtype=torch.long),
-                hidden_mask=None, text_mask=None, units=torch.tensor([[1, 2], [3, 4]]))
+    args = dict(
+        hidden=torch.randn(2, 4, CFG.llm_hidden),
+        text_tokens=torch.zeros(2, 4, dtype=torch.long),
+        hidden_mask=None,
+        text_mask=None,
+        units=torch.tensor([[1, 2], [3, 4]]),
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         decoder(**args)

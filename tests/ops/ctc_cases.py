@@ -1,4 +1,5 @@
 """Random CTC problems for the tests: hypothesis strategies and a few hand-made edge cases."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -10,9 +11,9 @@ from hypothesis import strategies as st
 
 @dataclass
 class Problem:
-    logits: torch.Tensor          # (T, B, C)
-    targets: torch.Tensor         # padded (B, S)
-    input_lengths: torch.Tensor   # (B,)
+    logits: torch.Tensor  # (T, B, C)
+    targets: torch.Tensor  # padded (B, S)
+    input_lengths: torch.Tensor  # (B,)
     target_lengths: torch.Tensor  # (B,)
     blank: int
 
@@ -23,9 +24,19 @@ class Problem:
         return torch.cat([row[:n] for row, n in zip(self.targets, self.target_lengths.tolist())])
 
 
-def make_problem(T: int, B: int, C: int, blank: int, target_lengths, input_lengths=None,
-                 seed: int = 0, repeated: bool = False, dtype=torch.float64, width: Optional[int] = None,
-                 scale: float = 2.0) -> Problem:
+def make_problem(
+    T: int,
+    B: int,
+    C: int,
+    blank: int,
+    target_lengths,
+    input_lengths=None,
+    seed: int = 0,
+    repeated: bool = False,
+    dtype=torch.float64,
+    width: Optional[int] = None,
+    scale: float = 2.0,
+) -> Problem:
     gen = torch.Generator().manual_seed(seed)
     target_lengths = torch.tensor(target_lengths, dtype=torch.long)
     width = max(int(target_lengths.max()) if B else 0, width or 0)

@@ -1,4 +1,5 @@
 """Bad input gets a TypeError/ValueError naming the argument, before any kernel runs."""
+
 import pytest
 import torch
 
@@ -10,8 +11,12 @@ T, B, C = 6, 2, 5
 
 
 def good():
-    return dict(log_probs=torch.randn(T, B, C).log_softmax(-1), targets=torch.tensor([[1, 2], [3, 3]]),
-                input_lengths=torch.tensor([6, 5]), target_lengths=torch.tensor([2, 1]))
+    return dict(
+        log_probs=torch.randn(T, B, C).log_softmax(-1),
+        targets=torch.tensor([[1, 2], [3, 3]]),
+        input_lengths=torch.tensor([6, 5]),
+        target_lengths=torch.tensor([2, 1]),
+    )
 
 
 def call(backend="cpu", **changes):

@@ -1,4 +1,5 @@
 """CTC: the reference against F.ctc_loss, and every backend against the reference."""
+
 import math
 
 import pytest
@@ -7,7 +8,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 
 import omnifast
-from omnifast.ops import _reference
 
 from ..devices import device_for
 from ..tolerances import TOL, assert_close, value_and_grads
@@ -20,29 +20,44 @@ KERNEL_BACKENDS = ("cpu", "triton")
 def loss_and_grad(fn, x: torch.Tensor, p: Problem, reduction="sum", zero_infinity=False, targets=None, **kw):
     """Loss and gradient on the backend's test device (see tests/devices.py), returned on the CPU."""
     targets = p.targets if targets is None else targets
-    return value_and_grads(fn, [x], targets, p.input_lengths, p.target_lengths, device=device_for(kw.get("backend")),
-                           blank=p.blank, reduction=reduction, zero_infinity=zero_infinity, **kw)
+    return value_and_grads(
+        fn,
+        [x],
+        targets,
+        p.input_lengths,
+        p.target_lengths,
+        device=device_for(kw.get("backend")),
+        blank=p.blank,
+        reduction=reduction,
+        zero_infinity=zero_infinity,
+        **kw,
+    )
 
 
 def torch_loss_and_grad(p: Problem, reduction="sum", zero_infinity=False):
     """F.ctc_loss through log_softmax: the logits gradient is the one torch is right about."""
+
     def fn(x, *args, **kw):
         return F.ctc_loss(x.log_softmax(-1), *args, **kw)
+
     return loss_and_grad(fn, p.logits, p, reduction, zero_infinity)
 
 
 def ours(p: Problem, backend: str, from_logits: bool, reduction="sum", zero_infinity=False, targets=None):
     """omnifast's loss and logits gradient, from logits or through a torch log_softmax."""
     if from_logits:
-        return loss_and_grad(omnifast.ctc_loss_with_logits, p.logits, p, reduction, zero_infinity,
-                             targets=targets, backend=backend)
+        return loss_and_grad(
+            omnifast.ctc_loss_with_logits, p.logits, p, reduction, zero_infinity, targets=targets, backend=backend
+        )
 
     def fn(x, *args, **kw):
         return omnifast.ctc_loss(x.log_softmax(-1), *args, **kw)
+
     return loss_and_grad(fn, p.logits, p, reduction, zero_infinity, targets=targets, backend=backend)
 
 
 # --- the reference against torch --------------------------------------------------------------
+
 
 @given(problems())
 def test_reference_matches_torch(p):
@@ -57,14 +72,16 @@ def test_reference_matches_torch(p):
 
 # --- the kernels against the reference --------------------------------------------------------
 
+
 def assert_as_accurate(actual, reference, truth):
     """float32 results held to the float64 truth, at float32's tolerances widened by twice the
     float32 reference's own largest error (peaked distributions over many frames put even the
     reference ~1e-5 off, and a kernel that adds in another order lands elsewhere in that band)."""
     reference_error = (reference.double() - truth).nan_to_num(0.0, 0.0, 0.0).abs().max()
     tol = TOL[torch.float32]
-    torch.testing.assert_close(actual.double(), truth, equal_nan=True, rtol=tol["rtol"],
-                               atol=tol["atol"] + 2 * float(reference_error))
+    torch.testing.assert_close(
+        actual.double(), truth, equal_nan=True, rtol=tol["rtol"], atol=tol["atol"] + 2 * float(reference_error)
+    )
 
 
 def check_against_reference(p: Problem, backend: str, dtype: torch.dtype, from_logits: bool):
@@ -114,8 +131,16 @@ def test_cpu_matches_reference_at_speech_scale():
     """Long sequences and a large vocabulary, as in the speech decoder. Over hundreds of frames
     float32 itself is off by ~1e-4 (F.ctc_loss too), so both are held to the float64 truth:
     the kernel's error at most twice the float32 reference's."""
-    p = make_problem(T=300, B=3, C=700, blank=699, target_lengths=[120, 0, 80],
-                     input_lengths=[300, 250, 161], seed=3, dtype=torch.float32)
+    p = make_problem(
+        T=300,
+        B=3,
+        C=700,
+        blank=699,
+        target_lengths=[120, 0, 80],
+        input_lengths=[300, 250, 161],
+        seed=3,
+        dtype=torch.float32,
+    )
     exact = ours(p.with_dtype(torch.float64), "torch", True, "mean")
     for from_logits in (False, True):
         reference = ours(p, "torch", from_logits, "mean")
@@ -129,6 +154,7 @@ def test_triton_tiles_states_longer_than_one_row_tile(monkeypatch):
     """2L+1 above the row kernels' state tile loops over tiles (as 2L+1 > 1024 does on a GPU);
     the recursion keeps all states in one register tile."""
     from omnifast.kernels import ctc as triton_ctc
+
     monkeypatch.setattr(triton_ctc, "ROW_STATES", 16)  # 41 states: three tiles
     p = make_problem(T=30, B=2, C=5, blank=4, target_lengths=[20, 13], input_lengths=[30, 27], seed=5)
     for from_logits in (False, True):
@@ -187,8 +213,15 @@ def test_concatenated_and_unbatched_targets(backend, from_logits):
     for b in range(3):
         x = p.logits[:, b] if from_logits else p.logits[:, b].log_softmax(-1)
         n = int(p.target_lengths[b])
-        loss = fn(x[: int(p.input_lengths[b])].to(device), p.targets[b, :n].to(device), int(p.input_lengths[b]), n,
-                  blank=p.blank, reduction="none", backend=backend)
+        loss = fn(
+            x[: int(p.input_lengths[b])].to(device),
+            p.targets[b, :n].to(device),
+            int(p.input_lengths[b]),
+            n,
+            blank=p.blank,
+            reduction="none",
+            backend=backend,
+        )
         assert loss.shape == ()
         assert_close(loss.cpu(), padded[0][b])
 
@@ -224,6 +257,7 @@ def test_nan_input_propagates(backend):
 
 # --- exact gradients --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
 @pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -232,8 +266,11 @@ def test_gradcheck(backend, from_logits, reduction):
     fn = omnifast.ctc_loss_with_logits if from_logits else omnifast.ctc_loss
     x = p.logits.clone().requires_grad_()  # raw values, not log-probs: the derivative is exact anyway
     assert torch.autograd.gradcheck(
-        lambda z: fn(z, p.targets, p.input_lengths, p.target_lengths, blank=p.blank,
-                     reduction=reduction, backend=backend), (x,))
+        lambda z: fn(
+            z, p.targets, p.input_lengths, p.target_lengths, blank=p.blank, reduction=reduction, backend=backend
+        ),
+        (x,),
+    )
 
 
 def test_torch_gradient_is_not_exact_but_ours_is():
@@ -250,14 +287,25 @@ def test_torch_gradient_is_not_exact_but_ours_is():
 def test_log_likelihood(backend):
     p = make_problem(T=8, B=3, C=6, blank=0, target_lengths=[2, 3, 6], input_lengths=[8, 5, 5])
     d = device_for(backend)
-    ll = omnifast.ctc_log_likelihood(p.logits.to(d), p.targets.to(d), p.input_lengths.to(d), p.target_lengths.to(d),
-                                     blank=0, from_logits=True, backend=backend).cpu()
+    ll = omnifast.ctc_log_likelihood(
+        p.logits.to(d),
+        p.targets.to(d),
+        p.input_lengths.to(d),
+        p.target_lengths.to(d),
+        blank=0,
+        from_logits=True,
+        backend=backend,
+    ).cpu()
     nll = torch_loss_and_grad(p, "none")[0]
     assert_close(ll, -nll)
     assert ll[2] == -math.inf
     with torch.no_grad():
-        assert_close(omnifast.ctc_log_likelihood(p.logits.log_softmax(-1).to(d), p.targets.to(d), p.input_lengths,
-                                                 p.target_lengths, backend=backend).cpu(), ll)
+        assert_close(
+            omnifast.ctc_log_likelihood(
+                p.logits.log_softmax(-1).to(d), p.targets.to(d), p.input_lengths, p.target_lengths, backend=backend
+            ).cpu(),
+            ll,
+        )
 
 
 @pytest.mark.gpu_check(2)
@@ -269,8 +317,7 @@ def test_triton_loss_is_the_same_with_and_without_a_gradient():
     args = (p.targets.to(d), p.input_lengths.to(d), p.target_lengths.to(d))
     with torch.no_grad():
         plain = omnifast.ctc_loss_with_logits(p.logits.to(d), *args, reduction="none", backend="triton")
-    tracked = omnifast.ctc_loss_with_logits(p.logits.to(d).requires_grad_(), *args, reduction="none",
-                                            backend="triton")
+    tracked = omnifast.ctc_loss_with_logits(p.logits.to(d).requires_grad_(), *args, reduction="none", backend="triton")
     assert torch.equal(plain, tracked.detach())
 
 
@@ -287,10 +334,12 @@ def test_backward_scales_saved_gradient(backend):
 
     def weighted(name):
         z = p.logits.clone().to(device_for(name)).requires_grad_()
-        per_sequence = omnifast.ctc_loss_with_logits(z, p.targets.to(z.device), p.input_lengths, p.target_lengths,
-                                                     reduction="none", backend=name)
+        per_sequence = omnifast.ctc_loss_with_logits(
+            z, p.targets.to(z.device), p.input_lengths, p.target_lengths, reduction="none", backend=name
+        )
         (per_sequence * torch.tensor([2.0, -1.0], dtype=torch.float64, device=z.device)).sum().backward()
         return z.grad.cpu()
+
     assert_close(weighted(backend), weighted("torch"))
 
 
@@ -308,8 +357,17 @@ def test_triton_with_speech_sized_tiles(width):
     register tile of 1024 or 2048 states, 8 or 16 warps) and C = 2100 classes two row tiles of
     2048: the GPU's own block sizes, checked here and recorded for the AOT compile test. (The
     lengths themselves stay short: the interpreter runs a 600-frame recursion in minutes.)"""
-    p = make_problem(T=9, B=2, C=2100, blank=2099, target_lengths=[4, 2], input_lengths=[9, 6], seed=9,
-                     dtype=torch.float32, width=width)
+    p = make_problem(
+        T=9,
+        B=2,
+        C=2100,
+        blank=2099,
+        target_lengths=[4, 2],
+        input_lengths=[9, 6],
+        seed=9,
+        dtype=torch.float32,
+        width=width,
+    )
     for from_logits in (True, False):
         expected = ours(p, "cpu", from_logits, "mean")
         actual = ours(p, "triton", from_logits, "mean")

@@ -1,4 +1,5 @@
 """CTC-DPO against the unfused OpenOmni-style recipe, dense and sparse paths, every backend."""
+
 import dataclasses
 import math
 
@@ -25,19 +26,31 @@ def make_pairs(B, T, D, V, chosen_lengths, rejected_lengths, input_lengths, seed
     chosen = torch.randint(0, V - 1, (B, max(max(chosen_lengths), 1)), generator=gen)
     rejected = torch.randint(0, V - 1, (B, max(max(rejected_lengths), 1)), generator=gen)
     refs = -torch.rand(2, B, generator=gen, dtype=torch.float64) * 10 - 5
-    return dict(hidden=hidden, weight=weight, bias=bias, chosen=chosen, rejected=rejected,
-                input_lengths=torch.tensor(input_lengths), chosen_lengths=torch.tensor(chosen_lengths),
-                rejected_lengths=torch.tensor(rejected_lengths), ref_chosen_logps=refs[0].to(dtype),
-                ref_rejected_logps=refs[1].to(dtype))
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        chosen=chosen,
+        rejected=rejected,
+        input_lengths=torch.tensor(input_lengths),
+        chosen_lengths=torch.tensor(chosen_lengths),
+        rejected_lengths=torch.tensor(rejected_lengths),
+        ref_chosen_logps=refs[0].to(dtype),
+        ref_rejected_logps=refs[1].to(dtype),
+    )
 
 
-def unfused(p, beta=0.1, length_normalize=False, sft_weight=0.0, zero_infinity=False, hidden=None, weight=None, bias=None):
+def unfused(
+    p, beta=0.1, length_normalize=False, sft_weight=0.0, zero_infinity=False, hidden=None, weight=None, bias=None
+):
     """Full logits, log_softmax and F.ctc_loss for each sequence (OpenOmni's recipe, refs cached)."""
     V = p["weight"].shape[0]
     logits = F.linear(hidden, weight, bias)  # bf16 logits from bf16 operands, as torch.autocast makes them
     log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1).transpose(0, 1)
     nll_w = F.ctc_loss(log_probs, p["chosen"], p["input_lengths"], p["chosen_lengths"], blank=V - 1, reduction="none")
-    nll_l = F.ctc_loss(log_probs, p["rejected"], p["input_lengths"], p["rejected_lengths"], blank=V - 1, reduction="none")
+    nll_l = F.ctc_loss(
+        log_probs, p["rejected"], p["input_lengths"], p["rejected_lengths"], blank=V - 1, reduction="none"
+    )
     pw, pl = -nll_w, -nll_l
     if length_normalize:
         pw, pl = pw / p["chosen_lengths"].clamp(min=1), pl / p["rejected_lengths"].clamp(min=1)
@@ -76,7 +89,12 @@ def theirs(p, leaves, **options):
 
 @st.composite
 def pair_problems(draw, max_T=10, max_V=8):
-    B, T, D, V = draw(st.integers(1, 3)), draw(st.integers(1, max_T)), draw(st.integers(1, 5)), draw(st.integers(2, max_V))
+    B, T, D, V = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, max_T)),
+        draw(st.integers(1, 5)),
+        draw(st.integers(2, max_V)),
+    )
     input_lengths = draw(st.lists(st.integers(1, T), min_size=B, max_size=B))
     feasible = lambda n: st.integers(0, max(0, n // 2))  # noqa: E731  (2L <= T is always feasible)
     chosen = [draw(feasible(n)) for n in input_lengths]
@@ -90,7 +108,7 @@ OPTIONS = [dict(), dict(length_normalize=True), dict(sft_weight=0.5), dict(lengt
 def check(p, backend, dtype=torch.float64, **options):
     sparse_ok = not options.get("length_normalize") and not options.get("sft_weight")
     (expected_loss, expected_z), expected_grads = run(theirs, p, **options)
-    for sparse in ((True, False) if sparse_ok else (False,)):
+    for sparse in (True, False) if sparse_ok else (False,):
         out, grads = run(ours, p, backend=backend, sparse=sparse, exact_rewards=True, **options)
         torch.testing.assert_close(out.loss, expected_loss, **TOL[dtype])
         torch.testing.assert_close(out.reward_margins, expected_z, **TOL[dtype])
@@ -123,8 +141,15 @@ def test_sparse_and_dense_paths_agree(backend, group_elements, monkeypatch):
     p = make_pairs(3, 14, 6, 40, [4, 6, 0], [5, 2, 3], [14, 12, 9], seed=2, dtype=torch.float32)
     dense, dense_grads = run(ours, p, backend=backend, sparse=False)
     sparse, sparse_grads = run(ours, p, backend=backend, sparse=True, exact_rewards=True)
-    for name in ("loss", "reward_margins", "reward_accuracy", "chosen_rewards", "rejected_rewards",
-                 "policy_chosen_logps", "policy_rejected_logps"):
+    for name in (
+        "loss",
+        "reward_margins",
+        "reward_accuracy",
+        "chosen_rewards",
+        "rejected_rewards",
+        "policy_chosen_logps",
+        "policy_rejected_logps",
+    ):
         torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), **TOL[torch.float32])
     for s, d in zip(sparse_grads, dense_grads):
         torch.testing.assert_close(s, d, **TOL[torch.float32])
@@ -154,8 +179,9 @@ def test_infeasible_pairs(backend, sparse):
     # (Masking torch's inf loss would leave NaN gradients behind: that is what zero_infinity fixes.)
     keep = torch.tensor([0, 2])
     feasible = {k: v[keep] if k not in ("weight", "bias") else v for k, v in p.items()}
-    expected, expected_grads = run(lambda q, leaves: tuple(x * 2 / 3 if i == 0 else x for i, x in
-                                                           enumerate(theirs(q, leaves))), feasible)
+    expected, expected_grads = run(
+        lambda q, leaves: tuple(x * 2 / 3 if i == 0 else x for i, x in enumerate(theirs(q, leaves))), feasible
+    )
     torch.testing.assert_close(out.loss, expected[0])
     assert (grads[0][1] == 0).all()
     torch.testing.assert_close(grads[0][keep], expected_grads[0])
@@ -182,28 +208,48 @@ def test_bf16(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize("options", [dict(sparse=True), dict(sparse=False), dict(length_normalize=True, sft_weight=0.3)])
+@pytest.mark.parametrize(
+    "options", [dict(sparse=True), dict(sparse=False), dict(length_normalize=True, sft_weight=0.3)]
+)
 def test_gradcheck(backend, options):
     p = make_pairs(2, 5, 3, 5, [2, 1], [1, 2], [5, 4], seed=6)
     args = {k: v for k, v in p.items() if k not in ("hidden", "weight", "bias")}
     leaves = tuple(p[k].clone().requires_grad_() for k in ("hidden", "weight", "bias"))
     assert torch.autograd.gradcheck(
-        lambda h, w, b: omnifast.ctc_dpo_loss(h, w, b, **args, beta=0.7, backend=backend, **options).loss, leaves)
+        lambda h, w, b: omnifast.ctc_dpo_loss(h, w, b, **args, beta=0.7, backend=backend, **options).loss, leaves
+    )
 
 
 def test_reference_cache_round_trip(tmp_path):
     p = make_pairs(3, 9, 5, 8, [3, 2, 4], [2, 4, 1], [9, 8, 9], seed=7)
     path = tmp_path / "ref.safetensors"
-    batch = dict(ids=["a", "b", "c"], hidden=p["hidden"], chosen=p["chosen"], rejected=p["rejected"],
-                 input_lengths=p["input_lengths"], chosen_lengths=p["chosen_lengths"],
-                 rejected_lengths=p["rejected_lengths"])
+    batch = dict(
+        ids=["a", "b", "c"],
+        hidden=p["hidden"],
+        chosen=p["chosen"],
+        rejected=p["rejected"],
+        input_lengths=p["input_lengths"],
+        chosen_lengths=p["chosen_lengths"],
+        rejected_lengths=p["rejected_lengths"],
+    )
     cache = ReferenceLogpCache.build(path, [batch], p["weight"], p["bias"], length_normalize=True)
     assert len(cache) == 3 and path.exists()
-    w, l = reference_logps(p["hidden"], p["weight"], p["bias"], p["chosen"], p["rejected"], p["input_lengths"],
-                           p["chosen_lengths"], p["rejected_lengths"], length_normalize=True)
+    w, l = reference_logps(
+        p["hidden"],
+        p["weight"],
+        p["bias"],
+        p["chosen"],
+        p["rejected"],
+        p["input_lengths"],
+        p["chosen_lengths"],
+        p["rejected_lengths"],
+        length_normalize=True,
+    )
     log_probs = F.linear(p["hidden"], p["weight"], p["bias"]).log_softmax(-1).transpose(0, 1)
-    expected = -F.ctc_loss(log_probs, p["chosen"], p["input_lengths"], p["chosen_lengths"], blank=7,
-                           reduction="none") / p["chosen_lengths"]
+    expected = (
+        -F.ctc_loss(log_probs, p["chosen"], p["input_lengths"], p["chosen_lengths"], blank=7, reduction="none")
+        / p["chosen_lengths"]
+    )
     torch.testing.assert_close(w, expected)
     reloaded = ReferenceLogpCache(path)
     assert len(reloaded) == 3 and "b" in reloaded and not list(tmp_path.glob("*.tmp"))
@@ -221,10 +267,19 @@ def test_module_form():
         head.weight.copy_(p["weight"])
         head.bias.copy_(p["bias"])
     loss_fn = omnifast.nn.CTCDPOLoss(beta=0.1)
-    refs = loss_fn.reference(head, p["hidden"], p["chosen"], p["rejected"], p["input_lengths"],
-                             p["chosen_lengths"], p["rejected_lengths"])
-    out = loss_fn(head, p["hidden"], p["chosen"], p["rejected"], p["input_lengths"], p["chosen_lengths"],
-                  p["rejected_lengths"], *refs)
+    refs = loss_fn.reference(
+        head, p["hidden"], p["chosen"], p["rejected"], p["input_lengths"], p["chosen_lengths"], p["rejected_lengths"]
+    )
+    out = loss_fn(
+        head,
+        p["hidden"],
+        p["chosen"],
+        p["rejected"],
+        p["input_lengths"],
+        p["chosen_lengths"],
+        p["rejected_lengths"],
+        *refs,
+    )
     assert abs(out.loss.item() - math.log(2)) < 1e-6  # policy == reference: zero margin
     out.loss.backward()
     assert head.weight.grad is not None
@@ -249,11 +304,18 @@ BAD = [
 
 @pytest.mark.parametrize("error,name,changes", BAD, ids=[f"{n}-{i}" for i, (_, n, _) in enumerate(BAD)])
 def test_bad_input_names_the_argument(error, name, changes):
-    kwargs = dict(hidden=torch.randn(2, 4, 3), weight=torch.randn(6, 3), bias=torch.randn(6),
-                  chosen=torch.tensor([[1, 2], [1, 1]]), rejected=torch.tensor([[2, 2], [0, 1]]),
-                  input_lengths=torch.tensor([4, 4]), chosen_lengths=torch.tensor([2, 1]),
-                  rejected_lengths=torch.tensor([1, 2]), ref_chosen_logps=torch.zeros(2),
-                  ref_rejected_logps=torch.zeros(2))
+    kwargs = dict(
+        hidden=torch.randn(2, 4, 3),
+        weight=torch.randn(6, 3),
+        bias=torch.randn(6),
+        chosen=torch.tensor([[1, 2], [1, 1]]),
+        rejected=torch.tensor([[2, 2], [0, 1]]),
+        input_lengths=torch.tensor([4, 4]),
+        chosen_lengths=torch.tensor([2, 1]),
+        rejected_lengths=torch.tensor([1, 2]),
+        ref_chosen_logps=torch.zeros(2),
+        ref_rejected_logps=torch.zeros(2),
+    )
     kwargs.update(changes)
     with pytest.raises(error, match=name):
         omnifast.ctc_dpo_loss(**kwargs)

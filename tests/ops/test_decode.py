@@ -1,4 +1,5 @@
 """Greedy CTC decoding against a per-frame Python loop, and top-k / top-p sampling."""
+
 import pytest
 import torch
 from hypothesis import given
@@ -17,8 +18,14 @@ def collapse(best, length, blank):
     return units
 
 
-@given(batch=st.integers(1, 5), frames=st.integers(1, 30), classes=st.integers(1, 6), blank=st.integers(0, 5),
-       time_major=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 5),
+    frames=st.integers(1, 30),
+    classes=st.integers(1, 6),
+    blank=st.integers(0, 5),
+    time_major=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_a_frame_loop(batch, frames, classes, blank, time_major, seed):
     blank = blank % classes
     gen = torch.Generator().manual_seed(seed)
@@ -29,8 +36,10 @@ def test_matches_a_frame_loop(batch, frames, classes, blank, time_major, seed):
     expected = [collapse(best[b], int(lengths[b]), blank) for b in range(batch)]
     given_x = x.transpose(0, 1) if time_major else x
     assert omnifast.ctc_greedy_decode(given_x, lengths, blank, time_major=time_major) == expected
-    assert omnifast.ctc_greedy_decode(torch.log_softmax(given_x, -1), lengths.tolist(), blank,
-                                      time_major=time_major) == expected
+    assert (
+        omnifast.ctc_greedy_decode(torch.log_softmax(given_x, -1), lengths.tolist(), blank, time_major=time_major)
+        == expected
+    )
 
 
 def test_one_sequence_and_full_lengths():
@@ -41,14 +50,17 @@ def test_one_sequence_and_full_lengths():
     assert omnifast.ctc_greedy_decode(x, [3], blank=0) == [[1]]
 
 
-@pytest.mark.parametrize("args,error,match", [
-    ((torch.zeros(2, 3, 4, dtype=torch.long),), TypeError, "log_probs_or_logits"),
-    ((torch.zeros(2, 3, 4, 5),), ValueError, "log_probs_or_logits"),
-    ((torch.zeros(2, 3, 4), None, 4), ValueError, "blank"),
-    ((torch.zeros(2, 3, 4), [1, 2, 3]), ValueError, "lengths"),
-    ((torch.zeros(2, 3, 4), [1, 4]), ValueError, "lengths"),
-    ((torch.zeros(2, 3, 4), torch.tensor([1.0, 2.0])), TypeError, "lengths"),
-])
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.zeros(2, 3, 4, dtype=torch.long),), TypeError, "log_probs_or_logits"),
+        ((torch.zeros(2, 3, 4, 5),), ValueError, "log_probs_or_logits"),
+        ((torch.zeros(2, 3, 4), None, 4), ValueError, "blank"),
+        ((torch.zeros(2, 3, 4), [1, 2, 3]), ValueError, "lengths"),
+        ((torch.zeros(2, 3, 4), [1, 4]), ValueError, "lengths"),
+        ((torch.zeros(2, 3, 4), torch.tensor([1.0, 2.0])), TypeError, "lengths"),
+    ],
+)
 def test_bad_input(args, error, match):
     with pytest.raises(error, match=match):
         omnifast.ctc_greedy_decode(*args)
@@ -63,6 +75,10 @@ def test_sampling_respects_top_k_and_top_p():
     # the first three hold ~99% of the mass: top_p=0.9 never reaches the tail
     assert {sample_top_k_top_p(logits, top_p=0.9, generator=gen) for _ in range(300)} == {0, 1, 2}
     assert len({sample_top_k_top_p(logits, temperature=100.0, generator=gen) for _ in range(300)}) == 5
-    for kwargs, match in ((dict(top_k=-1), "top_k"), (dict(top_p=0.0), "top_p"), (dict(temperature=0.0), "temperature")):
+    for kwargs, match in (
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=0.0), "temperature"),
+    ):
         with pytest.raises(ValueError, match=match):
             sample_top_k_top_p(logits, **kwargs)

@@ -1,4 +1,5 @@
 """Backend choice: defaults by device, overrides, and a loud fallback."""
+
 import warnings
 
 import pytest
@@ -69,6 +70,7 @@ def test_every_backend_keeps_the_backend_contract(backend):
 def test_a_kernel_launch_names_every_argument_of_the_kernel():
     from omnifast.kernels._launch import launch
     from omnifast.kernels.ctc import _split_kernel
+
     with pytest.raises(TypeError, match=r"_split_kernel: missing arguments \['buf_ptr'.*unknown arguments \['bogus'\]"):
         launch(_split_kernel, (1,), emit_ptr=None, bogus=1)
     with pytest.raises(TypeError):

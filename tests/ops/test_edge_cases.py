@@ -2,6 +2,7 @@
 log-probabilities poison their sequence the same way, empty batches give empty results, and bad
 devices, huge lengths and huge codebooks are clear errors; the C++ kernels give the same bits
 with 1 and 2 threads."""
+
 import math
 
 import pytest
@@ -18,8 +19,11 @@ BACKENDS = ("torch", "cpu", "triton")
 
 
 def same_values(a, b):
-    return a.shape == b.shape and torch.equal(torch.isnan(a), torch.isnan(b)) and torch.allclose(
-        torch.nan_to_num(a), torch.nan_to_num(b), rtol=1e-5, atol=1e-6)
+    return (
+        a.shape == b.shape
+        and torch.equal(torch.isnan(a), torch.isnan(b))
+        and torch.allclose(torch.nan_to_num(a), torch.nan_to_num(b), rtol=1e-5, atol=1e-6)
+    )
 
 
 @given(tokens=st.integers(0, 9), experts=st.integers(2, 7), data=st.data())
@@ -47,8 +51,9 @@ def test_ctc_with_plus_inf_log_probs_is_nan_on_every_backend(backend):
     log_probs[3, 0, 2] = math.inf
     targets = torch.tensor([[1, 2], [3, 1]])
     for zero_infinity in (False, True):
-        loss = omnifast.ctc_loss(log_probs, targets, [10, 10], [2, 2], backend=backend, reduction="none",
-                                 zero_infinity=zero_infinity)
+        loss = omnifast.ctc_loss(
+            log_probs, targets, [10, 10], [2, 2], backend=backend, reduction="none", zero_infinity=zero_infinity
+        )
         assert math.isnan(loss[0]) and math.isfinite(loss[1])
 
 
@@ -57,8 +62,9 @@ def test_empty_batches_give_empty_results(backend):
     weight, bias = torch.randn(7, 4), torch.zeros(7)
     empty = torch.zeros(0, 2, dtype=torch.long)
     none = torch.zeros(0, dtype=torch.long)
-    chosen, rejected = omnifast.ops.reference_logps(torch.randn(0, 5, 4), weight, bias, empty, empty, none, none, none,
-                                                    backend=backend)
+    chosen, rejected = omnifast.ops.reference_logps(
+        torch.randn(0, 5, 4), weight, bias, empty, empty, none, none, none, backend=backend
+    )
     assert chosen.shape == rejected.shape == (0,)
     for top_k, split in ((2, 1), (None, 4)):
         moe = MoE(8, 16, 16, experts=4, top_k=top_k, split_tokens=split, backend=backend)
@@ -67,8 +73,15 @@ def test_empty_batches_give_empty_results(backend):
         assert out.shape == (0, 16 // split)
         out.sum().backward()
         assert x.grad.shape == (0, 8)
-    loss = omnifast.linear_ctc_loss(torch.randn(2, 5, 0), torch.randn(7, 0), torch.zeros(7),
-                                    torch.tensor([[1, 2], [1, 1]]), [5, 5], [2, 2], backend=backend)
+    loss = omnifast.linear_ctc_loss(
+        torch.randn(2, 5, 0),
+        torch.randn(7, 0),
+        torch.zeros(7),
+        torch.tensor([[1, 2], [1, 1]]),
+        [5, 5],
+        [2, 2],
+        backend=backend,
+    )
     assert math.isfinite(float(loss))
 
 
@@ -93,8 +106,19 @@ def test_bad_devices_lengths_and_sizes_are_named():
     w, b = torch.randn(7, 4), torch.zeros(7)
     for name, value in (("sft_weight", math.nan), ("beta", math.inf), ("beta", -1.0)):
         with pytest.raises(ValueError, match=name):
-            omnifast.ctc_dpo_loss(torch.randn(1, 5, 4), w, b, torch.tensor([[1]]), torch.tensor([[2]]), [5], [1], [1],
-                                  torch.zeros(1), torch.zeros(1), **{name: value})
+            omnifast.ctc_dpo_loss(
+                torch.randn(1, 5, 4),
+                w,
+                b,
+                torch.tensor([[1]]),
+                torch.tensor([[2]]),
+                [5],
+                [1],
+                [1],
+                torch.zeros(1),
+                torch.zeros(1),
+                **{name: value},
+            )
     with pytest.raises(ValueError, match="jitter must be finite"):
         MoE(8, 16, experts=4, top_k=2, jitter=math.nan)
 
@@ -118,8 +142,9 @@ def test_cpu_kernels_give_the_same_bits_with_one_and_two_threads():
 
     def ctc():
         leaf = logits.clone().requires_grad_()
-        loss = omnifast.ctc_loss_with_logits(leaf, targets, lengths, target_lengths, blank=49, backend="cpu",
-                                             reduction="none")
+        loss = omnifast.ctc_loss_with_logits(
+            leaf, targets, lengths, target_lengths, blank=49, backend="cpu", reduction="none"
+        )
         (grad,) = torch.autograd.grad(loss.sum(), leaf)
         return loss, grad
 

@@ -1,5 +1,6 @@
 """FSQ on the C++ and Triton (interpreted) backends against the torch reference, the code <->
 index round trip and the straight-through gradient."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,8 +21,12 @@ def away_from_ties(z, levels):
 @pytest.mark.gpu_check(7)
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @settings(max_examples=25)
-@given(rows=st.integers(0, 300), levels=st.lists(st.integers(2, 9), min_size=1, max_size=6),
-       scale=st.floats(0.1, 5.0), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(0, 300),
+    levels=st.lists(st.integers(2, 9), min_size=1, max_size=6),
+    scale=st.floats(0.1, 5.0),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_reference(backend, rows, levels, scale, seed):
     gen = torch.Generator().manual_seed(seed)
     z = away_from_ties(torch.randn(rows, len(levels), generator=gen) * scale, levels)

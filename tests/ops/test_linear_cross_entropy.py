@@ -1,4 +1,5 @@
 """Chunked fused linear cross-entropy against F.cross_entropy on full logits."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,9 +15,16 @@ def reference(h, w, b, targets, reduction="mean", chunk_rows=None):
     return F.cross_entropy(F.linear(h, w, b), targets, ignore_index=-100, reduction=reduction)
 
 
-@given(rows=st.integers(1, 40), width=st.integers(1, 12), classes=st.integers(1, 30), chunk=st.integers(1, 50),
-       bias=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]), ignored=st.floats(0, 0.9),
-       seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 40),
+    width=st.integers(1, 12),
+    classes=st.integers(1, 30),
+    chunk=st.integers(1, 50),
+    bias=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    ignored=st.floats(0, 0.9),
+    seed=st.integers(0, 2**16),
+)
 def test_matches_full_logits(rows, width, classes, chunk, bias, reduction, ignored, seed):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(rows, width, generator=gen, dtype=torch.float64)
@@ -26,8 +34,15 @@ def test_matches_full_logits(rows, width, classes, chunk, bias, reduction, ignor
     targets[torch.rand(rows, generator=gen) < ignored] = -100
     if (targets == -100).all() and reduction == "mean":
         targets[0] = 0  # torch's mean over no rows is NaN; ours is 0
-    ours = value_and_grads(linear_cross_entropy, [hidden, weight, b], targets, device="cpu", probe=True,
-                           reduction=reduction, chunk_rows=chunk)
+    ours = value_and_grads(
+        linear_cross_entropy,
+        [hidden, weight, b],
+        targets,
+        device="cpu",
+        probe=True,
+        reduction=reduction,
+        chunk_rows=chunk,
+    )
     theirs = value_and_grads(reference, [hidden, weight, b], targets, device="cpu", probe=True, reduction=reduction)
     for name, a, r in zip(("loss", "grad hidden", "grad weight", "grad bias"), ours, theirs):
         assert_close(a.double(), r, torch.float64, name)  # float64 accumulates in float64
@@ -45,14 +60,17 @@ def test_bf16_hidden_and_no_grad():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, None, targets), exact)
 
 
-@pytest.mark.parametrize("change,error,match", [
-    (dict(targets=torch.tensor([0, 5])), ValueError, "targets"),
-    (dict(targets=torch.tensor([0.0, 1.0])), TypeError, "targets"),
-    (dict(weight=torch.zeros(5, 3)), ValueError, "weight"),
-    (dict(reduction="batchmean"), ValueError, "reduction"),
-    (dict(chunk_rows=0), ValueError, "chunk_rows"),
-    (dict(hidden=torch.zeros(3, 4)), ValueError, "hidden"),
-])
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(targets=torch.tensor([0, 5])), ValueError, "targets"),
+        (dict(targets=torch.tensor([0.0, 1.0])), TypeError, "targets"),
+        (dict(weight=torch.zeros(5, 3)), ValueError, "weight"),
+        (dict(reduction="batchmean"), ValueError, "reduction"),
+        (dict(chunk_rows=0), ValueError, "chunk_rows"),
+        (dict(hidden=torch.zeros(3, 4)), ValueError, "hidden"),
+    ],
+)
 def test_bad_input(change, error, match):
     args = dict(hidden=torch.zeros(2, 4), weight=torch.zeros(5, 4), bias=None, targets=torch.tensor([0, 1]))
     args.update(change)

@@ -1,4 +1,5 @@
 """Fused linear-CTC against the unfused path ctc_loss(log_softmax(hidden @ W.T + b))."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,6 @@ from omnifast.ops import _reference
 
 from ..devices import device_for
 from ..tolerances import TOL, assert_all_close, value_and_grads
-
 
 
 def make_head_problem(B, T, D, V, lengths, input_lengths, seed=0, dtype=torch.float64, bias=True, scale=1.0):
@@ -25,8 +25,15 @@ def make_head_problem(B, T, D, V, lengths, input_lengths, seed=0, dtype=torch.fl
 
 def unfused(hidden, weight, bias, targets, input_lengths, target_lengths, reduction, zero_infinity):
     log_probs = F.linear(hidden.double(), weight.double(), None if bias is None else bias.double()).log_softmax(-1)
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, input_lengths, target_lengths, blank=weight.shape[0] - 1,
-                      reduction=reduction, zero_infinity=zero_infinity)
+    return F.ctc_loss(
+        log_probs.transpose(0, 1),
+        targets,
+        input_lengths,
+        target_lengths,
+        blank=weight.shape[0] - 1,
+        reduction=reduction,
+        zero_infinity=zero_infinity,
+    )
 
 
 def head_value_and_grads(fn, hidden, weight, bias, *args, **kw):
@@ -36,9 +43,19 @@ def head_value_and_grads(fn, hidden, weight, bias, *args, **kw):
 
 def fused(backend, chunk_frames=None):
     def fn(hidden, weight, bias, targets, input_lengths, target_lengths, reduction, zero_infinity):
-        return omnifast.linear_ctc_loss(hidden, weight, bias, targets, input_lengths, target_lengths,
-                                        reduction=reduction, zero_infinity=zero_infinity,
-                                        chunk_frames=chunk_frames, backend=backend)
+        return omnifast.linear_ctc_loss(
+            hidden,
+            weight,
+            bias,
+            targets,
+            input_lengths,
+            target_lengths,
+            reduction=reduction,
+            zero_infinity=zero_infinity,
+            chunk_frames=chunk_frames,
+            backend=backend,
+        )
+
     fn.backend = backend
     return fn
 
@@ -51,8 +68,9 @@ def head_problems(draw, max_T=12, max_V=9):
     V = draw(st.integers(2, max_V))
     input_lengths = draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
     lengths = draw(st.lists(st.integers(0, 5), min_size=B, max_size=B))
-    problem = make_head_problem(B, T, D, V, lengths, input_lengths, seed=draw(st.integers(0, 2**20)),
-                                bias=draw(st.booleans()))
+    problem = make_head_problem(
+        B, T, D, V, lengths, input_lengths, seed=draw(st.integers(0, 2**20)), bias=draw(st.booleans())
+    )
     return problem, draw(st.sampled_from(["none", "mean", "sum"])), draw(st.booleans()), draw(st.integers(1, T + 1))
 
 
@@ -112,8 +130,11 @@ def test_gradcheck(backend):
     hidden, weight, bias, targets, input_lengths, lengths = make_head_problem(2, 5, 3, 4, [2, 1], [5, 4], seed=6)
     leaves = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
     assert torch.autograd.gradcheck(
-        lambda h, w, b: omnifast.linear_ctc_loss(h, w, b, targets, input_lengths, lengths, chunk_frames=2,
-                                                 backend=backend), leaves)
+        lambda h, w, b: omnifast.linear_ctc_loss(
+            h, w, b, targets, input_lengths, lengths, chunk_frames=2, backend=backend
+        ),
+        leaves,
+    )
 
 
 def test_chunk_size_does_not_change_the_result():
@@ -128,6 +149,7 @@ def test_no_grad_runs_only_the_first_pass(monkeypatch):
 
     def forbidden(*args, **kwargs):
         raise AssertionError("pass 2 ran under no_grad")
+
     monkeypatch.setattr(_reference, "chunk_grad", forbidden)
     with torch.no_grad():
         loss = fused("torch")(*problem, "mean", False)
@@ -142,17 +164,20 @@ def test_mean_and_sum_form_the_gradient_in_one_pass(backend, reduction, monkeypa
 
     def forbidden(*args, **kwargs):
         raise AssertionError("pass 2 ran")
+
     monkeypatch.setattr(Scorer, "gradients", forbidden)
     problem = make_head_problem(3, 7, 4, 6, [2, 3, 0], [7, 5, 3], seed=10, dtype=torch.float32)
     for zero_infinity in (False, True):
         expected = head_value_and_grads(unfused, *problem, reduction, zero_infinity)
-        assert_all_close(head_value_and_grads(fused(backend, 3), *problem, reduction, zero_infinity), expected,
-                         torch.float32)
+        assert_all_close(
+            head_value_and_grads(fused(backend, 3), *problem, reduction, zero_infinity), expected, torch.float32
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_label_blocks_one_sequence_at_a_time(backend, monkeypatch):
     from omnifast.ops import _ctc_engine
+
     monkeypatch.setattr(_ctc_engine, "CHUNK_ELEMENTS", 1)  # a (T, 1 + W) block of one sequence each
     problem = make_head_problem(3, 8, 4, 7, [3, 1, 2], [8, 4, 6], seed=11, dtype=torch.float32)
     expected = head_value_and_grads(unfused, *problem, "mean", False)
@@ -165,8 +190,9 @@ def test_a_sequence_infeasible_by_its_values_is_zeroed(backend):
     suffice: the one pass weighted it, so its gradient is redone, and zero_infinity zeroes it.
     (F.ctc_loss gives NaN gradients at a -inf log-probability, pytorch#52241: the comparison is
     the two-pass path, reduction "none" weighted as "mean" weights.)"""
-    hidden, weight, bias, targets, input_lengths, lengths = make_head_problem(2, 5, 3, 5, [1, 2], [5, 5], seed=12,
-                                                                              dtype=torch.float32)
+    hidden, weight, bias, targets, input_lengths, lengths = make_head_problem(
+        2, 5, 3, 5, [1, 2], [5, 5], seed=12, dtype=torch.float32
+    )
     targets[0, 0], targets[1, :2] = 0, torch.tensor([1, 2])
     bias[0] = float("-inf")
     problem = (hidden, weight, bias, targets, input_lengths, lengths)
@@ -174,6 +200,7 @@ def test_a_sequence_infeasible_by_its_values_is_zeroed(backend):
     def two_pass(*args):
         per_sequence = fused(backend, 2)(*args[:6], "none", True)
         return (per_sequence / (2 * lengths.to(per_sequence.device).clamp(min=1))).sum()
+
     two_pass.backend = backend
     expected = head_value_and_grads(two_pass, *problem)
     actual = head_value_and_grads(fused(backend, 2), *problem, "mean", True)
@@ -212,9 +239,14 @@ BAD = [
 
 @pytest.mark.parametrize("error,name,changes", BAD, ids=[f"{n}-{i}" for i, (_, n, _) in enumerate(BAD)])
 def test_bad_input_names_the_argument(error, name, changes):
-    kwargs = dict(hidden=torch.randn(2, 3, 4), weight=torch.randn(6, 4), bias=torch.randn(6),
-                  targets=torch.tensor([[1, 2], [2, 2]]), input_lengths=torch.tensor([3, 2]),
-                  target_lengths=torch.tensor([2, 1]))
+    kwargs = dict(
+        hidden=torch.randn(2, 3, 4),
+        weight=torch.randn(6, 4),
+        bias=torch.randn(6),
+        targets=torch.tensor([[1, 2], [2, 2]]),
+        input_lengths=torch.tensor([3, 2]),
+        target_lengths=torch.tensor([2, 1]),
+    )
     kwargs.update(changes)
     with pytest.raises(error, match=name):
         omnifast.linear_ctc_loss(**kwargs)
@@ -230,7 +262,10 @@ def test_triton_with_speech_sized_tiles_under_autocast():
     results = []
     for backend in ("cpu", "triton"):
         with torch.autocast(device_for(backend).type, dtype=torch.bfloat16):
-            results.append(head_value_and_grads(fused(backend, 4), hidden, weight, bias, targets, input_lengths, lengths,
-                                           "mean", False))
+            results.append(
+                head_value_and_grads(
+                    fused(backend, 4), hidden, weight, bias, targets, input_lengths, lengths, "mean", False
+                )
+            )
     for a, e in zip(*results):
         torch.testing.assert_close(a.double(), e.double(), atol=1e-2, rtol=2e-2)

@@ -5,6 +5,7 @@ run in the same precision (plus a small absolute slack); losses come back float3
 the dtype of their leaf.
 
 Each problem is a linear layer feeding the op, so that autocast has a matmul to cast."""
+
 from __future__ import annotations
 
 import contextlib
@@ -51,19 +52,22 @@ def assert_within_twice_the_recipe(ours, recipe, truth, factor=2.0):
     for a, r, t in zip(ours, recipe, truth):
         a, r, t = a.double().cpu(), r.double().cpu(), t.double().cpu()
         scale = t.abs().max()
-        assert (a - t).abs().max() <= factor * (r - t).abs().max() + 1e-3 * scale + 1e-6, \
+        assert (a - t).abs().max() <= factor * (r - t).abs().max() + 1e-3 * scale + 1e-6, (
             f"error {(a - t).abs().max():.3g} vs the recipe's {(r - t).abs().max():.3g} (scale {scale:.3g})"
+        )
 
 
 def check(op, recipe, tensors, backend, mode):
     """Run ``op`` (omnifast, taking ``backend=``) and ``recipe`` (torch) in ``mode`` and in float64."""
     device = device_for(backend)
     dtype, context = precision(mode, device)
-    ours = value_and_grads(lambda *p: op(*p, backend=backend), tensors, device=device, dtype=dtype, context=context,
-                           probe=True)
+    ours = value_and_grads(
+        lambda *p: op(*p, backend=backend), tensors, device=device, dtype=dtype, context=context, probe=True
+    )
     assert ours[0].dim() or ours[0].dtype == torch.float32, "losses come back in float32"
-    theirs = value_and_grads(recipe, tensors, device=device, dtype=dtype, context=precision(mode, device)[1],
-                             probe=True)
+    theirs = value_and_grads(
+        recipe, tensors, device=device, dtype=dtype, context=precision(mode, device)[1], probe=True
+    )
     truth = value_and_grads(recipe, tensors, device=device, dtype=torch.float64, probe=True)
     assert_within_twice_the_recipe(ours, theirs, truth, allowed_factor(backend, mode))
 
@@ -71,7 +75,7 @@ def check(op, recipe, tensors, backend, mode):
 def ctc_problem(seed=0, T=12, B=3, D=6, C=9, lengths=(4, 2, 0)):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, B, D, generator=gen, dtype=torch.float64)
-    w = torch.randn(C, D, generator=gen, dtype=torch.float64) / D ** 0.5 * 3
+    w = torch.randn(C, D, generator=gen, dtype=torch.float64) / D**0.5 * 3
     targets = torch.randint(0, C - 1, (B, max(lengths)), generator=gen)
     return (x, w), targets, torch.tensor([T, T - 3, T - 5]), torch.tensor(lengths)
 
@@ -86,8 +90,14 @@ def test_ctc_loss_with_logits(backend, mode):
 
     def recipe(x, w):
         logits = F.linear(x, w)
-        return F.ctc_loss(logits.float().log_softmax(-1) if logits.dtype != torch.float64 else logits.log_softmax(-1),
-                          targets, il, tl, blank=8)
+        return F.ctc_loss(
+            logits.float().log_softmax(-1) if logits.dtype != torch.float64 else logits.log_softmax(-1),
+            targets,
+            il,
+            tl,
+            blank=8,
+        )
+
     check(op, recipe, tensors, backend, mode)
 
 
@@ -100,14 +110,19 @@ def test_ctc_loss_drop_in(backend, mode):
         logits = F.linear(x, w)
         return logits.float().log_softmax(-1) if logits.dtype != torch.float64 else logits.log_softmax(-1)
 
-    check(lambda x, w, backend: omnifast.ctc_loss(log_probs(x, w), targets, il, tl, blank=8, backend=backend),
-          lambda x, w: F.ctc_loss(log_probs(x, w), targets, il, tl, blank=8), tensors, backend, mode)
+    check(
+        lambda x, w, backend: omnifast.ctc_loss(log_probs(x, w), targets, il, tl, blank=8, backend=backend),
+        lambda x, w: F.ctc_loss(log_probs(x, w), targets, il, tl, blank=8),
+        tensors,
+        backend,
+        mode,
+    )
 
 
 def head_problem(seed=0, B=3, T=10, D=8, V=12, lengths=(3, 4, 1), pair=False):
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, D, generator=gen, dtype=torch.float64)
-    weight = torch.randn(V, D, generator=gen, dtype=torch.float64) / D ** 0.5 * 2
+    weight = torch.randn(V, D, generator=gen, dtype=torch.float64) / D**0.5 * 2
     bias = torch.randn(V, generator=gen, dtype=torch.float64)
     targets = torch.randint(0, V - 1, (B, max(lengths)), generator=gen)
     rejected = torch.randint(0, V - 1, (B, max(lengths)), generator=gen)
@@ -124,21 +139,28 @@ def head_log_probs(hidden, weight, bias):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_ctc_loss(backend, mode):
     tensors, targets, _, il, tl = head_problem()
-    check(lambda h, w, b, backend: omnifast.linear_ctc_loss(h, w, b, targets, il, tl, chunk_frames=4, backend=backend),
-          lambda h, w, b: F.ctc_loss(head_log_probs(h, w, b), targets, il, tl, blank=11), tensors, backend, mode)
+    check(
+        lambda h, w, b, backend: omnifast.linear_ctc_loss(h, w, b, targets, il, tl, chunk_frames=4, backend=backend),
+        lambda h, w, b: F.ctc_loss(head_log_probs(h, w, b), targets, il, tl, blank=11),
+        tensors,
+        backend,
+        mode,
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("options", [dict(sparse=True), dict(sft_weight=0.5, length_normalize=True)],
-                         ids=["sparse", "dense"])
+@pytest.mark.parametrize(
+    "options", [dict(sparse=True), dict(sft_weight=0.5, length_normalize=True)], ids=["sparse", "dense"]
+)
 def test_ctc_dpo_loss(backend, mode, options):
     tensors, chosen, rejected, il, tl = head_problem(2)
     refs = (torch.tensor([-9.0, -7.0, -3.0]), torch.tensor([-8.0, -9.0, -2.5]))
 
     def op(h, w, b, backend):
-        return omnifast.ctc_dpo_loss(h, w, b, chosen, rejected, il, tl, tl, *refs, chunk_frames=3, backend=backend,
-                                     **options).loss
+        return omnifast.ctc_dpo_loss(
+            h, w, b, chosen, rejected, il, tl, tl, *refs, chunk_frames=3, backend=backend, **options
+        ).loss
 
     def recipe(h, w, b):
         lp = head_log_probs(h, w, b)
@@ -149,9 +171,11 @@ def test_ctc_dpo_loss(backend, mode, options):
         z = 0.1 * ((pw - refs[0].to(pw)) - (pl - refs[1].to(pl)))
         per_pair = -F.logsigmoid(z)
         if options.get("sft_weight"):
-            per_pair = per_pair - options["sft_weight"] * -F.ctc_loss(lp, chosen, il, tl, blank=11,
-                                                                      reduction="none") / tl.clamp(min=1)
+            per_pair = per_pair - options["sft_weight"] * -F.ctc_loss(
+                lp, chosen, il, tl, blank=11, reduction="none"
+            ) / tl.clamp(min=1)
         return per_pair.mean()
+
     check(op, recipe, tensors, backend, mode)
 
 
@@ -184,7 +208,9 @@ def test_moe(backend, mode, top_k):
             module = module_cls(16, 24, experts=4, top_k=top_k, **({"backend": backend} if backend else {}))
             values = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "gate.weight": gate}
             return torch.func.functional_call(module.to(x.device), values, (x,)).output
+
         return fn
+
     check(lambda *p, backend: run(MoE, backend)(*p), run(NaiveMoE), params, backend, mode)
 
 

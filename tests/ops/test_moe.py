@@ -1,6 +1,7 @@
 """The MoE ops on the C++ and Triton (interpreted) backends against the torch reference: routing
 (every field, and the gradient to the logits through weights, probs and the z-loss), permute,
 the weighted combine and the grouped expert MLP, forward and backward."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -36,8 +37,13 @@ def routed(backend, x, gate, top_k, normalize=True):
 @pytest.mark.gpu_check(5)
 @pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=25)
-@given(tokens=st.integers(1, 70), experts=st.integers(1, 9), k=st.integers(1, 9), normalize=st.booleans(),
-       seed=st.integers(0, 2**16))
+@given(
+    tokens=st.integers(1, 70),
+    experts=st.integers(1, 9),
+    k=st.integers(1, 9),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_route_matches_reference(backend, tokens, experts, k, normalize, seed):
     k = min(k, experts)
     gen = torch.Generator().manual_seed(seed)
@@ -85,8 +91,13 @@ def combine_case(tokens, experts, k, width, seed, dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=20)
-@given(tokens=st.integers(1, 40), experts=st.integers(1, 7), k=st.integers(1, 7), width=st.integers(1, 1100),
-       seed=st.integers(0, 2**16))
+@given(
+    tokens=st.integers(1, 40),
+    experts=st.integers(1, 7),
+    k=st.integers(1, 7),
+    width=st.integers(1, 1100),
+    seed=st.integers(0, 2**16),
+)
 def test_permute_and_unpermute_match_reference(backend, tokens, experts, k, width, seed):
     k = min(k, experts)
     r, x, y = combine_case(tokens, experts, k, width, seed)
@@ -119,9 +130,13 @@ def expert_mlp_case(backend, tokens, experts, k, hidden, ffn, out, activation, b
     gen = torch.Generator().manual_seed(seed)
     r = moe.route(separated_logits(tokens, experts, gen), torch.eye(experts), k, backend="torch")
     width = 2 * ffn if activation == "swiglu" else ffn
-    tensors = [torch.randn(tokens * k, hidden, generator=gen), torch.randn(experts, width, hidden, generator=gen),
-               torch.randn(experts, width, generator=gen), torch.randn(experts, out, ffn, generator=gen),
-               torch.randn(experts, out, generator=gen)]
+    tensors = [
+        torch.randn(tokens * k, hidden, generator=gen),
+        torch.randn(experts, width, hidden, generator=gen),
+        torch.randn(experts, width, generator=gen),
+        torch.randn(experts, out, ffn, generator=gen),
+        torch.randn(experts, out, generator=gen),
+    ]
     device = device_for(backend)
     x, w1, b1, w2, b2 = (t.to(device, dtype).requires_grad_() for t in tensors)
     if not bias:
@@ -135,9 +150,17 @@ def expert_mlp_case(backend, tokens, experts, k, hidden, ffn, out, activation, b
 @pytest.mark.gpu_check(5)
 @pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=15)
-@given(tokens=st.integers(1, 40), experts=st.integers(1, 7), k=st.integers(1, 3), hidden=st.integers(1, 40),
-       ffn=st.integers(1, 40), out=st.integers(1, 40), activation=st.sampled_from(moe.ACTIVATIONS),
-       bias=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    tokens=st.integers(1, 40),
+    experts=st.integers(1, 7),
+    k=st.integers(1, 3),
+    hidden=st.integers(1, 40),
+    ffn=st.integers(1, 40),
+    out=st.integers(1, 40),
+    activation=st.sampled_from(moe.ACTIVATIONS),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_expert_mlp_matches_reference(backend, tokens, experts, k, hidden, ffn, out, activation, bias, seed):
     k = min(k, experts)
     args = (tokens, experts, k, hidden, ffn, out, activation, bias, seed)
@@ -153,7 +176,11 @@ def test_expert_mlp_odd_sizes_and_empty_experts(backend):
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
     gen = torch.Generator().manual_seed(0)
-    x, w1, w2 = torch.randn(5, 8, generator=gen), torch.randn(3, 6, 8, generator=gen), torch.randn(3, 4, 6, generator=gen)
+    x, w1, w2 = (
+        torch.randn(5, 8, generator=gen),
+        torch.randn(3, 6, 8, generator=gen),
+        torch.randn(3, 4, 6, generator=gen),
+    )
     w1.requires_grad_()
     offsets = torch.tensor([0, 0, 5, 5])  # experts 0 and 2 have no rows
     y = moe.expert_mlp(x, offsets, w1, None, w2, None, "relu", backend=backend)
@@ -193,17 +220,20 @@ def _experts(E=3, H=8, F=6, O=5):
     return torch.randn(E, F, H), torch.randn(E, F), torch.randn(E, O, F), torch.randn(E, O)
 
 
-@pytest.mark.parametrize("change,error,name", [
-    (dict(activation="tanh"), ValueError, "activation"),
-    (dict(x=torch.randn(4, 7)), ValueError, "x"),
-    (dict(x=torch.ones(4, 8, dtype=torch.long)), TypeError, "x"),
-    (dict(w1=torch.randn(3, 6)), ValueError, "w1"),
-    (dict(w2=torch.randn(2, 5, 6)), ValueError, "w2"),
-    (dict(w2=torch.randn(3, 5, 7)), ValueError, "w2"),
-    (dict(b1=torch.randn(3, 5)), ValueError, "b1"),
-    (dict(b2=torch.randn(3, 4)), ValueError, "b2"),
-    (dict(w1=torch.randn(3, 7, 8), b1=None, activation="swiglu"), ValueError, "w1"),
-])
+@pytest.mark.parametrize(
+    "change,error,name",
+    [
+        (dict(activation="tanh"), ValueError, "activation"),
+        (dict(x=torch.randn(4, 7)), ValueError, "x"),
+        (dict(x=torch.ones(4, 8, dtype=torch.long)), TypeError, "x"),
+        (dict(w1=torch.randn(3, 6)), ValueError, "w1"),
+        (dict(w2=torch.randn(2, 5, 6)), ValueError, "w2"),
+        (dict(w2=torch.randn(3, 5, 7)), ValueError, "w2"),
+        (dict(b1=torch.randn(3, 5)), ValueError, "b1"),
+        (dict(b2=torch.randn(3, 4)), ValueError, "b2"),
+        (dict(w1=torch.randn(3, 7, 8), b1=None, activation="swiglu"), ValueError, "w1"),
+    ],
+)
 def test_bad_expert_arguments_are_named_before_any_work(change, error, name):
     w1, b1, w2, b2 = _experts()
     args = dict(x=torch.randn(4, 8), w1=w1, b1=b1, w2=w2, b2=b2, activation="relu")

@@ -1,6 +1,7 @@
 """NaN and inf in any input propagate to the output of the sequence or token that holds them, and
 nowhere else; no op crashes, hangs or indexes out of range on them, on any backend. (A -inf logit
 is a probability of 0, a legitimate input: it may only make targets infeasible.)"""
+
 import math
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 
 import omnifast
 from omnifast.nn import MoE
-from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 from omnifast.ops import moe as moe_ops
 from omnifast.ops.fsq import fsq_quantize
+from omnifast.ops.linear_cross_entropy import linear_cross_entropy
 
 from ..devices import device_for
 from ..tolerances import value_and_grads
@@ -32,7 +33,7 @@ def test_ctc(backend, bad):
     gen = torch.Generator().manual_seed(0)
     logits, targets = torch.randn(10, 2, 7, generator=gen).to(d), torch.randint(0, 6, (2, 3), generator=gen).to(d)
     for fn in (omnifast.ctc_loss_with_logits, lambda x, *a, **k: omnifast.ctc_loss(x.log_softmax(-1), *a, **k)):
-        run = lambda x: fn(x, targets, [10, 10], [3, 3], blank=6, reduction="none", backend=backend)  # noqa: E731
+        run = lambda x, fn=fn: fn(x, targets, [10, 10], [3, 3], blank=6, reduction="none", backend=backend)  # noqa: E731
         clean, clean_grad = value_and_grads(run, [logits], device=d)
         loss, grad = value_and_grads(run, [spoil(logits, (3, 0, 1), bad)], device=d)
         assert loss[1] == clean[1] and torch.equal(grad[:, 1], clean_grad[:, 1])  # the other sequence: untouched
@@ -42,8 +43,13 @@ def test_ctc(backend, bad):
 
 def head(seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 10, 8, generator=gen), torch.randn(7, 8, generator=gen), torch.randn(7, generator=gen),
-            torch.randint(0, 6, (2, 3), generator=gen), torch.randint(0, 6, (2, 3), generator=gen))
+    return (
+        torch.randn(2, 10, 8, generator=gen),
+        torch.randn(7, 8, generator=gen),
+        torch.randn(7, generator=gen),
+        torch.randint(0, 6, (2, 3), generator=gen),
+        torch.randint(0, 6, (2, 3), generator=gen),
+    )
 
 
 @pytest.mark.parametrize("bad", BAD)
@@ -53,16 +59,30 @@ def test_linear_ctc_and_ctc_dpo(backend, bad):
     hidden, weight, bias, chosen, rejected = (t.to(d) for t in head())
 
     def linear(h):
-        return omnifast.linear_ctc_loss(h, weight, bias, chosen, [10, 10], [3, 3], reduction="none", chunk_frames=4,
-                                        backend=backend)
+        return omnifast.linear_ctc_loss(
+            h, weight, bias, chosen, [10, 10], [3, 3], reduction="none", chunk_frames=4, backend=backend
+        )
+
     clean, clean_grad = value_and_grads(linear, [hidden], device=d)
     loss, grad = value_and_grads(linear, [spoil(hidden, (0, 3, 1), bad)], device=d)
     assert not math.isfinite(loss[0]) and loss[1] == clean[1]
     assert not torch.isfinite(grad[0]).all() and torch.equal(grad[1], clean_grad[1])
     for sparse in (True, False):
-        out = omnifast.ctc_dpo_loss(spoil(hidden, (0, 3, 1), bad), weight, bias, chosen, rejected, [10, 10], [3, 3],
-                                    [3, 3], torch.zeros(2, device=d), torch.zeros(2, device=d), sparse=sparse,
-                                    sft_weight=0.0 if sparse else 0.5, backend=backend)
+        out = omnifast.ctc_dpo_loss(
+            spoil(hidden, (0, 3, 1), bad),
+            weight,
+            bias,
+            chosen,
+            rejected,
+            [10, 10],
+            [3, 3],
+            [3, 3],
+            torch.zeros(2, device=d),
+            torch.zeros(2, device=d),
+            sparse=sparse,
+            sft_weight=0.0 if sparse else 0.5,
+            backend=backend,
+        )
         assert not torch.isfinite(out.loss)
 
 

@@ -3,6 +3,7 @@ gradient, in the GPU test mode (``OMNIFAST_TEST_DEVICE=cuda``); these shapes are
 interpreter, so the CPU mode skips them (``tests/benchmarks/test_gpu_check.py`` runs the same check
 at small shapes there). float32: within 1e-3 of the recipe, relative to the largest value; bf16:
 at most twice the bf16 recipe's own error against float32."""
+
 import pytest
 import torch
 

@@ -2,6 +2,7 @@
 UndefinedBehaviorSanitizer. This test proves that build is the one loaded and that it catches a
 planted out-of-bounds read (the kernels are called directly, past the argument checks that would
 stop it). It runs only under that target (OMNIFAST_EXTENSION set)."""
+
 import os
 import subprocess
 import sys
@@ -21,7 +22,6 @@ extension.moe_unpermute(torch.randn(4, 8), torch.tensor([0, 1, 2, 400]), None, 1
 @pytest.mark.skipif(not os.environ.get("OMNIFAST_EXTENSION"), reason="runs under make test-sanitize")
 def test_the_sanitizer_build_is_loaded_and_catches_an_out_of_bounds_read():
     path = os.path.abspath(os.environ["OMNIFAST_EXTENSION"])
-    run = subprocess.run([sys.executable, "-c", PLANTED.format(path=path)], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run([sys.executable, "-c", PLANTED.format(path=path)], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "AddressSanitizer: heap-buffer-overflow" in run.stderr, run.stderr[-2000:]

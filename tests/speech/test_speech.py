@@ -1,6 +1,7 @@
 """The speech tokenizer and unit vocoder on a synthetic corpus: tones spelling characters, at two
 pitches. Shapes and the 25 Hz frame rate, a short training run lowering both losses, the vocoder,
 save/load, the CLI and every bad input."""
+
 import json
 import wave
 
@@ -75,8 +76,9 @@ def test_training_lowers_the_acoustic_and_semantic_losses(corpus):
 
 
 def test_vocoder_waveform_length_rate_and_style_centroids(tokenizer, corpus):
-    vocoder = UnitVocoder(tokenizer, n_iter=4).fit_centroids([r["wave"] for r in corpus[:6]],
-                                                             {"pitch": [r["pitch"] for r in corpus[:6]]})
+    vocoder = UnitVocoder(tokenizer, n_iter=4).fit_centroids(
+        [r["wave"] for r in corpus[:6]], {"pitch": [r["pitch"] for r in corpus[:6]]}
+    )
     units, _ = tokenizer.encode(corpus[0]["wave"])
     samples, rate = vocoder.synthesize(units, pitch="high")
     assert rate == RATE and samples.dtype == np.float32 and samples.shape == (units.numel() * 4 * 160,)
@@ -123,8 +125,24 @@ def test_bad_audio_and_units(tokenizer):
 
 def test_cli_trains_saves_and_reports(tmp_path):
     data = write_corpus(tmp_path / "corpus", clips=10)
-    assert cli.main(["tokenizer", "train", "--data", str(data), "--out", str(tmp_path / "out"), "--steps", "3",
-                     "--batch-size", "4", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "tokenizer",
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "out"),
+                "--steps",
+                "3",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     evaluation = report["evaluation"]
     assert "cer" in evaluation and set(evaluation["pitch"]) == {"from_units", "from_style", "chance"}
@@ -138,6 +156,7 @@ def test_a_units_only_tokenizer_carries_the_pitch_in_its_units(corpus, tmp_path)
     model = SpeechTokenizer(config_for(corpus, SpeechTokenizerConfig.tiny(style_dim=0)))
     assert not hasattr(model, "style_encoder") and not hasattr(model, "from_style")
     train_tokenizer(model, corpus, steps=150, batch_size=8, lr=3e-3, progress=False)
+
     def centre(mel):  # the mean mel band, weighted towards the loud ones
         weights = torch.softmax(4 * mel, 0)
         return float((torch.arange(mel.shape[0])[:, None] * weights).sum(0).mean())
@@ -147,7 +166,7 @@ def test_a_units_only_tokenizer_carries_the_pitch_in_its_units(corpus, tmp_path)
         units, style = model.encode(row["wave"])
         assert style.shape == (0,)
         mel, frames = model.mel([row["wave"]])
-        heard.append(centre(mel[0, :, :frames[0]]))
+        heard.append(centre(mel[0, :, : frames[0]]))
         decoded.append(centre(model.decode(units)))
     assert np.corrcoef(heard, decoded)[0, 1] > 0.8, (heard, decoded)
     vocoder = UnitVocoder(model, n_iter=4).fit_centroids([corpus[0]["wave"]], {"pitch": ["low"]})

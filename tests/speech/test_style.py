@@ -1,6 +1,7 @@
 """Judging how speech is said: the style classifier tells synthetic clips apart by pitch, level
 and rate (and keeps its predictions through save/load), and the two-proportion test gives the
 textbook figures."""
+
 import math
 
 import numpy as np

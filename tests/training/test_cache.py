@@ -2,6 +2,7 @@
 stages 4 and 5, NAR and AR; training from it never runs the frozen front; a cache refuses a run it
 was not made for, naming what differs; a killed build finishes from its completed shards; spoken
 and written forms of a record are both cached; two processes build one cache between them."""
+
 import copy
 import json
 import os
@@ -27,10 +28,15 @@ def write_records(root, count=6, spoken=False):
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
-        row = {"id": f"r{i}", "tgt_units": " ".join(str((i * 7 + k) % UNITS) for k in range(3 + 2 * i)),
-               "re_tgt_units": " ".join(str((i * 3 + k) % UNITS) for k in range(4 + i)),
-               "conversations": [{"from": "human", "value": f"say number {i}"},
-                                 {"from": "gpt", "value": "it is " + "la " * (i + 1)}]}
+        row = {
+            "id": f"r{i}",
+            "tgt_units": " ".join(str((i * 7 + k) % UNITS) for k in range(3 + 2 * i)),
+            "re_tgt_units": " ".join(str((i * 3 + k) % UNITS) for k in range(4 + i)),
+            "conversations": [
+                {"from": "human", "value": f"say number {i}"},
+                {"from": "gpt", "value": "it is " + "la " * (i + 1)},
+            ],
+        }
         if spoken:
             write_wav(root / f"q{i}.wav", 0.3, i)
             row["speech"] = f"q{i}.wav" if i % 3 else "none"
@@ -50,8 +56,9 @@ def loss_and_grads(trainer, batch):
     trainer.optimizer.zero_grad(set_to_none=True)
     loss = trainer.loss(batch)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.speech_decoder.named_parameters()
-                           if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in trainer.model.speech_decoder.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("stage_name, mode", [("speech-gen", "nar"), ("emotion-dpo", "nar"), ("speech-gen", "ar")])
@@ -86,8 +93,14 @@ def test_training_from_the_cache_never_runs_the_frozen_front(tmp_path):
         raise AssertionError("the frozen LLM ran")
 
     model.llm.model.forward = refuse
-    trainer = Trainer(model, processor, records, TrainConfig(stage="emotion-dpo", max_steps=3, progress=False),
-                      tmp_path / "out", state_cache=tmp_path / "cache")
+    trainer = Trainer(
+        model,
+        processor,
+        records,
+        TrainConfig(stage="emotion-dpo", max_steps=3, progress=False),
+        tmp_path / "out",
+        state_cache=tmp_path / "cache",
+    )
     assert trainer.references is not None and len(trainer.references) == len(records)
     trainer.train()
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -108,8 +121,14 @@ def test_a_cache_refuses_what_it_was_not_made_for(tmp_path):
     path.write_text(json.dumps(rows))
     edited = load_records(path, stage, UNITS)
     with pytest.raises(CacheError, match=r"the data \(records or their media files\)"):
-        Trainer(model, processor, edited, TrainConfig(stage="speech-gen", progress=False), tmp_path / "o",
-                state_cache=tmp_path / "cache")
+        Trainer(
+            model,
+            processor,
+            edited,
+            TrainConfig(stage="speech-gen", progress=False),
+            tmp_path / "o",
+            state_cache=tmp_path / "cache",
+        )
     with pytest.raises(CacheError, match=r"bf16 \(False in the cache, True here\)"):
         StateCache.open(tmp_path / "cache", cache_module.fingerprint(model, processor, stage, records, True))
     with pytest.raises(CacheError, match="not a complete state cache"):
@@ -119,8 +138,14 @@ def test_a_cache_refuses_what_it_was_not_made_for(tmp_path):
     with pytest.raises(CacheError, match="listed in .* but missing"):
         StateCache.open(tmp_path / "cache")
     with pytest.raises(ValueError, match="serves the speech stages"):
-        Trainer(model, processor, records, TrainConfig(stage="s2t", progress=False), tmp_path / "p",
-                state_cache=tmp_path / "cache")
+        Trainer(
+            model,
+            processor,
+            records,
+            TrainConfig(stage="s2t", progress=False),
+            tmp_path / "p",
+            state_cache=tmp_path / "cache",
+        )
 
 
 def test_a_killed_build_finishes_from_its_completed_shards(tmp_path, monkeypatch):
@@ -160,14 +185,21 @@ def test_a_killed_build_finishes_from_its_completed_shards(tmp_path, monkeypatch
 def test_spoken_and_written_forms_are_both_cached_and_drawn_per_epoch(tmp_path):
     model, processor = tiny()
     stage = get_stage("speech-gen")
-    records = load_records(write_records(tmp_path / "data", spoken=True), stage, UNITS, audio_seconds=1,
-                           sampling_rate=16000)
+    records = load_records(
+        write_records(tmp_path / "data", spoken=True), stage, UNITS, audio_seconds=1, sampling_rate=16000
+    )
     assert [bool(r.spoken) for r in records] == [False, True, True, False, True, True]  # "none": written only
     cache = build_cache(tmp_path / "cache", model, processor, records, stage, progress=False)
     written, spoken = cache.lookup(1, False)[0], cache.lookup(1, True)[0]
     assert written.shape == spoken.shape and not torch.equal(written, spoken)
-    trainer = Trainer(model, processor, records, TrainConfig(stage="speech-gen", progress=False, speech_prob=0.5),
-                      tmp_path / "out", state_cache=tmp_path / "cache")
+    trainer = Trainer(
+        model,
+        processor,
+        records,
+        TrainConfig(stage="speech-gen", progress=False, speech_prob=0.5),
+        tmp_path / "out",
+        state_cache=tmp_path / "cache",
+    )
     draws = [[trainer.dataset[(i, epoch)]["spoken"] for i in range(6)] for epoch in range(6)]
     assert all(not row[0] and not row[3] for row in draws)  # "none": no spoken form
     assert draws != [draws[0]] * 6 and any(any(row) for row in draws)
@@ -177,13 +209,38 @@ def test_spoken_and_written_forms_are_both_cached_and_drawn_per_epoch(tmp_path):
 def test_two_processes_build_one_cache_between_them(tmp_path):
     path = write_records(tmp_path / "data", count=7)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29571", "-m", "omnifast.cli", "cache", "--stage", "emotion-dpo", "--data", str(path),
-                          "--out", str(tmp_path / "two"), "--no-progress"], capture_output=True, text=True, env=env,
-                         timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29571",
+            "-m",
+            "omnifast.cli",
+            "cache",
+            "--stage",
+            "emotion-dpo",
+            "--data",
+            str(path),
+            "--out",
+            str(tmp_path / "two"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert cli.main(["cache", "--stage", "emotion-dpo", "--data", str(path), "--out", str(tmp_path / "one"),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["cache", "--stage", "emotion-dpo", "--data", str(path), "--out", str(tmp_path / "one"), "--no-progress"]
+        )
+        == 0
+    )
     index = json.loads((tmp_path / "two" / "index.json").read_text())
     assert {name.split("-")[1] for name in index["shards"]} == {"r0", "r1"}
     records = load_records(path, get_stage("emotion-dpo"), UNITS)

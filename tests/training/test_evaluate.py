@@ -1,6 +1,7 @@
 """The held-out measurements a preference stage is judged by: TRL's DPO rewards on chosen /
 rejected pairs (zero against the policy itself, the sign of a real preference otherwise), and the
 emotion the decoder's speech is heard in (its units through a vocoder, judged by a classifier)."""
+
 import copy
 
 import numpy as np
@@ -40,6 +41,7 @@ def test_rewards_against_the_policy_itself_are_zero_and_follow_a_preference(setu
 
 class ByLength:
     """A stand-in classifier: long clips are 'happy', short ones 'sad'."""
+
     styles = ["neutral", "happy", "sad", "angry"]
 
     def __init__(self, threshold):

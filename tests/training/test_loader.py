@@ -2,6 +2,7 @@
 back record by record (blocks cut anywhere, non-ASCII text, records of any size), the order of the
 micro-batches a function of (seed, epoch, step) alone, and workers changing nothing, resumed runs
 included."""
+
 import json
 
 import numpy as np
@@ -10,20 +11,25 @@ import torch
 from safetensors.torch import load_file
 
 from omnifast import cli
-from omnifast.training import DataError, MicroBatches, get_stage, load_records
+from omnifast.training import DataError, MicroBatches, data_file, get_stage, load_records
 from omnifast.training import checkpoint as checkpoints
-from omnifast.training import data_file
-
-from .test_training import data  # noqa: F401  (the shared fixture)
 
 STAGE = get_stage("speech-gen")
 
 
 def rows(n: int):
-    return [{"id": f"r{i}", "tgt_units": " ".join(map(str, range(i % 7 + 1))), "emotion": "sad" if i % 3 else None,
-             "conversations": [{"from": "human", "value": f"question {i} {'é' * (i % 4)} \"quoted\" \\ {{"},
-                               {"from": "gpt", "value": "ü" * (i % 5) + f"answer {i}" + "x" * (i * 37 % 300)}]}
-            for i in range(n)]
+    return [
+        {
+            "id": f"r{i}",
+            "tgt_units": " ".join(map(str, range(i % 7 + 1))),
+            "emotion": "sad" if i % 3 else None,
+            "conversations": [
+                {"from": "human", "value": f'question {i} {"é" * (i % 4)} "quoted" \\ {{'},
+                {"from": "gpt", "value": "ü" * (i % 5) + f"answer {i}" + "x" * (i * 37 % 300)},
+            ],
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.mark.parametrize("layout", ["list", "indented", "lines"])
@@ -46,12 +52,22 @@ def test_every_record_reads_back_whatever_the_block_size(tmp_path, monkeypatch, 
 
 
 def test_malformed_files_and_duplicate_ids_are_reported(tmp_path):
-    cases = {"cut.json": '[{"id": "a", "conversations": []}, {"id": ', "open.json": '[{"id": "a"}',
-             "comma.json": '[{"id": "a"} {"id": "b"}]', "object.json": '{"id": "a"}',
-             "bad.jsonl": '{"id": "a"}\nnot json\n', "empty.json": "  \n"}
-    messages = {"cut.json": "not JSON at byte", "open.json": "the list is not closed",
-                "comma.json": "expected ',' or ']'", "object.json": "got a JSON object",
-                "bad.jsonl": "line 2: not JSON", "empty.json": "empty file"}
+    cases = {
+        "cut.json": '[{"id": "a", "conversations": []}, {"id": ',
+        "open.json": '[{"id": "a"}',
+        "comma.json": '[{"id": "a"} {"id": "b"}]',
+        "object.json": '{"id": "a"}',
+        "bad.jsonl": '{"id": "a"}\nnot json\n',
+        "empty.json": "  \n",
+    }
+    messages = {
+        "cut.json": "not JSON at byte",
+        "open.json": "the list is not closed",
+        "comma.json": "expected ',' or ']'",
+        "object.json": "got a JSON object",
+        "bad.jsonl": "line 2: not JSON",
+        "empty.json": "empty file",
+    }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=messages[name]):
@@ -76,16 +92,33 @@ def test_micro_batches_depend_on_seed_epoch_and_step_alone():
     epoch = [i for micro in range(one.per_epoch) for i in one.indices(micro)]
     assert sorted(epoch) == list(range(23))
     assert one.indices(one.per_epoch) != one.indices(0)  # a new permutation each epoch
-    assert [[i for i, _ in b] for b in MicroBatches(23, 6, seed=3, start=5, stop=9)] == [one.indices(m)
-                                                                                         for m in range(5, 9)]
+    assert [[i for i, _ in b] for b in MicroBatches(23, 6, seed=3, start=5, stop=9)] == [
+        one.indices(m) for m in range(5, 9)
+    ]
     assert list(MicroBatches(23, 6, seed=4, stop=2)) != list(MicroBatches(23, 6, seed=3, stop=2))
 
 
-def test_workers_change_nothing_even_across_a_resume(data, tmp_path, monkeypatch):  # noqa: F811
+def test_workers_change_nothing_even_across_a_resume(data, tmp_path, monkeypatch):
     """Six steps with two worker processes, interrupted at the second checkpoint and resumed,
     end with the weights of six steps without workers, bit for bit."""
-    args = ["train", "--stage", "s2t", "--model", "tiny", "--data", str(data / "s2t.json"), "--max-steps", "6",
-            "--epochs", "6", "--save-every", "2", "--batch-size", "2", "--no-progress"]
+    args = [
+        "train",
+        "--stage",
+        "s2t",
+        "--model",
+        "tiny",
+        "--data",
+        str(data / "s2t.json"),
+        "--max-steps",
+        "6",
+        "--epochs",
+        "6",
+        "--save-every",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
     assert cli.main(args + ["--workers", "0", "--out", str(tmp_path / "plain")]) == 0
     calls = []
 
@@ -102,6 +135,8 @@ def test_workers_change_nothing_even_across_a_resume(data, tmp_path, monkeypatch
     a = load_file(str(tmp_path / "plain" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "workers" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    waits = [row["data_loading(%)"] for row in map(json.loads, (tmp_path / "workers" / "metrics.jsonl").read_text()
-                                                    .splitlines())]
+    waits = [
+        row["data_loading(%)"]
+        for row in map(json.loads, (tmp_path / "workers" / "metrics.jsonl").read_text().splitlines())
+    ]
     assert len(waits) == 6 and np.all(np.isfinite(waits)) and all(0 <= w <= 100 for w in waits)

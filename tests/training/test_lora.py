@@ -2,6 +2,7 @@
 gradients are those of the same low-rank update written by hand, only the adapters train and are
 checkpointed, a resumed run equals an uninterrupted one bit for bit, and the saved model is merged
 (or the adapters are saved beside an untouched LLM)."""
+
 import copy
 import json
 import shutil
@@ -16,7 +17,7 @@ from omnifast.training import latest_checkpoint
 from omnifast.training.config import TrainConfig
 from omnifast.training.lora import add_adapters, merge_adapters
 
-from .test_training import assert_same_weights_bit_for_bit, data  # noqa: F401  (the shared fixture)
+from .test_training import assert_same_weights_bit_for_bit
 
 
 def adapted(rank=4, alpha=8.0):
@@ -44,7 +45,12 @@ class HandLoRA(torch.nn.Module):
 
     def __init__(self, base, a, b, scale):
         super().__init__()
-        self.base, self.a, self.b, self.scale = base, torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone()), scale
+        self.base, self.a, self.b, self.scale = (
+            base,
+            torch.nn.Parameter(a.clone()),
+            torch.nn.Parameter(b.clone()),
+            scale,
+        )
 
     def forward(self, x):
         return self.base(x) + self.scale * (x @ self.a.T) @ self.b.T
@@ -52,14 +58,19 @@ class HandLoRA(torch.nn.Module):
 
 def test_a_lora_steps_gradients_are_those_of_the_low_rank_update_by_hand():
     from peft.tuners.lora import LoraLayer
+
     llm = adapted(rank=4, alpha=8.0)
     hand = copy.deepcopy(llm)
     pairs = []
     for name, layer in list(hand.named_modules()):
         if isinstance(layer, LoraLayer):
             parent = hand.get_submodule(name.rsplit(".", 1)[0])
-            replacement = HandLoRA(layer.get_base_layer(), layer.lora_A["default"].weight.detach(),
-                                   layer.lora_B["default"].weight.detach(), 8.0 / 4)
+            replacement = HandLoRA(
+                layer.get_base_layer(),
+                layer.lora_A["default"].weight.detach(),
+                layer.lora_B["default"].weight.detach(),
+                8.0 / 4,
+            )
             setattr(parent, name.rsplit(".", 1)[-1], replacement)
             pairs.append((name, replacement))
     ids = torch.randint(0, 300, (2, 9))
@@ -74,11 +85,28 @@ def test_a_lora_steps_gradients_are_those_of_the_low_rank_update_by_hand():
 
 
 def train(data_dir, out, *extra):
-    return cli.main(["train", "--stage", "i2t-sft", "--model", "tiny", "--data", str(data_dir / "i2t-sft.json"),
-                     "--out", str(out), "--no-progress", "--epochs", "8", "--lora-r", "4", *map(str, extra)])
+    return cli.main(
+        [
+            "train",
+            "--stage",
+            "i2t-sft",
+            "--model",
+            "tiny",
+            "--data",
+            str(data_dir / "i2t-sft.json"),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--epochs",
+            "8",
+            "--lora-r",
+            "4",
+            *map(str, extra),
+        ]
+    )
 
 
-def test_only_the_adapters_train_a_resume_is_bit_for_bit_and_the_model_is_merged(data, tmp_path):  # noqa: F811
+def test_only_the_adapters_train_a_resume_is_bit_for_bit_and_the_model_is_merged(data, tmp_path):
     assert train(data, tmp_path / "straight", "--max-steps", 4, "--save-every", 2) == 0
     weights = load_file(str(latest_checkpoint(tmp_path / "straight") / "trainable.safetensors"))
     llm = [k for k in weights if k.startswith("llm.")]
@@ -95,7 +123,7 @@ def test_only_the_adapters_train_a_resume_is_bit_for_bit_and_the_model_is_merged
     assert start.keys() == saved.keys()
 
 
-def test_adapters_can_be_saved_beside_an_untouched_llm_and_lora_needs_a_stage_that_trains_it(data, tmp_path):  # noqa: F811
+def test_adapters_can_be_saved_beside_an_untouched_llm_and_lora_needs_a_stage_that_trains_it(data, tmp_path):
     torch.manual_seed(0)
     fresh = OmniModel(OmniConfig.tiny()).llm.state_dict()
     assert train(data, tmp_path / "run", "--max-steps", 2, "--lora-save", "adapters") == 0
@@ -106,7 +134,20 @@ def test_adapters_can_be_saved_beside_an_untouched_llm_and_lora_needs_a_stage_th
     saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert all(torch.equal(saved[f"llm.{k}"], v) for k, v in fresh.items())
     with pytest.raises(ValueError, match="LoRA adapts the LLM, which stage 'speech-gen' does not train"):
-        cli.main(["train", "--stage", "speech-gen", "--model", "tiny", "--data", str(data / "speech-gen.json"),
-                  "--out", str(tmp_path / "x"), "--lora-r", "4"])
+        cli.main(
+            [
+                "train",
+                "--stage",
+                "speech-gen",
+                "--model",
+                "tiny",
+                "--data",
+                str(data / "speech-gen.json"),
+                "--out",
+                str(tmp_path / "x"),
+                "--lora-r",
+                "4",
+            ]
+        )
     with pytest.raises(ValueError, match=r"lora_targets: the LLM has no modules named \['wq'\]"):
         train(data, tmp_path / "y", "--lora-targets", "wq")

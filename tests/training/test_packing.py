@@ -2,6 +2,7 @@
 of the padded batch of the same records for every stage's loss (text, CTC, CTC-DPO, AR); token
 budgets bucket records by length, depend on (seed, epoch, step) alone and deal equal work to the
 ranks; checkpointing changes no number and compilation matches eager."""
+
 import copy
 import json
 
@@ -43,8 +44,10 @@ def loss_and_grads(trainer, batch):
     return float(loss.detach()), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("stage_name, mode", [("s2t", "nar"), ("i2t-sft", "nar"), ("speech-gen", "nar"),
-                                              ("emotion-dpo", "nar"), ("speech-gen", "ar")])
+@pytest.mark.parametrize(
+    "stage_name, mode",
+    [("s2t", "nar"), ("i2t-sft", "nar"), ("speech-gen", "nar"), ("emotion-dpo", "nar"), ("speech-gen", "ar")],
+)
 def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tmp_path, stage_name, mode):
     """float64 model; the router's softmax and the fused losses accumulate in float32 by
     contract, so agreement is to float32's precision (1e-6 relative), not to float64's."""
@@ -59,8 +62,12 @@ def test_a_packed_batch_gives_the_padded_batchs_loss_and_gradients(tmp_path, sta
     pad = processor.tokenizer.pad_token_id
     padded = loss_and_grads(trainers[False], collate_batch(items, pad))
     packed_batch = collate_packed(items, pad)
-    assert packed_batch["input_ids"].shape[0] == 1 and int(packed_batch["lengths"].sum()) == \
-        packed_batch["input_ids"].shape[1] < collate_batch(items, pad)["input_ids"].numel()
+    assert (
+        packed_batch["input_ids"].shape[0] == 1
+        and int(packed_batch["lengths"].sum())
+        == packed_batch["input_ids"].shape[1]
+        < collate_batch(items, pad)["input_ids"].numel()
+    )
     packed = loss_and_grads(trainers[True], packed_batch)
     assert packed[0] == pytest.approx(padded[0], rel=1e-6)
     assert padded[1].keys() == packed[1].keys() and padded[1]
@@ -74,7 +81,7 @@ def test_token_budgets_bucket_by_length_and_deal_equal_work():
     one = TokenBudgetBatches(costs, 1000, seed=1, window=200)
     two = [TokenBudgetBatches(costs, 1000, seed=1, rank=r, world=2, window=200) for r in range(2)]
     assert one.total(3) == sum(one.count(e) for e in range(3)) and two[0].count(0) == two[1].count(0)
-    for sampler, world in ((one, 1), (two, 2)):
+    for sampler, _world in ((one, 1), (two, 2)):
         ranks = sampler if isinstance(sampler, list) else [sampler]
         seen = []
         for micro in range(ranks[0].count(0)):
@@ -83,8 +90,10 @@ def test_token_budgets_bucket_by_length_and_deal_equal_work():
             assert max(loads) <= 1000 and max(loads) - min(loads) <= costs[sum(shares, [])].max()
             seen += sum(shares, [])
         assert sorted(seen) == list(range(500))  # each record once an epoch
+
     def padding(batches):
         return 1 - sum(costs[b].sum() for b in batches) / sum(costs[b].max() * len(b) for b in batches)
+
     bucketed = [one.indices(m) for m in range(one.count(0))]
     shuffled = np.random.default_rng(1).permutation(500)
     sizes = np.cumsum([len(b) for b in bucketed])[:-1]
@@ -92,17 +101,34 @@ def test_token_budgets_bucket_by_length_and_deal_equal_work():
     resumed = TokenBudgetBatches(costs, 1000, seed=1, window=200, start=7, stop=one.count(0) + 5)
     assert [[i for i, _ in b] for b in resumed] == [one.indices(m) for m in range(7, one.count(0) + 5)]
     assert one.indices(one.count(0)) != one.indices(0)  # another epoch, another order
-    assert [one.indices(m) for m in range(5)] == [TokenBudgetBatches(costs, 1000, seed=1, window=200).indices(m)
-                                                  for m in range(5)]
+    assert [one.indices(m) for m in range(5)] == [
+        TokenBudgetBatches(costs, 1000, seed=1, window=200).indices(m) for m in range(5)
+    ]
     with pytest.raises(ValueError, match="max_tokens=50 is smaller than record"):
         TokenBudgetBatches(costs, 50, seed=1)
 
 
 def test_max_tokens_trains_and_resumes(tmp_path):
     from omnifast import cli
+
     data = varied_records(tmp_path / "data", "speech-gen")
-    args = ["train", "--stage", "speech-gen", "--model", "tiny", "--data", str(data), "--max-tokens", "200",
-            "--packing", "--epochs", "3", "--save-every", "2", "--no-progress"]
+    args = [
+        "train",
+        "--stage",
+        "speech-gen",
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "--max-tokens",
+        "200",
+        "--packing",
+        "--epochs",
+        "3",
+        "--save-every",
+        "2",
+        "--no-progress",
+    ]
     assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) >= 3 and all(np.isfinite(r["loss"]) for r in rows)
@@ -132,9 +158,16 @@ def test_compiled_blocks_match_eager(tmp_path):
     config = OmniConfig.tiny()
     model, processor = OmniModel(config), OmniProcessor(build_tiny_tokenizer(), config)
     records = load_records(varied_records(tmp_path / "data", "speech-gen"), stage, UNITS)
-    trainers = [Trainer(copy.deepcopy(model), processor, records,
-                        TrainConfig(stage="speech-gen", batch_size=4, compile=compiled, progress=False),
-                        tmp_path / str(compiled)) for compiled in (False, True)]
+    trainers = [
+        Trainer(
+            copy.deepcopy(model),
+            processor,
+            records,
+            TrainConfig(stage="speech-gen", batch_size=4, compile=compiled, progress=False),
+            tmp_path / str(compiled),
+        )
+        for compiled in (False, True)
+    ]
     for keys in ([(0, 0), (1, 0)], [(1, 0), (2, 0), (3, 0)]):
         batch = collate_batch([trainers[0].dataset[k] for k in keys], processor.tokenizer.pad_token_id)
         (eager_loss, eager), (compiled_loss, compiled) = (loss_and_grads(t, batch) for t in trainers)

@@ -2,6 +2,7 @@
 checked against the run before anything is copied from it, a resume with other data or options
 is refused unless asked for, media paths and tokenizer folders cannot run code, and a run without
 matplotlib still finishes."""
+
 import json
 import math
 import sys
@@ -15,39 +16,51 @@ from omnifast import cli
 from omnifast.models import OmniConfig, OmniModel
 from omnifast.training import CheckpointError, latest_checkpoint
 
-from .test_training import data  # noqa: F401  (the shared fixture)
-
-ARGS = ["--stage", "speech-gen", "--model", "tiny", "--max-steps", "4", "--epochs", "4", "--save-every", "2",
-        "--no-progress"]
+ARGS = [
+    "--stage",
+    "speech-gen",
+    "--model",
+    "tiny",
+    "--max-steps",
+    "4",
+    "--epochs",
+    "4",
+    "--save-every",
+    "2",
+    "--no-progress",
+]
 
 
 def train(data_dir, out, *extra):
     return cli.main(["train", *ARGS, "--data", str(data_dir / "speech-gen.json"), "--out", str(out), *map(str, extra)])
 
 
-@pytest.mark.parametrize("option, value, error, match", [
-    ("--max-grad-norm", -1, ValueError, "max_grad_norm must be a number > 0"),
-    ("--max-grad-norm", 0, ValueError, "max_grad_norm must be a number > 0"),
-    ("--max-grad-norm", "nan", ValueError, "max_grad_norm must be finite"),
-    ("--lr", "nan", ValueError, "lr must be finite"),
-    ("--lr", "inf", ValueError, "lr must be finite"),
-    ("--sft-weight", "inf", ValueError, "sft_weight must be finite"),
-    ("--beta", "inf", ValueError, "beta must be finite"),
-    ("--beta", -1, ValueError, "beta must be a number > 0"),
-    ("--warmup-ratio", "nan", ValueError, "warmup_ratio must be finite"),
-    ("--warmup-ratio", -3, ValueError, "warmup_ratio must be a number >= 0"),
-    ("--epochs", 0, ValueError, "epochs must be an integer >= 1"),
-    ("--epochs", -2, ValueError, "epochs must be an integer >= 1"),
-    ("--max-steps", -1, ValueError, "max_steps must be an integer >= 1"),
-    ("--speech-prob", 2, ValueError, "speech_prob must be a number <= 1"),
-])
-def test_every_bad_option_is_refused_by_name_before_any_work(data, tmp_path, option, value, error, match):  # noqa: F811
+@pytest.mark.parametrize(
+    "option, value, error, match",
+    [
+        ("--max-grad-norm", -1, ValueError, "max_grad_norm must be a number > 0"),
+        ("--max-grad-norm", 0, ValueError, "max_grad_norm must be a number > 0"),
+        ("--max-grad-norm", "nan", ValueError, "max_grad_norm must be finite"),
+        ("--lr", "nan", ValueError, "lr must be finite"),
+        ("--lr", "inf", ValueError, "lr must be finite"),
+        ("--sft-weight", "inf", ValueError, "sft_weight must be finite"),
+        ("--beta", "inf", ValueError, "beta must be finite"),
+        ("--beta", -1, ValueError, "beta must be a number > 0"),
+        ("--warmup-ratio", "nan", ValueError, "warmup_ratio must be finite"),
+        ("--warmup-ratio", -3, ValueError, "warmup_ratio must be a number >= 0"),
+        ("--epochs", 0, ValueError, "epochs must be an integer >= 1"),
+        ("--epochs", -2, ValueError, "epochs must be an integer >= 1"),
+        ("--max-steps", -1, ValueError, "max_steps must be an integer >= 1"),
+        ("--speech-prob", 2, ValueError, "speech_prob must be a number <= 1"),
+    ],
+)
+def test_every_bad_option_is_refused_by_name_before_any_work(data, tmp_path, option, value, error, match):
     with pytest.raises(error, match=match):
         train(data, tmp_path / "run", option, value)
     assert not (tmp_path / "run").exists()
 
 
-def test_bad_choices_and_yaml_types_are_refused(data, tmp_path, capsys):  # noqa: F811
+def test_bad_choices_and_yaml_types_are_refused(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train(data, tmp_path / "run", "--bf16", "maybe")
     assert "invalid choice: 'maybe'" in capsys.readouterr().err
@@ -63,34 +76,43 @@ def tamper(found: Path, edit):
 
 
 @pytest.fixture
-def finished(data, tmp_path):  # noqa: F811
+def finished(data, tmp_path):
     assert train(data, tmp_path / "run") == 0
     return tmp_path / "run", latest_checkpoint(tmp_path / "run")
 
 
-@pytest.mark.parametrize("step, match", [(-5, "step must be an integer"), (10**6, "step must be an integer"),
-                                         (3.7, "step must be an integer")])
-def test_a_step_out_of_range_is_refused(data, finished, step, match):  # noqa: F811
+@pytest.mark.parametrize(
+    "step, match",
+    [(-5, "step must be an integer"), (10**6, "step must be an integer"), (3.7, "step must be an integer")],
+)
+def test_a_step_out_of_range_is_refused(data, finished, step, match):
     out, found = finished
     tamper(found, lambda s: s.update(step=step))
     with pytest.raises(CheckpointError, match=match):
         train(data, out, "--resume")
 
 
-def test_a_tampered_optimizer_lr_is_refused(data, finished):  # noqa: F811
+def test_a_tampered_optimizer_lr_is_refused(data, finished):
     out, found = finished
 
     def edit(state):
         state["optimizer"]["param_groups"][0]["lr"] = 1e6
+
     tamper(found, edit)
     with pytest.raises(CheckpointError, match="lr 1000000.0, not the schedule's"):
         train(data, out, "--resume")
 
 
-@pytest.mark.parametrize("change, match", [
-    ("scalar", "has shape \\(\\), the run's is"), ("one key", "does not hold exactly this run's trainable tensors"),
-    ("nan", "holds NaN or infinite values"), ("exp_avg", "optimizer state .* has shape")])
-def test_tensors_that_do_not_fit_the_run_are_refused(data, finished, change, match):  # noqa: F811
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("scalar", "has shape \\(\\), the run's is"),
+        ("one key", "does not hold exactly this run's trainable tensors"),
+        ("nan", "holds NaN or infinite values"),
+        ("exp_avg", "optimizer state .* has shape"),
+    ],
+)
+def test_tensors_that_do_not_fit_the_run_are_refused(data, finished, change, match):
     out, found = finished
     weights = load_file(str(found / "trainable.safetensors"))
     name = sorted(weights)[0]
@@ -114,12 +136,13 @@ def test_tensors_that_do_not_fit_the_run_are_refused(data, finished, change, mat
 def resave(path, tensors):
     """Rewrite a checkpoint's tensor file with new contents and its own tie (a file damaged in place)."""
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     save_file(tensors, str(path), metadata)
 
 
-def test_only_step_folders_are_checkpoints_and_deep_json_is_refused(data, finished):  # noqa: F811
+def test_only_step_folders_are_checkpoints_and_deep_json_is_refused(data, finished):
     out, found = finished
     copy = found.with_name(found.name + " (copy)")
     copy.mkdir()
@@ -129,11 +152,13 @@ def test_only_step_folders_are_checkpoints_and_deep_json_is_refused(data, finish
         train(data, out, "--resume")
 
 
-def test_resuming_with_other_data_or_options_is_refused_unless_asked(data, tmp_path):  # noqa: F811
+def test_resuming_with_other_data_or_options_is_refused_unless_asked(data, tmp_path):
     assert train(data, tmp_path / "run", "--max-steps", 2) == 0
-    for extra, match in ((["--lr", "0.5"], "lr changed from None to 0.5"),
-                         (["--batch-size", "1"], "batch_size changed from 2 to 1"),
-                         (["--seed", "9"], "seed changed from 0 to 9")):
+    for extra, match in (
+        (["--lr", "0.5"], "lr changed from None to 0.5"),
+        (["--batch-size", "1"], "batch_size changed from 2 to 1"),
+        (["--seed", "9"], "seed changed from 0 to 9"),
+    ):
         with pytest.raises(CheckpointError, match=match):
             train(data, tmp_path / "run", "--max-steps", 2, "--resume", *extra)
     rows = json.loads((data / "speech-gen.json").read_text())
@@ -155,18 +180,21 @@ def test_config_settings_are_an_explicit_list_and_tokenizers_run_no_code(tmp_pat
     with pytest.raises(ValueError, match="OmniConfig.llm: attn_implementation are not Qwen2Config settings"):
         OmniConfig.from_dict(config.to_dict())
     from omnifast.models import OmniProcessor, build_tiny_tokenizer
+
     folder = tmp_path / "tokenizer"
     OmniProcessor(build_tiny_tokenizer(), OmniConfig.tiny()).save_pretrained(folder)
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     settings["auto_map"] = {"AutoTokenizer": ["planted.Tokenizer", None]}  # a folder asking to run its code
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
-    (folder / "planted.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n"
-                                       "from transformers import PreTrainedTokenizerFast as Tokenizer\n")
+    (folder / "planted.py").write_text(
+        f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n"
+        "from transformers import PreTrainedTokenizerFast as Tokenizer\n"
+    )
     OmniProcessor.from_pretrained(folder, OmniConfig.tiny())
     assert not (tmp_path / "ran").exists()
 
 
-def test_a_run_without_matplotlib_finishes_and_says_so(data, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_a_run_without_matplotlib_finishes_and_says_so(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert train(data, tmp_path / "run", "--max-steps", 1) == 0
     assert (tmp_path / "run" / "model").is_dir() and not (tmp_path / "run" / "loss.png").exists()
