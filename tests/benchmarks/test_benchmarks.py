@@ -92,3 +92,31 @@ def test_quick_lora_benchmark_measures_both_settings(tmp_path):
     full, lora = payload["rows"]["full fine-tuning"], payload["rows"]["LoRA r=16"]
     assert 0 < lora["trained_parameters"] < full["trained_parameters"]
     assert full["step_working_bytes"] > 0 and lora["step_s"] > 0
+
+
+def test_the_microbenchmarks_run_under_pytest_benchmark():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMNIFAST_BENCH_QUICK": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "benchmarks",
+            "-k",
+            "test_op and ctc- and not dpo",
+            "--benchmark-disable",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
