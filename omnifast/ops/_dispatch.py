@@ -22,6 +22,7 @@ from typing import Callable, Optional, Protocol, Sequence, Tuple, runtime_checka
 
 import torch
 
+from ._precision import scale_gradients
 from .checks import check_choice
 
 BACKENDS = ("torch", "cpu", "triton")
@@ -29,30 +30,9 @@ Tensor = torch.Tensor
 
 
 @runtime_checkable
-class EagerCTCKernels(Protocol):
-    """CTC on the cpu and torch backends: the loss and its gradient in one call."""
-
-    lazy: bool
-
-    def __call__(
-        self,
-        inputs: Tensor,
-        targets: Tensor,
-        input_lengths: Tensor,
-        target_lengths: Tensor,
-        blank: int,
-        zero_infinity: bool,
-        grad_scale: Tensor,
-        from_logits: bool,
-    ) -> Tuple[Tensor, Tensor]:
-        """(nll (B,), gradient like ``inputs``): ``_reference.ctc_nll_and_grad``."""
-
-
-@runtime_checkable
-class LazyCTCKernels(Protocol):
-    """CTC on the triton backend: log p and saved state in the forward, the gradient in the backward."""
-
-    lazy: bool
+class CTCKernels(Protocol):
+    """CTC on every backend: the forward returns the losses and what the backward needs; the
+    backward turns the upstream gradient of each sequence's loss into the inputs' gradient."""
 
     def forward(
         self,
@@ -61,22 +41,17 @@ class LazyCTCKernels(Protocol):
         input_lengths: Tensor,
         target_lengths: Tensor,
         blank: int,
+        zero_infinity: bool,
+        weight: Tensor,
         from_logits: bool,
         want_grad: bool,
-    ):
-        """(log p (B,), saved state or None): ``kernels/ctc.py:ctc_forward``."""
+    ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """(nll (B,), saved tensors): ``weight`` (B,) is each sequence's share of the reduced
+        loss, which the gradient carries; ``saved`` is empty without ``want_grad``."""
 
-    def backward(
-        self,
-        inputs: Tensor,
-        saved,
-        target_lengths: Tensor,
-        input_lengths: Tensor,
-        coef: Tensor,
-        poison: Tensor,
-        from_logits: bool,
-    ) -> Tensor:
-        """The gradient like ``inputs``: ``kernels/ctc.py:ctc_backward``."""
+    def backward(self, saved: Tuple[Tensor, ...], grad_nll: Tensor) -> Tensor:
+        """The gradient like ``inputs`` for an upstream gradient ``grad_nll``: a scalar (the
+        reduced loss's) or (B,) (each sequence's loss, reduction "none")."""
 
 
 @runtime_checkable
@@ -230,13 +205,20 @@ class _EagerCTC:
     weights (one pass over the inputs while they are hot in cache); the backward multiplies by
     the upstream gradient. ``fn`` has the contract of ``_reference.ctc_nll_and_grad``."""
 
-    lazy = False
-
     def __init__(self, fn: Callable):
         self.fn = fn
 
-    def __call__(self, *args):
-        return self.fn(*args)
+    def forward(self, inputs, targets, input_lengths, target_lengths, blank, zero_infinity, weight, from_logits, want_grad):
+        nll, grad = self.fn(
+            inputs, targets, input_lengths, target_lengths, blank, zero_infinity, weight if want_grad else None, from_logits
+        )
+        return nll, (grad,) if want_grad else ()
+
+    def backward(self, saved, grad_nll):
+        (grad,) = saved
+        if grad_nll.dim() == 0:
+            return scale_gradients((grad,), grad_nll)[0]
+        return grad * grad_nll.to(grad.dtype)[None, :, None]
 
 
 class _LazyCTC:
@@ -244,16 +226,31 @@ class _LazyCTC:
     backward, with the upstream gradient folded into its coefficients: no (T, B, C) buffer lives
     between forward and backward, and nothing is read back to the host."""
 
-    lazy = True
-
     def __init__(self, module):
-        self.forward, self.backward = module.ctc_forward, module.ctc_backward
+        self.module = module
+
+    def forward(self, inputs, targets, input_lengths, target_lengths, blank, zero_infinity, weight, from_logits, want_grad):
+        ll, saved = self.module.ctc_forward(inputs, targets, input_lengths, target_lengths, blank, from_logits, want_grad)
+        nll = -ll
+        infeasible = torch.isinf(nll)
+        if zero_infinity:
+            nll = torch.where(infeasible, 0.0, nll)
+        if not want_grad:
+            return nll, ()
+        flags = torch.tensor([zero_infinity, from_logits], device="cpu")  # saved as tensors, with the rest
+        return nll, (inputs, weight, infeasible, input_lengths, target_lengths, flags, *saved)
+
+    def backward(self, saved, grad_nll):
+        inputs, weight, infeasible, input_lengths, target_lengths, flags, *state = saved
+        zero_infinity, from_logits = (bool(f) for f in flags)
+        coef = torch.where(infeasible, 0.0, weight * grad_nll.to(weight.dtype).reshape(-1))
+        poison = infeasible & (not zero_infinity)
+        return self.module.ctc_backward(inputs, state, target_lengths, input_lengths, coef, poison, from_logits)
 
 
-def ctc_kernel(backend: str) -> EagerCTCKernels | LazyCTCKernels:
-    """The CTC kernels of a backend: eager (``fn(inputs, targets, input_lengths, target_lengths,
-    blank, zero_infinity, grad_scale, from_logits) -> (nll, grad)``, the contract of
-    ``_reference.ctc_nll_and_grad``) or lazy (``forward`` / ``backward`` of ``kernels/ctc.py``)."""
+def ctc_kernel(backend: str) -> CTCKernels:
+    """The CTC kernels of a backend: eager on cpu and torch (``_reference.ctc_nll_and_grad``),
+    lazy on triton (``ctc_forward`` / ``ctc_backward`` of ``kernels/ctc.py``)."""
     if backend == "cpu":
         return _EagerCTC(require_cpu_extension().ctc_nll_and_grad)
     if backend == "triton":

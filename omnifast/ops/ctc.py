@@ -17,7 +17,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import choose_backend, ctc_kernel
-from ._precision import accumulation_dtype, autocast_off, scale_gradients
+from ._precision import accumulation_dtype, autocast_off
 from .checks import REDUCTIONS, CTCArgs, Lengths, check_bool, check_choice, ctc_args
 
 
@@ -32,35 +32,22 @@ def reduction_weights(target_lengths: torch.Tensor, reduction: str, dtype: torch
 class _CTCFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, args: CTCArgs, reduction, zero_infinity, from_logits, backend):
-        acc = accumulation_dtype(inputs.dtype)
-        weight = reduction_weights(args.target_lengths, reduction, acc)
+        weight = reduction_weights(args.target_lengths, reduction, accumulation_dtype(inputs.dtype))
         want_grad = ctx.needs_input_grad[0]
         kernel = ctc_kernel(backend)
-        x = args.inputs.contiguous()
-        ctx.reduction, ctx.unbatched, ctx.kernel = reduction, args.unbatched, kernel
-        if kernel.lazy:
-            ll, saved = kernel.forward(
-                x, args.targets, args.input_lengths, args.target_lengths, args.blank, from_logits, want_grad
-            )
-            nll = -ll
-            infeasible = torch.isinf(nll)
-            if zero_infinity:
-                nll = torch.where(infeasible, 0.0, nll)
-            if want_grad:
-                ctx.save_for_backward(x, weight, infeasible, args.input_lengths, args.target_lengths, *saved)
-                ctx.zero_infinity, ctx.from_logits = zero_infinity, from_logits
-        else:
-            nll, grad = kernel(
-                x,
-                args.targets,
-                args.input_lengths,
-                args.target_lengths,
-                args.blank,
-                zero_infinity,
-                weight if want_grad else None,
-                from_logits,
-            )
-            ctx.save_for_backward(grad)
+        nll, saved = kernel.forward(
+            args.inputs.contiguous(),
+            args.targets,
+            args.input_lengths,
+            args.target_lengths,
+            args.blank,
+            zero_infinity,
+            weight,
+            from_logits,
+            want_grad,
+        )
+        ctx.save_for_backward(*saved)
+        ctx.unbatched, ctx.kernel = args.unbatched, kernel
         if reduction == "none":
             return nll.squeeze(0) if args.unbatched else nll
         return (nll * weight).sum()
@@ -68,20 +55,8 @@ class _CTCFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        none = (None,) * 5
-        if ctx.kernel.lazy:
-            x, weight, infeasible, input_lengths, target_lengths, *saved = ctx.saved_tensors
-            coef = torch.where(infeasible, 0.0, weight * grad_loss.to(weight.dtype).reshape(-1))
-            poison = infeasible & (not ctx.zero_infinity)
-            grad = ctx.kernel.backward(x, saved, target_lengths, input_lengths, coef, poison, ctx.from_logits)
-            return (grad.squeeze(1) if ctx.unbatched else grad,) + none
-        (grad,) = ctx.saved_tensors
-        if grad is not None and ctx.unbatched:
-            grad = grad.squeeze(1)
-        if ctx.reduction == "none":
-            scale = grad_loss.to(grad.dtype)
-            return (grad * (scale if scale.dim() == 0 else scale[None, :, None]),) + none
-        return scale_gradients((grad,), grad_loss) + none
+        grad = ctx.kernel.backward(ctx.saved_tensors, grad_loss)
+        return (grad.squeeze(1) if ctx.unbatched else grad,) + (None,) * 5
 
 
 def _ctc(inputs, targets, input_lengths, target_lengths, blank, reduction, zero_infinity, backend, from_logits, name):

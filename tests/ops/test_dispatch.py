@@ -60,8 +60,7 @@ def test_fallback_is_still_right(monkeypatch):
 def test_every_backend_keeps_the_backend_contract(backend):
     """What each op family asks of a backend, every backend has (the Protocols of ``_dispatch``)."""
     ctc = _dispatch.ctc_kernel(backend)
-    assert isinstance(ctc, _dispatch.LazyCTCKernels if ctc.lazy else _dispatch.EagerCTCKernels)
-    assert ctc.lazy == (backend == "triton")
+    assert isinstance(ctc, _dispatch.CTCKernels)
     assert isinstance(_dispatch.linear_ctc_kernels(backend), _dispatch.LinearCTCKernels)
     assert isinstance(_dispatch.moe_kernels(backend), _dispatch.MoEKernels)
     assert isinstance(_dispatch.fsq_kernels(backend), _dispatch.FSQKernels)
