@@ -1,6 +1,6 @@
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <tuple>
 
