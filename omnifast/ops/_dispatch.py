@@ -208,9 +208,18 @@ class _EagerCTC:
     def __init__(self, fn: Callable):
         self.fn = fn
 
-    def forward(self, inputs, targets, input_lengths, target_lengths, blank, zero_infinity, weight, from_logits, want_grad):
+    def forward(
+        self, inputs, targets, input_lengths, target_lengths, blank, zero_infinity, weight, from_logits, want_grad
+    ):
         nll, grad = self.fn(
-            inputs, targets, input_lengths, target_lengths, blank, zero_infinity, weight if want_grad else None, from_logits
+            inputs,
+            targets,
+            input_lengths,
+            target_lengths,
+            blank,
+            zero_infinity,
+            weight if want_grad else None,
+            from_logits,
         )
         return nll, (grad,) if want_grad else ()
 
@@ -229,8 +238,12 @@ class _LazyCTC:
     def __init__(self, module):
         self.module = module
 
-    def forward(self, inputs, targets, input_lengths, target_lengths, blank, zero_infinity, weight, from_logits, want_grad):
-        ll, saved = self.module.ctc_forward(inputs, targets, input_lengths, target_lengths, blank, from_logits, want_grad)
+    def forward(
+        self, inputs, targets, input_lengths, target_lengths, blank, zero_infinity, weight, from_logits, want_grad
+    ):
+        ll, saved = self.module.ctc_forward(
+            inputs, targets, input_lengths, target_lengths, blank, from_logits, want_grad
+        )
         nll = -ll
         infeasible = torch.isinf(nll)
         if zero_infinity:
