@@ -21,6 +21,12 @@ def rows(root, name):
     return json.loads((root / name).read_text())
 
 
+def clips(record):
+    """The record's speech clips: one path, or a list of them (one per spoken turn)."""
+    speech = record.get("speech", [])
+    return [speech] if isinstance(speech, str) else speech
+
+
 def test_build_is_cached_and_records_validate(built):
     assert demo_corpus.build_corpus(built.parent, progress=False) == built  # found, not rebuilt
     for name in ("llm-pretrain", "s2t", "i2t-pretrain", "i2t-sft"):
@@ -54,18 +60,19 @@ def test_held_out_records_are_held_out(built):
         for r in rows(built, f"{name}.json")
     }
     train_images = {r.get("image") for name in ("i2t-pretrain", "i2t-sft") for r in rows(built, f"{name}.json")}
-    train_audio = {r["speech"] for r in rows(built, "s2t.json")}
+    train_audio = {clip for r in rows(built, "s2t.json") for clip in clips(r)}
     for r in rows(built, "eval-vqa-speech.json") + rows(built, "eval-vqa-text.json"):
         assert r["image"] not in train_images
     for r in rows(built, "eval-vqa-speech.json") + rows(built, "eval-s2t.json"):
-        assert r["speech"] not in train_audio and f"-{demo_corpus.EVAL_VOICE[3:]}-" in r["speech"]
+        for clip in clips(r):
+            assert clip not in train_audio and f"-{demo_corpus.EVAL_VOICE[3:]}-" in clip
     for r in rows(built, "eval-s2t.json"):
         assert json.dumps(r["conversations"]) not in train_text  # unseen captions
     # no training file pairs a picture with speech: the spoken-question VQA is never trained on
     for name in ("s2t", "i2t-pretrain", "i2t-sft"):
         assert not any("image" in r and "speech" in r for r in rows(built, f"{name}.json"))
     said = {r["conversations"][-1]["value"] for r in rows(built, "speech-gen.pending.json")}
-    assert not said & {r["conversations"][-1]["value"] for r in rows(built, "eval-t2s.json")}
+    assert not said & {r["conversations"][-1]["value"] for r in rows(built, "eval-t2s.pending.json")}
     statements = {r["conversations"][0]["value"] for r in rows(built, "emotion-dpo.pending.json")}
     assert not statements & {r["conversations"][0]["value"] for r in rows(built, "eval-emotion.pending.json")}
     tokenizer_clips = rows(built, "tokenizer/metadata.json")

@@ -1,12 +1,13 @@
-"""``omnifast demo --quick`` end to end: corpus, tokenizer, the six stages, evaluation, report.
-Checks that the report has every figure and each is a finite number (the quick run trains too
-little for the figures themselves to mean anything)."""
+"""``omnifast demo --quick`` end to end: corpus, tokenizer, judges, the pretraining stand-ins and
+the five stages, evaluation, report. Checks that the report has every figure and each is a finite
+number (the quick run trains too little for the figures themselves to mean anything)."""
 
 import json
 import math
 
 from omnifast.cli import main
 from omnifast.demo.report import numbers, table_rows
+from omnifast.training.stages import PRETRAINING, STAGES
 
 
 def test_quick_demo_writes_a_complete_report(tmp_path):
@@ -14,7 +15,7 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     assert main(["demo", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache"), "--no-progress"]) == 0
     results = json.loads((out / "metrics.json").read_text())
     figures = numbers(results)
-    assert len(figures) == 13 and all(math.isfinite(x) for x in figures), figures
+    assert len(figures) == 21 and all(math.isfinite(x) for x in figures), figures
     report = (out / "report.md").read_text()
     for what, analogue, measured, _ in table_rows(results):
         assert f"| {what} | {analogue} | {measured} |" in report
@@ -22,8 +23,8 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     for name in ("losses.png", "results.png", "wavs/t2s-0.wav"):
         assert (out / name).stat().st_size > 1000
     assert len(list((out / "wavs").glob("*-after-dpo.wav"))) >= 1
-    for index, stage in enumerate(("llm-pretrain", "s2t", "i2t-pretrain", "i2t-sft", "speech-gen", "emotion-dpo")):
-        assert (out / "train" / f"{index}-{stage}" / "model" / "model.safetensors").is_file()
+    for stage in PRETRAINING + STAGES:
+        assert (out / "train" / f"{stage.index}-{stage.name}" / "model" / "model.safetensors").is_file()
     assert "A smoke run" in report and "MISSED" not in report and "## Targets" not in report
     for line in report.splitlines():  # each example on one line of the list, whatever the model wrote
         if line.startswith("- ") and " -> " in line:
