@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from omnifast.nn import SpeechDecoder, SpeechDecoderConfig, build_speech_decoder
-from omnifast.training.layers import apply_layer_options
+from omnifast.training.block_options import apply_layer_options
 from omnifast.training.loader import MicroBatches, TokenBudgetBatches
 
 from ._harness import RESULTS, environment, write_json

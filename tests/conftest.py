@@ -47,11 +47,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "omnifast"))
 
 # Import the Triton kernels now, while TRITON_INTERPRET=1 is set: @triton.jit decides at import
 # time whether a kernel is interpreted, and some tests run code with the variable unset.
-import omnifast.kernels.ctc  # noqa: E402,F401
-import omnifast.kernels.fsq  # noqa: E402,F401
-import omnifast.kernels.linear_ctc  # noqa: E402,F401
-import omnifast.kernels.moe  # noqa: E402,F401
+import importlib  # noqa: E402
+
 from omnifast.kernels import _launch  # noqa: E402
+from omnifast.kernels.aot import KERNEL_MODULES  # noqa: E402
+
+for _module in KERNEL_MODULES:
+    importlib.import_module(_module)
 
 _launch.record_launches()
 

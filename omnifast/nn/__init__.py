@@ -6,6 +6,7 @@ from .ar_decoder import ARSpeechDecoder
 from .ctc import CTCLoss
 from .ctc_decoder import CTCSpeechDecoder
 from .decoders import build_speech_decoder
+from .fsq import FSQ
 from .heads import CTCDPOLoss, LinearCTCHead
 from .moe import MoE, MoEOutput, NaiveMoE
 from .speech_decoder import SpeechDecoder, SpeechDecoderConfig, SpeechDecoderOutput
@@ -25,5 +26,6 @@ __all__ = [
     "ARSpeechDecoder",
     "build_speech_decoder",
     "TextGuidedModule",
+    "FSQ",
     "IGNORE_INDEX",
 ]

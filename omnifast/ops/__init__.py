@@ -5,7 +5,7 @@ from ._dispatch import BACKENDS, require_cpu_extension
 from .ctc import ctc_log_likelihood, ctc_loss, ctc_loss_with_logits
 from .ctc_dpo import CTCDPOOutput, ctc_dpo_loss
 from .decode import ctc_greedy_decode
-from .dpo_reference import ReferenceLogpCache, reference_logps
+from .dpo_reference import reference_logps
 from .linear_ctc import linear_ctc_loss
 
 __all__ = [
@@ -16,7 +16,6 @@ __all__ = [
     "ctc_dpo_loss",
     "CTCDPOOutput",
     "reference_logps",
-    "ReferenceLogpCache",
     "ctc_greedy_decode",
     "BACKENDS",
     "require_cpu_extension",

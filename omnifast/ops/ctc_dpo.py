@@ -6,8 +6,8 @@ loss = mean_b -log sigmoid(beta * ((logpi_w - logref_w) - (logpi_l - logref_l)))
 
 logpi is the CTC log-likelihood of the units under the head's emissions, optionally divided by
 the number of units (``length_normalize``, OpenOmni's recipe). The reference values are
-computed once by a frozen head (``dpo_reference.py``: :func:`reference_logps`,
-:class:`ReferenceLogpCache`).
+computed once by a frozen head (``dpo_reference.py``: :func:`reference_logps`; training keeps
+them by example id in ``training/references.py``).
 
 Two ways to the same loss:
 - dense: the fused linear-CTC passes (full-vocabulary log-softmax) for both sequences;

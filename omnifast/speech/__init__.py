@@ -1,7 +1,8 @@
 """Speech units and back: FSQ, an EMOVA-style speech tokenizer with a style branch, and a unit
 vocoder (mel decoder + Griffin-Lim)."""
 
-from .fsq import FSQ
+from omnifast.nn.fsq import FSQ
+
 from .tokenizer import SpeechTokenizer, SpeechTokenizerConfig, TokenizerOutput
 from .train import evaluate_tokenizer, load_corpus, train_tokenizer
 from .vocoder import UnitVocoder

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnifast.nn.fsq import FSQ
 from omnifast.ops import ctc_loss_with_logits
 from omnifast.ops.fsq import check_levels
-
-from .fsq import FSQ
 
 HOP, N_FFT, DOWNSAMPLE = 160, 400, 4
 

@@ -21,7 +21,6 @@ import torch
 
 from omnifast.durable import write_durably, write_json_durably
 from omnifast.models import OmniModel, OmniProcessor, response_states
-from omnifast.ops import ReferenceLogpCache
 
 from .cache_format import (
     FRONT,
@@ -36,6 +35,7 @@ from .cache_format import (
 )
 from .data import Record
 from .loader import ConversationDataset, collate_batch, pad_units, spoken_choice
+from .references import ReferenceLogpCache
 from .stages import Stage
 
 __all__ = ["build_cache", "StateCache", "CachedDataset", "collate_cached", "CacheError", "fingerprint", "reference_key"]

@@ -17,9 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from omnifast.ops import ReferenceLogpCache
-
 from .data import Record
+from .references import ReferenceLogpCache
 
 HIGHER_IS_BETTER = ("accuracies", "accuracy", "margins", "rewards/chosen")
 

@@ -18,9 +18,9 @@ from torch import nn
 from omnifast.models import OmniModel, response_states
 from omnifast.models.processor import IGNORE_INDEX
 from omnifast.nn.packing import unpack
-from omnifast.ops import ReferenceLogpCache
 
 from .cache import reference_key
+from .references import ReferenceLogpCache
 from .stages import Stage
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "speech_features")

@@ -20,20 +20,20 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from omnifast.models import OmniModel, OmniProcessor
-from omnifast.ops import ReferenceLogpCache
 from omnifast.schedule import warmup_cosine
 
 from . import checkpoint, distributed, resume
+from .block_options import apply_layer_options
 from .cache import CachedDataset, StateCache, build_cache, collate_cached
 from .cache import fingerprint as cache_fingerprint
 from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import Record, data_fingerprint
 from .held_out import HeldOut, better
-from .layers import apply_layer_options
 from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
 from .losses import CachedStageLoss, StageLoss
 from .metrics import MetricsLog, check_report_to, keep_metrics_until, plot_losses
+from .references import ReferenceLogpCache
 from .signals import TrainingStopped, stop_requests
 from .stages import Stage, get_stage
 from .step import TrainingDiverged, flops_per_token, reduce_sum, run_step, step_row

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import omnifast
-from omnifast.ops import ReferenceLogpCache, ctc_dpo, reference_logps
+from omnifast.ops import ctc_dpo, reference_logps
+from omnifast.training.references import ReferenceLogpCache
 
 from ..devices import device_for, moved
 from ..tolerances import TOL
