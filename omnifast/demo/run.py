@@ -50,7 +50,7 @@ TRAINS = {"s2t": ("speech_projector", "llm")}
 COMPONENT_LR = {"s2t": {"llm": 3e-4}}
 SFT_WEIGHT = 1.0  # CTC-DPO alone shortens the tiny decoder's speech to win the margin; the chosen NLL holds it
 TOKENIZER_LEVELS = (4, 4, 4, 4)  # 256 units: a codebook the tiny decoder can learn from a few hundred sentences
-TOKENIZER_CTC_WEIGHT = 0.1  # units alone must also carry the prosody: the content loss only guides them
+TOKENIZER_CTC_WEIGHT = 0.5  # units alone carry content and prosody: a lighter content loss leaves them unintelligible
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,11 @@ FULL = DemoSize(
     800,
     600,
     {
-        "llm-pretrain": 300,
+        "llm-pretrain": 400,
         "speech-pretrain": 500,
         "s2t": 500,
         "i2t-pretrain": 150,
-        "i2t-sft": 400,
+        "i2t-sft": 500,
         "speech-gen": 1000,
         "emotion-dpo": 300,
     },
