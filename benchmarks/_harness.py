@@ -10,7 +10,6 @@ default ``bench-results/`` in the current directory) and a PNG chart beside it."
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from omnifast import durable
 
 # where results go unless --out says otherwise: a folder in the current directory, never the
 # package's sources (the figures committed with omnifast were written with --out docs/results)
@@ -185,24 +186,16 @@ def print_table(op: str, rows: Sequence[Dict[str, object]], baseline: str) -> No
 
 
 def write_json(path: Path, payload, default: Optional[Callable[[object], object]] = None) -> Path:
-    """``payload`` as indented JSON at ``path`` (its folder made), written under a temporary
-    name and renamed, so that a reader never sees half a file. ``default`` as in ``json.dumps``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=default))
-    tmp.replace(path)
-    return path
+    """``payload`` as indented JSON at ``path``: ``omnifast.durable.write_json``, so that a
+    reader never sees half a file."""
+    return durable.write_json(path, payload, indent=2, default=default)
 
 
 def write_text(path: Path, text: str) -> Path:
-    """``text`` at ``path`` under a temporary name, then renamed."""
+    """``text`` at ``path`` (its folder made), written durably."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return durable.write_durably(path, lambda handle: handle.write(text.encode()))
 
 
 def write_results(op: str, payload: Dict[str, object], baseline: str, out_dir: Path = RESULTS) -> Path:

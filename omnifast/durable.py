@@ -8,7 +8,7 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Optional
 
 
 class DiskFull(OSError):
@@ -72,5 +72,9 @@ def save_durably(path, save: Callable[[str], None]) -> Path:
     return path
 
 
-def write_json_durably(path, value) -> Path:
-    return write_durably(path, lambda handle: handle.write(json.dumps(value).encode()))
+def write_json(path, value, *, indent: Optional[int] = None, default: Optional[Callable] = None) -> Path:
+    """``value`` as JSON at ``path`` (its folder made), written durably: the one JSON writer of
+    the library and its benchmarks. ``indent`` and ``default`` as in ``json.dumps``."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(value, indent=indent, default=default)
+    return write_durably(path, lambda handle: handle.write(text.encode()))

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from omnifast.durable import write_json
+
 from .images import COLOURS, POSITIONS, SHAPES, Scene, draw
 from .speech import EVAL_VOICE, PRETRAIN_VOICES, STYLES, TRAIN_VOICES, Speaker
 
@@ -252,9 +254,7 @@ def _turns(*texts: str) -> List[Dict[str, str]]:
 
 
 def _dump(path: Path, records: List[Dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    tmp.replace(path)
+    write_json(path, records, indent=1)
 
 
 def _text_records(split: Split, rng: random.Random) -> List[Dict]:

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from omnifast.durable import write_json
 from omnifast.training.metrics import read_metrics
 
 SMOKE_NOTE = (
@@ -294,7 +295,7 @@ def write_report(out: Path, r: Dict, stage_dirs: Dict[str, Path]) -> Path:
             "--text 'what colour is the sun' --stream --out answer.wav",
             "```",
         ]
-    (out / "metrics.json").write_text(json.dumps(r, indent=2, default=str))
+    write_json(out / "metrics.json", r, indent=2, default=str)
     report = out / "report.md"
     tmp = out / "report.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from omnifast.durable import write_json
 from omnifast.nn import build_speech_decoder
 from omnifast.nn.speech_decoder import SpeechDecoder
 
@@ -226,14 +227,13 @@ def _config_kwargs(config) -> Dict:
 
 def save_speech_decoder(decoder: SpeechDecoder, path) -> None:
     """A speech decoder alone: ``speech_decoder.json`` (config and mode) + safetensors."""
-    import json
 
     from safetensors.torch import save_model
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_model(decoder, str(path / "speech_decoder.safetensors"))
-    (path / "speech_decoder.json").write_text(json.dumps({"mode": decoder.mode, "config": decoder.config.to_dict()}))
+    write_json(path / "speech_decoder.json", {"mode": decoder.mode, "config": decoder.config.to_dict()})
 
 
 def load_speech_decoder(path) -> SpeechDecoder:

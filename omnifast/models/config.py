@@ -4,11 +4,11 @@ round-trip through JSON. The component settings are the keyword arguments of the
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from omnifast.durable import write_json
 from omnifast.nn.speech_decoder import SpeechDecoderConfig
 from omnifast.ops.checks import check_known_keys
 
@@ -132,50 +132,18 @@ class OmniConfig:
     def tiny(cls) -> "OmniConfig":
         """A few million parameters: every test and the CPU demo use it."""
         return cls(
-            llm=dict(
-                vocab_size=320,
-                hidden_size=128,
-                intermediate_size=256,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=2048,
-                tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            llm=_small_llm(
+                vocab=320, hidden=128, ffn=256, layers=2, heads=4, kv_heads=2, positions=2048, rope_theta=1e4
             ),
-            vision=dict(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=8,
-                projection_dim=64,
-            ),
-            speech=dict(
-                num_mel_bins=16,
-                d_model=64,
-                encoder_layers=2,
-                encoder_attention_heads=2,
-                encoder_ffn_dim=128,
-                decoder_layers=1,
-                decoder_attention_heads=2,
-                decoder_ffn_dim=64,
-                max_source_positions=50,
-                vocab_size=64,
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=2,
-                decoder_start_token_id=3,
-            ),
+            vision=_small_vision(hidden=64, ffn=128, layers=2, heads=2, image_size=32, patch=8),
+            speech=_small_speech(mel_bins=16, width=64, layers=2, heads=2, ffn=128, frames=50),
             speech_decoder=asdict(SpeechDecoderConfig.tiny(llm_hidden=128, text_vocab=320, width=64, intermediate=128)),
             speech_stack=5,
             speech_projector_hidden=128,
             image_size=32,
             audio_seconds=1,
-            image_token_id=259,
-            speech_token_id=260,
-        )  # in omnifast.models.build_tiny_tokenizer()
+            **_BYTE_TOKENIZER_IDS,
+        )
 
     @classmethod
     def small(cls) -> "OmniConfig":
@@ -183,55 +151,22 @@ class OmniConfig:
         layers, 224 wide, 4 experts, 12x upsampling, 6561 units, the 151,936-word text
         embedding), encoders of OpenOmni's token counts (577 image patches, 1500 speech frames) at
         small width, and an LLM (8 layers, 1024 wide) whose forward costs about what the decoder's
-        step does, as the 7B LLM's does against OpenOmni's decoder. The byte tokenizer's
-        placeholder ids (``build_tiny_tokenizer``)."""
+        step does, as the 7B LLM's does against OpenOmni's decoder."""
         decoder = SpeechDecoderConfig(
             llm_hidden=1024, width=224, fusion_heads=16, fusion_head_dim=64, heads=14, kv_heads=2, intermediate=1216
         )
         return cls(
-            llm=dict(
-                vocab_size=151936,
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=8,
-                num_attention_heads=16,
-                num_key_value_heads=4,
-                max_position_embeddings=4096,
-                tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            llm=_small_llm(
+                vocab=151936, hidden=1024, ffn=4096, layers=8, heads=16, kv_heads=4, positions=4096, rope_theta=1e6
             ),
-            vision=dict(
-                hidden_size=128,
-                intermediate_size=512,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=336,
-                patch_size=14,
-                projection_dim=128,
-            ),
-            speech=dict(
-                num_mel_bins=128,
-                d_model=128,
-                encoder_layers=2,
-                encoder_attention_heads=4,
-                encoder_ffn_dim=512,
-                decoder_layers=1,
-                decoder_attention_heads=4,
-                decoder_ffn_dim=256,
-                max_source_positions=1500,
-                vocab_size=64,
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=2,
-                decoder_start_token_id=3,
-            ),
+            vision=_small_vision(hidden=128, ffn=512, layers=2, heads=4, image_size=336, patch=14),
+            speech=_small_speech(mel_bins=128, width=128, layers=2, heads=4, ffn=512, frames=1500),
             speech_decoder=asdict(decoder),
             speech_stack=5,
             speech_projector_hidden=256,
             image_size=336,
             audio_seconds=30,
-            image_token_id=259,
-            speech_token_id=260,
+            **_BYTE_TOKENIZER_IDS,
         )
 
     @classmethod
@@ -291,7 +226,7 @@ class OmniConfig:
         return cls(**values).validate()
 
     def save(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def load(cls, path) -> "OmniConfig":
@@ -306,3 +241,54 @@ class OmniConfig:
             raise
         except (TypeError, ValueError) as error:
             raise WeightsError(f"{path}: {error}") from None
+
+
+# The tiny and small presets: transformers' Qwen2, CLIP and Whisper configs from a few sizes each,
+# with the placeholder ids of ``build_tiny_tokenizer``'s byte tokenizer.
+_BYTE_TOKENIZER_IDS = dict(image_token_id=259, speech_token_id=260)
+
+
+def _small_llm(*, vocab, hidden, ffn, layers, heads, kv_heads, positions, rope_theta) -> Dict[str, Any]:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=positions,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+    )
+
+
+def _small_vision(*, hidden, ffn, layers, heads, image_size, patch) -> Dict[str, Any]:
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=hidden,
+    )
+
+
+def _small_speech(*, mel_bins, width, layers, heads, ffn, frames) -> Dict[str, Any]:
+    """A Whisper encoder (its one-layer decoder is never run: transformers builds one)."""
+    return dict(
+        num_mel_bins=mel_bins,
+        d_model=width,
+        encoder_layers=layers,
+        encoder_attention_heads=heads,
+        encoder_ffn_dim=ffn,
+        decoder_layers=1,
+        decoder_attention_heads=heads,
+        decoder_ffn_dim=ffn // 2,
+        max_source_positions=frames,
+        vocab_size=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=3,
+    )

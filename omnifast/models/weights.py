@@ -14,7 +14,7 @@ from typing import Dict, List, Union
 import torch
 from torch import nn
 
-from omnifast.durable import save_durably, write_json_durably
+from omnifast.durable import save_durably, write_json
 
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -35,7 +35,7 @@ def save_weights(state: Dict[str, torch.Tensor], path, max_shard_size: Union[int
         shard = {name: state[name] for name in names}
         save_durably(path / filename, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
     if plan.is_sharded:
-        write_json_durably(
+        write_json(
             path / INDEX_NAME,
             {
                 "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},

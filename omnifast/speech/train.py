@@ -17,6 +17,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from omnifast.durable import write_json
 from omnifast.schedule import warmup_cosine
 
 from .tokenizer import SpeechTokenizer, SpeechTokenizerConfig
@@ -196,7 +197,7 @@ def train_command(args) -> int:
         "last_losses": history[-1],
         "evaluation": evaluate_tokenizer(tokenizer, train_records, test_records),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(out / "report.json", report, indent=2)
     (out / "losses.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     print(json.dumps(report, indent=2))
     return 0

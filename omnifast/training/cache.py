@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from omnifast.durable import write_durably, write_json_durably
+from omnifast.durable import write_durably, write_json
 from omnifast.models import OmniModel, OmniProcessor, response_states
 
 from .cache_format import (
@@ -99,7 +99,7 @@ class _ShardWriter:
         name = f"shard-r{self.rank}-{len(self.shards):05d}.safetensors"
         write_durably(self.path / name, lambda handle: handle.write(save(tensors)))
         self.shards.append(name)
-        write_json_durably(self.progress, {"shards": self.shards})
+        write_json(self.progress, {"shards": self.shards})
         self.rows, self.bytes = [], 0
 
 
@@ -140,7 +140,7 @@ def build_cache(
                 f"differ); remove it or choose another folder"
             )
     elif rank == 0:
-        write_json_durably(building, expected)
+        write_json(building, expected)
     distributed.barrier(world)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dpo = stage.loss == "dpo"
@@ -174,7 +174,7 @@ def build_cache(
             for progress_file in path.glob("progress-r*.json")
             for s in json.loads(progress_file.read_text())["shards"]
         )
-        write_json_durably(
+        write_json(
             path / INDEX, {"version": VERSION, "fingerprint": expected, "shards": shards, "records": len(records)}
         )
         building.unlink(missing_ok=True)

@@ -87,7 +87,7 @@ def save_adapters(llm: nn.Module, config, path) -> None:
     """peft's layout: ``adapter_model.safetensors`` and ``adapter_config.json`` in ``path``."""
     from safetensors.torch import save_file
 
-    from omnifast.durable import save_durably, write_json_durably
+    from omnifast.durable import save_durably, write_json
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def save_adapters(llm: nn.Module, config, path) -> None:
     save_durably(path / "adapter_model.safetensors", lambda tmp: save_file(state, tmp, {"format": "pt"}))
     settings = lora_config(config).to_dict()
     settings["target_modules"] = sorted(settings["target_modules"])
-    write_json_durably(
+    write_json(
         path / "adapter_config.json",
         {k: v for k, v in settings.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))},
     )

@@ -11,6 +11,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from omnifast.durable import write_json
 from omnifast.models import OmniConfig, OmniModel, OmniProcessor, build_tiny_tokenizer
 from omnifast.models.omni import CONFIG_NAME
 
@@ -361,7 +362,7 @@ def eval_command(args) -> int:
     metrics = evaluate(stage.name, model, processor, records, reference)
     print(describe(metrics))
     if args.out:
-        Path(args.out).write_text(json.dumps({**metrics, "units": {k: UNITS.get(k, "") for k in metrics}}, indent=2))
+        write_json(args.out, {**metrics, "units": {k: UNITS.get(k, "") for k in metrics}}, indent=2)
     return 0
 
 
