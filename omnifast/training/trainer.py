@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -22,17 +21,16 @@ import torch
 from omnifast.models import OmniModel, OmniProcessor
 from omnifast.schedule import warmup_cosine
 
-from . import checkpoint, distributed, resume
+from . import distributed, resume, run_state
 from .block_options import apply_layer_options
 from .cache import CachedDataset, StateCache, build_cache, collate_cached
 from .cache import fingerprint as cache_fingerprint
-from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .data import Record, data_fingerprint
 from .held_out import HeldOut, better
 from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
 from .losses import CachedStageLoss, StageLoss
-from .metrics import MetricsLog, check_report_to, keep_metrics_until, plot_losses
+from .metrics import MetricsLog, check_report_to, plot_losses
 from .references import ReferenceLogpCache
 from .signals import TrainingStopped, stop_requests
 from .stages import Stage, get_stage
@@ -54,13 +52,6 @@ def tokens_in(batch: Dict[str, object]) -> int:
         if batch.get(key) is not None:
             return int(batch[key].sum())
     return 0
-
-
-def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
-    """Refuse to write weights with NaN or infinite values, naming the first such tensor."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise TrainingDiverged.of_weights(what, name)
 
 
 class Trainer:
@@ -300,115 +291,19 @@ class Trainer:
         return out
 
     def run_spec(self, allow_changes: bool = False) -> resume.RunSpec:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        factor = self.scheduler.lr_lambdas[0]
-        groups = [
-            {
-                "name": g["name"],
-                "params": [names[id(p)] for p in g["params"]],
-                "initial_lr": g["initial_lr"],
-                "weight_decay": g["weight_decay"],
-                "betas": tuple(g["betas"]),
-                "eps": g["eps"],
-                "lr_at": (lambda step, base=g["initial_lr"]: base * factor(step)),
-            }
-            for g in self.optimizer.param_groups
-        ]
-        parameters = {n: (tuple(p.shape), p.dtype) for n, p in self.model.named_parameters() if p.requires_grad}
-        return resume.RunSpec(
-            parameters, groups, self.total_steps, self.world, self.rank, self.fingerprint(), allow_changes
-        )
+        return run_state.run_spec(self, allow_changes)
 
     def checkpoint_dir(self, step: Optional[int] = None) -> Path:
-        return self.out_dir / "checkpoints" / f"step-{self.step if step is None else step:08d}"
+        return run_state.checkpoint_dir(self, step)
 
     def save_checkpoint(self) -> None:
         """Trainable weights, optimizer and scheduler, step, the reference cache and every rank's
-        random generators, gathered whole and written durably (see ``checkpoint.py``) by rank 0."""
-        rng = distributed.gather_objects(checkpoint.rng_state(), self.world)
-        weights = distributed.model_state(self.model, trainable_only=True)
-        optimizer = distributed.optimizer_state(self.model, self.optimizer)
-        if self.rank != 0:
-            return
-        check_finite(weights, f"step {self.step}'s trainable weights")
-        tensors: Dict[str, torch.Tensor] = {}
-        tie = {"checkpoint": uuid.uuid4().hex, "step": str(self.step)}  # stamped on every file of this checkpoint
-        state = {
-            "step": self.step,
-            "world": self.world,
-            "config": self.config.to_dict(),
-            "checkpoint": tie["checkpoint"],
-            "fingerprint": self.fingerprint(),
-            "optimizer": checkpoint.split_tensors(optimizer, "optimizer", tensors),
-            "scheduler": checkpoint.split_tensors(self.scheduler.state_dict(), "scheduler", tensors),
-            "rng": [values for _, values in rng],
-        }
-        rng_tensors = {f"rank{r}.{key}": value for r, (ranked, _) in enumerate(rng) for key, value in ranked.items()}
-        root = self.out_dir / "checkpoints"
-        files = {
-            "trainable.safetensors": (weights, tie),
-            "optimizer.safetensors": (tensors, tie),
-            "rng.safetensors": (rng_tensors, tie),
-        }
-        if self.references is not None and self.state_cache is None:  # computed by this run: kept with it
-            values, metadata = self.references.tensors()
-            files["reference.safetensors"] = (values, {**(metadata or {}), **tie})
-        json_files = {"state.json": state}
-        if self.best is not None:
-            json_files["best.json"] = self.best
-        checkpoint.write_checkpoint(self.checkpoint_dir(), files, json_files)
-        checkpoint.prune(root, self.config.keep, protect=self._protected())
-
-    def _protected(self) -> List[str]:
-        return [Path(self.best["checkpoint"]).name] if self.best is not None else []
+        random generators, gathered whole and written durably by rank 0 (``run_state.py``)."""
+        run_state.save_checkpoint(self)
 
     def resume(self, allow_changes: bool = False, step: Optional[int] = None) -> Path:
-        """Continue from the newest complete checkpoint (or, with ``step``, that step's: then the
-        newer ones are set aside as ``*.superseded``, never removed). Nothing in it is unpickled; a
-        file that cannot be read as written, was not written with its ``state.json``, or does not
-        fit this run raises ``CheckpointError`` naming it, and a damaged newest checkpoint names
-        the earlier steps ``--resume-from`` can take. A run whose options or data differ from the
-        checkpoint's is refused, naming what changed, unless ``allow_changes`` (then the new
-        options apply from the checkpoint's step on). Returns the checkpoint."""
-        root = self.out_dir / "checkpoints"
-        found_all = checkpoint.complete_checkpoints(root)
-        if not found_all:
-            raise FileNotFoundError(f"--resume: {root} holds no complete checkpoint")
-        found = found_all[-1] if step is None else self.checkpoint_dir(step)
-        if found not in found_all:
-            raise FileNotFoundError(
-                f"--resume-from {step}: {root} has no checkpoint of step {step}; its steps are "
-                f"{[int(p.name[5:]) for p in found_all]}"
-            )
-        try:
-            restored = resume.read_run_state(found, self.run_spec(allow_changes))
-        except CheckpointError as error:
-            earlier = [int(p.name[5:]) for p in found_all if p < found]
-            if step is None and earlier:
-                raise CheckpointError(
-                    f"{error}. The newest checkpoint cannot be resumed; earlier ones are at steps "
-                    f"{earlier}: --resume-from {earlier[-1]} continues from step {earlier[-1]} "
-                    f"(check first why the newest is damaged)"
-                ) from None
-            raise
-        distributed.load_model_state(self.model, restored.weights)
-        distributed.load_optimizer_state(self.model, self.optimizer, restored.optimizer)
-        self.scheduler.load_state_dict(restored.scheduler)
-        self.step = restored.step
-        checkpoint.set_rng_state(restored.rng_tensors, restored.rng_values, found / "rng.safetensors")
-        if restored.references and self.state_cache is None:
-            self.references.update_from(restored.references)
-        best = found / "best.json"
-        self.best = checkpoint.read_json(best) if best.is_file() else None
-        self._resumed = True
-        distributed.barrier(self.world)
-        if self.rank == 0:
-            for newer in (p for p in found_all if p > found):  # the user chose an earlier step
-                newer.rename(newer.with_name(newer.name + ".superseded"))
-            # a kill inside the last save's removal would otherwise outlive a run with no save left
-            checkpoint.prune(found.parent, self.config.keep, protect=self._protected())
-            keep_metrics_until(self.out_dir / "metrics.jsonl", self.step)
-        return found
+        """Continue from the newest complete checkpoint, or ``step``'s: ``run_state.resume_run``."""
+        return run_state.resume_run(self, allow_changes, step)
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self) -> Path:
@@ -531,7 +426,7 @@ class Trainer:
             self._finish_adapters(model_dir)
         state = distributed.model_state(self.model, trainable_only=False) if self.world > 1 else None
         if self.rank == 0:
-            check_finite(state if state is not None else self.model.state_dict(), "the model")
+            run_state.check_finite(state if state is not None else self.model.state_dict(), "the model")
             self.model.save_pretrained(model_dir, self.processor, state_dict=state)
             if not plot_losses(
                 self.out_dir / "metrics.jsonl",

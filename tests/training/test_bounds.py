@@ -39,9 +39,9 @@ def train(data_dir, out, *extra, stage="speech-gen"):
     [
         (["--workers", 1000000], "workers=1000000: this machine has"),
         (["--grad-accum", 10**6], "grad_accum=1000000: the run has only"),
-        (["--grad-accum", 10**30], "grad_accum must be an integer in"),
-        (["--batch-size", 2**40], "batch_size must be an integer in"),
-        (["--max-tokens", 10**30], "max_tokens must be an integer in"),
+        (["--grad-accum", 10**30], "grad_accum must be an integer <="),
+        (["--batch-size", 2**40], "batch_size must be an integer <="),
+        (["--max-tokens", 10**30], "max_tokens must be an integer <="),
     ],
 )
 def test_absurd_sizes_are_refused_before_any_work(data, tmp_path, extra, match):
