@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +43,97 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass
+class Reply:
+    """What an answer took: its text and units, the first-token and first-audio latencies, and
+    the real-time factor (seconds spent / seconds of speech made; below 1 is faster than real time)."""
+
+    text: str = ""
+    units: List[int] = field(default_factory=list)
+    first_token_s: Optional[float] = None
+    first_audio_s: Optional[float] = None
+    seconds: float = 0.0
+    audio_seconds: float = 0.0
+
+    @property
+    def rtf(self) -> Optional[float]:
+        return self.seconds / self.audio_seconds if self.audio_seconds > 0 else None
+
+
+def encode_question(
+    model, processor, turns, images, audios, max_new_tokens: int, speech_name: str = "the spoken question"
+) -> dict:
+    """The prompt of a conversation whose last turn is the user's question, checked: every speech
+    clip (``speech_name`` in a message) within the model's window, and room for ``max_new_tokens``
+    in its positions."""
+    window = model.config.audio_seconds * processor.sampling_rate
+    for samples in audios:
+        if len(samples) > window:
+            raise ValueError(
+                f"{speech_name}: {len(samples) / processor.sampling_rate:.1f} s is longer than the "
+                f"model's {model.config.audio_seconds} s speech window"
+            )
+    item = processor.encode_conversation(turns, images, audios, add_generation_prompt=True)
+    positions = model.config.llm.get("max_position_embeddings")
+    if positions is not None and item["input_ids"].numel() + max_new_tokens > positions:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens}: the conversation takes {item['input_ids'].numel()} of "
+            f"the model's {positions} positions, so at most {positions - item['input_ids'].numel()} "
+            f"tokens can follow"
+        )
+    return item
+
+
+def stream_reply(
+    model, processor, item, *, vocoder=None, style=None, max_new_tokens: int = 64, stream_audio: bool = True
+) -> Iterator[Tuple[str, object]]:
+    """The answer to an encoded question (``encode_question``) through ``OmniModel.stream_answer``,
+    as it is made: ``("text", answer so far)`` after each token; with a vocoder and
+    ``stream_audio``, ``("audio", samples)`` for each chunk of speech as its units are made; last,
+    ``("done", Reply)``. ``omnifast chat`` and ``omnifast serve`` both answer through it."""
+    speak = model.speech_decoder is not None
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    reply, tokens = Reply(), []
+    start = time.perf_counter()
+    for event in model.stream_answer(
+        item["input_ids"],
+        item["pixel_values"],
+        item["speech_features"],
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        speak=speak,
+    ):
+        if event.kind == "token":
+            tokens.append(event.token)
+            reply.first_token_s = event.seconds if reply.first_token_s is None else reply.first_token_s
+            reply.text = processor.decode(tokens)
+            yield "text", reply.text
+        else:
+            reply.units += event.units
+            if vocoder is not None and stream_audio and event.units:
+                samples = vocoder.synthesize(event.units, style)[0]
+                if reply.first_audio_s is None:
+                    reply.first_audio_s = time.perf_counter() - start
+                reply.audio_seconds += len(samples) / vocoder.sampling_rate
+                yield "audio", samples
+    reply.seconds = time.perf_counter() - start
+    reply.text = processor.decode(tokens)
+    yield "done", reply
+
+
+def load_vocoder(path, labels):
+    """A unit vocoder and the style it speaks in (``labels``: the vocoder's style labels; none:
+    the average of its styles; a units-only vocoder takes none)."""
+    from omnifast.speech import UnitVocoder
+
+    vocoder = UnitVocoder.from_pretrained(path)
+    if vocoder.tokenizer.config.has_style:
+        return vocoder, (vocoder.style_for(**dict(labels)) if labels else vocoder.average_style())
+    if labels:
+        raise ValueError("--style: this vocoder speaks from units alone (its units carry the style)")
+    return vocoder, None
+
+
 def chat_command(args) -> int:
     import numpy as np
     import soundfile
@@ -61,73 +154,44 @@ def chat_command(args) -> int:
     labels = [_label(text) for text in args.style]  # a malformed --style is refused before the model loads
     model, processor = load_model(args.model)
     model.eval()
-    vocoder = None
-    if args.vocoder:
-        from omnifast.speech import UnitVocoder
-
-        vocoder = UnitVocoder.from_pretrained(args.vocoder)
+    vocoder, style = load_vocoder(args.vocoder, labels) if args.vocoder else (None, None)
     images = [np.asarray(Image.open(args.image).convert("RGB"))] if args.image else []
     audios = [read_audio(args.wav, processor.sampling_rate)[0]] if args.wav else []
-    if audios and len(audios[0]) > model.config.audio_seconds * processor.sampling_rate:
-        raise ValueError(
-            f"--wav {args.wav}: {len(audios[0]) / processor.sampling_rate:.1f} s is longer than the "
-            f"model's {model.config.audio_seconds} s speech window"
-        )
     question = ("<image>\n" if images else "") + ("<speech>" if audios else args.text)
-    item = processor.encode_conversation(
-        [{"from": "human", "value": question}], images, audios, add_generation_prompt=True
-    )
-    positions = model.config.llm.get("max_position_embeddings")
-    if positions is not None and item["input_ids"].numel() + args.max_new_tokens > positions:
-        raise ValueError(
-            f"--max-new-tokens {args.max_new_tokens}: the question takes {item['input_ids'].numel()} of "
-            f"the model's {positions} positions, so at most {positions - item['input_ids'].numel()} "
-            f"tokens can follow"
-        )
+    turns = [{"from": "human", "value": question}]
+    item = encode_question(model, processor, turns, images, audios, args.max_new_tokens, f"--wav {args.wav}")
     speak = model.speech_decoder is not None
-    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    tokens, units, first_token, first_audio, printed = [], [], None, None, ""
-    style = None
-    if vocoder is not None and vocoder.tokenizer.config.has_style:
-        style = vocoder.style_for(**dict(labels)) if labels else vocoder.average_style()
-    elif labels:
-        raise ValueError("--style: this vocoder speaks from units alone (its units carry the style)")
     writer = (
         soundfile.SoundFile(args.out, "w", samplerate=vocoder.sampling_rate, channels=1, subtype="FLOAT")
         if vocoder is not None and speak
         else None
     )
-    start = time.perf_counter()
-    for event in model.stream_answer(
-        item["input_ids"],
-        item["pixel_values"],
-        item["speech_features"],
+    printed, reply = "", None
+    for kind, value in stream_reply(
+        model,
+        processor,
+        item,
+        vocoder=vocoder,
+        style=style,
         max_new_tokens=args.max_new_tokens,
-        eos_token_id=eos,
-        speak=speak,
+        stream_audio=args.stream,
     ):
-        if event.kind == "token":
-            tokens.append(event.token)
-            first_token = event.seconds if first_token is None else first_token
-            if args.stream:
-                text = processor.decode(tokens)
-                print(text[len(printed) :], end="", flush=True)
-                printed = text
-        else:
-            units += event.units
-            if writer is not None and args.stream:
-                writer.write(vocoder.synthesize(event.units, style)[0])
-                first_audio = time.perf_counter() - start if first_audio is None else first_audio
+        if kind == "text" and args.stream:
+            print(value[len(printed) :], end="", flush=True)
+            printed = value
+        elif kind == "audio" and writer is not None:
+            writer.write(value)
+        elif kind == "done":
+            reply = value
     if writer is not None and not args.stream:
-        writer.write(vocoder.synthesize(units, style)[0])
+        writer.write(vocoder.synthesize(reply.units, style)[0])
     if writer is not None:
         writer.close()
-    text = processor.decode(tokens)
-    print(text[len(printed) :] if args.stream else text)
+    print(reply.text[len(printed) :] if args.stream else reply.text)
     if writer is not None:
-        print(f"speech: {args.out} ({len(units)} units)")
+        print(f"speech: {args.out} ({len(reply.units)} units)")
     elif speak:
-        print(f"units ({len(units)}): {' '.join(map(str, units))}" if units else "no units were made")
+        print(f"units ({len(reply.units)}): {' '.join(map(str, reply.units))}" if reply.units else "no units were made")
     else:
         print("this model has no speech decoder: text only")
     if args.stream and speak and not model.streams_speech:
@@ -137,8 +201,8 @@ def chat_command(args) -> int:
             file=sys.stderr,
         )
     if args.stream:
-        audio = f", first audio after {1000 * first_audio:.0f} ms" if first_audio is not None else ""
-        token = f"{1000 * first_token:.0f} ms" if first_token is not None else "-"
+        audio = f", first audio after {1000 * reply.first_audio_s:.0f} ms" if reply.first_audio_s is not None else ""
+        token = f"{1000 * reply.first_token_s:.0f} ms" if reply.first_token_s is not None else "-"
         print(f"first token after {token}{audio}", file=sys.stderr)
     return 0
 
