@@ -16,7 +16,12 @@ setup: $(STAMP)
 $(STAMP): .venv/bin/python $(SOURCES)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark pytest-xdist hypothesis matplotlib tensorboard peft ruff
+	$(PIP) install --quiet triton numpy pybind11 ninja "transformers>=5,<5.40" "huggingface_hub>=1" safetensors tqdm jiwer pyyaml pillow librosa soundfile soxr espeakng-loader pytest pytest-benchmark pytest-xdist hypothesis matplotlib tensorboard peft ruff gradio selenium
+	@# the web page's browser tests and streamed audio: Debian's Chromium, its driver and ffmpeg (skipped where apt cannot)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v ffmpeg >/dev/null || \
+		(apt-get install -y -qq chromium chromium-driver ffmpeg >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver ffmpeg >/dev/null 2>&1) || \
+		 echo "no Chromium: the browser tests of omnifast serve will skip")
 	$(PY) setup.py build_ext --inplace  # the C++ extension, its compile steps shown as they go
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import omnifast; omnifast.ops.require_cpu_extension()"

@@ -1,4 +1,4 @@
-"""The ``omnifast`` command: ``omnifast init``, ``train``, ``cache``, ``eval``, ``chat``, ``bench``,
+"""The ``omnifast`` command: ``omnifast init``, ``train``, ``cache``, ``eval``, ``chat``, ``serve``, ``bench``,
 ``tokenizer`` and ``demo``.
 
 ``main(argv)`` raises (for use from Python); the console command (``console``) prints a user's
@@ -74,6 +74,12 @@ def _run(argv=None) -> int:
         "chat", help="ask a trained model a written or spoken question; its answer printed and spoken into a WAV file"
     )
     chat.add_arguments(talk)
+    from omnifast import serve
+
+    page = commands.add_parser(
+        "serve", help="a web page to talk to a trained model (needs Gradio: pip install 'omnifast[serve]')"
+    )
+    serve.add_arguments(page)
     from omnifast.models import components
 
     init = commands.add_parser(
@@ -97,6 +103,8 @@ def _run(argv=None) -> int:
         return run.cache_command(args)
     if args.command == "chat":
         return chat.chat_command(args)
+    if args.command == "serve":
+        return serve.serve_command(args)
     if args.command == "demo":
         from omnifast.demo import espeak_available
         from omnifast.demo.run import run_demo
