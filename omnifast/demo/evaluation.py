@@ -116,8 +116,8 @@ def streaming_latency(model: OmniModel, processor: OmniProcessor, records) -> Di
         if out.units:
             first.append(out.first_unit_s)
             total, units = total + out.total_s, units + len(out.units)
-    if not first:
-        raise RuntimeError("the speech decoder generated no units for any reference answer: latency is undefined")
+    if not first:  # a decoder that speaks no unit (the quick run's) has no latency to measure
+        return {"first_unit_s": None, "rtf": None, "latency_n": 0}
     return {"first_unit_s": float(np.mean(first)), "rtf": total / (units / UNIT_RATE), "latency_n": len(first)}
 
 

@@ -115,7 +115,7 @@ def table_rows(r: Dict) -> List[Tuple[str, str, str, str, str]]:
         (
             "speech generation latency: first unit, real-time factor (streamed)",
             "Sec. 4.3",
-            f"{1000 * r['first_unit_s']:.0f} ms, RTF {r['rtf']:.3f}",
+            f"{1000 * r['first_unit_s']:.0f} ms, RTF {r['rtf']:.3f}" if r["latency_n"] else "- (no units spoken)",
             "RTF < 1: faster than real time",
             str(r["latency_n"]),
         ),
@@ -140,9 +140,7 @@ def numbers(r: Dict) -> List[float]:
         "emotion_chance",
         "emotion_z",
         "emotion_p",
-        "first_unit_s",
-        "rtf",
-    )
+    ) + (("first_unit_s", "rtf") if r["latency_n"] else ())
     return [float(r[k]) for k in keys] + [float(v) for v in r["dpo_held_out"].values()]
 
 
