@@ -116,11 +116,11 @@ def build_page(model, processor, vocoder=None, *, max_new_tokens: int = 64, max_
             images = conversation.images + ([picture] if picture is not None else [])
             audios = conversation.audios + ([speech] if speech is not None else [])
             item = encode_question(model, processor, turns, images, audios, max_new_tokens)
-            style = None
-            if vocoder is not None and style_choice and style_choice != AVERAGE_STYLE:
+            style = None  # a units-only vocoder: the units carry the style
+            if styles and style_choice in styles and style_choice != AVERAGE_STYLE:
                 name, _, value = style_choice.partition("=")
                 style = vocoder.style_for(**{name: value})
-            elif vocoder is not None and styles:
+            elif styles:
                 style = vocoder.average_style()
         except ValueError as error:
             raise gr.Error(str(error)) from None

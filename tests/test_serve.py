@@ -131,6 +131,21 @@ def test_a_script_gets_the_answer_through_gradio_client(served):
     assert [m["role"] for m in chat] == ["user", "assistant"] * 2  # the conversation keeps its turns
 
 
+def test_a_units_only_vocoder_speaks_without_a_style_choice(tiny):
+    model, processor, _ = tiny
+    torch.manual_seed(0)
+    vocoder = UnitVocoder(SpeechTokenizer(SpeechTokenizerConfig.tiny(style_dim=0)), n_iter=2)
+    page = build_page(model, processor, vocoder, max_new_tokens=8)
+    port = free_port()
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = pytest.importorskip("gradio_client").Client(f"http://127.0.0.1:{port}/", verbose=False)
+        chat, _, stats = client.predict("hi", None, None, "the units carry the style", api_name="/answer")
+        assert chat[-1]["role"] == "assistant" and "first token" in stats
+    finally:
+        page.close()
+
+
 def test_uploads_are_checked_before_the_model_sees_them(tiny, files):
     model, processor, _ = tiny
     with pytest.raises(ValueError, match="the spoken question cannot be used: .*broken.wav"):
