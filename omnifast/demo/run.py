@@ -85,7 +85,7 @@ FULL = DemoSize(
 )
 QUICK = DemoSize(
     "quick",
-    40,
+    150,
     20,
     {
         "llm-pretrain": 12,

