@@ -77,7 +77,8 @@ def encode_question(
     positions = model.config.llm.get("max_position_embeddings")
     if positions is not None and item["input_ids"].numel() + max_new_tokens > positions:
         raise ValueError(
-            f"--max-new-tokens {max_new_tokens}: the conversation takes {item['input_ids'].numel()} of "
+            f"--max-new-tokens {max_new_tokens}: the question{' with the turns before it' if len(turns) > 1 else ''} "
+            f"takes {item['input_ids'].numel()} of "
             f"the model's {positions} positions, so at most {positions - item['input_ids'].numel()} "
             f"tokens can follow"
         )

@@ -151,6 +151,42 @@ def record_costs(records: Sequence[Record], processor: OmniProcessor, frames_fac
     return costs
 
 
+def ctc_frames_needed(units: Sequence[int]) -> int:
+    """The fewest frames on which CTC can emit ``units``: one per unit, and a blank between each
+    pair of equal neighbours."""
+    return len(units) + sum(a == b for a, b in zip(units, units[1:]))
+
+
+def units_that_do_not_fit(
+    records: Sequence[Record], processor: OmniProcessor, frames_factor: int, shared_frames: bool
+) -> List[str]:
+    """The records whose unit sequences no CTC path fits on the decoder's frames (factor x
+    response tokens, stretched to the longest of the record's sequences where ``shared_frames``,
+    to each sequence's own length otherwise), each described."""
+    problems = []
+    for i in range(len(records)):
+        record = records[i]
+        sides = [
+            (name, units)
+            for name, units in (("tgt_units", record.tgt_units), ("re_tgt_units", record.re_tgt_units))
+            if units
+        ]
+        if not sides:
+            continue
+        _, labels = processor.tokenize(record.conversations)
+        response = sum(label != IGNORE_INDEX for label in labels)
+        longest = max(len(units) for _, units in sides)
+        for name, units in sides:
+            frames = max(frames_factor * response, longest if shared_frames else len(units))
+            needed = ctc_frames_needed(units)
+            if needed > frames:
+                problems.append(
+                    f"record {record.id}: {name}: {len(units)} units with {needed - len(units)} equal neighbours need "
+                    f"{needed} CTC frames; the decoder makes {frames} ({frames_factor} x {response} response tokens)"
+                )
+    return problems
+
+
 def collate_packed(items: Sequence[Dict[str, object]], pad_id: int) -> Dict[str, object]:
     """Encoded conversations end to end: input_ids and labels (1, sum lengths) and ``lengths``
     (B,), with the media and units of :func:`collate_batch`."""

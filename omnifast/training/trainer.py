@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -26,9 +27,17 @@ from .block_options import apply_layer_options
 from .cache import CachedDataset, StateCache, build_cache, collate_cached
 from .cache import fingerprint as cache_fingerprint
 from .config import TrainConfig
-from .data import Record, data_fingerprint
+from .data import DataError, Record, data_fingerprint
 from .held_out import HeldOut, better
-from .loader import ConversationDataset, MicroBatches, TokenBudgetBatches, default_workers, make_loader, record_costs
+from .loader import (
+    ConversationDataset,
+    MicroBatches,
+    TokenBudgetBatches,
+    default_workers,
+    make_loader,
+    record_costs,
+    units_that_do_not_fit,
+)
 from .losses import CachedStageLoss, StageLoss
 from .metrics import MetricsLog, check_report_to, plot_losses
 from .references import ReferenceLogpCache
@@ -165,6 +174,8 @@ class Trainer:
         if config.max_tokens is not None:
             factor = model.speech_decoder.config.upsample_factor if self.stage.loss in ("speech", "dpo") else None
             self.costs = record_costs(records, processor, factor)
+        if self.stage.loss in ("speech", "dpo") and processor is not None:
+            self._check_units_fit(model, processor, records)
         cap = None if config.max_steps is None else config.max_steps * config.grad_accum
         micro_total = self.micro_batches(0).total(epochs, cap) if len(records) else 0
         if len(records) and config.grad_accum > micro_total:
@@ -192,6 +203,25 @@ class Trainer:
         elif config.eval_every is not None or config.keep_best is not None:
             raise ValueError("eval_every and keep_best need held-out records (--eval-data)")
         self.best: Optional[Dict[str, object]] = None
+
+    def _check_units_fit(self, model, processor, records) -> None:
+        """Before step 1: unit sequences no CTC path fits are refused for CTC-DPO (their reference
+        log-likelihood would be -inf) and for a decoder without ``zero_infinity``; with it (OpenOmni's
+        setting) stage 4 trains on, each such record's loss zero, and says which they are."""
+        decoder = model.speech_decoder
+        if decoder is None or decoder.mode != "nar":
+            return
+        shared = self.config.dpo_normalization != "openomni"
+        problems = units_that_do_not_fit(records, processor, decoder.config.upsample_factor, shared)
+        if not problems:
+            return
+        listed = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        if self.stage.loss == "dpo" or not decoder.config.zero_infinity:
+            raise DataError(f"{len(problems)} record(s) with units no CTC path fits:\n{listed}")
+        warnings.warn(
+            f"{len(problems)} record(s) have units no CTC path fits; their loss is zero (zero_infinity):\n{listed}",
+            stacklevel=3,
+        )
 
     def _open_cache(self, state_cache, records) -> StateCache:
         if self.stage.loss not in ("speech", "dpo"):

@@ -200,3 +200,31 @@ def test_a_run_without_matplotlib_finishes_and_says_so(data, tmp_path, monkeypat
     assert (tmp_path / "run" / "model").is_dir() and not (tmp_path / "run" / "loss.png").exists()
     assert "not drawn: matplotlib is not installed" in capsys.readouterr().err
     assert OmniModel.from_pretrained(tmp_path / "run" / "model") is not None
+
+
+def test_units_no_ctc_path_fits_are_refused_for_dpo_and_named_for_stage_4(data, tmp_path):
+    """CTC emits a unit per frame and needs a blank between equal neighbours: 25 equal units need
+    49 frames, more than the tiny decoder makes for a short answer (3 x its tokens)."""
+    from omnifast.training import DataError
+
+    repeated = " ".join(["3"] * 25)
+    for stage, key in (("emotion-dpo", "tgt_units"), ("speech-gen", "tgt_units")):
+        rows = json.loads((data / f"{stage}.json").read_text())
+        rows.append({**rows[0], "id": "too-many-repeats", key: repeated})
+        path = tmp_path / f"{stage}.json"
+        path.write_text(json.dumps(rows))
+        for row in rows:  # media paths are relative to the data file
+            for field in ("speech", "image"):
+                if field in row:
+                    (tmp_path / row[field]).write_bytes((data / row[field]).read_bytes())
+        args = ["train", "--stage", stage, "--model", "tiny", "--data", str(path), "--out", str(tmp_path / stage)]
+        args += ["--max-steps", "1", "--no-progress"]
+        if stage == "emotion-dpo":
+            with pytest.raises(
+                DataError, match="record too-many-repeats: tgt_units: 25 units with 24 equal neighbours need 49"
+            ):
+                cli.main(args)
+            assert not (tmp_path / stage / "checkpoints").exists()  # refused before step 1
+        else:
+            with pytest.warns(UserWarning, match="1 record\\(s\\) have units no CTC path fits; their loss is zero"):
+                assert cli.main(args) == 0

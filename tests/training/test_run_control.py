@@ -134,6 +134,7 @@ def test_each_stop_signal_is_recorded_and_a_second_one_stops_at_once(sig):
 
     from omnifast.training.signals import stop_requests
 
+    before = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGINT", "SIGTERM", "SIGUSR1")}
     with stop_requests() as stops:
         os.kill(os.getpid(), getattr(signal, sig))
         time.sleep(0.01)
@@ -141,7 +142,7 @@ def test_each_stop_signal_is_recorded_and_a_second_one_stops_at_once(sig):
         with pytest.raises(KeyboardInterrupt, match="a second"):
             os.kill(os.getpid(), getattr(signal, sig))
             time.sleep(0.01)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert {name: signal.getsignal(getattr(signal, name)) for name in before} == before  # the handlers are put back
 
 
 def test_metrics_carry_the_fields_names_and_dpo_rewards_and_go_to_tensorboard(data, tmp_path):
