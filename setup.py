@@ -25,7 +25,7 @@ if os.environ.get("OMNIFAST_SANITIZE"):
 
 def compile_jobs() -> int:
     """Parallel compilers that fit this machine: one per CPU, at most one per 2 GB of available
-    memory (a compiler of these sources peaks near 1.5 GB); MAX_JOBS overrides."""
+    memory (the bindings' compiler peaks near 1.5 GB, each kernel's near 0.65 GB); MAX_JOBS overrides."""
     if os.environ.get("MAX_JOBS"):
         return int(os.environ["MAX_JOBS"])
     available = 0
