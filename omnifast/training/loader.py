@@ -31,6 +31,8 @@ __all__ = [
     "collate_batch",
     "collate_packed",
     "record_costs",
+    "frame_costs",
+    "response_tokens",
     "default_workers",
     "make_loader",
     "MicroBatches",
@@ -136,19 +138,30 @@ def collate_batch(items: Sequence[Dict[str, object]], pad_id: int) -> Dict[str, 
     return batch
 
 
-def record_costs(records: Sequence[Record], processor: OmniProcessor, frames_factor: Optional[int]) -> np.ndarray:
-    """Each record's cost in a token budget: its LLM tokens, or with ``frames_factor`` (the speech
-    stages) its decoder frames, max(factor x response tokens, its longest unit sequence)."""
-    costs = np.zeros(len(records), dtype=np.int64)
+def record_costs(records: Sequence[Record], processor: OmniProcessor) -> np.ndarray:
+    """Each record's cost in a token budget: its LLM tokens."""
+    return np.array([len(processor.tokenize(records[i].conversations)[0]) for i in range(len(records))], np.int64)
+
+
+def response_tokens(records: Sequence[Record], processor: OmniProcessor) -> np.ndarray:
+    """Each record's response tokens (its labelled positions): what the speech decoder upsamples."""
+    counts = np.zeros(len(records), dtype=np.int64)
     for i in range(len(records)):
-        record = records[i]
-        ids, labels = processor.tokenize(record.conversations)
-        if frames_factor is None:
-            costs[i] = len(ids)
-        else:
-            response = sum(label != IGNORE_INDEX for label in labels)
-            costs[i] = max(frames_factor * response, len(record.tgt_units or ()), len(record.re_tgt_units or ()))
-    return costs
+        _, labels = processor.tokenize(records[i].conversations)
+        counts[i] = sum(label != IGNORE_INDEX for label in labels)
+    return counts
+
+
+def frame_costs(records: Sequence[Record], responses: np.ndarray, frames_factor: int) -> np.ndarray:
+    """Each record's cost in a token budget of the speech stages: its decoder frames,
+    max(factor x response tokens, its longest unit sequence)."""
+    return np.array(
+        [
+            max(frames_factor * int(responses[i]), len(records[i].tgt_units or ()), len(records[i].re_tgt_units or ()))
+            for i in range(len(records))
+        ],
+        np.int64,
+    )
 
 
 def ctc_frames_needed(units: Sequence[int]) -> int:
@@ -158,11 +171,11 @@ def ctc_frames_needed(units: Sequence[int]) -> int:
 
 
 def units_that_do_not_fit(
-    records: Sequence[Record], processor: OmniProcessor, frames_factor: int, shared_frames: bool
+    records: Sequence[Record], responses: np.ndarray, frames_factor: int, shared_frames: bool
 ) -> List[str]:
     """The records whose unit sequences no CTC path fits on the decoder's frames (factor x
-    response tokens, stretched to the longest of the record's sequences where ``shared_frames``,
-    to each sequence's own length otherwise), each described."""
+    ``responses``, each record's response tokens, stretched to the longest of the record's
+    sequences where ``shared_frames``, to each sequence's own length otherwise), each described."""
     problems = []
     for i in range(len(records)):
         record = records[i]
@@ -173,8 +186,7 @@ def units_that_do_not_fit(
         ]
         if not sides:
             continue
-        _, labels = processor.tokenize(record.conversations)
-        response = sum(label != IGNORE_INDEX for label in labels)
+        response = int(responses[i])
         longest = max(len(units) for _, units in sides)
         for name, units in sides:
             frames = max(frames_factor * response, longest if shared_frames else len(units))

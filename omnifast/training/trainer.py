@@ -34,8 +34,10 @@ from .loader import (
     MicroBatches,
     TokenBudgetBatches,
     default_workers,
+    frame_costs,
     make_loader,
     record_costs,
+    response_tokens,
     units_that_do_not_fit,
 )
 from .losses import CachedStageLoss, StageLoss
@@ -170,12 +172,14 @@ class Trainer:
             groups.append({"params": params, "lr": rates.get(component, lr), "name": component})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
         epochs = config.epochs if config.epochs is not None else self.stage.epochs
+        speech = self.stage.loss in ("speech", "dpo")
+        responses = response_tokens(records, processor) if speech and processor is not None else None
         self.costs = None
         if config.max_tokens is not None:
-            factor = model.speech_decoder.config.upsample_factor if self.stage.loss in ("speech", "dpo") else None
-            self.costs = record_costs(records, processor, factor)
-        if self.stage.loss in ("speech", "dpo") and processor is not None:
-            self._check_units_fit(model, processor, records)
+            factor = model.speech_decoder.config.upsample_factor if speech else None
+            self.costs = frame_costs(records, responses, factor) if speech else record_costs(records, processor)
+        if responses is not None:
+            self._check_units_fit(model, records, responses)
         cap = None if config.max_steps is None else config.max_steps * config.grad_accum
         micro_total = self.micro_batches(0).total(epochs, cap) if len(records) else 0
         if len(records) and config.grad_accum > micro_total:
@@ -204,7 +208,7 @@ class Trainer:
             raise ValueError("eval_every and keep_best need held-out records (--eval-data)")
         self.best: Optional[Dict[str, object]] = None
 
-    def _check_units_fit(self, model, processor, records) -> None:
+    def _check_units_fit(self, model, records, responses) -> None:
         """Before step 1: unit sequences no CTC path fits are refused for CTC-DPO (their reference
         log-likelihood would be -inf) and for a decoder without ``zero_infinity``; with it (OpenOmni's
         setting) stage 4 trains on, each such record's loss zero, and says which they are."""
@@ -212,7 +216,7 @@ class Trainer:
         if decoder is None or decoder.mode != "nar":
             return
         shared = self.config.dpo_normalization != "openomni"
-        problems = units_that_do_not_fit(records, processor, decoder.config.upsample_factor, shared)
+        problems = units_that_do_not_fit(records, responses, decoder.config.upsample_factor, shared)
         if not problems:
             return
         listed = "\n".join(problems[:20]) + (f"\n... and {len(problems) - 20} more" if len(problems) > 20 else "")
