@@ -128,11 +128,17 @@ def load_vocoder(path, labels):
     from omnifast.speech import UnitVocoder
 
     vocoder = UnitVocoder.from_pretrained(path)
+    return vocoder, speaking_style(vocoder, labels)
+
+
+def speaking_style(vocoder, labels):
+    """The style vector for ``labels`` (pairs of the vocoder's style label and value; none: the
+    average of its styles), or None for a vocoder whose units carry the style."""
     if vocoder.tokenizer.config.has_style:
-        return vocoder, (vocoder.style_for(**dict(labels)) if labels else vocoder.average_style())
+        return vocoder.style_for(**dict(labels)) if labels else vocoder.average_style()
     if labels:
         raise ValueError("--style: this vocoder speaks from units alone (its units carry the style)")
-    return vocoder, None
+    return None
 
 
 def chat_command(args) -> int:

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .chat import encode_question, load_vocoder, stream_reply
+from .chat import encode_question, load_vocoder, speaking_style, stream_reply
 
 AVERAGE_STYLE = "average"
 
@@ -116,12 +116,8 @@ def build_page(model, processor, vocoder=None, *, max_new_tokens: int = 64, max_
             images = conversation.images + ([picture] if picture is not None else [])
             audios = conversation.audios + ([speech] if speech is not None else [])
             item = encode_question(model, processor, turns, images, audios, max_new_tokens)
-            style = None  # a units-only vocoder: the units carry the style
-            if styles and style_choice in styles and style_choice != AVERAGE_STYLE:
-                name, _, value = style_choice.partition("=")
-                style = vocoder.style_for(**{name: value})
-            elif styles:
-                style = vocoder.average_style()
+            chosen = styles and style_choice in styles and style_choice != AVERAGE_STYLE
+            style = speaking_style(vocoder, [style_choice.split("=", 1)] if chosen else []) if vocoder else None
         except ValueError as error:
             raise gr.Error(str(error)) from None
         said = " ".join(
