@@ -14,8 +14,8 @@ from omnifast.durable import write_json
 from omnifast.nn import build_speech_decoder
 from omnifast.nn.speech_decoder import SpeechDecoder
 
-from .config import IMAGE_TOKEN, SPEECH_TOKEN, OmniConfig
-from .omni import OmniModel, vision_classes
+from .config import IMAGE_TOKEN, SPEECH_PROJECTORS, SPEECH_TOKEN, OmniConfig
+from .omni import CTCPosteriorProjector, OmniModel, vision_classes
 
 MODEL_TYPES = {
     "llm": ("qwen2",),
@@ -135,7 +135,7 @@ def load_components(
         model.speech_ctc_head = model.speech_ctc_head.to_empty(device="cpu")
     for module in (model.image_projector, model.speech_projector, model.speech_ctc_head or nn.Identity()):
         for layer in module.modules():
-            if isinstance(layer, nn.Linear):
+            if isinstance(layer, (nn.Linear, CTCPosteriorProjector)):
                 layer.reset_parameters()
     model.speech_decoder = (
         decoder_model
@@ -286,6 +286,13 @@ def add_init_arguments(parser) -> None:
     parser.add_argument(
         "--speech-ctc", action="store_true", help="add a CTC head on the speech encoder (for the speech-pretrain stage)"
     )
+    parser.add_argument(
+        "--speech-projector",
+        choices=SPEECH_PROJECTORS,
+        default="concat",
+        help="concat: OpenOmni's (stacked frames through an MLP); ctc_posterior: the CTC head's posteriors "
+        "over the LLM's tokens weigh its token embeddings (adds the CTC head; pretrain it first)",
+    )
     parser.add_argument("--out", required=True, help="where the model is saved (omnifast train --model OUT)")
 
 
@@ -305,7 +312,8 @@ def init_command(args) -> int:
         args.speech,
         args.decoder,
         speech_decoder_mode=args.mode if args.decoder is None else None,
-        speech_ctc=args.speech_ctc,
+        speech_ctc=args.speech_ctc or args.speech_projector == "ctc_posterior",
+        speech_projector=args.speech_projector,
     )
     if args.decoder is None and model.config.speech_decoder["units"] != args.units:
         model.config.speech_decoder = {**model.config.speech_decoder, "units": args.units}

@@ -48,6 +48,9 @@ def check_component_keys(name: str, values, config_class) -> None:
         )
 
 
+SPEECH_PROJECTORS = ("concat", "ctc_posterior")
+
+
 @dataclass
 class OmniConfig:
     llm: Dict[str, Any]  # Qwen2Config kwargs
@@ -60,6 +63,9 @@ class OmniConfig:
     image_projector: str = "mlp2x_gelu"
     speech_stack: int = 5  # speech projector: concatenate k encoder frames
     speech_projector_hidden: int = 2048
+    # "concat": OpenOmni's projector (stacked frames -> MLP); "ctc_posterior": the speech CTC head's
+    # posteriors over the LLM's tokens mix the LLM's own token embeddings (speech enters as soft text)
+    speech_projector: str = "concat"
     speech_ctc: bool = False  # a CTC head on the speech encoder (the speech-pretrain stage)
     system_prompt: str = "You are a helpful assistant."  # the system turn every conversation starts with
     image_size: int = 336
@@ -123,6 +129,11 @@ class OmniConfig:
             raise TypeError(f"speech_ctc must be true or false, got {self.speech_ctc!r}")
         if self.vision_type not in ("clip", "siglip"):
             raise ValueError(f"vision_type must be 'clip' or 'siglip', got {self.vision_type!r}")
+        if self.speech_projector not in SPEECH_PROJECTORS:
+            choices = ", ".join(map(repr, SPEECH_PROJECTORS))
+            raise ValueError(f"speech_projector must be one of {choices}, got {self.speech_projector!r}")
+        if self.speech_projector == "ctc_posterior" and not self.speech_ctc:
+            raise ValueError("speech_projector='ctc_posterior' reads the speech CTC head: set speech_ctc=True")
         if self.image_projector != "mlp2x_gelu":
             raise ValueError(f"image_projector must be 'mlp2x_gelu', got {self.image_projector!r}")
         return self

@@ -26,6 +26,7 @@ __all__ = [
     "AnswerEvent",
     "GenerateOutput",
     "SpeechProjector",
+    "CTCPosteriorProjector",
     "COMPONENTS",
     "response_states",
     "rebuild_buffers",
@@ -57,6 +58,33 @@ class SpeechProjector(nn.Module):
         return self.net(frames[:, : T - T % self.stack].reshape(n, T // self.stack, D * self.stack))
 
 
+class CTCPosteriorProjector(nn.Module):
+    """Speech as soft text: each encoder frame's CTC posteriors over the LLM's tokens (blank last)
+    weigh the LLM's token embeddings, the blank's share a learned embedding; ``stack`` consecutive
+    frames are averaged into one LLM position. A frame read as token t with certainty enters the
+    LLM as t's embedding, so what the LLM learned from text applies to speech unchanged."""
+
+    def __init__(self, stack: int, hidden: int):
+        super().__init__()
+        self.stack = stack
+        self.blank = nn.Parameter(torch.zeros(hidden))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.blank.zero_()
+
+    def forward(self, ctc_logits: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+        n, T, classes = ctc_logits.shape
+        if classes != token_embeddings.shape[0] + 1:
+            raise ValueError(
+                f"ctc_logits have {classes} classes; the LLM has {token_embeddings.shape[0]} tokens + the blank"
+            )
+        kept = ctc_logits[:, : T - T % self.stack]
+        probs = kept.softmax(-1, dtype=torch.promote_types(kept.dtype, torch.float32)).to(token_embeddings.dtype)
+        mixed = probs[..., :-1] @ token_embeddings + probs[..., -1:] * self.blank.to(token_embeddings.dtype)
+        return mixed.reshape(n, T // self.stack, self.stack, -1).mean(2)
+
+
 class OmniModel(OmniGeneration, nn.Module):
     """The omni model; its generation methods (``stream_answer``, ``generate``) are
     :class:`~omnifast.models.generation.OmniGeneration`'s."""
@@ -74,8 +102,10 @@ class OmniModel(OmniGeneration, nn.Module):
         self.speech = WhisperEncoder(WhisperConfig(**config.speech))
         vision_width = config.vision["hidden_size"]
         self.image_projector = nn.Sequential(nn.Linear(vision_width, H), nn.GELU(), nn.Linear(H, H))
-        self.speech_projector = SpeechProjector(
-            config.speech["d_model"], config.speech_stack, config.speech_projector_hidden, H
+        self.speech_projector = (
+            CTCPosteriorProjector(config.speech_stack, H)
+            if config.speech_projector == "ctc_posterior"
+            else SpeechProjector(config.speech["d_model"], config.speech_stack, config.speech_projector_hidden, H)
         )
         decoder_config = config.decoder_config()
         self.speech_decoder = (
@@ -137,7 +167,11 @@ class OmniModel(OmniGeneration, nn.Module):
                 f"speech_features must be (n, {self.config.speech['num_mel_bins']}, frames), "
                 f"got shape {tuple(features.shape)}"
             )
-        return self.speech_projector(self.speech_frames(features))
+        frames = self.speech_frames(features)
+        if self.config.speech_projector == "ctc_posterior":
+            embeddings = self.llm.get_input_embeddings().weight
+            return self.speech_projector(self.speech_ctc_head(frames), embeddings[: self.config.llm["vocab_size"]])
+        return self.speech_projector(frames)
 
     def speech_frames(self, features: torch.Tensor) -> torch.Tensor:
         """The speech encoder's last states (n, positions, d_model) of log-mel features; in
