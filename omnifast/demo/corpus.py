@@ -37,7 +37,7 @@ from omnifast.durable import write_json
 from .images import COLOURS, POSITIONS, SHAPES, Scene, draw
 from .speech import EVAL_VOICE, PRETRAIN_VOICES, STYLES, TRAIN_VOICES, Speaker
 
-VERSION = 7
+VERSION = 8
 UNIT_VOICE = TRAIN_VOICES[0]  # the voice whose clips give the answers' units (and the tokenizer's)
 EMOTIONS = ("happy", "sad", "angry")
 WINDOW_SECONDS = 3  # the demo model's speech window
@@ -424,16 +424,29 @@ def build_corpus(
             for i, j, s, q, a in eval_vqa
         ],
     )
+    spoken_vqa = [(i, j, s, studio.clip(q, EVAL_VOICE, rng.choice(list(STYLES))), a) for i, j, s, q, a in eval_vqa]
     _dump(
         building / "eval-vqa-speech.json",
         [
             {
                 "id": f"vqa-speech-{i}-{j}",
                 "image": studio.picture(s, image_size),
-                "speech": studio.clip(q, EVAL_VOICE, rng.choice(list(STYLES))),
+                "speech": clip,
                 "conversations": _turns("<image>\n<speech>", a),
             }
-            for i, j, s, q, a in eval_vqa
+            for i, j, s, clip, a in spoken_vqa
+        ],
+    )
+    # the same clips asked about the picture's caption, written: the spoken half of the pivot alone
+    _dump(
+        building / "eval-vqa-caption-speech.json",
+        [
+            {
+                "id": f"vqa-caption-speech-{i}-{j}",
+                "speech": clip,
+                "conversations": _turns(f"{s.caption()}\n<speech>", a),
+            }
+            for i, j, s, clip, a in spoken_vqa
         ],
     )
     bar.update()

@@ -63,6 +63,13 @@ def table_rows(r: Dict) -> List[Tuple[str, str, str, str, str]]:
             str(r["vqa_speech_n"]),
         ),
         (
+            "the same spoken questions about the unseen pictures' written captions (speech read in a text context)",
+            "-",
+            _pct(r["vqa_caption_speech"]),
+            f"chance {_pct(r['vqa_caption_speech_chance'])}",
+            str(r["vqa_caption_speech_n"]),
+        ),
+        (
             "T2S: CER of the judge on the generated spoken answers (held-out prompts)",
             "Table 3 T2S",
             _pct(r["t2s_cer"]),
@@ -131,6 +138,7 @@ def numbers(r: Dict) -> List[float]:
         "vqa_text_chance",
         "vqa_speech",
         "vqa_speech_chance",
+        "vqa_caption_speech",
         "t2s_cer",
         "t2s_ceiling_cer",
         "t2s_unit_error_rate",

@@ -31,7 +31,7 @@ def test_build_is_cached_and_records_validate(built):
     assert demo_corpus.build_corpus(built.parent, progress=False) == built  # found, not rebuilt
     for name in ("llm-pretrain", "s2t", "i2t-pretrain", "i2t-sft"):
         assert len(load_records(built / f"{name}.json", BY_NAME[name])) > 50
-    for name in ("eval-s2t", "eval-vqa-text", "eval-vqa-speech"):
+    for name in ("eval-s2t", "eval-vqa-text", "eval-vqa-speech", "eval-vqa-caption-speech"):
         assert len(load_records(built / f"{name}.json", BY_NAME["i2t-sft"])) > 20
 
 
@@ -63,11 +63,14 @@ def test_held_out_records_are_held_out(built):
     train_audio = {clip for r in rows(built, "s2t.json") for clip in clips(r)}
     for r in rows(built, "eval-vqa-speech.json") + rows(built, "eval-vqa-text.json"):
         assert r["image"] not in train_images
-    for r in rows(built, "eval-vqa-speech.json") + rows(built, "eval-s2t.json"):
+    spoken = rows(built, "eval-vqa-speech.json") + rows(built, "eval-vqa-caption-speech.json")
+    for r in spoken + rows(built, "eval-s2t.json"):
         for clip in clips(r):
             assert clip not in train_audio and f"-{demo_corpus.EVAL_VOICE[3:]}-" in clip
     for r in rows(built, "eval-s2t.json"):
         assert json.dumps(r["conversations"]) not in train_text  # unseen captions
+    for r in rows(built, "eval-vqa-caption-speech.json"):
+        assert json.dumps(r["conversations"]) not in train_text  # captions of unseen pictures
     # no training file pairs a picture with speech: the spoken-question VQA is never trained on
     for name in ("s2t", "i2t-pretrain", "i2t-sft"):
         assert not any("image" in r and "speech" in r for r in rows(built, f"{name}.json"))
