@@ -139,6 +139,7 @@ def numbers(r: Dict) -> List[float]:
         "vqa_speech",
         "vqa_speech_chance",
         "vqa_caption_speech",
+        "vqa_caption_speech_chance",
         "t2s_cer",
         "t2s_ceiling_cer",
         "t2s_unit_error_rate",

@@ -79,7 +79,7 @@ FULL = DemoSize(
         "i2t-pretrain": 150,
         "i2t-sft": 500,
         "speech-gen": 1000,
-        "emotion-dpo": 300,
+        "emotion-dpo": 400,
     },
     batch_size=16,
     batch_sizes={"speech-pretrain": 32},
