@@ -23,7 +23,8 @@ $(STAMP): .venv/bin/python $(SOURCES)
 		 (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver ffmpeg >/dev/null 2>&1) || \
 		 echo "no Chromium: the browser tests of omnifast serve will skip")
 	$(PY) setup.py build_ext --inplace  # the C++ extension, its compile steps shown as they go
-	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	@# setuptools' notice that a folder named like the package may shadow it: here that folder is the package
+	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "import omnifast; omnifast.ops.require_cpu_extension()"
 	touch $(STAMP)
 
