@@ -153,9 +153,8 @@ def evaluate_demo(
 
     # VQA with the final model
     final, processor = load(stage_dirs["emotion-dpo"])
-    for kind in ("text", "speech", "caption-speech"):
-        records = records_of(f"eval-vqa-{kind}", "i2t-sft")
-        kind = kind.replace("-", "_")
+    for kind in ("text", "speech", "caption_speech"):
+        records = records_of(f"eval-vqa-{kind.replace('_', '-')}", "i2t-sft")
         results[f"vqa_{kind}"] = answer_accuracy(final, processor, records)["accuracy"]
         results[f"vqa_{kind}_chance"] = vqa_chance(files["i2t-sft"], records)
         results[f"vqa_{kind}_n"] = len(records)
