@@ -291,7 +291,8 @@ def add_init_arguments(parser) -> None:
         choices=SPEECH_PROJECTORS,
         default="concat",
         help="concat: OpenOmni's (stacked frames through an MLP); ctc_posterior: the CTC head's posteriors "
-        "over the LLM's tokens weigh its token embeddings (adds the CTC head; pretrain it first)",
+        "over the LLM's tokens weigh its token embeddings; ctc_compress: the same, one position per token the "
+        "head reads (both add the CTC head; pretrain it first)",
     )
     parser.add_argument("--out", required=True, help="where the model is saved (omnifast train --model OUT)")
 
@@ -312,7 +313,7 @@ def init_command(args) -> int:
         args.speech,
         args.decoder,
         speech_decoder_mode=args.mode if args.decoder is None else None,
-        speech_ctc=args.speech_ctc or args.speech_projector == "ctc_posterior",
+        speech_ctc=args.speech_ctc or args.speech_projector != "concat",
         speech_projector=args.speech_projector,
     )
     if args.decoder is None and model.config.speech_decoder["units"] != args.units:

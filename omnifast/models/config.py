@@ -48,7 +48,7 @@ def check_component_keys(name: str, values, config_class) -> None:
         )
 
 
-SPEECH_PROJECTORS = ("concat", "ctc_posterior")
+SPEECH_PROJECTORS = ("concat", "ctc_posterior", "ctc_compress")
 
 
 @dataclass
@@ -64,7 +64,8 @@ class OmniConfig:
     speech_stack: int = 5  # speech projector: concatenate k encoder frames
     speech_projector_hidden: int = 2048
     # "concat": OpenOmni's projector (stacked frames -> MLP); "ctc_posterior": the speech CTC head's
-    # posteriors over the LLM's tokens mix the LLM's own token embeddings (speech enters as soft text)
+    # posteriors over the LLM's tokens mix the LLM's own token embeddings (speech enters as soft text);
+    # "ctc_compress": the same with frames merged by the head's greedy reading (one position per token)
     speech_projector: str = "concat"
     speech_ctc: bool = False  # a CTC head on the speech encoder (the speech-pretrain stage)
     system_prompt: str = "You are a helpful assistant."  # the system turn every conversation starts with
@@ -132,8 +133,10 @@ class OmniConfig:
         if self.speech_projector not in SPEECH_PROJECTORS:
             choices = ", ".join(map(repr, SPEECH_PROJECTORS))
             raise ValueError(f"speech_projector must be one of {choices}, got {self.speech_projector!r}")
-        if self.speech_projector == "ctc_posterior" and not self.speech_ctc:
-            raise ValueError("speech_projector='ctc_posterior' reads the speech CTC head: set speech_ctc=True")
+        if self.speech_projector != "concat" and not self.speech_ctc:
+            raise ValueError(
+                f"speech_projector={self.speech_projector!r} reads the speech CTC head: set speech_ctc=True"
+            )
         if self.image_projector != "mlp2x_gelu":
             raise ValueError(f"image_projector must be 'mlp2x_gelu', got {self.image_projector!r}")
         return self

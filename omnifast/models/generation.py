@@ -79,9 +79,10 @@ class OmniGeneration:
             raise ValueError(f"generate takes one prompt, got a batch of {ids.shape[0]}")
         start = time.perf_counter()
         cache = DynamicCache(config=self.llm.config)
-        hidden = forward_with_cache(
-            self.llm.model, cache, inputs_embeds=self.embed(ids, pixel_values, speech_features)
-        ).last_hidden_state[:, -1]
+        embeds, visible = self.embed_visible(ids, pixel_values, speech_features)
+        if visible is not None:  # the positions a compressing projector left blank are not seen
+            embeds = embeds[:, visible[0]]
+        hidden = forward_with_cache(self.llm.model, cache, inputs_embeds=embeds).last_hidden_state[:, -1]
         pending: List[tuple] = []
         streaming = speak and self.streams_speech
         stream = self.speech_decoder.stream(self._chunks(pending)) if streaming else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,11 +62,20 @@ class CTCPosteriorProjector(nn.Module):
     """Speech as soft text: each encoder frame's CTC posteriors over the LLM's tokens (blank last)
     weigh the LLM's token embeddings, the blank's share a learned embedding; ``stack`` consecutive
     frames are averaged into one LLM position. A frame read as token t with certainty enters the
-    LLM as t's embedding, so what the LLM learned from text applies to speech unchanged."""
+    LLM as t's embedding, so what the LLM learned from text applies to speech unchanged.
 
-    def __init__(self, stack: int, hidden: int):
+    ``compress=True`` (CTC compression): the frames are merged by their greedy CTC reading
+    instead of by ``stack``: each run of frames read as the same token becomes one position, the
+    mean of its frames' posteriors over the tokens alone (the blank's share renormalised away)
+    weighing the embeddings; blank frames are dropped. The read tokens fill the clip's last
+    positions in order (the earliest dropped if there are more than positions) and the learned
+    blank fills the rest, so a clip read correctly enters the LLM as its transcript's embeddings.
+    Gradients reach the posteriors of the frames read as tokens; the reading itself is discrete."""
+
+    def __init__(self, stack: int, hidden: int, compress: bool = False):
         super().__init__()
         self.stack = stack
+        self.compress = compress
         self.blank = nn.Parameter(torch.zeros(hidden))
 
     def reset_parameters(self) -> None:
@@ -74,15 +83,47 @@ class CTCPosteriorProjector(nn.Module):
             self.blank.zero_()
 
     def forward(self, ctc_logits: torch.Tensor, token_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.project(ctc_logits, token_embeddings)[0]
+
+    def project(
+        self, ctc_logits: torch.Tensor, token_embeddings: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(n, T, tokens + 1) logits -> the positions (n, T // stack, H) and, compressed, which
+        of them hold a read token (n, T // stack) bool (None otherwise)."""
         n, T, classes = ctc_logits.shape
         if classes != token_embeddings.shape[0] + 1:
             raise ValueError(
                 f"ctc_logits have {classes} classes; the LLM has {token_embeddings.shape[0]} tokens + the blank"
             )
         kept = ctc_logits[:, : T - T % self.stack]
-        probs = kept.softmax(-1, dtype=torch.promote_types(kept.dtype, torch.float32)).to(token_embeddings.dtype)
-        mixed = probs[..., :-1] @ token_embeddings + probs[..., -1:] * self.blank.to(token_embeddings.dtype)
-        return mixed.reshape(n, T // self.stack, self.stack, -1).mean(2)
+        compute = torch.promote_types(kept.dtype, torch.float32)
+        blank = self.blank.to(token_embeddings.dtype)
+        if self.compress:
+            return self._compressed(kept, token_embeddings, blank, compute)
+        probs = kept.softmax(-1, dtype=compute).to(token_embeddings.dtype)
+        mixed = probs[..., :-1] @ token_embeddings + probs[..., -1:] * blank
+        return mixed.reshape(n, T // self.stack, self.stack, -1).mean(2), None
+
+    def _compressed(self, logits, token_embeddings, blank, compute):
+        n, T, classes = logits.shape
+        slots = T // self.stack
+        reading = logits.argmax(-1)
+        spoken = reading != classes - 1
+        starts = spoken.clone()
+        starts[:, 1:] &= reading[:, 1:] != reading[:, :-1]
+        count = starts.sum(1, keepdim=True)
+        slot = starts.cumsum(1) - 1 + (slots - count)  # right-aligned; < 0: dropped
+        keep = spoken & (slot >= 0)
+        flat = (torch.arange(n, device=logits.device)[:, None] * slots + slot)[keep]
+        probs = logits[keep][:, :-1].softmax(-1, dtype=compute).to(token_embeddings.dtype)
+        hidden = token_embeddings.shape[1]
+        sums = probs.new_zeros(n * slots, classes - 1).index_add(0, flat, probs)
+        frames = torch.zeros(n * slots, device=logits.device, dtype=probs.dtype).index_add(
+            0, flat, torch.ones_like(flat, dtype=probs.dtype)
+        )
+        read = (sums / frames.clamp(min=1)[:, None]) @ token_embeddings
+        out = torch.where((frames > 0)[:, None], read, blank.expand(n * slots, hidden))
+        return out.reshape(n, slots, hidden), (frames > 0).reshape(n, slots)
 
 
 class OmniModel(OmniGeneration, nn.Module):
@@ -103,8 +144,8 @@ class OmniModel(OmniGeneration, nn.Module):
         vision_width = config.vision["hidden_size"]
         self.image_projector = nn.Sequential(nn.Linear(vision_width, H), nn.GELU(), nn.Linear(H, H))
         self.speech_projector = (
-            CTCPosteriorProjector(config.speech_stack, H)
-            if config.speech_projector == "ctc_posterior"
+            CTCPosteriorProjector(config.speech_stack, H, compress=config.speech_projector == "ctc_compress")
+            if config.speech_projector in ("ctc_posterior", "ctc_compress")
             else SpeechProjector(config.speech["d_model"], config.speech_stack, config.speech_projector_hidden, H)
         )
         decoder_config = config.decoder_config()
@@ -167,11 +208,17 @@ class OmniModel(OmniGeneration, nn.Module):
                 f"speech_features must be (n, {self.config.speech['num_mel_bins']}, frames), "
                 f"got shape {tuple(features.shape)}"
             )
+        return self._speech_positions(features)[0]
+
+    def _speech_positions(self, features: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The projected clips and, for ``ctc_compress``, which positions hold a read token."""
         frames = self.speech_frames(features)
-        if self.config.speech_projector == "ctc_posterior":
+        if self.config.speech_projector in ("ctc_posterior", "ctc_compress"):
             embeddings = self.llm.get_input_embeddings().weight
-            return self.speech_projector(self.speech_ctc_head(frames), embeddings[: self.config.llm["vocab_size"]])
-        return self.speech_projector(frames)
+            return self.speech_projector.project(
+                self.speech_ctc_head(frames), embeddings[: self.config.llm["vocab_size"]]
+            )
+        return self.speech_projector(frames), None
 
     def speech_frames(self, features: torch.Tensor) -> torch.Tensor:
         """The speech encoder's last states (n, positions, d_model) of log-mel features; in
@@ -184,11 +231,20 @@ class OmniModel(OmniGeneration, nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values=None, speech_features=None) -> torch.Tensor:
         """Token embeddings with each placeholder run replaced by the projected features of its
         image / clip, in order."""
+        return self.embed_visible(input_ids, pixel_values, speech_features)[0]
+
+    def embed_visible(
+        self, input_ids: torch.Tensor, pixel_values=None, speech_features=None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`embed` and which positions the LLM sees: ``visible`` (B, L) bool is False at the
+        speech positions a compressing projector (``ctc_compress``) left blank, which the LLM's
+        attention skips and which take no position (None where every position is seen)."""
         c = self.config
         embeds = self.llm.get_input_embeddings()(input_ids.clamp(min=0))
-        for token_id, inputs, encode, name in (
-            (c.image_token_id, pixel_values, self.encode_images, "image"),
-            (c.speech_token_id, speech_features, self.encode_speech, "speech"),
+        visible = None
+        for token_id, inputs, name in (
+            (c.image_token_id, pixel_values, "image"),
+            (c.speech_token_id, speech_features, "speech"),
         ):
             slots = input_ids == token_id
             count = int(slots.sum())
@@ -199,10 +255,13 @@ class OmniModel(OmniGeneration, nn.Module):
                     f"input_ids hold {count} {name} placeholder positions ({count / per_item:g} "
                     f"{name}s of {per_item}) but {given} {name}s were given"
                 )
-            if given:
-                features = encode(inputs).reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-                embeds = embeds.masked_scatter(slots[..., None], features)
-        return embeds
+            if not given:
+                continue
+            features, read = (self.encode_images(inputs), None) if name == "image" else self._speech_positions(inputs)
+            embeds = embeds.masked_scatter(slots[..., None], features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+            if read is not None and not bool(read.all()):
+                visible = torch.ones_like(slots).masked_scatter(slots, read.reshape(-1))
+        return embeds, visible
 
     def speech_ctc_loss(
         self,
@@ -286,11 +345,9 @@ class OmniModel(OmniGeneration, nn.Module):
             for p in m.parameters()
         )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not llm_frozen):
-            embeds = self.embed(input_ids, pixel_values, speech_features)
+            embeds, visible = self.embed_visible(input_ids, pixel_values, speech_features)
             if lengths is None:
-                hidden = self.llm.model(
-                    inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
-                ).last_hidden_state
+                hidden = self._run_padded(embeds, attention_mask, visible)
             else:
                 if input_ids.shape[0] != 1 or int(lengths.sum()) != input_ids.shape[1]:
                     raise ValueError(
@@ -298,7 +355,7 @@ class OmniModel(OmniGeneration, nn.Module):
                         f"{tuple(input_ids.shape)}"
                     )
                 # a record's first label is always -100 (its system turn), so no target crosses a boundary
-                hidden = run_packed(self.llm.model, embeds[0], lengths)[None]
+                hidden = self._run_packed(embeds[0], lengths, visible)[None]
             want_text, text_loss = text_loss, None
             if want_text and labels is not None and (labels[:, 1:] != IGNORE_INDEX).any():
                 text_loss = linear_cross_entropy(
@@ -323,6 +380,28 @@ class OmniModel(OmniGeneration, nn.Module):
         if lengths is not None:
             hidden = unpack(hidden[0], lengths)
         return OmniOutput(sum(losses) if losses else None, text_loss, speech_loss, hidden)
+
+    def _run_padded(self, embeds, attention_mask, visible) -> torch.Tensor:
+        """The LLM over a padded batch; positions not ``visible`` are masked from attention and
+        take no position, so the others' states are those of the sequence without them (the
+        states at the hidden positions themselves are not meaningful)."""
+        position_ids = None
+        if visible is not None:
+            seen = visible if attention_mask is None else visible & attention_mask.bool()
+            attention_mask, position_ids = seen.long(), (visible.long().cumsum(1) - 1).clamp(min=0)
+        return self.llm.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+
+    def _run_packed(self, embeds, lengths, visible) -> torch.Tensor:
+        """The LLM over a pack (sum lengths, H); positions not ``visible`` are dropped from their
+        record before it runs, their states left zero."""
+        if visible is None:
+            return run_packed(self.llm.model, embeds, lengths)
+        keep = visible[0]
+        kept_lengths = torch.stack([part.sum() for part in keep.split(lengths.tolist())])
+        states = run_packed(self.llm.model, embeds[keep], kept_lengths)
+        return states.new_zeros(embeds.shape[0], states.shape[-1]).masked_scatter(keep[:, None], states)
 
     # ---- saving and loading -------------------------------------------------------------------
     def save_pretrained(

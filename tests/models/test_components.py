@@ -229,13 +229,15 @@ def test_omnifast_init_makes_a_trainable_model_from_component_folders(components
     assert "llm=" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
-def test_omnifast_init_with_the_ctc_posterior_projector_adds_the_head_and_a_zero_blank(components, tmp_path):
+def test_omnifast_init_with_a_ctc_projector_adds_the_head_and_a_zero_blank(components, tmp_path):
     from omnifast import cli
 
     root, _, _ = components
     out = tmp_path / "model"
     argv = ["init", "--llm", str(root / "llm"), "--vision", str(root / "vision"), "--speech", str(root / "speech")]
-    assert cli.main(argv + ["--speech-projector", "ctc_posterior", "--out", str(out)]) == 0
-    model = OmniModel.from_pretrained(out)
-    assert model.config.speech_projector == "ctc_posterior" and model.speech_ctc_head is not None
-    assert torch.equal(model.speech_projector.blank, torch.zeros_like(model.speech_projector.blank))
+    for projector in ("ctc_posterior", "ctc_compress"):
+        assert cli.main(argv + ["--speech-projector", projector, "--out", str(out / projector)]) == 0
+        model = OmniModel.from_pretrained(out / projector)
+        assert model.config.speech_projector == projector and model.speech_ctc_head is not None
+        assert model.speech_projector.compress == (projector == "ctc_compress")
+        assert torch.equal(model.speech_projector.blank, torch.zeros_like(model.speech_projector.blank))
