@@ -37,7 +37,7 @@ from omnifast.durable import write_json
 from .images import COLOURS, POSITIONS, SHAPES, Scene, draw
 from .speech import EVAL_VOICE, PRETRAIN_VOICES, STYLES, TRAIN_VOICES, Speaker
 
-VERSION = 8
+VERSION = 10
 UNIT_VOICE = TRAIN_VOICES[0]  # the voice whose clips give the answers' units (and the tokenizer's)
 EMOTIONS = ("happy", "sad", "angry")
 WINDOW_SECONDS = 3  # the demo model's speech window
@@ -315,7 +315,11 @@ def build_corpus(
                 "conversations": _turns("<speech>", text),
             }
             for i, text in enumerate(heard)
-            for k, (voice, style) in enumerate(rng.sample(pretrain_combos, pretrain_takes))
+            # the picture questions, short and few, in every voice and style: a Whisper has heard
+            # its language's common phrases many times
+            for k, (voice, style) in enumerate(
+                pretrain_combos if text in QUESTIONS else rng.sample(pretrain_combos, pretrain_takes)
+            )
         ]
         + [
             {

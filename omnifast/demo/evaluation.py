@@ -167,6 +167,9 @@ def evaluate_demo(
     results["t2s_cer"], results["t2s_n"] = cer([s["text"] for s in spoken], heard), len(spoken)
     results["t2s_ceiling_cer"] = cer(kit.ceiling_texts, kit.judge.transcribe(kit.ceiling_waves))
     results["t2s_ceiling_n"] = len(kit.ceiling_waves)
+    stage4 = load(stage_dirs["speech-gen"])[0]  # the same answers spoken before CTC-DPO
+    before = speak(stage4, processor, kit.vocoder, t2s)
+    results["t2s_stage4_cer"] = cer([s["text"] for s in before], kit.judge.transcribe([s["wave"] for s in before]))
     results["t2s_unit_error_rate"] = unit_error_rate(final, processor, t2s)["unit_error_rate"]
     results["t2s_examples"] = [
         {"prompt": s["prompt"], "said": s["text"], "heard": h, "units": len(s["units"])}
@@ -180,8 +183,7 @@ def evaluate_demo(
     # emotion before / after CTC-DPO on dialogues with held-out statements
     results["classifier_accuracy"], results["classifier_n"] = kit.classifier_accuracy, kit.classifier_n
     dialogues = records_of("eval-emotion", "emotion-dpo")
-    before_model = load(stage_dirs["speech-gen"])[0]
-    for when, model in (("before", before_model), ("after", final)):
+    for when, model in (("before", stage4), ("after", final)):
         found = emotion_accuracy(model, processor, dialogues, kit.vocoder, kit.classifier)
         results[f"emotion_{when}"], results[f"emotion_{when}_correct"] = found["accuracy"], found["correct"]
         results[f"emotion_{when}_predicted"] = found["predicted"]
@@ -197,7 +199,7 @@ def evaluate_demo(
         results["emotion_before_correct"], len(dialogues), results["emotion_after_correct"], len(dialogues)
     )
     results["emotion_z"], results["emotion_p"] = z, p
-    results["dpo_held_out"] = preference_metrics(final, processor, dialogues, before_model)
+    results["dpo_held_out"] = preference_metrics(final, processor, dialogues, stage4)
     bar.update()
     bar.close()
     return results

@@ -77,6 +77,13 @@ def table_rows(r: Dict) -> List[Tuple[str, str, str, str, str]]:
             str(r["t2s_n"]),
         ),
         (
+            "T2S before CTC-DPO: the same, spoken by the stage-4 model",
+            "Table 3 T2S",
+            _pct(r["t2s_stage4_cer"]),
+            "target <= 10%",
+            str(r["t2s_n"]),
+        ),
+        (
             "T2S ceiling: the judge on real clips of the same answers through tokenizer + vocoder",
             "-",
             _pct(r["t2s_ceiling_cer"]),
@@ -141,6 +148,7 @@ def numbers(r: Dict) -> List[float]:
         "vqa_caption_speech",
         "vqa_caption_speech_chance",
         "t2s_cer",
+        "t2s_stage4_cer",
         "t2s_ceiling_cer",
         "t2s_unit_error_rate",
         "classifier_accuracy",
@@ -164,7 +172,8 @@ def targets(r: Dict) -> List[str]:
         f"spoken-question VQA >= 2x chance and within 15 points of written: "
         f"{met(r['vqa_speech'] >= 2 * r['vqa_speech_chance'] and r['vqa_speech'] >= r['vqa_text'] - 0.15)} "
         f"({_pct(r['vqa_speech'])}; chance {_pct(r['vqa_speech_chance'])}, written {_pct(r['vqa_text'])})",
-        f"T2S CER <= 10%: {met(r['t2s_cer'] <= 0.10)} ({_pct(r['t2s_cer'])})",
+        f"T2S CER <= 10%: {met(r['t2s_cer'] <= 0.10)} ({_pct(r['t2s_cer'])}; before CTC-DPO "
+        f"{_pct(r['t2s_stage4_cer'])}, {met(r['t2s_stage4_cer'] <= 0.10)})",
         f"T2S ceiling <= 5%: {met(r['t2s_ceiling_cer'] <= 0.05)} ({_pct(r['t2s_ceiling_cer'])})",
         f"style classifier on held-out round trips >= 90%: {met(r['classifier_accuracy'] >= 0.9)} "
         f"({_pct(r['classifier_accuracy'])})",

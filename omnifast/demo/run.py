@@ -5,8 +5,8 @@ encoder learns to hear it) and OpenOmni's five stages, all through omnifast's ``
 evaluate on held-out records and write ``demo_out/report.md``.
 
 The model is ``OmniConfig.tiny()`` grown a little (a 4-layer LLM of width 192, 48-pixel pictures,
-3-second clips, a CTC head on its speech encoder whose posteriors over the LLM's tokens carry the
-speech into the LLM: ``speech_projector="ctc_posterior"``) with a speech decoder over the
+3-second clips, a CTC head on its speech encoder whose reading of the LLM's tokens carries the
+speech into the LLM: ``speech_projector="ctc_compress"``) with a speech decoder over the
 tokenizer's units. Every number in the report is measured by this run.
 """
 
@@ -74,8 +74,8 @@ FULL = DemoSize(
     600,
     {
         "llm-pretrain": 400,
-        "speech-pretrain": 500,
-        "s2t": 700,
+        "speech-pretrain": 1000,
+        "s2t": 250,
         "i2t-pretrain": 150,
         "i2t-sft": 500,
         "speech-gen": 1000,
@@ -127,10 +127,11 @@ def demo_config(units: int) -> OmniConfig:
         mask_feature_length=8,
     )
     config.image_size, config.audio_seconds = 48, 3
-    config.speech_stack, config.speech_ctc = 3, True  # 50 LLM positions per clip; the encoder pretrained by CTC
-    # speech enters the LLM as soft text (the CTC head's posteriors over its tokens): OpenOmni's
-    # concat projector left this 4-layer LLM at 11% ASR CER where the CTC head alone reads 2-3%
-    config.speech_projector = "ctc_posterior"
+    config.speech_stack, config.speech_ctc = 3, True  # up to 50 LLM positions per clip; the encoder pretrained by CTC
+    # speech enters the LLM as the tokens its CTC head reads (soft, one position per token, the
+    # blank positions unseen): a spoken question reaches the LLM where and as its text would, so
+    # what stage 3 teaches about written questions applies to spoken ones
+    config.speech_projector = "ctc_compress"
     config.system_prompt = ""  # a short system turn: a third fewer tokens in every step of stages 0-3
     config.speech_decoder = asdict(
         SpeechDecoderConfig.tiny(
