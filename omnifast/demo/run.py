@@ -45,8 +45,9 @@ LEARNING_RATES = {
     "speech-gen": 3e-3,
     "emotion-dpo": 5e-4,
 }
-# The tiny LLM stand-in reads speech through stage 1's projector only if it learns to: stage 1
-# trains it with the projector, at a tenth of the projector's rate (OpenOmni's 7B LLM stays frozen).
+# Stage 1 trains the tiny LLM stand-in, at a tenth of the stage's rate, to write down the speech
+# its CTC head reads (OpenOmni's 7B LLM stays frozen); the compressing projector's one parameter,
+# the blank, is never seen by the LLM, so the LLM is what learns.
 TRAINS = {"s2t": ("speech_projector", "llm")}
 COMPONENT_LR = {"s2t": {"llm": 3e-4}}
 SFT_WEIGHT = 1.0  # CTC-DPO alone shortens the tiny decoder's speech to win the margin; the chosen NLL holds it

@@ -60,7 +60,9 @@ def test_held_out_records_are_held_out(built):
         for r in rows(built, f"{name}.json")
     }
     train_images = {r.get("image") for name in ("i2t-pretrain", "i2t-sft") for r in rows(built, f"{name}.json")}
-    train_audio = {clip for r in rows(built, "s2t.json") for clip in clips(r)}
+    train_audio = {
+        clip for name in ("speech-pretrain", "s2t") for r in rows(built, f"{name}.json") for clip in clips(r)
+    }
     for r in rows(built, "eval-vqa-speech.json") + rows(built, "eval-vqa-text.json"):
         assert r["image"] not in train_images
     spoken = rows(built, "eval-vqa-speech.json") + rows(built, "eval-vqa-caption-speech.json")
@@ -71,6 +73,10 @@ def test_held_out_records_are_held_out(built):
         assert json.dumps(r["conversations"]) not in train_text  # unseen captions
     for r in rows(built, "eval-vqa-caption-speech.json"):
         assert json.dumps(r["conversations"]) not in train_text  # captions of unseen pictures
+    # the Whisper stand-in hears each picture question in every pretraining voice and style
+    heard = [r["conversations"][-1]["value"] for r in rows(built, "speech-pretrain.json")]
+    for question in demo_corpus.QUESTIONS:
+        assert heard.count(question) == len(demo_corpus.PRETRAIN_VOICES) * len(demo_corpus.STYLES)
     # no training file pairs a picture with speech: the spoken-question VQA is never trained on
     for name in ("s2t", "i2t-pretrain", "i2t-sft"):
         assert not any("image" in r and "speech" in r for r in rows(built, f"{name}.json"))
