@@ -171,6 +171,26 @@ def test_identical_pair_has_zero_margin_and_loss_log2(backend, sparse):
     assert all(g.abs().max() < 1e-12 for g in grads)  # the pair pulls both ways equally
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_identical_pair_is_trained_by_the_sft_term_alone(backend):
+    """A pair whose rejected units are its chosen ones (an anchor: a prompt whose speech should stay
+    as it is) contributes log 2 to the loss and only the chosen NLL's gradient."""
+    p = make_pairs(2, 8, 4, 6, [3, 2], [3, 2], [8, 7], seed=5)
+    p["rejected"], p["ref_rejected_logps"] = p["chosen"].clone(), p["ref_chosen_logps"].clone()
+    out, grads = run(ours, p, backend=backend, sft_weight=0.5)
+
+    def sft_only(p, leaves):
+        logits = F.linear(leaves["hidden"], leaves["weight"], leaves["bias"])
+        log_probs = logits.log_softmax(-1).transpose(0, 1)
+        nll = F.ctc_loss(log_probs, p["chosen"], p["input_lengths"], p["chosen_lengths"], blank=5, reduction="none")
+        return ((0.5 * nll / p["chosen_lengths"]).mean(),)
+
+    (expected_loss,), expected_grads = run(sft_only, p)
+    torch.testing.assert_close(out.loss, expected_loss + math.log(2), **TOL[torch.float64])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, **TOL[torch.float64])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sparse", [True, False])
 def test_infeasible_pairs(backend, sparse):
