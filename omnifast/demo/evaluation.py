@@ -36,6 +36,7 @@ from omnifast.training.evaluate import (
     generate_answers,
     preference_metrics,
     references,
+    response_text,
     unit_error_rate,
 )
 from omnifast.training.stages import BY_NAME
@@ -192,6 +193,13 @@ def evaluate_demo(
             if record.emotion not in saved:
                 write_audio(wav_dir / f"{record.emotion}-{when}-dpo.wav", wave)
                 saved.add(record.emotion)
+    # the classifier's ceiling on these dialogues: the real renditions' units, through the vocoder
+    texts = [response_text(r) for r in dialogues]
+    for key, side in (("emotion_reference", "tgt_units"), ("neutral_reference", "re_tgt_units")):
+        waves = kit.vocoder.synthesize_many([list(getattr(r, side)) for r in dialogues])
+        heard = kit.classifier.predict(waves, texts)
+        wanted = [r.emotion if side == "tgt_units" else "neutral" for r in dialogues]
+        results[key] = sum(h == w for h, w in zip(heard, wanted)) / len(dialogues)
     results["emotion_n"] = len(dialogues)
     results["emotion_contexts"] = len({r.conversations[0]["value"] for r in dialogues})
     results["emotion_chance"] = 1.0 / len(STYLES)

@@ -16,7 +16,7 @@ def test_quick_demo_writes_a_complete_report(tmp_path):
     results = json.loads((out / "metrics.json").read_text())
     figures = numbers(results)
     spoken = results["latency_n"] > 0  # the quick run's decoder may speak no unit: no latency to measure
-    assert len(figures) == (24 if spoken else 22) and all(math.isfinite(x) for x in figures), figures
+    assert len(figures) == (26 if spoken else 24) and all(math.isfinite(x) for x in figures), figures
     report = (out / "report.md").read_text()
     for what, analogue, measured, *_ in table_rows(results):
         assert f"| {what} | {analogue} | {measured} |" in report
