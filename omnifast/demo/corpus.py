@@ -18,7 +18,8 @@ What is held out, and from what:
   from language as the pivot (spoken alternatives of text records and spoken questions about a
   written caption, ``test_corpus`` checks it);
 - emotion: half the statements of each emotion are held out of CTC-DPO; the emotion evaluation
-  is every held-out statement in a dialogue with ten facts.
+  is every held-out statement in a dialogue with ten facts. CTC-DPO's anchors (prompts that ask
+  for no emotion, their neutral units as chosen and rejected) say training facts and sentences only.
 
 ``build_corpus`` writes it under a cache folder once; later calls return the folder.
 """
@@ -37,7 +38,7 @@ from omnifast.durable import write_json
 from .images import COLOURS, POSITIONS, SHAPES, Scene, draw
 from .speech import EVAL_VOICE, PRETRAIN_VOICES, STYLES, TRAIN_VOICES, Speaker
 
-VERSION = 10
+VERSION = 11
 UNIT_VOICE = TRAIN_VOICES[0]  # the voice whose clips give the answers' units (and the tokenizer's)
 EMOTIONS = ("happy", "sad", "angry")
 WINDOW_SECONDS = 3  # the demo model's speech window
@@ -49,6 +50,7 @@ TOKENIZER_BABBLE = 300  # random sequences among the tokenizer's clips (besides 
 BABBLE = {"llm-pretrain": 300, "speech-pretrain": 300, "s2t": 600, "speech-gen": 300}
 FACT_REPEATS = 8  # copies of each fact record in the LLM's text  # random word sequences
 EMOTION_EVAL_FACTS = 10  # facts each held-out statement is evaluated with
+DPO_ANCHORS = 100  # copying prompts among CTC-DPO's anchors (besides the training facts)
 
 STATEMENTS = {
     "happy": [
@@ -502,7 +504,25 @@ def build_corpus(
         }
 
     train_talks = [(e, s, r, q, a) for e, s, r in split.train_statements for q, a in split.train_facts]
-    _dump(building / "emotion-dpo.pending.json", [dialogue(f"dpo-{i}", *t) for i, t in enumerate(train_talks)])
+    dpo = [dialogue(f"dpo-{i}", *t) for i, t in enumerate(train_talks)]
+    # anchors: prompts that ask for no emotion (the facts, and copying the language's sentences) with
+    # their neutral units as both chosen and rejected, so that only the chosen NLL acts on them and
+    # the preference for emotion does not carry over to them (their own draw: the rest of the corpus
+    # stays as it was)
+    calm = list(split.train_facts) + random.Random(f"anchors-{seed}").sample(
+        [(q, a) for q, a in pairs if q.endswith(TRANSCRIBE)], DPO_ANCHORS
+    )
+    dpo += [
+        {
+            "id": f"dpo-anchor-{i}",
+            "emotion": "neutral",
+            "conversations": _turns(q, a),
+            "units_from": spoken([a], "neutral"),
+            "rejected_units_from": spoken([a], "neutral"),
+        }
+        for i, (q, a) in enumerate(calm)
+    ]
+    _dump(building / "emotion-dpo.pending.json", dpo)
     eval_facts = list(split.eval_facts) + list(split.train_facts[: EMOTION_EVAL_FACTS - len(split.eval_facts)])
     eval_talks = [(e, s, r, q, a) for e, s, r in split.eval_statements for q, a in eval_facts]
     _dump(building / "eval-emotion.pending.json", [dialogue(f"emo-{i}", *t) for i, t in enumerate(eval_talks)])

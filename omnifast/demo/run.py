@@ -43,7 +43,7 @@ LEARNING_RATES = {
     "i2t-pretrain": 2e-3,
     "i2t-sft": 5e-4,
     "speech-gen": 3e-3,
-    "emotion-dpo": 5e-4,
+    "emotion-dpo": 2e-3,
 }
 # Stage 1 trains the tiny LLM stand-in, at a tenth of the stage's rate, to write down the speech
 # its CTC head reads (OpenOmni's 7B LLM stays frozen); the compressing projector's one parameter,

@@ -42,12 +42,16 @@ def test_units_are_filled_from_clips(built, tmp_path):
         lengths[path.name] = read_audio(path, 16000)[0].size // 640
         return [7] * lengths[path.name]
 
-    path = demo_corpus.with_units(built, "emotion-dpo", encode, tmp_path, limit=5)
+    path = demo_corpus.with_units(built, "emotion-dpo", encode, tmp_path, limit=40)
     records = load_records(path, BY_NAME["emotion-dpo"], unit_vocab=8)
-    assert len(records) == 5
+    anchors = [r for r in records if r.id.startswith("dpo-anchor-")]
+    assert len(records) == 40 and 0 < len(anchors) < 40
     for r in records:
-        assert r.emotion in demo_corpus.EMOTIONS
-        assert len(r.tgt_units) != len(r.re_tgt_units) or r.emotion == "angry"  # the styles change the length
+        if r in anchors:  # a prompt that asks for no emotion: its neutral units, chosen and rejected
+            assert r.emotion == "neutral" and r.tgt_units == r.re_tgt_units
+        else:
+            assert r.emotion in demo_corpus.EMOTIONS
+            assert len(r.tgt_units) != len(r.re_tgt_units) or r.emotion == "angry"  # the styles change the length
     raw = rows(built, "emotion-dpo.pending.json")[0]
     assert all(f"-{raw['emotion']}.wav" in p for p in raw["units_from"])
     assert all(p.endswith("-neutral.wav") for p in raw["rejected_units_from"])
@@ -82,7 +86,11 @@ def test_held_out_records_are_held_out(built):
         assert not any("image" in r and "speech" in r for r in rows(built, f"{name}.json"))
     said = {r["conversations"][-1]["value"] for r in rows(built, "speech-gen.pending.json")}
     assert not said & {r["conversations"][-1]["value"] for r in rows(built, "eval-t2s.pending.json")}
-    statements = {r["conversations"][0]["value"] for r in rows(built, "emotion-dpo.pending.json")}
+    dpo = rows(built, "emotion-dpo.pending.json")
+    assert not {r["conversations"][-1]["value"] for r in dpo} & {
+        r["conversations"][-1]["value"] for r in rows(built, "eval-t2s.pending.json")
+    }
+    statements = {r["conversations"][0]["value"] for r in dpo}
     assert not statements & {r["conversations"][0]["value"] for r in rows(built, "eval-emotion.pending.json")}
     tokenizer_clips = rows(built, "tokenizer/metadata.json")
     assert tokenizer_clips and all(c["voice"] != demo_corpus.EVAL_VOICE for c in tokenizer_clips)
