@@ -195,11 +195,11 @@ def evaluate_demo(
                 saved.add(record.emotion)
     # the classifier's ceiling on these dialogues: the real renditions' units, through the vocoder
     texts = [response_text(r) for r in dialogues]
-    for key, side in (("emotion_reference", "tgt_units"), ("neutral_reference", "re_tgt_units")):
-        waves = kit.vocoder.synthesize_many([list(getattr(r, side)) for r in dialogues])
-        heard = kit.classifier.predict(waves, texts)
-        wanted = [r.emotion if side == "tgt_units" else "neutral" for r in dialogues]
-        results[key] = sum(h == w for h, w in zip(heard, wanted)) / len(dialogues)
+    for key, units, labels in (
+        ("emotion_reference", [r.tgt_units for r in dialogues], [r.emotion for r in dialogues]),
+        ("neutral_reference", [r.re_tgt_units for r in dialogues], ["neutral"] * len(dialogues)),
+    ):
+        results[key] = kit.classifier.accuracy(kit.vocoder.synthesize_many(units), texts, labels)
     results["emotion_n"] = len(dialogues)
     results["emotion_contexts"] = len({r.conversations[0]["value"] for r in dialogues})
     results["emotion_chance"] = 1.0 / len(STYLES)

@@ -44,10 +44,10 @@ def test_units_are_filled_from_clips(built, tmp_path):
 
     path = demo_corpus.with_units(built, "emotion-dpo", encode, tmp_path, limit=40)
     records = load_records(path, BY_NAME["emotion-dpo"], unit_vocab=8)
-    anchors = [r for r in records if r.id.startswith("dpo-anchor-")]
+    anchors = {r.id for r in records if r.id.startswith("dpo-anchor-")}
     assert len(records) == 40 and 0 < len(anchors) < 40
     for r in records:
-        if r in anchors:  # a prompt that asks for no emotion: its neutral units, chosen and rejected
+        if r.id in anchors:  # a prompt that asks for no emotion: its neutral units, chosen and rejected
             assert r.emotion == "neutral" and r.tgt_units == r.re_tgt_units
         else:
             assert r.emotion in demo_corpus.EMOTIONS
